@@ -1,0 +1,479 @@
+// C++ CPU kernels for NF4 (bitsandbytes layout): quantize, dequantize and the small-M matmul.
+//
+// Layout (see qlora_kernels/reference/nf4.py for the readable formulas these must match):
+//   packed  uint8 [(numel+1)/2]  two 4-bit codes a byte, element 2j in the high nibble;
+//   absmax  fp32 [nb] (or uint8 codes [nb] with nested_absmax fp32 [ceil(nb/256)] and
+//           nested_code fp32 [256]: absmax[i] = nested_code[q[i]] * nested_absmax[i/256] + offset);
+//   w[e] = code[q(e)] * absmax[e / blocksize], rounded once to fp32, then to the output dtype.
+//
+// Parallelism: at::parallel_for (OpenMP in torch's builds), so torch.set_num_threads applies.
+// SIMD: on x86-64 the hot loops have an AVX2 version chosen at run time (no -march needed):
+// a 16-entry table lookup is two 8-lane permutes and a blend, so one byte costs a fraction of
+// an instruction per decoded value. Elsewhere a portable scalar loop runs.
+//
+// Numerics: built with -ffp-contract=off so that "multiply, then add" stays two fp32 roundings,
+// as in bitsandbytes and the reference (bitwise-equal dequantization). The matmul accumulates in
+// fp32 and may use FMA: it is compared with a tolerance, not bit for bit.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define QK_HAVE_X86 1
+#else
+#define QK_HAVE_X86 0
+#endif
+
+namespace qk_cpu {
+namespace {
+
+constexpr int64_t kNestedBlock = 256;
+constexpr float kTiny = 1e-38f;  // bitsandbytes' floor on absmax before scaling
+
+bool cpu_has_avx2() {
+#if QK_HAVE_X86
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512() {
+#if QK_HAVE_X86
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// fp32 absmax per block, decoding the double quantization if present.
+std::vector<float> decode_absmax(const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                                 const std::optional<at::Tensor>& nested_code, double offset) {
+  const int64_t nb = absmax.numel();
+  std::vector<float> out(nb);
+  if (!nested_absmax.has_value()) {
+    const float* a = absmax.contiguous().data_ptr<float>();
+    std::copy(a, a + nb, out.begin());
+    return out;
+  }
+  const at::Tensor q_t = absmax.contiguous();
+  const at::Tensor na_t = nested_absmax->contiguous();
+  const at::Tensor nc_t = nested_code->contiguous();
+  const uint8_t* q = q_t.data_ptr<uint8_t>();
+  const float* na = na_t.data_ptr<float>();
+  const float* nc = nc_t.data_ptr<float>();
+  const float off = static_cast<float>(offset);
+  for (int64_t i = 0; i < nb; ++i) {
+    const float scaled = nc[q[i]] * na[i / kNestedBlock];
+    out[i] = scaled + off;
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode elements [e0, e0 + len) of the flat weight into fp32 `out`. Any start and length.
+
+void decode_range_scalar(const uint8_t* packed, const float* absmax, const float* code, int64_t bs, int64_t e0,
+                         int64_t len, float* out) {
+  int64_t e = e0;
+  const int64_t end = e0 + len;
+  while (e < end) {
+    const int64_t blk_end = std::min(end, (e / bs + 1) * bs);
+    const float s = absmax[e / bs];
+    float table[16];
+    for (int i = 0; i < 16; ++i) table[i] = code[i] * s;
+    if ((e & 1) && e < blk_end) {
+      *out++ = table[packed[e >> 1] & 15];
+      ++e;
+    }
+    for (; e + 1 < blk_end; e += 2) {
+      const uint8_t b = packed[e >> 1];
+      *out++ = table[b >> 4];
+      *out++ = table[b & 15];
+    }
+    if (e < blk_end) {
+      *out++ = table[packed[e >> 1] >> 4];
+      ++e;
+    }
+  }
+}
+
+#if QK_HAVE_X86
+__attribute__((target("avx2,fma,f16c"))) inline __m256 lookup8(__m256i idx, __m256 lo, __m256 hi) {
+  // permutevar reads the low 3 bits of each index; bit 3, shifted into the sign, picks the half.
+  const __m256 a = _mm256_permutevar8x32_ps(lo, idx);
+  const __m256 b = _mm256_permutevar8x32_ps(hi, idx);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+// 16 packed bytes -> 32 fp32 values through the scaled table (lo = entries 0..7, hi = 8..15).
+__attribute__((target("avx2,fma,f16c"))) inline void decode32(const uint8_t* p, __m256 lo, __m256 hi, float* out) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+  const __m128i low = _mm_and_si128(bytes, mask);
+  const __m128i c0 = _mm_unpacklo_epi8(high, low);  // codes of elements 0..15, in order
+  const __m128i c1 = _mm_unpackhi_epi8(high, low);  // elements 16..31
+  _mm256_storeu_ps(out + 0, lookup8(_mm256_cvtepu8_epi32(c0), lo, hi));
+  _mm256_storeu_ps(out + 8, lookup8(_mm256_cvtepu8_epi32(_mm_srli_si128(c0, 8)), lo, hi));
+  _mm256_storeu_ps(out + 16, lookup8(_mm256_cvtepu8_epi32(c1), lo, hi));
+  _mm256_storeu_ps(out + 24, lookup8(_mm256_cvtepu8_epi32(_mm_srli_si128(c1, 8)), lo, hi));
+}
+
+__attribute__((target("avx2,fma,f16c"))) void decode_range_avx2(const uint8_t* packed, const float* absmax,
+                                                                const float* code, int64_t bs, int64_t e0,
+                                                                int64_t len, float* out) {
+  int64_t e = e0;
+  const int64_t end = e0 + len;
+  const __m256 code_lo = _mm256_loadu_ps(code);
+  const __m256 code_hi = _mm256_loadu_ps(code + 8);
+  while (e < end) {
+    const int64_t blk_end = std::min(end, (e / bs + 1) * bs);
+    const float s = absmax[e / bs];
+    const __m256 vs = _mm256_set1_ps(s);
+    // Scaling the table rounds code[q] * s exactly once, as the reference does per element.
+    const __m256 lo = _mm256_mul_ps(code_lo, vs);
+    const __m256 hi = _mm256_mul_ps(code_hi, vs);
+    if ((e & 1) && e < blk_end) {
+      *out++ = code[packed[e >> 1] & 15] * s;
+      ++e;
+    }
+    for (; e + 32 <= blk_end; e += 32, out += 32) decode32(packed + (e >> 1), lo, hi, out);
+    for (; e < blk_end; ++e) {
+      const uint8_t b = packed[e >> 1];
+      *out++ = code[(e & 1) ? (b & 15) : (b >> 4)] * s;
+    }
+  }
+}
+
+// Round-to-nearest-even fp32 -> bf16/fp16 (as torch's .to() does), 8 at a time.
+__attribute__((target("avx2,fma,f16c"))) void store_bf16(const float* in, int64_t n, c10::BFloat16* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(in + i));
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm256_castsi256_si128(packed));
+  }
+  for (; i < n; ++i) out[i] = c10::BFloat16(in[i]);
+}
+
+__attribute__((target("avx2,fma,f16c"))) void store_f16(const float* in, int64_t n, c10::Half* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), h);
+  }
+  for (; i < n; ++i) out[i] = c10::Half(in[i]);
+}
+
+__attribute__((target("avx2,fma,f16c"))) float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(),
+         acc3 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), acc2);
+    acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), acc3);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  const __m256 acc = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  float sum = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+__attribute__((target("avx2,fma,f16c"))) void axpy_avx2(float* y, float alpha, const float* x, int64_t n) {
+  const __m256 va = _mm256_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+// AVX-512: the whole 16-entry table fits one register, so a lookup is one permutexvar for 16
+// values; the result is converted and stored in the output dtype directly (no fp32 round trip).
+#define QK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+QK_AVX512 inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
+QK_AVX512 inline void store16(c10::BFloat16* out, __m512 v) {
+  // Round to nearest even on the bits, exactly as c10::BFloat16(float) (values are finite).
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(r));
+}
+QK_AVX512 inline void store16(c10::Half* out, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+template <typename T>
+QK_AVX512 void decode_range_avx512(const uint8_t* packed, const float* absmax, const float* code, int64_t bs,
+                                   int64_t e0, int64_t len, T* out) {
+  int64_t e = e0;
+  const int64_t end = e0 + len;
+  const __m512 table = _mm512_loadu_ps(code);
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  while (e < end) {
+    const int64_t blk_end = std::min(end, (e / bs + 1) * bs);
+    const float s = absmax[e / bs];
+    const __m512 scaled = _mm512_mul_ps(table, _mm512_set1_ps(s));  // code[q] * s, rounded once
+    if ((e & 1) && e < blk_end) {
+      *out++ = T(code[packed[e >> 1] & 15] * s);
+      ++e;
+    }
+    for (; e + 32 <= blk_end; e += 32, out += 32) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (e >> 1)));
+      const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+      const __m128i low = _mm_and_si128(bytes, mask);
+      store16(out, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(high, low)), scaled));
+      store16(out + 16, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(high, low)), scaled));
+    }
+    for (; e < blk_end; ++e) {
+      const uint8_t b = packed[e >> 1];
+      *out++ = T(code[(e & 1) ? (b & 15) : (b >> 4)] * s);
+    }
+  }
+}
+#endif  // QK_HAVE_X86
+
+void decode_range(const uint8_t* packed, const float* absmax, const float* code, int64_t bs, int64_t e0, int64_t len,
+                  float* out) {
+#if QK_HAVE_X86
+  if (cpu_has_avx512()) return decode_range_avx512<float>(packed, absmax, code, bs, e0, len, out);
+  if (cpu_has_avx2()) return decode_range_avx2(packed, absmax, code, bs, e0, len, out);
+#endif
+  decode_range_scalar(packed, absmax, code, bs, e0, len, out);
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+#if QK_HAVE_X86
+  if (cpu_has_avx2()) return dot_avx2(a, b, n);
+#endif
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+void axpy(float* y, float alpha, const float* x, int64_t n) {
+#if QK_HAVE_X86
+  if (cpu_has_avx2()) return axpy_avx2(y, alpha, x, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+template <typename T>
+void store(const float* in, int64_t n, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::copy(in, in + n, out);
+  } else {
+#if QK_HAVE_X86
+    if (cpu_has_avx2()) {
+      if constexpr (std::is_same_v<T, c10::BFloat16>) return store_bf16(in, n, out);
+      else return store_f16(in, n, out);
+    }
+#endif
+    for (int64_t i = 0; i < n; ++i) out[i] = T(in[i]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ops
+
+std::tuple<at::Tensor, at::Tensor> quantize_nf4_cpu(const at::Tensor& w, int64_t blocksize) {
+  TORCH_CHECK(w.device().is_cpu(), "quantize_nf4 (cpp): w must be on the CPU");
+  const at::Tensor x = w.contiguous().to(at::kFloat);
+  const int64_t n = x.numel();
+  const int64_t nb = (n + blocksize - 1) / blocksize;
+  at::Tensor packed = at::empty({(n + 1) / 2}, w.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({nb}, w.options().dtype(at::kFloat));
+  const float* px = x.data_ptr<float>();
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  float* pa = absmax.data_ptr<float>();
+
+  static const float kCode[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+                                  -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+                                  0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f,
+                                  0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
+                                  0.7229568362236023f, 1.0f};
+  float mids[15];
+  for (int i = 0; i < 15; ++i) mids[i] = (kCode[i] + kCode[i + 1]) / 2.0f;
+
+  at::parallel_for(0, nb, std::max<int64_t>(1, 16384 / blocksize), [&](int64_t b0, int64_t b1) {
+    std::vector<uint8_t> q(blocksize + 1);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * blocksize;
+      const int64_t len = std::min(blocksize, n - start);
+      float amax = 0.0f;
+      for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::fabs(px[start + i]));
+      // As bitsandbytes (and the reference): full blocks multiply by a reciprocal and store the
+      // raw absmax; the partial last block divides and stores the clamped absmax.
+      const bool full = len == blocksize;
+      const float denom = std::max(amax, kTiny);
+      const float inv = 1.0f / denom;
+      pa[b] = full ? amax : denom;
+      for (int64_t i = 0; i < len; ++i) {
+        float v = full ? px[start + i] * inv : px[start + i] / denom;
+        v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+        int c = 0;
+        for (int j = 0; j < 15; ++j) c += v > mids[j];
+        q[i] = static_cast<uint8_t>(c);
+      }
+      if (len & 1) q[len] = 7;  // odd tail: low nibble is the code of 0.0
+      for (int64_t i = 0; i < len; i += 2) pp[(start + i) >> 1] = static_cast<uint8_t>(q[i] << 4 | q[i + 1]);
+    }
+  });
+  return {packed, absmax};
+}
+
+// A fresh multi-MB output is mostly page faults on first touch (4 KiB pages); asking for
+// transparent huge pages on it (where the kernel's THP mode is "madvise") cuts that ~5x.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = 2u << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = end & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice only: errors ignored
+#endif
+}
+
+template <typename T>
+void dequantize_into(const uint8_t* p, const float* scale, const float* c, int64_t blocksize, int64_t numel, T* o) {
+  constexpr int64_t kChunk = 4096;  // elements per inner step: fits L1 as fp32
+  const int64_t chunks = (numel + kChunk - 1) / kChunk;
+#if QK_HAVE_X86
+  if (cpu_has_avx512()) {
+    at::parallel_for(0, chunks, 4, [&](int64_t c0, int64_t c1) {
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        const int64_t e0 = ch * kChunk;
+        decode_range_avx512<T>(p, scale, c, blocksize, e0, std::min(kChunk, numel - e0), o + e0);
+      }
+    });
+    return;
+  }
+#endif
+  at::parallel_for(0, chunks, 4, [&](int64_t c0, int64_t c1) {
+    std::vector<float> buf(std::is_same_v<T, float> ? 0 : kChunk);
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      const int64_t e0 = ch * kChunk;
+      const int64_t len = std::min(kChunk, numel - e0);
+      if constexpr (std::is_same_v<T, float>) {
+        decode_range(p, scale, c, blocksize, e0, len, o + e0);
+      } else {
+        decode_range(p, scale, c, blocksize, e0, len, buf.data());
+        store(buf.data(), len, o + e0);
+      }
+    }
+  });
+}
+
+at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                              const std::optional<at::Tensor>& nested_absmax,
+                              const std::optional<at::Tensor>& nested_code, double nested_offset, int64_t blocksize,
+                              int64_t numel, at::ScalarType dtype) {
+  const std::vector<float> scale = decode_absmax(absmax, nested_absmax, nested_code, nested_offset);
+  const at::Tensor p_t = packed.contiguous();
+  const at::Tensor c_t = code.contiguous();
+  const uint8_t* p = p_t.data_ptr<uint8_t>();
+  const float* c = c_t.data_ptr<float>();
+  at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
+  advise_huge_pages(out);
+  switch (dtype) {
+    case at::kFloat:
+      dequantize_into(p, scale.data(), c, blocksize, numel, out.data_ptr<float>());
+      break;
+    case at::kBFloat16:
+      dequantize_into(p, scale.data(), c, blocksize, numel, out.data_ptr<c10::BFloat16>());
+      break;
+    case at::kHalf:
+      dequantize_into(p, scale.data(), c, blocksize, numel, out.data_ptr<c10::Half>());
+      break;
+    default:
+      TORCH_CHECK(false, "dequantize_nf4 (cpp): dtype must be float32, float16 or bfloat16; got ", dtype);
+  }
+  return out;
+}
+
+// y = x @ deq(W)^T (x [M, K]) or, transposed, y = x @ deq(W) (x [M, N]), W [N, K]; fp32
+// accumulation. Meant for small M (the dispatcher sends large M to dequantize + BLAS): it reads
+// each weight byte once and decodes it once per call.
+at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const at::Tensor& code, const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& nested_code, double nested_offset, int64_t blocksize,
+                          int64_t n, int64_t k, bool transposed) {
+  const std::vector<float> scale = decode_absmax(absmax, nested_absmax, nested_code, nested_offset);
+  const at::Tensor p_t = packed.contiguous();
+  const at::Tensor c_t = code.contiguous();
+  const at::Tensor xf_t = x.contiguous().to(at::kFloat);
+  const uint8_t* p = p_t.data_ptr<uint8_t>();
+  const float* c = c_t.data_ptr<float>();
+  const float* xf = xf_t.data_ptr<float>();
+  const float* s = scale.data();
+  const int64_t m = x.size(0);
+
+  if (!transposed) {
+    // One task owns a range of output features n: decode row n once, dot it with every x row.
+    at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+    float* py = y.data_ptr<float>();
+    at::parallel_for(0, n, std::max<int64_t>(1, 65536 / std::max<int64_t>(k, 1)), [&](int64_t n0, int64_t n1) {
+      std::vector<float> row(k);
+      for (int64_t r = n0; r < n1; ++r) {
+        decode_range(p, s, c, blocksize, r * k, k, row.data());
+        for (int64_t i = 0; i < m; ++i) py[i * n + r] = dot(xf + i * k, row.data(), k);
+      }
+    });
+    return y.to(x.scalar_type());
+  }
+  // Transposed: one task owns a slice of columns [k0, k0 + kc) of y and of W, and walks all n
+  // rows, adding x[i, r] * W[r, k0:k0+kc] into its slice: no two tasks write the same element.
+  constexpr int64_t kCols = 512;
+  const int64_t tasks = (k + kCols - 1) / kCols;
+  at::Tensor y = at::zeros({m, k}, x.options().dtype(at::kFloat));
+  float* py = y.data_ptr<float>();
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> seg(kCols);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k0 = t * kCols;
+      const int64_t kc = std::min(kCols, k - k0);
+      for (int64_t r = 0; r < n; ++r) {
+        decode_range(p, s, c, blocksize, r * k + k0, kc, seg.data());
+        for (int64_t i = 0; i < m; ++i) axpy(py + i * k + k0, xf[i * n + r], seg.data(), kc);
+      }
+    }
+  });
+  return y.to(x.scalar_type());
+}
+
+}  // namespace
+}  // namespace qk_cpu
+
+TORCH_LIBRARY_IMPL(qlora_kernels_C, CPU, m) {
+  m.impl("quantize_nf4", &qk_cpu::quantize_nf4_cpu);
+  m.impl("dequantize_nf4", &qk_cpu::dequantize_nf4_cpu);
+  m.impl("nf4_matmul", &qk_cpu::nf4_matmul_cpu);
+}

@@ -1,0 +1,14 @@
+// Schemas of the extension's NF4 kernels, in the private namespace `qlora_kernels_C`.
+// The public ops (torch.ops.qlora_kernels.*, qlora_kernels/ops/nf4.py) validate arguments and
+// decide when these run; argument meanings are documented there.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(qlora_kernels_C, m) {
+  m.def("quantize_nf4(Tensor w, int blocksize) -> (Tensor, Tensor)");
+  m.def(
+      "dequantize_nf4(Tensor packed, Tensor absmax, Tensor code, Tensor? nested_absmax, "
+      "Tensor? nested_code, float nested_offset, int blocksize, int numel, ScalarType dtype) -> Tensor");
+  m.def(
+      "nf4_matmul(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor? nested_absmax, "
+      "Tensor? nested_code, float nested_offset, int blocksize, int n, int k, bool transposed) -> Tensor");
+}

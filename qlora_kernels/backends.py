@@ -1,0 +1,36 @@
+"""``qlora_kernels.backends()``: which backends are live here, and why the others are not."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .ops._dispatch import BACKENDS, ENV_VAR, forced_backend, status
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    live: bool
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name:<10} {'live' if self.live else 'off':<5} {self.reason}"
+
+
+def backends(device_type: str | None = None) -> dict[str, BackendStatus]:
+    """Status of every backend for tensors on ``device_type`` ('cpu' or 'cuda'; default: 'cuda'
+    for the GPU backends, 'cpu' for reference and cpp). Does not initialize CUDA beyond the
+    device-count query ``torch.cuda.is_available()`` makes."""
+    out = {}
+    for name in BACKENDS:
+        dev = device_type or ("cpu" if name in ("reference", "cpp") else "cuda")
+        live, reason = status(name, dev)
+        out[name] = BackendStatus(name, live, reason)
+    return out
+
+
+def backends_report() -> str:
+    lines = [str(s) for s in backends().values()]
+    forced = forced_backend()
+    lines.append(f"{ENV_VAR}={forced}" if forced else f"{ENV_VAR} unset: fastest live backend per op and device")
+    return "\n".join(lines)

@@ -1,0 +1,258 @@
+"""Autograd Functions over the ops: what each saves, what it recomputes, and why.
+
+* :func:`nf4_linear`: ``y = x @ deq(W)^T + b`` for a frozen NF4 weight W of shape [N, K].
+* :func:`lora_linear`: ``y = x @ deq(W)^T + b + s * dropout(x) @ A^T @ B^T``, the QLoRA layer, with
+  one fused backward for x, A, B (and b).
+
+The NF4 weight enters every Function as the op arguments of :meth:`NF4Weight.tensors` plus its shape
+``(n, k)``, so the Functions are usable from modules that keep those tensors as buffers (no
+:class:`NF4Weight` object has to be built per call, which keeps ``torch.compile`` graphs clean).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+from .nf4 import NF4Weight
+
+_QK = torch.ops.qlora_kernels
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class NF4LinearFunction(torch.autograd.Function):
+    """``y = x @ deq(W)^T`` for x [M, K]; gradients for x only (W is frozen).
+
+    Saves nothing but the (already resident) packed weight: the backward ``dX = dY @ deq(W)``
+    runs the same NF4 matmul machinery with ``transposed=True`` instead of keeping a
+    dequantized copy of W alive between forward and backward.
+    """
+
+    @staticmethod
+    def forward(x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n, k):
+        return _QK.nf4_matmul(x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n, k, False)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.weight = inputs[1:]
+
+    @staticmethod
+    def backward(ctx, dy):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            *weight, n, k = ctx.weight
+            grad_x = _QK.nf4_matmul(dy.contiguous(), *weight, n, k, True)
+        return (grad_x,) + (None,) * 9
+
+
+def dropout_mask(x: Tensor, p: float) -> Tensor:
+    """The keep-mask :func:`lora_linear` samples for dropout probability ``p``: bool, x's shape,
+    each element kept with probability ``1 - p`` (drawn from the default generator of x's device)."""
+    return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """``y = x W^T + b + s · (x ⊙ m / (1 - p)) A^T B^T`` for x [M, K], W = deq(NF4) [N, K],
+    A [r, K], B [N, r]; gradients for x, A, B and b.
+
+    Compute dtype: everything runs in x's dtype (fp32 accumulation inside the matmuls); A and B are
+    cast to it per call (a rank-r copy) and their gradients are returned in their own dtype, so fp32
+    adapters train under bf16 activations as with autocast.
+
+    Forward: the base product comes from the NF4 op; the LoRA term is added *into* that output with
+    one ``addmm_`` (and the bias with one ``add_``), so no second [M, N] tensor is made.
+
+    Saved for backward: x (the caller holds it anyway), the bool dropout mask m when p > 0 (1 byte per
+    element instead of a dropped copy of x), ``xa = dropout(x) A^T`` ([M, r], tiny), A and B (parameters,
+    resident) and the NF4 tensors (frozen buffers, resident). Not saved: deq(W) (the backward
+    ``dY deq(W)`` re-runs the NF4 op, transposed, instead of holding an [N, K] copy alive between
+    forward and backward) and ``dropout(x)`` (recomputed from x and m, only when A needs a gradient).
+
+    Backward (all LoRA contractions go through rank r; s is applied to the [M, r] intermediates):
+    ``g = s · dY B`` [M, r]; ``dX = dY deq(W) + (g A) ⊙ m / (1 - p)``; ``dA = g^T dropout(x)``;
+    ``dB = s · dY^T xa``; ``db = Σ_M dY``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, bias, scale, dropout_p, packed, absmax, code, nested_absmax, nested_code,
+                offset, blocksize, n, k):
+        a = lora_a.to(x.dtype)
+        b = lora_b.to(x.dtype)
+        mask = None
+        xd = x
+        if dropout_p > 0.0:
+            mask = dropout_mask(x, dropout_p)
+            xd = x * mask * (1.0 / (1.0 - dropout_p))
+        xa = xd @ a.t()  # [M, r]
+        y = _QK.nf4_matmul(x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n, k, False)
+        y.addmm_(xa, b.t(), alpha=scale)
+        if bias is not None:
+            y.add_(bias.to(y.dtype))
+        ctx.save_for_backward(x, mask, xa, lora_a, lora_b, packed, absmax, code, nested_absmax, nested_code)
+        ctx.scale, ctx.dropout_p, ctx.offset, ctx.blocksize, ctx.n, ctx.k = scale, dropout_p, offset, blocksize, n, k
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mask, xa, lora_a, lora_b, packed, absmax, code, nested_absmax, nested_code = ctx.saved_tensors
+        need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
+        s, p = ctx.scale, ctx.dropout_p
+        dy = dy.contiguous()
+        a = lora_a.to(dy.dtype)
+        b = lora_b.to(dy.dtype)
+        grad_x = grad_a = grad_b = grad_bias = None
+        if need_x or need_a:
+            g = (dy @ b).mul_(s)  # s · dY B, [M, r]
+        if need_x:
+            grad_x = _QK.nf4_matmul(
+                dy, packed, absmax, code, nested_absmax, nested_code, ctx.offset, ctx.blocksize, ctx.n, ctx.k, True
+            )
+            if mask is None:
+                grad_x.addmm_(g, a)
+            else:
+                grad_x.add_((g @ a).mul_(mask).mul_(1.0 / (1.0 - p)))
+        if need_a:
+            xd = x if mask is None else x * mask * (1.0 / (1.0 - p))
+            grad_a = (g.t() @ xd).to(lora_a.dtype)
+        if need_b:
+            grad_b = (dy.t() @ xa).mul_(s).to(lora_b.dtype)
+        if need_bias:
+            grad_bias = dy.sum(0).to(ctx.bias_dtype)
+        return (grad_x, grad_a, grad_b, grad_bias) + (None,) * 11
+
+
+def _check_x(x: Tensor, k: int) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x must be [..., {k}] (in_features of the weight); got {list(x.shape)}")
+
+
+def _check_qw(qw: NF4Weight) -> tuple[int, int]:
+    if not isinstance(qw, NF4Weight):
+        raise TypeError(f"qw must be an NF4Weight; got {type(qw).__name__}")
+    if len(qw.shape) != 2:
+        raise ValueError(f"qw must hold a 2-D weight [out_features, in_features]; got shape {list(qw.shape)}")
+    n, k = qw.shape
+    return n, k
+
+
+def _check_bias(bias: Tensor | None, n: int, device: torch.device) -> None:
+    if bias is None:
+        return
+    if not isinstance(bias, Tensor) or bias.dtype not in _FLOAT_DTYPES:
+        got = bias.dtype if isinstance(bias, Tensor) else type(bias).__name__
+        raise TypeError(f"bias must be a float32, float16 or bfloat16 tensor; got {got}")
+    if bias.shape != (n,):
+        raise ValueError(f"bias must have shape [{n}]; got {list(bias.shape)}")
+    if bias.device != device:
+        raise ValueError(f"bias must be on the weight's device {device}; got {bias.device}")
+
+
+def nf4_linear(x: Tensor, qw: NF4Weight, bias: Tensor | None = None) -> Tensor:
+    """``x @ deq(W)^T + bias`` with any leading batch dims; gradients flow to x and bias.
+
+    x: float32/float16/bfloat16 ``[..., in_features]``; the result has x's dtype. A bias of another
+    dtype is cast to x's dtype (differentiably).
+    """
+    n, k = _check_qw(qw)
+    _check_x(x, k)
+    _check_bias(bias, n, qw.device)
+    return _nf4_linear(x, qw.tensors(), n, k, bias)
+
+
+def _nf4_linear(x: Tensor, weight: tuple, n: int, k: int, bias: Tensor | None) -> Tensor:
+    """:func:`nf4_linear` without the argument checks, on the op arguments of the weight (for modules)."""
+    lead = x.shape[:-1]
+    y = NF4LinearFunction.apply(x.reshape(-1, k), *weight, n, k)
+    y = y.view(*lead, n)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y
+
+
+def lora_linear(
+    x: Tensor,
+    qw: NF4Weight,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: float,
+    bias: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """The QLoRA layer: ``x @ deq(W)^T + bias + scale * dropout(x) @ lora_A^T @ lora_B^T``, one fused
+    forward and backward (see :class:`LoraLinearFunction`).
+
+    Args:
+        x: float32/float16/bfloat16 ``[..., in_features]``; the result has x's dtype and x's leading dims.
+        qw: the frozen base weight, shape ``[out_features, in_features]``.
+        lora_A: ``[r, in_features]``; lora_B: ``[out_features, r]``; one floating dtype for both (it may
+            differ from x's: the LoRA product runs in x's dtype, the gradients come back in theirs).
+        scale: the LoRA scaling ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA).
+        bias: optional ``[out_features]``; cast to x's dtype.
+        dropout_p: dropout probability on the LoRA branch's input, in [0, 1). The mask is drawn here
+            (as :func:`dropout_mask` does) whenever ``dropout_p > 0``: pass 0.0 in eval mode. It is
+            kept for the backward, and drawn again identically under activation checkpointing
+            (which restores the RNG state).
+
+    Raises:
+        TypeError / ValueError naming the argument, the expected and the actual value.
+    """
+    n, k = _check_qw(qw)
+    _check_x(x, k)
+    _check_lora(lora_A, lora_B, n, k, qw.device)
+    _check_bias(bias, n, qw.device)
+    scale = _check_scale(scale)
+    dropout_p = _check_dropout(dropout_p)
+    return _lora_linear(x, qw.tensors(), n, k, lora_A, lora_B, scale, bias, dropout_p)
+
+
+def _lora_linear(
+    x: Tensor,
+    weight: tuple,
+    n: int,
+    k: int,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    bias: Tensor | None,
+    dropout_p: float,
+) -> Tensor:
+    """:func:`lora_linear` without the argument checks, on the op arguments of the weight (for modules)."""
+    lead = x.shape[:-1]
+    y = LoraLinearFunction.apply(x.reshape(-1, k), lora_a, lora_b, bias, scale, dropout_p, *weight, n, k)
+    return y.view(*lead, n)
+
+
+def _check_lora(lora_a: Tensor, lora_b: Tensor, n: int, k: int, device: torch.device) -> None:
+    for name, t in (("lora_A", lora_a), ("lora_B", lora_b)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16; got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} must be on the weight's device {device}; got {t.device}")
+    if lora_a.dim() != 2 or lora_a.shape[1] != k or lora_a.shape[0] < 1:
+        raise ValueError(f"lora_A must be [r, {k}] (r >= 1, in_features of the weight); got {list(lora_a.shape)}")
+    r = lora_a.shape[0]
+    if tuple(lora_b.shape) != (n, r):
+        raise ValueError(f"lora_B must be [{n}, {r}] (out_features, r of lora_A); got {list(lora_b.shape)}")
+    if lora_a.dtype != lora_b.dtype:
+        raise TypeError(f"lora_B must have lora_A's dtype {lora_a.dtype}; got {lora_b.dtype}")
+
+
+def _check_scale(scale: float) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number (lora_alpha / r); got {type(scale).__name__}")
+    return float(scale)
+
+
+def _check_dropout(p: float) -> float:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1); got {p!r}")
+    return float(p)

@@ -1,0 +1,25 @@
+"""Shared test fixtures: the devices present, per-test seeds, tolerances by dtype."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (atol, rtol) for comparing a kernel's matmul against the fp32 reference, by output dtype.
+MATMUL_TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 1e-2), torch.bfloat16: (1e-1, 2e-2)}
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param

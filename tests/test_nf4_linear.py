@@ -1,0 +1,80 @@
+"""nf4_linear: forward, gradients for x and bias (none for the frozen weight), compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qlora_kernels as qk
+
+from .conftest import DTYPES, MATMUL_TOL
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead", [(), (3,), (2, 5)])
+@pytest.mark.parametrize("shape", [(48, 96), (5, 123), (130, 64)])
+def test_forward_and_backward_match_dense(shape, lead, dtype, device):
+    n, k = shape
+    qw = qk.quantize_nf4(torch.randn(shape, device=device), 64, True)
+    w = qk.dequantize_nf4(qw, torch.float32)
+    x = torch.randn(*lead, k, device=device, dtype=dtype, requires_grad=True)
+    bias = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
+    y = qk.nf4_linear(x, qw, bias)
+    assert y.shape == (*lead, n) and y.dtype == dtype
+    x32 = x.detach().float().requires_grad_()
+    b32 = bias.detach().float().requires_grad_()
+    y32 = x32 @ w.t() + b32
+    atol, rtol = MATMUL_TOL[dtype]
+    torch.testing.assert_close(y.float(), y32, atol=atol * float(y32.detach().abs().max()), rtol=rtol)
+    dy = torch.randn_like(y32)
+    y.backward(dy.to(dtype))
+    y32.backward(dy)
+    torch.testing.assert_close(x.grad.float(), x32.grad, atol=atol * float(x32.grad.abs().max()), rtol=rtol)
+    torch.testing.assert_close(bias.grad.float(), b32.grad, atol=atol * float(b32.grad.abs().max()), rtol=rtol)
+
+
+def test_gradcheck_fp64_free_path():
+    # The weight is frozen; check d/dx numerically in fp32 with a loose tolerance.
+    qw = qk.quantize_nf4(torch.randn(6, 64), 32, True)
+    x = torch.randn(3, 64, requires_grad=True)
+    y = qk.nf4_linear(x, qw)
+    (g,) = torch.autograd.grad(y.square().sum(), x)
+    eps = 1e-2
+    i, j = 1, 7
+    xp, xm = x.detach().clone(), x.detach().clone()
+    xp[i, j] += eps
+    xm[i, j] -= eps
+    num = (qk.nf4_linear(xp, qw).square().sum() - qk.nf4_linear(xm, qw).square().sum()) / (2 * eps)
+    assert abs(float(num) - float(g[i, j])) < 1e-2 * max(1.0, abs(float(num)))
+
+
+def test_compile_fullgraph_cpu():
+    qw = qk.quantize_nf4(torch.randn(32, 64), 64, True)
+    bias = torch.randn(32, requires_grad=True)
+
+    def f(x):
+        return qk.nf4_linear(x, qw, bias).relu().sum()
+
+    x = torch.randn(4, 64, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.backward()
+    x_eager = x.detach().clone().requires_grad_()
+    bias_grad = bias.grad.clone()
+    bias.grad = None
+    f(x_eager).backward()
+    torch.testing.assert_close(out, f(x_eager.detach()))
+    torch.testing.assert_close(x.grad, x_eager.grad)
+    torch.testing.assert_close(bias_grad, bias.grad)
+
+
+def test_bad_inputs():
+    qw = qk.quantize_nf4(torch.randn(8, 64))
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., 64\]"):
+        qk.nf4_linear(torch.randn(2, 63), qw)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        qk.nf4_linear(torch.randn(2, 64), qw, torch.zeros(7))
+    with pytest.raises(TypeError, match="qw must be an NF4Weight"):
+        qk.nf4_linear(torch.randn(2, 64), torch.randn(8, 64))
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
+        qk.nf4_linear(torch.ones(2, 64, dtype=torch.int32), qw)

@@ -1,0 +1,122 @@
+"""The op registry: opcheck, every backend against the reference, backend forcing, dispatch."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import qlora_kernels as qk
+from qlora_kernels import _extension
+from qlora_kernels.ops import _dispatch
+from qlora_kernels.reference import nf4 as ref
+
+from .conftest import DTYPES, MATMUL_TOL
+
+OPS = torch.ops.qlora_kernels
+HAS_CPP = _dispatch.status("cpp", "cpu")[0]
+needs_cpp = pytest.mark.skipif(not HAS_CPP, reason=f"C++ backend not live: {_dispatch.status('cpp', 'cpu')[1]}")
+HAS_TRITON = importable = _dispatch._triton_import_error() is None
+
+
+def _weight(shape, blocksize=64, nested=True, device="cpu", dtype=torch.float32):
+    return qk.quantize_nf4(torch.randn(shape, dtype=dtype, device=device), blocksize, nested)
+
+
+def _backends_for(device):
+    if device == "cpu":
+        return ["reference"] + (["cpp"] if HAS_CPP else [])
+    return ["reference"] + [b for b in ("cuda", "triton") if _dispatch.status(b, "cuda")[0]]
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_opcheck_every_op(nested, device):
+    qw = _weight((48, 96), 64, nested, device)
+    w = torch.randn(33, 65, device=device)
+    torch.library.opcheck(OPS.quantize_nf4.default, (w.reshape(-1), 64))
+    torch.library.opcheck(OPS.dequantize_nf4.default, (*qw.tensors(), qw.numel, torch.bfloat16))
+    x = torch.randn(5, 96, device=device, dtype=torch.bfloat16)
+    torch.library.opcheck(OPS.nf4_matmul.default, (x, *qw.tensors(), 48, 96, False))
+    dy = torch.randn(5, 48, device=device)
+    torch.library.opcheck(OPS.nf4_matmul.default, (dy, *qw.tensors(), 48, 96, True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 1024])
+@pytest.mark.parametrize("shape", [(5, 123), (1, 7), (64, 64), (3, 4097), (40, 96)])
+def test_every_backend_quantize_dequantize_bitwise(shape, blocksize, dtype, device, monkeypatch):
+    w = torch.randn(shape, dtype=dtype, device=device)
+    p_ref, a_ref = ref.quantize_nf4(w, blocksize)
+    for backend in _backends_for(device):
+        monkeypatch.setenv("QLORA_KERNELS_BACKEND", backend)
+        p, a = OPS.quantize_nf4(w.reshape(-1), blocksize)
+        assert torch.equal(p, p_ref) and torch.equal(a, a_ref), backend
+        for nested in (False, True):
+            qw = qk.quantize_nf4(w, blocksize, nested)
+            out = torch.full(shape, float("nan"), dtype=dtype, device=device)  # poisoned
+            out.copy_(qk.dequantize_nf4(qw))
+            assert torch.equal(out.reshape(-1), ref.dequantize_nf4(*qw.tensors(), qw.numel, dtype)), backend
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 7, 33])
+@pytest.mark.parametrize("shape", [(5, 123), (64, 64), (96, 130), (17, 4096)])
+def test_every_backend_matmul_against_reference(shape, m, dtype, transposed, device, monkeypatch):
+    n, k = shape
+    qw = _weight(shape, 64, True, device)
+    x = torch.randn(m, n if transposed else k, dtype=dtype, device=device)
+    expect = ref.nf4_matmul(x, *qw.tensors(), n, k, transposed).float()
+    atol, rtol = MATMUL_TOL[dtype]
+    scale = float(expect.abs().max())
+    for backend in _backends_for(device):
+        monkeypatch.setenv("QLORA_KERNELS_BACKEND", backend)
+        y = OPS.nf4_matmul(x, *qw.tensors(), n, k, transposed)
+        assert y.dtype == dtype and y.shape == expect.shape
+        torch.testing.assert_close(y.float(), expect, atol=atol * scale, rtol=rtol, msg=backend)
+
+
+def test_matmul_relative_error_bf16_is_small(device):
+    # The issue's bar: bf16 relative error <= 1e-2 against the fp32 reference on random data.
+    qw = _weight((256, 512), 64, True, device)
+    x = torch.randn(16, 512, device=device, dtype=torch.bfloat16)
+    expect = ref.nf4_matmul(x.float(), *qw.tensors(), 256, 512, False)
+    y = OPS.nf4_matmul(x, *qw.tensors(), 256, 512, False).float()
+    assert float((y - expect).norm() / expect.norm()) <= 1e-2
+
+
+def test_forced_backend_errors_and_fallbacks(monkeypatch):
+    qw = _weight((8, 64))
+    monkeypatch.setenv("QLORA_KERNELS_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="QLORA_KERNELS_BACKEND must be one of"):
+        qk.dequantize_nf4(qw)
+    # cuda does not implement anything for CPU tensors: those run on the reference.
+    monkeypatch.setenv("QLORA_KERNELS_BACKEND", "cuda")
+    assert _dispatch.choose("dequantize_nf4", torch.device("cpu"), {"cuda": ("cuda",)}) == "reference"
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("QLORA_KERNELS_BACKEND", "triton")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(RuntimeError, match="not live"):
+            _dispatch.choose("dequantize_nf4", torch.device("cpu"), {"cpu": ("triton",)})
+    monkeypatch.delenv("QLORA_KERNELS_BACKEND")
+    expected = "cpp" if HAS_CPP else "reference"
+    assert _dispatch.choose("dequantize_nf4", torch.device("cpu"), {"cpu": ("cpp",)}) == expected
+
+
+def test_backends_report_is_honest():
+    status = qk.backends()
+    assert set(status) == {"reference", "cpp", "cuda", "triton"}
+    assert status["reference"].live
+    assert status["cpp"].live == HAS_CPP
+    assert status["cuda"].live == (_extension.cuda_compiled() and torch.cuda.is_available())
+    for s in status.values():
+        assert s.reason
+
+
+@pytest.mark.skipif(os.environ.get("QLORA_KERNELS_REQUIRE_CPP") != "1", reason="set by .ci/run after building")
+def test_extension_was_built_with_cuda_objects_when_required():
+    # CI compiles the extension including its CUDA objects (torch has CUDA and nvcc is there).
+    assert HAS_CPP, _dispatch.status("cpp", "cpu")[1]
+    if os.environ.get("QLORA_KERNELS_REQUIRE_CUDA_BUILD") == "1":
+        assert _extension.cuda_compiled()
