@@ -9,6 +9,13 @@ TORCH_LIBRARY_FRAGMENT(qlora_kernels_C, m) {
       "dequantize_nf4(Tensor packed, Tensor absmax, Tensor code, Tensor? nested_absmax, "
       "Tensor? nested_code, float nested_offset, int blocksize, int numel, ScalarType dtype) -> Tensor");
   m.def(
+      "dequantize_nf4_into(Tensor packed, Tensor absmax, Tensor code, Tensor? nested_absmax, "
+      "Tensor? nested_code, float nested_offset, int blocksize, int numel, Tensor(a!) out) -> ()");
+  // CUDA only: y = x @ deq(W)^T for 1..4 rows of x (decode), K % 32 == 0 and K % blocksize == 0.
+  m.def(
+      "nf4_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor? nested_absmax, "
+      "Tensor? nested_code, float nested_offset, int blocksize, int n, int k) -> Tensor");
+  m.def(
       "nf4_matmul(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor? nested_absmax, "
       "Tensor? nested_code, float nested_offset, int blocksize, int n, int k, bool transposed) -> Tensor");
 }

@@ -40,6 +40,18 @@ def test_opcheck_every_op(nested, device):
     torch.library.opcheck(OPS.nf4_matmul.default, (x, *qw.tensors(), 48, 96, False))
     dy = torch.randn(5, 48, device=device)
     torch.library.opcheck(OPS.nf4_matmul.default, (dy, *qw.tensors(), 48, 96, True))
+    out = torch.empty(qw.numel, device=device, dtype=torch.float16)
+    torch.library.opcheck(OPS.dequantize_nf4_into.default, (*qw.tensors(), qw.numel, out))
+
+
+def test_dequantize_into_writes_the_buffer(device):
+    qw = _weight((40, 96), 32, True, device)
+    for dtype in DTYPES:
+        out = torch.full((40 * 96,), float("nan"), dtype=dtype, device=device)
+        OPS.dequantize_nf4_into(*qw.tensors(), qw.numel, out)
+        assert torch.equal(out, ref.dequantize_nf4(*qw.tensors(), qw.numel, dtype))
+    with pytest.raises(ValueError, match="out must be contiguous with numel = 3840"):
+        OPS.dequantize_nf4_into(*qw.tensors(), qw.numel, torch.empty(100, device=device))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -30,11 +30,32 @@ SCRIPT = textwrap.dedent(
                     want = ref.dequantize_nf4(*qw.tensors(), qw.numel, dtype)
                     assert torch.equal(got, want), (shape, blocksize, nested, dtype)
                     cases += 1
+    # The fused small-M matmul, forward and transposed, against the fp32 reference.
+    from qlora_kernels.triton import nf4_matmul as trimm
+    for (n, k), blocksize, nested, dtype, m in [((48, 128), 64, True, torch.float32, 5),
+                                                 ((70, 192), 32, False, torch.bfloat16, 17),
+                                                 ((130, 64), 64, True, torch.float16, 64),
+                                                 ((16, 256), 256, True, torch.float32, 1)]:
+        qw = qk.quantize_nf4(torch.randn(n, k), blocksize, nested)
+        for transposed in (False, True):
+            x = torch.randn(m, n if transposed else k, dtype=dtype)
+            got = trimm.nf4_matmul(x, *qw.tensors(), n, k, transposed).float()
+            want = ref.nf4_matmul(x, *qw.tensors(), n, k, transposed).float()
+            err = float((got - want).norm() / want.norm())
+            assert got.shape == want.shape and err < (1e-5 if dtype == torch.float32 else 1e-2), (n, k, m, err)
+            cases += 1
+    assert not trimm.supports(64, 96, 64)  # K not a multiple of the blocksize: dequantize path
     # Forced through the op registry: the interpreter counts as a live backend on the CPU.
     import os
     os.environ["QLORA_KERNELS_BACKEND"] = "triton"
     qw = qk.quantize_nf4(torch.randn(40, 96), 64, True)
     assert torch.equal(qk.dequantize_nf4(qw), ref.dequantize_nf4(*qw.tensors(), qw.numel, torch.float32).view(40, 96))
+    x = torch.randn(8, 96, requires_grad=True)
+    y = qk.nf4_linear(x, qw)  # forward and backward through the fused Triton kernels
+    y.sum().backward()
+    w = ref.dequantize_nf4(*qw.tensors(), qw.numel, torch.float32).view(40, 96)
+    torch.testing.assert_close(y, x.detach() @ w.t(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x.grad, torch.ones(8, 40) @ w, atol=1e-4, rtol=1e-4)
     print("cases", cases)
     """
 )
@@ -45,4 +66,4 @@ def test_triton_dequantize_matches_reference_bitwise():
     env.pop("QLORA_KERNELS_BACKEND", None)
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "cases 90" in proc.stdout
+    assert "cases 98" in proc.stdout

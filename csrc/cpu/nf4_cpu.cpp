@@ -392,18 +392,18 @@ void dequantize_into(const uint8_t* p, const float* scale, const float* c, int64
   });
 }
 
-at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
-                              const std::optional<at::Tensor>& nested_absmax,
-                              const std::optional<at::Tensor>& nested_code, double nested_offset, int64_t blocksize,
-                              int64_t numel, at::ScalarType dtype) {
+void dequantize_nf4_into_cpu(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                             const std::optional<at::Tensor>& nested_absmax,
+                             const std::optional<at::Tensor>& nested_code, double nested_offset, int64_t blocksize,
+                             int64_t numel, at::Tensor out) {
+  TORCH_CHECK(out.is_contiguous() && out.numel() == numel && out.device().is_cpu(),
+              "dequantize_nf4 (cpp): out must be a contiguous CPU tensor of ", numel, " elements");
   const std::vector<float> scale = decode_absmax(absmax, nested_absmax, nested_code, nested_offset);
   const at::Tensor p_t = packed.contiguous();
   const at::Tensor c_t = code.contiguous();
   const uint8_t* p = p_t.data_ptr<uint8_t>();
   const float* c = c_t.data_ptr<float>();
-  at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
-  advise_huge_pages(out);
-  switch (dtype) {
+  switch (out.scalar_type()) {
     case at::kFloat:
       dequantize_into(p, scale.data(), c, blocksize, numel, out.data_ptr<float>());
       break;
@@ -414,8 +414,17 @@ at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax
       dequantize_into(p, scale.data(), c, blocksize, numel, out.data_ptr<c10::Half>());
       break;
     default:
-      TORCH_CHECK(false, "dequantize_nf4 (cpp): dtype must be float32, float16 or bfloat16; got ", dtype);
+      TORCH_CHECK(false, "dequantize_nf4 (cpp): dtype must be float32, float16 or bfloat16; got ", out.scalar_type());
   }
+}
+
+at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                              const std::optional<at::Tensor>& nested_absmax,
+                              const std::optional<at::Tensor>& nested_code, double nested_offset, int64_t blocksize,
+                              int64_t numel, at::ScalarType dtype) {
+  at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
+  advise_huge_pages(out);
+  dequantize_nf4_into_cpu(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, numel, out);
   return out;
 }
 
@@ -475,5 +484,6 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const a
 TORCH_LIBRARY_IMPL(qlora_kernels_C, CPU, m) {
   m.impl("quantize_nf4", &qk_cpu::quantize_nf4_cpu);
   m.impl("dequantize_nf4", &qk_cpu::dequantize_nf4_cpu);
+  m.impl("dequantize_nf4_into", &qk_cpu::dequantize_nf4_into_cpu);
   m.impl("nf4_matmul", &qk_cpu::nf4_matmul_cpu);
 }

@@ -84,6 +84,11 @@ def _cached_status(backend: str, device_type: str, interpret: bool) -> tuple[boo
     return status(backend, device_type)
 
 
+def cached_status(backend: str, device_type: str) -> bool:
+    """Whether ``backend`` is live for ``device_type`` (cached per process)."""
+    return _cached_status(backend, device_type, triton_interpret())[0]
+
+
 def _device_type(device: torch.device) -> str:
     return "cuda" if device.type == "cuda" else "cpu"
 

@@ -24,17 +24,21 @@ from torch import Tensor
 from .. import _extension
 from ..quant_maps import ALLOWED_BLOCKSIZES, NESTED_BLOCKSIZE
 from ..reference import nf4 as ref
+from . import _dispatch
 from ._dispatch import choose
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Largest M that the fused C++ CPU matmul serves; larger M goes to dequantize + BLAS.
+# Largest M that each fused matmul serves (see the dispatch table in nf4_matmul).
 _CPP_FUSED_MAX_M = 16
+_GEMV_MAX_M = 4
+_TRITON_FUSED_MAX_M = 64
 
 
-def _triton(name: str) -> Callable:
-    from ..triton import nf4 as triton_nf4
+def _triton(module: str, name: str) -> Callable:
+    """A Triton launcher, imported on first use (triton is optional)."""
+    import importlib
 
-    return getattr(triton_nf4, name)
+    return getattr(importlib.import_module(f"qlora_kernels.triton.{module}"), name)
 
 
 def _check_weight(
@@ -137,7 +141,7 @@ def dequantize_nf4(
     if backend in ("cpp", "cuda"):
         return _extension.kernel("dequantize_nf4")(*args)
     if backend == "triton":
-        return _triton("dequantize_nf4")(*args)
+        return _triton("nf4", "dequantize_nf4")(*args)
     return ref.dequantize_nf4(*args)
 
 
@@ -151,6 +155,58 @@ def _check_dequantize(packed, absmax, code, nested_absmax, nested_code, blocksiz
 def _(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, numel, dtype):
     _check_dequantize(packed, absmax, code, nested_absmax, nested_code, blocksize, numel, dtype)
     return packed.new_empty((numel,), dtype=dtype)
+
+
+@torch.library.custom_op("qlora_kernels::dequantize_nf4_into", mutates_args=("out",))
+def dequantize_nf4_into(
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    nested_absmax: Optional[Tensor],
+    nested_code: Optional[Tensor],
+    nested_offset: float,
+    blocksize: int,
+    numel: int,
+    out: Tensor,
+) -> None:
+    """``dequantize_nf4`` written into ``out`` (contiguous, ``numel`` elements, its dtype)."""
+    _check_dequantize(packed, absmax, code, nested_absmax, nested_code, blocksize, numel, out.dtype)
+    if not out.is_contiguous() or out.numel() != numel or out.device != packed.device:
+        raise ValueError(
+            f"out must be contiguous with numel = {numel} elements on {packed.device}; "
+            f"got {out.numel()} elements, contiguous={out.is_contiguous()}, on {out.device}"
+        )
+    args = (packed.reshape(-1), absmax, code, nested_absmax, nested_code, nested_offset, blocksize, numel)
+    backend = choose("dequantize_nf4", packed.device, {"cpu": ("cpp",), "cuda": ("cuda",)})
+    if backend in ("cpp", "cuda"):
+        _extension.kernel("dequantize_nf4_into")(*args, out.view(-1))
+    else:
+        out.view(-1).copy_(dequantize_nf4(*args, out.dtype))
+
+
+@dequantize_nf4_into.register_fake
+def _(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, numel, out):
+    _check_dequantize(packed, absmax, code, nested_absmax, nested_code, blocksize, numel, out.dtype)
+
+
+# A reusable dequantization buffer per (device, stream, dtype) for the "dequantize, then BLAS"
+# path: no allocation per call, and at most one dequantized weight alive per stream.
+_WORKSPACES: dict[tuple, Tensor] = {}
+
+
+def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream, dtype)
+    buf = _WORKSPACES.get(key)
+    if buf is None or buf.numel() < numel:
+        _WORKSPACES.pop(key, None)  # free the old one before allocating the larger one
+        buf = _WORKSPACES[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def release_workspaces() -> None:
+    """Free the dequantization workspaces (they are re-created on demand)."""
+    _WORKSPACES.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,20 +229,38 @@ def nf4_matmul(
 ) -> Tensor:
     _check_matmul(x, packed, absmax, code, nested_absmax, nested_code, blocksize, n, k, transposed)
     weight = (packed.reshape(-1), absmax, code, nested_absmax, nested_code, nested_offset, blocksize)
-    backend = choose("nf4_matmul", x.device, {"cpu": ("cpp",), "cuda": ("cuda", "triton")})
-    # The dispatch table, by backend and M (rows of x):
-    #   reference            any M: fp32 formula
-    #   cpp, M <= 16         fused kernel: decodes each weight byte once, fp32 dot products
-    #   cpp, M > 16          dequantize (cpp) into x's dtype, then the BLAS matmul: at this M the
-    #                        decode is amortized and the BLAS (oneDNN, AVX-512/AMX) wins
-    #   cuda / triton        dequantize with that backend, then cuBLAS (the fused GPU kernels of
-    #                        the GEMV/small-M issue go here)
-    if backend == "cpp" and x.shape[0] <= _CPP_FUSED_MAX_M:
+    backend = choose("nf4_matmul", x.device, {"cpu": ("cpp", "triton"), "cuda": ("cuda", "triton")})
+    m = x.shape[0]
+    # The dispatch table (the one place that picks the NF4 matmul kernel), by backend and M:
+    #   reference              any M: the fp32 formula
+    #   cpp, M <= 16           fused C++ kernel: each weight byte decoded once, fp32 dot products
+    #   cpp, M > 16            dequantize (C++) into a workspace in x's dtype, then BLAS (oneDNN
+    #                          with AVX-512/AMX beats a hand-written decode-and-dot here)
+    #   cuda, M <= 4, fwd      CUDA GEMV: bandwidth-bound, split-K when N cannot fill the GPU
+    #   cuda/triton, M <= 64   Triton fused dequantize-matmul (tensor cores, each byte read once
+    #                          per 16..64-row tile); forward and transposed (backward dX)
+    #   cuda/triton, larger M  dequantize (CUDA, double-quant decode fused) into the workspace,
+    #                          then cuBLAS: the GEMM is compute-bound, the decode is ~1/K of it
+    # Shapes a fused kernel does not take (K not a multiple of the blocksize, odd K) use the
+    # dequantize path, which takes any shape.
+    if backend == "cpp" and m <= _CPP_FUSED_MAX_M:
         return _extension.kernel("nf4_matmul")(x.contiguous(), *weight, n, k, transposed)
+    if backend in ("cuda", "triton"):
+        fusable = k % 32 == 0 and k % blocksize == 0
+        if backend == "cuda" and not transposed and m <= _GEMV_MAX_M and fusable:
+            return _extension.kernel("nf4_gemv")(x.contiguous(), *weight, n, k)
+        if m <= _TRITON_FUSED_MAX_M and fusable and _dispatch_status_triton(x.device):
+            return _triton("nf4_matmul", "nf4_matmul")(x, *weight, n, k, transposed)
     if backend != "reference":
-        w = dequantize_nf4(*weight, n * k, x.dtype).view(n, k)
+        w = _workspace(n * k, x.dtype, x.device)
+        dequantize_nf4_into(*weight, n * k, w)
+        w = w.view(n, k)
         return x @ (w if transposed else w.t())
     return ref.nf4_matmul(x, *weight, n, k, transposed)
+
+
+def _dispatch_status_triton(device: torch.device) -> bool:
+    return _dispatch.cached_status("triton", "cuda" if device.type == "cuda" else "cpu")
 
 
 def _check_matmul(x, packed, absmax, code, nested_absmax, nested_code, blocksize, n, k, transposed) -> None:
