@@ -16,7 +16,8 @@ Which kernel runs is chosen here (see ``_dispatch``); backends only register ker
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -66,7 +67,10 @@ def _check_weight(
         raise ValueError("nested_absmax and nested_code must be given together (double quantization)")
     want = torch.uint8 if nested else torch.float32
     if absmax.dtype != want or absmax.numel() != nb:
-        raise ValueError(f"absmax must be {want} with ceil(numel / blocksize) = {nb} elements; got {absmax.dtype} with {absmax.numel()}")
+        raise ValueError(
+            f"absmax must be {want} with ceil(numel / blocksize) = {nb} elements; "
+            f"got {absmax.dtype} with {absmax.numel()}"
+        )
     if code.dtype != torch.float32 or code.numel() != 16:
         raise ValueError(f"code (quant_map) must be float32 with 16 elements; got {code.dtype} with {code.numel()}")
     tensors = [packed, absmax, code]
@@ -79,7 +83,8 @@ def _check_weight(
             )
         if nested_code.dtype != torch.float32 or nested_code.numel() != 256:
             raise ValueError(
-                f"nested_code (nested_quant_map) must be float32 with 256 elements; got {nested_code.dtype} with {nested_code.numel()}"
+                f"nested_code (nested_quant_map) must be float32 with 256 elements; "
+                f"got {nested_code.dtype} with {nested_code.numel()}"
             )
         tensors += [nested_absmax, nested_code]
     devices = {t.device for t in tensors}
@@ -269,7 +274,10 @@ def _check_matmul(x, packed, absmax, code, nested_absmax, nested_code, blocksize
         raise TypeError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
     inner = n if transposed else k
     if x.dim() != 2 or x.shape[1] != inner:
-        raise ValueError(f"x must be 2-D [M, {inner}] for a weight of shape [{n}, {k}] (transposed={transposed}); got {list(x.shape)}")
+        raise ValueError(
+            f"x must be 2-D [M, {inner}] for a weight of shape [{n}, {k}] (transposed={transposed}); "
+            f"got {list(x.shape)}"
+        )
     if x.device != packed.device:
         raise ValueError(f"x and the weight must be on one device; got x on {x.device}, weight on {packed.device}")
 

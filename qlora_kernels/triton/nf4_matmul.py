@@ -81,7 +81,8 @@ def _nf4_matmul_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
+        x_mask = (rm < M)[:, None] & (rk < K)[None, :]
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=x_mask, other=0.0)
         w = _decode_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset, rn, rn < N,
                          k0, K, blocksize, NESTED, NESTED_BLOCK, BLOCK_K // 2)
         if DOT_FP32:
@@ -106,7 +107,8 @@ def _nf4_matmul_t_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rn[None, :], mask=(rm < M)[:, None] & (rn < N)[None, :], other=0.0)
+        x_mask = (rm < M)[:, None] & (rn < N)[None, :]
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rn[None, :], mask=x_mask, other=0.0)
         w = _decode_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset, rn, rn < N,
                          pid_k * BLOCK_K, K, blocksize, NESTED, NESTED_BLOCK, BLOCK_K // 2)
         if DOT_FP32:
