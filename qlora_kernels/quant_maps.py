@@ -45,7 +45,7 @@ def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dynamic_map_values() -> tuple[float, ...]:
     # Signed dynamic map with 7 exponent bits over 8 bits in total: for exponent i = 0..6 the
     # decade 10^(i-6) holds 2^i fractions, taken as the midpoints of an even split of [0.1, 1]

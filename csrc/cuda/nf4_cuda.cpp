@@ -33,6 +33,8 @@ struct Weight {
   Weight(const at::Tensor& p, const at::Tensor& a, const at::Tensor& c, const std::optional<at::Tensor>& na,
          const std::optional<at::Tensor>& nc, double offset)
       : packed(p.contiguous()), absmax(a.contiguous()), code(c.contiguous()) {
+    // The kernels read the packed bytes 16 at a time: a view at an odd offset gets an aligned copy.
+    if (reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 != 0) packed = packed.clone();
     if (na.has_value()) {
       nested_absmax = na->contiguous();
       nested_code = nc->contiguous();

@@ -39,7 +39,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_import_error() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
@@ -79,7 +79,7 @@ def status(backend: str, device_type: str = "cuda") -> tuple[bool, str]:
     raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached_status(backend: str, device_type: str, interpret: bool) -> tuple[bool, str]:
     return status(backend, device_type)
 
