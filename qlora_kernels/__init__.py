@@ -1,16 +1,33 @@
 """qlora_kernels: fast, lean QLoRA fine-tuning kernels (NF4 + double quant, fused LoRA, paged AdamW).
 
-Public API (see DESIGN.md): quantize_nf4, dequantize_nf4, NF4Weight, nf4_linear, backends.
+Public API (the contract in DESIGN.md): quantize_nf4, dequantize_nf4, NF4Weight, nf4_linear,
+lora_linear, QLoraLinear, apply_qlora, load_4bit_model, save_adapter, load_adapter,
+merge_and_unload, backends (PagedAdamW: see qlora_kernels.optim).
 """
 
 from __future__ import annotations
 
-from . import _extension  # noqa: F401  (loads the optional compiled kernels first)
-from . import ops  # noqa: F401  (registers torch.ops.qlora_kernels)
+# _extension first: it loads the optional compiled kernels before the ops look for them.
+from . import _extension, ops  # noqa: F401
 from .backends import backends
-from .functional import nf4_linear
+from .functional import lora_linear, nf4_linear
+from .hf import QLoraLinear, apply_qlora, load_4bit_model, load_adapter, merge_and_unload, save_adapter
 from .nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
 __version__ = "0.1.0"
 
-__all__ = ["NF4Weight", "backends", "dequantize_nf4", "nf4_linear", "quantize_nf4", "__version__"]
+__all__ = [
+    "NF4Weight",
+    "QLoraLinear",
+    "__version__",
+    "apply_qlora",
+    "backends",
+    "dequantize_nf4",
+    "load_4bit_model",
+    "load_adapter",
+    "lora_linear",
+    "merge_and_unload",
+    "nf4_linear",
+    "quantize_nf4",
+    "save_adapter",
+]

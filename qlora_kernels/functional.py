@@ -252,7 +252,7 @@ def _check_scale(scale: float) -> float:
     return float(scale)
 
 
-def _check_dropout(p: float) -> float:
+def _check_dropout(p: float, name: str = "dropout_p") -> float:
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1); got {p!r}")
+        raise ValueError(f"{name} must be a number in [0, 1); got {p!r}")
     return float(p)

@@ -1,0 +1,201 @@
+"""LoRA adapters in PEFT's file format: ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+Keys in the file are ``base_model.model.<module name>.lora_A.weight`` (``[r, in]``) and ``...lora_B.weight``
+(``[out, r]``), where ``<module name>`` is the layer's name in the transformers model (PEFT drops the adapter
+name, ``default``, from the keys it writes). ``peft.PeftModel.from_pretrained(base, dir)`` loads what
+:func:`save_adapter` writes, and :func:`load_adapter` loads what PEFT's ``save_pretrained`` writes for plain
+LoRA adapters (no DoRA, no trained biases, no ``modules_to_save``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .hf import _check_lora_args, _freeze_all_but_lora, _kind, _linear_modules, _make_qlora, _parent, linear_layer_names
+from .nn import QLoraLinear
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+_PREFIX = "base_model.model."
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_adapter", "save_adapter"]
+
+
+def _lora_layers(model: nn.Module) -> dict[str, QLoraLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QLoraLinear)}
+
+
+def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """The shortest faithful ``target_modules`` for PEFT: the layers' last name components when those select
+    exactly these layers among the model's linear layers, else the full names."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    selected = {n for n in linear_layer_names(model) if n.rsplit(".", 1)[-1] in leaves}
+    return leaves if selected == set(names) else sorted(names)
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    """Write the adapters of every :class:`QLoraLinear` of ``model`` in PEFT's format.
+
+    ``out_dir`` gets ``adapter_model.safetensors`` (the adapters in their dtype) and ``adapter_config.json``
+    (``peft_type`` LORA; ``r``, ``lora_alpha`` as the most common values with per-layer ``rank_pattern`` /
+    ``alpha_pattern`` for the others; ``target_modules``; ``fan_in_fan_out`` for GPT-2's Conv1D). PEFT applied
+    to the unquantized base model with that directory computes what this model computes with its dequantized
+    base. Biases are not saved (PEFT ``bias="none"``). Returns the directory.
+    """
+    from safetensors.torch import save_file
+
+    layers = _lora_layers(model)
+    if not layers:
+        raise ValueError(f"model ({type(model).__name__}) has no QLoraLinear layers: call apply_qlora first")
+    names = list(layers)
+    tensors: dict[str, Tensor] = {}
+    for name, m in layers.items():
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().to("cpu").contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().to("cpu").contiguous()
+    rslora = {m.use_rslora for m in layers.values()}
+    if len(rslora) > 1:
+        raise ValueError("save_adapter needs one use_rslora setting for all layers; the model mixes True and False")
+    r = Counter(m.r for m in layers.values()).most_common(1)[0][0]
+    alpha = Counter(m.lora_alpha for m in layers.values()).most_common(1)[0][0]
+    dropout = Counter(m.lora_dropout for m in layers.values()).most_common(1)[0][0]
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(model, "name_or_path", None) or getattr(
+            getattr(model, "config", None), "_name_or_path", None) or None
+    has_lm_head = callable(getattr(model, "get_output_embeddings", None)) and model.get_output_embeddings() is not None
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if has_lm_head else None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": _target_modules(model, names),
+        "exclude_modules": None,
+        "rank_pattern": {n: m.r for n, m in layers.items() if m.r != r},
+        "alpha_pattern": {n: m.lora_alpha for n, m in layers.items() if m.lora_alpha != alpha},
+        "use_rslora": rslora.pop(),
+        "fan_in_fan_out": any(m.fan_in_fan_out for m in layers.values()),
+        "bias": "none",
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "use_dora": False,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name that ends with it (regex)."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _read_adapter(in_dir: Path) -> tuple[dict, dict[str, tuple[Tensor, Tensor]]]:
+    from safetensors.torch import load_file
+
+    cfg_path, w_path = in_dir / CONFIG_NAME, in_dir / WEIGHTS_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"in_dir must hold {CONFIG_NAME}; {str(in_dir)!r} does not")
+    if not w_path.is_file():
+        hint = " (adapter_model.bin is not read: safetensors only)" if (in_dir / "adapter_model.bin").exists() else ""
+        raise FileNotFoundError(f"in_dir must hold {WEIGHTS_NAME}; {str(in_dir)!r} does not{hint}")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{CONFIG_NAME}: peft_type must be 'LORA'; got {cfg.get('peft_type')!r}")
+    for key, ok in (("use_dora", False), ("lora_bias", False)):
+        if cfg.get(key, ok) not in (ok, None):
+            raise ValueError(f"{CONFIG_NAME}: {key} must be {ok} (not supported); got {cfg[key]!r}")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"{CONFIG_NAME}: bias must be 'none' (trained biases are not supported); got {cfg['bias']!r}")
+    if cfg.get("modules_to_save"):
+        got = cfg["modules_to_save"]
+        raise ValueError(f"{CONFIG_NAME}: modules_to_save must be empty (not supported); got {got!r}")
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, t in load_file(str(w_path)).items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.default)?\.weight", key)
+        if m is None:
+            raise ValueError(f"{WEIGHTS_NAME}: unexpected key {key!r} (only lora_A / lora_B weights are supported)")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = t
+    out = {}
+    for name, ab in pairs.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{WEIGHTS_NAME}: module {name!r} has {sorted(ab)} but needs both lora_A and lora_B")
+        out[name] = (ab["lora_A"], ab["lora_B"])
+    if not out:
+        raise ValueError(f"{WEIGHTS_NAME} holds no LoRA weights")
+    return cfg, out
+
+
+def load_adapter(model: nn.Module, in_dir: str | Path, is_trainable: bool = True) -> nn.Module:
+    """Load a PEFT LoRA adapter directory into ``model``, in place.
+
+    Layers named in the file that are already :class:`QLoraLinear` get the file's weights (and its alpha /
+    scaling); layers that are still plain (``nn.Linear``, ``Conv1D``, 4-bit :class:`NF4Linear` or bitsandbytes
+    ``Linear4bit``) become :class:`QLoraLinear` with the file's rank (quantized to NF4 first if they are full
+    precision). Everything but the adapters is frozen; ``is_trainable=False`` freezes those too.
+
+    Raises:
+        ValueError naming the module, the expected and the actual shape when the file does not fit the model
+        (another architecture or size), or when the model has adapters on layers the file does not cover.
+    """
+    in_dir = Path(in_dir)
+    cfg, weights = _read_adapter(in_dir)
+    modules = {name: m for name, m, _ in _linear_modules(model)}
+    absent = [n for n in weights if n not in modules]
+    if absent:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_layer_names(model)})
+        raise ValueError(f"adapter in {str(in_dir)!r} is for another model: it has weights for {absent[:4]}, which "
+                         f"{type(model).__name__} lacks (its linear layers are named {leaves})")
+    extra = sorted(set(_lora_layers(model)) - set(weights))
+    if extra:
+        raise ValueError(f"model has LoRA adapters on {extra[:4]} which the adapter in {str(in_dir)!r} does not cover")
+    base_r = cfg.get("r", 8)
+    base_alpha = cfg.get("lora_alpha", 8)
+    dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
+    rslora = bool(cfg.get("use_rslora", False))
+    plan = []  # check everything before changing the model
+    for name, (a, b) in weights.items():
+        module = modules[name]
+        r = _pattern_value(cfg.get("rank_pattern"), name, base_r)
+        alpha = _pattern_value(cfg.get("alpha_pattern"), name, base_alpha)
+        _check_lora_args(r, alpha, dropout)
+        if _kind(module) == "conv1d":
+            in_f, out_f = module.weight.shape
+        else:
+            out_f, in_f = module.out_features, module.in_features
+        want_a, want_b = (r, in_f), (out_f, r)
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            raise ValueError(f"adapter {name}: lora_A must be {list(want_a)} and lora_B {list(want_b)} (r={r}, "
+                             f"in={in_f}, out={out_f}); got {list(a.shape)} and {list(b.shape)}")
+        if isinstance(module, QLoraLinear) and module.r != r:
+            raise ValueError(f"adapter {name}: the layer has r={module.r}; the file has r={r}")
+        plan.append((name, module, a, b, r, alpha))
+    for name, module, a, b, r, alpha in plan:
+        if not isinstance(module, QLoraLinear):
+            module = _make_qlora(module, _kind(module), name, r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                 use_rslora=rslora, blocksize=64, double_quant=True, lora_dtype=torch.float32)
+            parent, child = _parent(model, name)
+            setattr(parent, child, module)
+        with torch.no_grad():
+            module.lora_A.weight.copy_(a)
+            module.lora_B.weight.copy_(b)
+        module.lora_alpha, module.lora_dropout, module.use_rslora = alpha, dropout, rslora
+        module.scaling = float(alpha / math.sqrt(r) if rslora else alpha / r)
+    _freeze_all_but_lora(model, trainable=is_trainable)
+    return model

@@ -1,0 +1,411 @@
+"""Modules: a frozen 4-bit linear (:class:`NF4Linear`) and the QLoRA layer on top of it (:class:`QLoraLinear`).
+
+Both keep the NF4 weight as (non-persistent) buffers, so ``.to()`` / ``.cuda()`` move it, and write it
+to the state dict under bitsandbytes' keys (``weight``, ``weight.absmax``, ``weight.quant_map``,
+``weight.nested_absmax``, ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``), so a
+state dict moves both ways between these modules, ``bitsandbytes.nn.Linear4bit`` and transformers'
+4-bit checkpoints. The adapters are ``lora_A`` / ``lora_B`` submodules, so their keys are PEFT's
+(``lora_A.weight`` ``[r, in]``, ``lora_B.weight`` ``[out, r]``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor, nn
+
+from ..functional import _check_dropout, _lora_linear, _nf4_linear
+from ..nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+
+_NF4_BUFFERS = ("nf4_packed", "nf4_absmax", "nf4_code", "nf4_nested_absmax", "nf4_nested_code")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is NF4: ``y = x @ deq(W)^T + bias``.
+
+    What :func:`qlora_kernels.load_4bit_model` puts in place of each quantized linear layer, and the base of
+    :class:`QLoraLinear`. Gradients flow to x (and to the bias if it requires grad); the weight is frozen.
+
+    Attributes:
+        in_features, out_features: the layer's shape.
+        bias: ``nn.Parameter [out_features]`` (frozen by default) or None.
+        fan_in_fan_out: True when the layer replaced a GPT-2 style ``Conv1D`` (weight stored ``[in, out]``
+            there); the NF4 weight itself is always ``[out, in]``. Used to turn it back into a Conv1D.
+        weight: the packed NF4 codes, uint8 (as ``bitsandbytes.nn.Linear4bit.weight``); :attr:`qweight`
+            gives the whole :class:`NF4Weight`.
+    """
+
+    def __init__(self, qweight: NF4Weight, bias: Tensor | None = None, fan_in_fan_out: bool = False) -> None:
+        super().__init__()
+        if not isinstance(qweight, NF4Weight):
+            raise TypeError(f"qweight must be an NF4Weight; got {type(qweight).__name__}")
+        if len(qweight.shape) != 2:
+            raise ValueError(f"qweight must be 2-D [out_features, in_features]; got shape {list(qweight.shape)}")
+        self.out_features, self.in_features = (int(s) for s in qweight.shape)
+        self._set_qweight(qweight)
+        if bias is not None:
+            if not isinstance(bias, Tensor) or bias.dtype not in _FLOAT_DTYPES:
+                got = bias.dtype if isinstance(bias, Tensor) else type(bias).__name__
+                raise TypeError(f"bias must be a float32, float16 or bfloat16 tensor; got {got}")
+            if tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"bias must have shape [{self.out_features}]; got {list(bias.shape)}")
+            self.bias = nn.Parameter(bias.detach().clone().to(qweight.device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+
+    # -- the NF4 weight -------------------------------------------------------------------------
+
+    def _set_qweight(self, qw: NF4Weight) -> None:
+        tensors = (qw.packed, qw.absmax, qw.code, qw.nested_absmax, qw.nested_code)
+        for name, t in zip(_NF4_BUFFERS, tensors):
+            # Non-persistent: the state dict gets them under bitsandbytes' keys instead (see below).
+            self.register_buffer(name, t, persistent=False)
+        self.nf4_offset = float(qw.offset)
+        self.nf4_blocksize = int(qw.blocksize)
+        self.nf4_dtype = qw.dtype
+
+    @property
+    def qweight(self) -> NF4Weight:
+        """The frozen base weight as an :class:`NF4Weight` (sharing this module's buffers)."""
+        return NF4Weight(
+            packed=self.nf4_packed, absmax=self.nf4_absmax, shape=torch.Size((self.out_features, self.in_features)),
+            dtype=self.nf4_dtype, blocksize=self.nf4_blocksize, code=self.nf4_code,
+            nested_absmax=self.nf4_nested_absmax, nested_code=self.nf4_nested_code, offset=self.nf4_offset,
+        )
+
+    @property
+    def weight(self) -> Tensor:
+        return self.nf4_packed
+
+    def _weight_args(self) -> tuple:
+        return (self.nf4_packed, self.nf4_absmax, self.nf4_code, self.nf4_nested_absmax, self.nf4_nested_code,
+                self.nf4_offset, self.nf4_blocksize)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Module.to(dtype) / .half() would cast the fp32 NF4 constants (code, absmax, nested maps) and
+        # corrupt the weight; the NF4 buffers only ever change device. The device comes from what fn does
+        # to an empty probe tensor on their device, which covers .to(), .cuda(), .cpu() and .to_empty().
+        nf4 = {name: self._buffers.pop(name) for name in _NF4_BUFFERS}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in nf4.items():
+                if t is not None:
+                    device = fn(torch.empty(0, device=t.device)).device
+                    # a meta tensor has no data to copy: materialise it empty (to_empty), dtype kept
+                    t = torch.empty_like(t, device=device) if t.is_meta else t.to(device)
+                self._buffers[name] = t
+        return self
+
+    # -- state dict in bitsandbytes' keys ---------------------------------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key, t in self.qweight.to_bnb_state_dict(prefix + "weight").items():
+            destination[key] = t if keep_vars else t.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        wkey = prefix + "weight"
+        ours = [key for key in state_dict if key == wkey or key.startswith(wkey + ".")]
+        if ours:
+            try:
+                qw = NF4Weight.from_bnb_state_dict(state_dict, wkey)
+                want = (self.out_features, self.in_features)
+                if tuple(qw.shape) != want:
+                    raise ValueError(f"shape must be {list(want)} (out_features, in_features); got {list(qw.shape)}")
+                here = self.nf4_packed.device
+                if here.type != "meta" and not local_metadata.get("assign_to_params_buffers", False):
+                    qw = _copy_nf4(qw, here)
+                self._set_qweight(qw)
+            except (ValueError, TypeError) as exc:
+                error_msgs.append(f"While loading the 4-bit weight {wkey!r}: {exc}")
+        elif strict:
+            missing_keys.append(wkey)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for key in ours:
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)
+
+    # -- forward and conversions ------------------------------------------------------------------
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dtype not in _FLOAT_DTYPES:
+            got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"x must be a float32, float16 or bfloat16 tensor; got {got}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must be [..., {self.in_features}] (in_features); got {list(x.shape)}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return _nf4_linear(x, self._weight_args(), self.out_features, self.in_features, self.bias)
+
+    def _dense_weight(self) -> Tensor:
+        """``deq(W)`` in fp32, [out, in]."""
+        return dequantize_nf4(self.qweight, torch.float32)
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain ``nn.Linear`` with the dequantized weight (in ``dtype``, default the dtype the weight
+        was quantized from) and this layer's bias."""
+        dtype = self.nf4_dtype if dtype is None else dtype
+        if dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float32, float16 or bfloat16; got {dtype}")
+        device = self.nf4_packed.device
+        with torch.no_grad():
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+            linear.weight = nn.Parameter(self._dense_weight().to(device=device, dtype=dtype))
+            if self.bias is not None:
+                linear.bias = nn.Parameter(self.bias.detach().to(dtype).clone())
+        return linear
+
+    def extra_repr(self) -> str:
+        dq = self.nf4_nested_absmax is not None
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"blocksize={self.nf4_blocksize}, double_quant={dq}, dtype={str(self.nf4_dtype).removeprefix('torch.')}"
+        )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> NF4Linear:
+        """Quantize an ``nn.Linear`` (weight and bias are copied; the original is left alone)."""
+        weight, bias = _linear_weight(linear)
+        return cls(quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant), bias)
+
+    @classmethod
+    def from_bnb(cls, module: nn.Module) -> NF4Linear:
+        """Wrap a ``bitsandbytes.nn.Linear4bit`` (nf4) without requantizing (see :func:`nf4_weight_from_bnb`)."""
+        return cls(nf4_weight_from_bnb(module), module.bias)
+
+
+class QLoraLinear(NF4Linear):
+    """The QLoRA layer: ``y = x @ deq(W)^T + bias + scaling * dropout(x) @ A^T @ B^T``.
+
+    W is a frozen NF4 weight (as in :class:`NF4Linear`); ``lora_A`` (``nn.Linear(in, r)``, weight ``[r, in]``)
+    and ``lora_B`` (``nn.Linear(r, out)``, weight ``[out, r]``) are the trainable adapters, initialised as
+    PEFT does (A kaiming-uniform with a=√5, B zeros: the output is unchanged at step 0). ``scaling`` is
+    ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``. The forward and backward are the
+    fused :func:`qlora_kernels.lora_linear`; dropout applies in training mode only.
+
+    Merging: a 4-bit base cannot absorb ``scaling * B @ A`` without requantizing it, and NF4's step between
+    codes (~0.1-0.3 of a block's absmax) is larger than typical LoRA updates, so a requantized merge would
+    round most of the fine-tuning away. So :meth:`merge` is exact instead: it freezes the adapter into the
+    layer (no gradients to A and B, no dropout) and the layer keeps computing the same output, the LoRA
+    term folded into the base matmul's output; :meth:`unmerge` undoes it. :meth:`to_linear` (and
+    :func:`qlora_kernels.merge_and_unload`) make the real dense merge ``deq(W) + scaling * B @ A``.
+
+    ``disable_adapters = True`` turns the adapter off (the base layer alone), e.g. for DPO's reference model.
+    """
+
+    def __init__(
+        self,
+        qweight: NF4Weight,
+        bias: Tensor | None = None,
+        r: int = 16,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        lora_dtype: torch.dtype = torch.float32,
+        fan_in_fan_out: bool = False,
+    ) -> None:
+        super().__init__(qweight, bias, fan_in_fan_out)
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
+            raise ValueError(f"r must be a positive integer; got {r!r}")
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number; got {lora_alpha!r}")
+        if lora_dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"lora_dtype must be float32, float16 or bfloat16; got {lora_dtype}")
+        self.r = int(r)
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = _check_dropout(lora_dropout, "lora_dropout")
+        self.use_rslora = bool(use_rslora)
+        self.scaling = float(lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r)
+        device = qweight.device
+        self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=device, dtype=lora_dtype)
+        self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=lora_dtype)
+        self.reset_lora_parameters()
+        self.merged = False
+        self.disable_adapters = False
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default init: A kaiming-uniform (a=√5), B zeros."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        n, k = self.out_features, self.in_features
+        if self.disable_adapters:
+            return _nf4_linear(x, self._weight_args(), n, k, self.bias)
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if self.merged:
+            a, b = a.detach(), b.detach()
+        p = self.lora_dropout if (self.training and not self.merged) else 0.0
+        return _lora_linear(x, self._weight_args(), n, k, a, b, self.scaling, self.bias, p)
+
+    def merge(self) -> None:
+        """Freeze the adapter into the layer (exact; see the class docstring): same output, no gradients
+        to lora_A / lora_B, no dropout."""
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`: the adapter trains again."""
+        self.merged = False
+
+    def delta_weight(self) -> Tensor:
+        """``scaling * B @ A`` in fp32, [out, in]."""
+        return self.scaling * (self.lora_B.weight.detach().float() @ self.lora_A.weight.detach().float())
+
+    def _dense_weight(self) -> Tensor:
+        # The adapter is part of the layer whether or not it is disabled for the moment.
+        return super()._dense_weight() + self.delta_weight()
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain ``nn.Linear`` with weight ``deq(W) + scaling * B @ A`` (computed in fp32, then rounded to
+        ``dtype``, default the dtype the base weight was quantized from) and this layer's bias."""
+        return super().to_linear(dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
+            f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}, merged={self.merged}"
+        )
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        r: int = 16,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        lora_dtype: torch.dtype = torch.float32,
+    ) -> QLoraLinear:
+        """Quantize an ``nn.Linear`` to NF4 and add fresh adapters (weight and bias are copied; the original
+        is left alone). The NF4 bytes are bitsandbytes'."""
+        weight, bias = _linear_weight(linear)
+        qw = quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant)
+        return cls(qw, bias, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                   lora_dtype=lora_dtype)
+
+    @classmethod
+    def from_bnb(
+        cls,
+        module: nn.Module,
+        r: int = 16,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        lora_dtype: torch.dtype = torch.float32,
+    ) -> QLoraLinear:
+        """Add adapters to a ``bitsandbytes.nn.Linear4bit`` (nf4): its packed weight and quant state are
+        used as they are, never requantized (see :func:`nf4_weight_from_bnb`)."""
+        return cls(nf4_weight_from_bnb(module), module.bias, r=r, lora_alpha=lora_alpha,
+                   lora_dropout=lora_dropout, use_rslora=use_rslora, lora_dtype=lora_dtype)
+
+    @classmethod
+    def from_nf4(
+        cls,
+        module: NF4Linear,
+        r: int = 16,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        lora_dtype: torch.dtype = torch.float32,
+    ) -> QLoraLinear:
+        """Add adapters to an :class:`NF4Linear` (sharing its NF4 tensors and bias; nothing is requantized)."""
+        if not isinstance(module, NF4Linear) or isinstance(module, QLoraLinear):
+            raise TypeError(f"module must be an NF4Linear without adapters; got {type(module).__name__}")
+        layer = cls(module.qweight, None, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                    use_rslora=use_rslora, lora_dtype=lora_dtype, fan_in_fan_out=module.fan_in_fan_out)
+        layer.bias = module.bias
+        return layer
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _copy_nf4(qw: NF4Weight, device: torch.device) -> NF4Weight:
+    def copy(t):
+        return None if t is None else t.to(device=device, copy=True)
+
+    return NF4Weight(copy(qw.packed), copy(qw.absmax), qw.shape, qw.dtype, qw.blocksize, copy(qw.code),
+                     copy(qw.nested_absmax), copy(qw.nested_code), qw.offset)
+
+
+def _linear_weight(linear: nn.Module) -> tuple[Tensor, Tensor | None]:
+    if hasattr(getattr(linear, "weight", None), "quant_state"):
+        raise TypeError(f"linear is a bitsandbytes {type(linear).__name__}: use from_bnb, which does not requantize")
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"linear must be a torch.nn.Linear; got {type(linear).__name__}")
+    w = linear.weight
+    if w.device.type == "meta":
+        raise ValueError("linear.weight is on the meta device: there is nothing to quantize")
+    if w.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"linear.weight must be float32, float16 or bfloat16; got {w.dtype}")
+    return w.detach(), None if linear.bias is None else linear.bias.detach()
+
+
+def nf4_weight_from_bnb(module: nn.Module) -> NF4Weight:
+    """The :class:`NF4Weight` of a ``bitsandbytes.nn.Linear4bit`` (quant_type nf4), sharing its tensors.
+
+    * A quantized layer: its packed codes and quant state (absmax, or the uint8 absmax codes with state2's
+      nested absmax / map and the offset) are taken as they are: no requantizing.
+    * A layer whose weight bitsandbytes has not quantized yet (it does so on the first move to a device):
+      quantized here as bitsandbytes would (its blocksize and compress_statistics).
+    * A layer bitsandbytes has repacked into its CPU inference layout (after an eval-mode, no-grad forward
+      on a CPU with AVX512-BF16: codes reordered in 32-row tiles, absmax rounded to bf16 and no longer
+      double-quantized): the codes are put back in the standard order and the bf16 absmax is used as fp32
+      absmax, so this layer computes exactly what bitsandbytes computes now. The original fp32 absmax is
+      gone from that module; to keep it, take the layer before such a forward (or load its state dict).
+    """
+    w = getattr(module, "weight", None)
+    qs = getattr(w, "quant_state", None)
+    if w is None or not hasattr(w, "quant_type"):
+        raise TypeError(f"module must be a bitsandbytes Linear4bit; got {type(module).__name__}")
+    if w.quant_type != "nf4":
+        raise ValueError(f"module's quant_type must be 'nf4'; got {w.quant_type!r}")
+    if qs is None or not getattr(w, "bnb_quantized", True):
+        data = w.data
+        if data.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"module's weight is {data.dtype} but has no quant_state")
+        return quantize_nf4(data, blocksize=w.blocksize, double_quant=bool(w.compress_statistics))
+    packed = w.data if w.data.dtype == torch.uint8 else w.data.view(torch.uint8)  # quant_storage
+    shape = torch.Size(qs.shape)
+    if getattr(qs, "packing_format_for_cpu", False):
+        packed, absmax = _undo_bnb_cpu_layout(packed, qs.absmax, shape, qs.blocksize)
+        return NF4Weight(packed=packed, absmax=absmax, shape=shape, dtype=qs.original_dtype,
+                         blocksize=qs.blocksize, code=qs.code.float())
+    packed = packed.reshape(-1, 1)
+    if qs.nested:
+        return NF4Weight(packed=packed, absmax=qs.absmax, shape=shape, dtype=qs.dtype, blocksize=qs.blocksize,
+                         code=qs.code, nested_absmax=qs.state2.absmax, nested_code=qs.state2.code,
+                         offset=float(qs.offset))
+    return NF4Weight(packed=packed, absmax=qs.absmax.float(), shape=shape, dtype=qs.dtype, blocksize=qs.blocksize,
+                     code=qs.code)
+
+
+def _undo_bnb_cpu_layout(packed: Tensor, absmax: Tensor, shape: torch.Size, blocksize: int,
+                         tile: int = 32) -> tuple[Tensor, Tensor]:
+    """bitsandbytes' CPU inference layout back to the standard one.
+
+    That layout (for W [N, K], N a multiple of 32, K even) is a uint8 ``[N, K/2]`` holding, row-major, one
+    32-byte group per (32-row tile t, column pair j): byte i of it has in its low nibble the code of
+    ``W[32t + i//2, 2j + i%2]`` and in its high nibble that of ``W[32t + 16 + i//2, 2j + i%2]``; absmax is
+    bf16 ``[K/blocksize, N]`` (transposed). Returns the standard packed ``[N*K/2, 1]`` and fp32 absmax.
+    """
+    n, k = shape
+    groups = packed.reshape(n // tile, k // 2, tile)
+    # Low nibbles hold rows 0-15 of the tile, high nibbles rows 16-31, each as (row, column-of-pair) pairs:
+    # concatenated they are the tile's [32 rows, 2 columns] for column pair j.
+    nibbles = torch.cat([groups & 0xF, groups >> 4], dim=2).reshape(n // tile, k // 2, tile, 2)
+    codes = nibbles.permute(0, 2, 1, 3).reshape(-1)  # [tiles, 32 rows, K/2, 2] -> row-major [N*K]
+    standard = (codes[0::2] << 4) | codes[1::2]
+    return standard.reshape(-1, 1).contiguous(), absmax.t().reshape(-1).float().contiguous()
