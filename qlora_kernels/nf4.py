@@ -191,9 +191,13 @@ class NF4Weight:
             kwargs = dict(
                 nested_absmax=tensor("nested_absmax"), nested_code=tensor("nested_quant_map"), offset=float(offset)
             )
+        packed = tensor("")
+        if packed.dtype != torch.uint8 and packed.dtype.itemsize > 1 and packed.is_contiguous():
+            # bnb_4bit_quant_storage other than uint8 (e.g. bf16 for FSDP): the same bytes, another dtype.
+            packed = packed.view(torch.uint8).reshape(-1, 1)
         try:
             return cls(
-                packed=tensor(""),
+                packed=packed,
                 absmax=tensor("absmax"),
                 shape=torch.Size(shape),
                 dtype=_DTYPE_NAMES[dtype_name],

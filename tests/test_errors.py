@@ -96,6 +96,15 @@ def test_state_dict_wrong_shapes(sd):
         qk.NF4Weight.from_bnb_state_dict(bad, "layer.weight")
 
 
+def test_packed_in_another_storage_dtype_is_read_as_bytes(sd):
+    # bnb_4bit_quant_storage=torch.bfloat16 stores the same bytes as a bf16 tensor [nbytes / 2, 1].
+    other = dict(sd)
+    other["layer.weight"] = sd["layer.weight"].reshape(-1).view(torch.bfloat16).reshape(-1, 1)
+    a = qk.NF4Weight.from_bnb_state_dict(sd, "layer.weight")
+    b = qk.NF4Weight.from_bnb_state_dict(other, "layer.weight")
+    assert torch.equal(a.packed, b.packed) and torch.equal(qk.dequantize_nf4(a), qk.dequantize_nf4(b))
+
+
 def test_fp4_is_refused(sd):
     bad = {k.replace("bitsandbytes__nf4", "bitsandbytes__fp4"): v for k, v in sd.items()}
     with pytest.raises(ValueError, match="FP4-quantized; only NF4"):

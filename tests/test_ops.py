@@ -44,6 +44,17 @@ def test_opcheck_every_op(nested, device):
     torch.library.opcheck(OPS.dequantize_nf4_into.default, (*qw.tensors(), qw.numel, out))
 
 
+def test_reference_quantizer_in_chunks_is_identical(monkeypatch):
+    from qlora_kernels.ops import nf4 as ops_nf4
+
+    w = torch.randn(37, 129)  # odd numel, a partial last block
+    whole = ref.quantize_nf4(w, 64)
+    monkeypatch.setattr(ops_nf4, "_QUANTIZE_CHUNK", 256)
+    monkeypatch.setenv("QLORA_KERNELS_BACKEND", "reference")
+    p, a = OPS.quantize_nf4(w.reshape(-1), 64)
+    assert torch.equal(p, whole[0]) and torch.equal(a, whole[1])
+
+
 def test_dequantize_into_writes_the_buffer(device):
     qw = _weight((40, 96), 32, True, device)
     for dtype in DTYPES:

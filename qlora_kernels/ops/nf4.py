@@ -33,6 +33,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CPP_FUSED_MAX_M = 16
 _GEMV_MAX_M = 4
 _TRITON_FUSED_MAX_M = 64
+# Elements per chunk of the reference quantizer (bounds its temporaries to ~100 MiB).
+_QUANTIZE_CHUNK = 1 << 22
 
 
 def _triton(module: str, name: str) -> Callable:
@@ -102,7 +104,14 @@ def quantize_nf4(w: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     backend = choose("quantize_nf4", w.device, {"cpu": ("cpp",)})
     if backend == "cpp":
         return _extension.kernel("quantize_nf4")(w.contiguous().view(-1), blocksize)
-    return ref.quantize_nf4(w, blocksize)
+    # The reference holds ~28 bytes of temporaries per weight: run it over chunks of whole blocks
+    # (an even number of elements, so bytes never straddle chunks) to bound that on a GPU.
+    flat = w.reshape(-1)
+    chunk = blocksize * max(1, _QUANTIZE_CHUNK // blocksize)
+    if flat.numel() <= chunk:
+        return ref.quantize_nf4(flat, blocksize)
+    parts = [ref.quantize_nf4(flat[i : i + chunk], blocksize) for i in range(0, flat.numel(), chunk)]
+    return torch.cat([p for p, _ in parts]), torch.cat([a for _, a in parts])
 
 
 def _check_quantize(w: Tensor, blocksize: int) -> None:
