@@ -15,6 +15,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "dtype_convert.cuh"
 #include "nf4_kernels.h"
 
 namespace qk_cuda {
@@ -22,21 +23,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kElemsPerThread = 32;
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ float block_scale(const NF4Scales& s, int64_t block) {
-  if (s.absmax_q == nullptr) return s.absmax[block];
-  const float scaled = __fmul_rn(s.nested_code[s.absmax_q[block]], s.nested_absmax[block >> 8]);
-  return __fadd_rn(scaled, s.offset);
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) dequantize_nf4_kernel(const uint8_t* __restrict__ packed,
@@ -48,7 +34,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_nf4_kernel(const uint8_t*
 
   const int64_t e0 = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kElemsPerThread;
   if (e0 >= numel) return;
-  const float s = block_scale(scales, e0 / blocksize);
+  const float s = nf4_block_scale(scales, e0 / blocksize);
 
   if (e0 + kElemsPerThread <= numel && (reinterpret_cast<uintptr_t>(packed) & 15) == 0 &&
       (reinterpret_cast<uintptr_t>(out) & 15) == 0) {

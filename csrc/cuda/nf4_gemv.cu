@@ -15,6 +15,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "dtype_convert.cuh"
 #include "nf4_kernels.h"
 
 namespace qk_cuda {
@@ -23,30 +24,6 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kLaneElems = 32;                     // weights per lane per step (16 bytes)
 constexpr int kWarpElems = 32 * kLaneElems;        // 1024 weights per warp per step
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ float block_scale(const NF4Scales& s, int64_t block) {
-  if (s.absmax_q == nullptr) return __ldg(s.absmax + block);
-  return __fadd_rn(__fmul_rn(__ldg(s.nested_code + s.absmax_q[block]), __ldg(s.nested_absmax + (block >> 8))),
-                   s.offset);
-}
 
 // 32 consecutive x values starting at p (16-byte aligned) as fp32.
 template <typename T>
@@ -91,7 +68,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       w[2 * i] = p.x;
       w[2 * i + 1] = p.y;
     }
-    const float s = block_scale(scales, (row * k + k0) / blocksize);
+    const float s = nf4_block_scale(scales, (row * k + k0) / blocksize);
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       float xv[kLaneElems];
