@@ -2,7 +2,7 @@
 
 Public API (the contract in DESIGN.md): quantize_nf4, dequantize_nf4, NF4Weight, nf4_linear,
 lora_linear, QLoraLinear, apply_qlora, load_4bit_model, save_adapter, load_adapter,
-merge_and_unload, backends (PagedAdamW: see qlora_kernels.optim).
+merge_and_unload, backends, PagedAdamW (qlora_kernels.optim).
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from .backends import backends
 from .functional import lora_linear, nf4_linear
 from .hf import QLoraLinear, apply_qlora, load_4bit_model, load_adapter, merge_and_unload, save_adapter
 from .nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+from .optim import PagedAdamW
 
 __version__ = "0.1.0"
 
 __all__ = [
     "NF4Weight",
+    "PagedAdamW",
     "QLoraLinear",
     "__version__",
     "apply_qlora",

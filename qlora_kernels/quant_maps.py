@@ -46,22 +46,31 @@ def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
 
 
 @functools.cache
-def _dynamic_map_values() -> tuple[float, ...]:
-    # Signed dynamic map with 7 exponent bits over 8 bits in total: for exponent i = 0..6 the
-    # decade 10^(i-6) holds 2^i fractions, taken as the midpoints of an even split of [0.1, 1]
-    # and scaled, all in fp32 arithmetic as bitsandbytes does (the exact bits depend on it),
-    # mirrored for the negative side; then 0 and 1.0.
-    values: list[float] = []
+def _dynamic_map_values(signed: bool) -> tuple[float, ...]:
+    # bitsandbytes' dynamic type with 7 exponent bits over 8 bits: for exponent i = 0..6 the decade
+    # 10^(i-6) holds the midpoints of an even split of [0.1, 1] into 2^i parts (signed; mirrored
+    # for the negative side) or 2^(i+1) parts (unsigned: the sign bit goes to the fraction); then
+    # 0 and 1.0. All in fp32 arithmetic, as bitsandbytes computes it (the exact bits depend on it).
+    values: list[float] = [0.0, 1.0]
     for i in range(7):
-        edges = torch.linspace(0.1, 1.0, 2**i + 1, dtype=torch.float32)
+        parts = 2**i if signed else 2 ** (i + 1)
+        edges = torch.linspace(0.1, 1.0, parts + 1, dtype=torch.float32)
         mids = (edges[:-1] + edges[1:]) / 2.0
         values += (10.0 ** (i - 6) * mids).tolist()
-        values += (-(10.0 ** (i - 6)) * mids).tolist()
-    values += [0.0, 1.0]
-    assert len(values) == 256
+        if signed:
+            values += (-(10.0 ** (i - 6)) * mids).tolist()
+    if len(values) != 256:
+        raise AssertionError(f"a dynamic map has 256 values; built {len(values)}")
     return tuple(sorted(values))
 
 
 def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic quantization map: fp32 ``[256]``, sorted."""
-    return torch.tensor(_dynamic_map_values(), dtype=torch.float32, device=device)
+    """bitsandbytes' signed 8-bit dynamic quantization map: fp32 ``[256]``, sorted, -0.99296875 ... 1.0
+    (``create_dynamic_map(signed=True)``): double quantization of absmax, 8-bit AdamW's first moment."""
+    return torch.tensor(_dynamic_map_values(True), dtype=torch.float32, device=device)
+
+
+def unsigned_dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
+    """bitsandbytes' unsigned 8-bit dynamic map (``create_dynamic_map(signed=False)``): fp32 ``[256]``,
+    sorted, 0.0 ... 1.0; the code table of 8-bit AdamW's second moment."""
+    return torch.tensor(_dynamic_map_values(False), dtype=torch.float32, device=device)
