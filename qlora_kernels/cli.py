@@ -1,0 +1,137 @@
+"""The ``qlora-kernels`` command line: ``train``, ``demo``, ``bench``, ``backends``.
+
+Exit codes: 0 success, 1 the run failed (data, non-finite loss, ...), 2 bad usage or config,
+130 interrupted (after the checkpoint is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+BENCH_ENTRIES = ("bench.py", "run.py", "run_all.py")
+
+
+def _benchmarks_dir() -> Path:
+    """``benchmarks/`` of the source tree this package was imported from (it is not installed)."""
+    return Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import ConfigError, DataError, TrainingError, load_config, train
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = train(cfg)
+    except (DataError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    ev = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+    print(f"trained {result.global_step} steps: train loss {result.train_loss:.4f}{ev}; adapter in {result.output_dir}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .train import demo
+
+    try:
+        return demo.main(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    bench = _benchmarks_dir()
+    scripts = sorted(p for p in bench.glob("*.py") if not p.name.startswith("_")) if bench.is_dir() else []
+    if not scripts:
+        print(f"error: no benchmark scripts found in {bench}; the benchmarks live in the source repository's "
+              "benchmarks/ folder (run from a clone of the repository)", file=sys.stderr)
+        return 2
+    rest = list(args.args)
+    by_name = {p.stem: p for p in scripts}
+    if rest and rest[0].removesuffix(".py") in by_name:
+        script = by_name[rest.pop(0).removesuffix(".py")]
+    else:
+        script = next((bench / e for e in BENCH_ENTRIES if (bench / e).is_file()), None)
+        if script is None:
+            print("error: name a benchmark script: " + ", ".join(by_name), file=sys.stderr)
+            return 2
+    return subprocess.call([sys.executable, str(script), *rest])
+
+
+def _cmd_backends(args: argparse.Namespace) -> int:
+    from .backends import backends_report
+
+    print(backends_report())
+    return 0
+
+
+def _config_keys_help() -> str:
+    import dataclasses
+
+    from .train.config import SFTConfig
+
+    lines = ["config keys (default):"]
+    for f in dataclasses.fields(SFTConfig):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            "required" if f.default_factory is dataclasses.MISSING else f.default_factory())
+        if dataclasses.is_dataclass(default):
+            default = dataclasses.asdict(default)
+        choices = f.metadata.get("choices")
+        allowed = f" [{' | '.join(map(str, choices))}]" if choices and len(choices) > 1 else ""
+        lines.append(f"  {f.name} ({default}): {f.metadata.get('help', '')}{allowed}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train import demo
+
+    p = argparse.ArgumentParser(prog="qlora-kernels", description="QLoRA kernels: fine-tune, demo, benchmark.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="supervised fine-tuning from one YAML config",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_config_keys_help(),
+                       description="Fine-tune with QLoRA from one YAML file (Axolotl-like keys). Overrides are "
+                                   "key=value with dotted keys,\nvalues parsed as YAML, e.g. max_steps=100 "
+                                   "quantization.blocksize=128 datasets.0.path=data.jsonl")
+    t.add_argument("config", help="YAML config file (see examples/sft_tiny.yaml)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    t.set_defaults(func=_cmd_train)
+
+    d = sub.add_parser("demo", help="fine-tune a tiny model on a synthetic task on this CPU (a few minutes)",
+                       description="QLoRA fine-tune of a shipped tiny Llama on a synthetic instruction task; "
+                                   "prints held-out exact-match accuracy before and after; nothing is downloaded.")
+    demo.add_arguments(d)
+    d.set_defaults(func=_cmd_demo)
+
+    b = sub.add_parser("bench", help="micro-benchmarks against bitsandbytes (scripts in benchmarks/)",
+                       description="Run a script from the repository's benchmarks/ folder: bench [SCRIPT] [ARGS...]")
+    b.add_argument("args", nargs="*", metavar="ARG", help="[SCRIPT] and its arguments, passed on unchanged")
+    b.set_defaults(func=_cmd_bench)
+
+    k = sub.add_parser("backends", help="which kernel backends are live here, and why others are not")
+    k.set_defaults(func=_cmd_backends)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``qlora-kernels`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"] and argv[1:2] not in (["-h"], ["--help"]):
+        # Everything after "bench" belongs to the benchmark script, options included.
+        return _cmd_bench(argparse.Namespace(args=argv[1:]))
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

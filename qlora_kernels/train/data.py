@@ -1,0 +1,336 @@
+"""SFT data: local JSON/JSONL/parquet rows -> token ids and labels -> shuffled, padded micro-batches.
+
+Row types (extra fields are ignored):
+
+* ``alpaca``: ``{"instruction": str, "input": str (optional), "output": str}``; ``output`` is trained.
+* ``completion``: ``{"prompt": str, "completion": str}``; ``completion`` is trained.
+* ``chat``: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}``;
+  every assistant message is trained.
+* ``text``: ``{"text": str}``; all of it is trained.
+
+Labels are the input ids with -100 wherever the token is not trained (prompt, template text,
+padding). The tokenizer's end-of-sequence token closes every alpaca/completion/text example and
+is trained, so the model learns to stop. An example longer than ``sequence_len`` is truncated and
+counted; one left with no target token is dropped and counted. A malformed row raises
+:class:`DataError` naming its file and line, or is skipped and counted with ``skip_bad_rows``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import DatasetConfig, SFTConfig
+from .loss import IGNORE_INDEX
+from .templates import Segment, alpaca_segments, chat_segments
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+class DataError(ValueError):
+    """A malformed data file or row; the message names the file and line."""
+
+
+@dataclass
+class Example:
+    """One tokenized example and where it came from (``file:line``)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    source: str
+
+    @property
+    def num_targets(self) -> int:
+        """Target tokens under the shifted loss (a label at position 0 is never predicted)."""
+        return sum(1 for y in self.labels[1:] if y != IGNORE_INDEX)
+
+
+@dataclass
+class DataStats:
+    """Counts reported after loading."""
+
+    rows: int = 0
+    examples: int = 0
+    skipped_bad_rows: int = 0
+    truncated: int = 0
+    dropped_no_target: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+    bad_row_messages: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.examples} examples from {self.rows} rows ({self.tokens} tokens, {self.target_tokens} "
+                f"trained); truncated {self.truncated}, dropped without target {self.dropped_no_target}, "
+                f"skipped bad rows {self.skipped_bad_rows}")
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def _files(path: str | Path) -> list[Path]:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix in DATA_SUFFIXES)
+        if not files:
+            raise DataError(f"{p}: directory holds no {', '.join(DATA_SUFFIXES)} files")
+        return files
+    if p.suffix not in DATA_SUFFIXES:
+        raise DataError(f"{p}: unsupported file type {p.suffix!r}; allowed: {', '.join(DATA_SUFFIXES)}")
+    return [p]
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """Yield ``(source, row)`` for each row of a file or directory; ``source`` is ``file:line``.
+
+    A JSONL line that is not valid JSON is yielded as a :class:`DataError` instance in place of
+    the row, so that the caller decides between failing and skipping.
+    """
+    for f in _files(path):
+        if f.suffix == ".jsonl":
+            with open(f, encoding="utf-8") as fh:
+                for i, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield f"{f}:{i}", json.loads(line)
+                    except json.JSONDecodeError as e:
+                        yield f"{f}:{i}", DataError(f"{f}:{i}: not valid JSON ({e.msg})")
+        elif f.suffix == ".json":
+            with open(f, encoding="utf-8") as fh:
+                try:
+                    data = json.load(fh)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{f}:{e.lineno}: not valid JSON ({e.msg})") from None
+            if isinstance(data, dict) and isinstance(data.get("data"), list):
+                data = data["data"]
+            if not isinstance(data, list):
+                raise DataError(f"{f}: a .json data file must hold a list of rows (or {{'data': [...]}})")
+            for i, row in enumerate(data):
+                yield f"{f}:row {i}", row
+        else:
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise DataError(f"{f}: reading parquet needs pyarrow (pip install pyarrow)") from None
+            for i, row in enumerate(pq.read_table(f).to_pylist()):
+                yield f"{f}:row {i}", row
+
+
+def check_row(row: Any, row_type: str) -> str | None:
+    """What is wrong with ``row`` for ``row_type``, or None if it is well formed."""
+    if not isinstance(row, dict):
+        return f"a {row_type} row must be a JSON object, got {type(row).__name__}"
+
+    def need_str(key: str, optional: bool = False) -> str | None:
+        v = row.get(key)
+        if v is None and optional:
+            return None
+        if not isinstance(v, str):
+            got = "missing" if key not in row else f"{type(v).__name__} {v!r}"[:60]
+            return f"{row_type} row needs a string {key!r} (got {got})"
+        return None
+
+    if row_type == "alpaca":
+        return need_str("instruction") or need_str("input", optional=True) or need_str("output")
+    if row_type == "completion":
+        return need_str("prompt") or need_str("completion")
+    if row_type == "text":
+        return need_str("text")
+    msgs = row.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        return "chat row needs a non-empty list 'messages' of {role, content}"
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
+            return f"chat row messages[{j}] must be {{role: one of {', '.join(CHAT_ROLES)}, content: str}}; got {m!r}"[
+                :200]
+    if not any(m["role"] == "assistant" for m in msgs):
+        return "chat row has no assistant message to train on"
+    return None
+
+
+# --------------------------------------------------------------------------- formatting and tokenizing
+
+
+def resolve_template(row_type: str, prompt_template: str | None) -> str | None:
+    """The template used for a dataset type: the configured one, else alpaca/chatml by type."""
+    if row_type in ("completion", "text"):
+        return None
+    if prompt_template is not None:
+        return prompt_template
+    return "alpaca" if row_type == "alpaca" else "chatml"
+
+
+def row_segments(row: dict[str, Any], row_type: str, template: str | None, tokenizer: Any) -> tuple[
+        list[Segment], bool]:
+    """``(segments, add_eos)`` for a checked row."""
+    if row_type == "alpaca":
+        segs = alpaca_segments(row["instruction"], row.get("input") or "", row["output"], template, tokenizer)
+        return segs, template == "alpaca"
+    if row_type == "completion":
+        return [(row["prompt"], False), (row["completion"], True)], True
+    if row_type == "text":
+        return [(row["text"], True)], True
+    messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    return chat_segments(messages, template, tokenizer), False
+
+
+def tokenize_segments(segments: list[Segment], tokenizer: Any, add_eos: bool = True,
+                      train_on_inputs: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids and labels of the concatenated segments.
+
+    The text is tokenized once (with the tokenizer's own special-token convention, e.g. a BOS,
+    unless the text already starts with it); a token is a target when its first character lies in
+    a trained segment. Needs a fast tokenizer (character offsets).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError("SFT data needs a fast (Rust) tokenizer to locate trained characters; got "
+                        f"{type(tokenizer).__name__}")
+    text = "".join(t for t, _ in segments)
+    trained = bytearray(len(text))
+    pos = 0
+    for t, on in segments:
+        if on:
+            trained[pos:pos + len(t)] = b"\x01" * len(t)
+        pos += len(t)
+    bos = getattr(tokenizer, "bos_token", None)
+    enc = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)), return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = []
+    for tok, (s, e) in zip(ids, enc["offset_mapping"]):
+        real = e > s
+        labels.append(tok if real and (train_on_inputs or trained[s]) else IGNORE_INDEX)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if add_eos and eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+        labels.append(eos)
+    return ids, labels
+
+
+def load_dataset(ds: DatasetConfig, cfg: SFTConfig, tokenizer: Any, stats: DataStats) -> list[Example]:
+    """Read, check, format and tokenize one dataset; updates ``stats``."""
+    template = resolve_template(ds.type, cfg.prompt_template)
+    out: list[Example] = []
+    for source, row in read_rows(ds.path):
+        stats.rows += 1
+        problem = str(row) if isinstance(row, DataError) else check_row(row, ds.type)
+        if problem is not None:
+            msg = problem if isinstance(row, DataError) else f"{source}: {problem}"
+            if not cfg.skip_bad_rows:
+                raise DataError(f"{msg} (set skip_bad_rows: true to skip and count such rows)")
+            stats.skipped_bad_rows += 1
+            if len(stats.bad_row_messages) < 5:
+                stats.bad_row_messages.append(msg)
+            continue
+        try:
+            segments, add_eos = row_segments(row, ds.type, template, tokenizer)
+        except ValueError as e:  # a template that cannot format this row: not skippable, the config is wrong
+            raise DataError(f"{source}: {e}") from None
+        ids, labels = tokenize_segments(segments, tokenizer, add_eos, cfg.train_on_inputs)
+        if len(ids) > cfg.sequence_len:
+            stats.truncated += 1
+            ids, labels = ids[:cfg.sequence_len], labels[:cfg.sequence_len]
+        ex = Example(ids, labels, source)
+        n = ex.num_targets
+        if n == 0:
+            stats.dropped_no_target += 1
+            continue
+        stats.examples += 1
+        stats.tokens += len(ids)
+        stats.target_tokens += n
+        out.append(ex)
+    return out
+
+
+def load_examples(cfg: SFTConfig, tokenizer: Any) -> tuple[list[Example], list[Example], DataStats]:
+    """Train and eval examples for a config: eval from eval-split datasets, else ``val_set_size`` of train."""
+    stats = DataStats()
+    train = [ex for d in cfg.train_datasets for ex in load_dataset(d, cfg, tokenizer, stats)]
+    evals = [ex for d in cfg.eval_datasets for ex in load_dataset(d, cfg, tokenizer, stats)]
+    if cfg.val_set_size > 0:
+        k = int(cfg.val_set_size) if cfg.val_set_size >= 1 else max(1, round(cfg.val_set_size * len(train)))
+        if k >= len(train):
+            raise DataError(f"val_set_size {cfg.val_set_size} leaves no training example out of {len(train)}")
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        held = set(perm[:k])
+        evals = [train[i] for i in sorted(held)]
+        train = [ex for i, ex in enumerate(train) if i not in held]
+    if not train:
+        raise DataError("no training examples left after loading (" + stats.summary() + ")")
+    return train, evals, stats
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples: input_ids, attention_mask, labels (-100 on padding)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class MicroBatchStream:
+    """An endless stream of shuffled micro-batches with a resumable position.
+
+    Epoch ``e`` visits the examples in ``randperm(n, seed + e)`` order, ``micro_batch_size`` at a
+    time (the last micro-batch of an epoch may be smaller). The position ``(epoch, index)`` is
+    all the state there is, so resuming from it replays exactly the same micro-batches.
+    """
+
+    def __init__(self, examples: list[Example], micro_batch_size: int, seed: int, pad_id: int):
+        self.examples = examples
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        self.pad_id = pad_id
+        self.epoch = 0
+        self.index = 0
+        self._perm: list[int] | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.examples) / self.micro_batch_size)
+
+    @property
+    def epoch_progress(self) -> float:
+        return self.epoch + self.index / self.batches_per_epoch
+
+    def _order(self) -> list[int]:
+        if self._perm is None:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            self._perm = torch.randperm(len(self.examples), generator=g).tolist()
+        return self._perm
+
+    def next(self) -> tuple[dict[str, torch.Tensor], list[Example]]:
+        """The next micro-batch (collated) and its examples."""
+        start = self.index * self.micro_batch_size
+        chosen = [self.examples[i] for i in self._order()[start:start + self.micro_batch_size]]
+        self.index += 1
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index, self._perm = self.epoch + 1, 0, None
+        return collate(chosen, self.pad_id), chosen
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index, self._perm = int(state["epoch"]), int(state["index"]), None
+
+
+def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Eval examples in order, ``batch_size`` at a time."""
+    for s in range(0, len(examples), batch_size):
+        yield collate(examples[s:s + batch_size], pad_id)

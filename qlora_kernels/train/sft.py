@@ -1,0 +1,489 @@
+"""The SFT loop: config -> data -> QLoRA model -> accumulate / clip / step -> eval -> checkpoints -> adapter.
+
+One optimizer step consumes ``gradient_accumulation_steps`` micro-batches. Their target tokens are
+counted first, and each micro-batch contributes ``sum of its token losses / target tokens of the
+whole step``, so the step's gradient is the gradient of the mean token loss of the accumulated
+batch, whatever the split into micro-batches (REFERENCE.md, SFT).
+
+What a checkpoint restores (see :mod:`.checkpoint`) is everything the next step depends on:
+trainable parameters, optimizer, scheduler, data position and every RNG, so a resumed run on a
+CPU reproduces the uninterrupted loss curve bit for bit. Ctrl-C finishes the current step, writes
+a checkpoint and raises ``KeyboardInterrupt``; a second Ctrl-C interrupts at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint, prune_checkpoints, rng_state, save_checkpoint, set_rng_state
+from .config import SFTConfig, dump_config
+from .data import DataStats, Example, MicroBatchStream, eval_batches, load_examples
+from .loss import model_loss
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, missing component, incompatible checkpoint)."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did."""
+
+    output_dir: Path
+    global_step: int
+    train_loss: float | None
+    eval_loss: float | None
+    best_eval_loss: float | None
+    stopped_early: bool
+    data: DataStats
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- components
+
+
+def _qk_api(name: str) -> Any:
+    """A public ``qlora_kernels`` function, or a clear error if this install lacks it."""
+    import qlora_kernels as qk
+
+    fn = getattr(qk, name, None)
+    if fn is None:
+        raise TrainingError(f"qlora_kernels.{name} is not available in this install; the trainer needs it")
+    return fn
+
+
+def resolve_device(cfg: SFTConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device: 'cuda' was asked for but torch sees no CUDA device")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def autocast_dtype(cfg: SFTConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 on CUDA devices with bf16 (``bf16: auto``), fp16 if asked, else None (fp32).
+
+    On a CPU ``auto`` means fp32: CPU bf16 matmuls are slower than fp32 on most CPUs. ``bf16: true``
+    forces CPU bf16 autocast.
+    """
+    if cfg.fp16:
+        if device.type != "cuda":
+            raise TrainingError("fp16: true needs a CUDA device (fp16 autocast with loss scaling)")
+        return torch.float16
+    if cfg.bf16 is True:
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise TrainingError("bf16: true but this CUDA device has no bf16 support; use fp16: true")
+        return torch.bfloat16
+    if cfg.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def load_tokenizer(cfg: SFTConfig) -> Any:
+    """The tokenizer of ``tokenizer_config`` (default: ``base_model``), with a pad token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.tokenizer_config or cfg.base_model, local_files_only=True,
+                                        trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_model(cfg: SFTConfig, device: torch.device | None = None) -> nn.Module:
+    """Load ``base_model`` with its linear layers in NF4 and add trainable LoRA adapters (``apply_qlora``).
+
+    The frozen parts (embeddings, norms, lm_head) are kept in bf16/fp16 when training under that
+    autocast dtype, else fp32; the adapters are fp32. Seeds torch with ``cfg.seed`` first, so the
+    adapters' initialization is reproducible.
+    """
+    torch.manual_seed(cfg.seed)
+    device = device or resolve_device(cfg)
+    amp = autocast_dtype(cfg, device)
+    q = cfg.quantization
+    model = _qk_api("load_4bit_model")(cfg.base_model, dtype=amp or torch.float32, device=device,
+                                       blocksize=q.blocksize, double_quant=q.double_quant,
+                                       trust_remote_code=cfg.trust_remote_code)
+    _qk_api("apply_qlora")(model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                           target_modules=cfg.lora_target_modules, use_rslora=cfg.peft_use_rslora,
+                           blocksize=q.blocksize, double_quant=q.double_quant)
+    return model.to(device)
+
+
+def check_optimizer(cfg: SFTConfig) -> None:
+    """Fail before any model loads if the configured optimizer is not available."""
+    if cfg.optimizer != "adamw_torch":
+        import qlora_kernels as qk
+
+        if getattr(qk, "PagedAdamW", None) is None:
+            raise TrainingError(f"optimizer: {cfg.optimizer!r} needs qlora_kernels.PagedAdamW, which this install "
+                                "lacks; allowed values: 'adamw_torch' (or install a build with PagedAdamW)")
+
+
+def build_optimizer(cfg: SFTConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW over ``params``: torch's (``adamw_torch``) or qlora_kernels' PagedAdamW (32- or 8-bit states)."""
+    check_optimizer(cfg)
+    kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+              weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw_torch":
+        return torch.optim.AdamW(params, **kw)
+    import qlora_kernels as qk
+
+    return qk.PagedAdamW(params, state_bits=8 if cfg.optimizer == "paged_adamw_8bit" else 32, **kw)
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the peak learning rate for 0-based optimizer step ``step`` of ``total``.
+
+    Linear warmup reaches the peak at step ``warmup - 1``; then ``cosine`` / ``linear`` decay
+    towards 0 over the remaining steps, or ``constant`` stays at the peak.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(cfg: SFTConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    """A ``LambdaLR`` over :func:`lr_factor` (warmup from ``warmup_steps`` or ``warmup_ratio``)."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round((cfg.warmup_ratio or 0.0) * total_steps)
+    kind = cfg.lr_scheduler
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, kind))
+
+
+def total_steps(cfg: SFTConfig, micro_batches_per_epoch: int) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.num_epochs * micro_batches_per_epoch / cfg.gradient_accumulation_steps))
+
+
+def adapter_saver(model: nn.Module) -> Callable[[nn.Module, Path], None]:
+    """How to write this model's adapter in PEFT format: a PEFT model's own method, else ``qk.save_adapter``."""
+    if hasattr(model, "peft_config") and hasattr(model, "save_pretrained"):
+        return lambda m, d: m.save_pretrained(str(d))
+    return lambda m, d: _qk_api("save_adapter")(m, str(d))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, device: torch.device,
+             amp: torch.dtype | None, chunk_size: int | None = None) -> float:
+    """Mean token cross-entropy over the target tokens of ``examples``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in eval_batches(examples, batch_size, pad_id):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with _autocast(device, amp):
+            s, n = model_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_size)
+        total += float(s)
+        count += n
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def _autocast(device: torch.device, amp: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp)
+
+
+# --------------------------------------------------------------------------- run helpers
+
+
+class _Metrics:
+    """metrics.jsonl writer; on resume keeps only the records up to the resumed step."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        self.history: list[dict[str, Any]] = []
+        if resume_step is not None and path.exists():
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("step", 0) <= resume_step:
+                    self.history.append(rec)
+        with open(path, "w") as f:
+            for rec in self.history:
+                f.write(json.dumps(rec) + "\n")
+
+    def write(self, rec: dict[str, Any]) -> None:
+        self.history.append(rec)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path) -> bool:
+    """Train and eval loss against the step, as a PNG. False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("token cross-entropy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+class _SigintLatch:
+    """First Ctrl-C sets a flag (the loop checkpoints at the end of the step); the second interrupts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _SigintLatch:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _say(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        from tqdm import tqdm
+
+        tqdm.write(msg)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(cfg: SFTConfig, model: nn.Module | None = None, tokenizer: Any = None,
+          on_step_end: Callable[[int, dict[str, Any]], None] | None = None, quiet: bool = False) -> TrainResult:
+    """Run supervised fine-tuning as configured and return a :class:`TrainResult`.
+
+    ``model`` / ``tokenizer`` may be given (already built); by default they are loaded from
+    ``cfg.base_model`` with :func:`build_model`. ``on_step_end(step, record)`` is called after
+    each optimizer step (and its eval / checkpoint). Writes into ``cfg.output_dir``: the final
+    adapter (PEFT format), ``metrics.jsonl``, ``loss.png``, ``config.yaml`` and
+    ``checkpoint-<step>`` directories.
+
+    Raises:
+        TrainingError: non-finite loss or gradient (naming step, micro-batch, examples and the last
+            good checkpoint), a missing optimizer, or a checkpoint that does not fit this run.
+        DataError: a malformed row (unless ``skip_bad_rows``).
+        KeyboardInterrupt: after Ctrl-C, once the checkpoint is written.
+    """
+    check_optimizer(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg)
+    amp = autocast_dtype(cfg, device)
+
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    train_ex, eval_ex, stats = load_examples(cfg, tokenizer)
+    _say(f"data: {stats.summary()}; eval examples: {len(eval_ex)}", quiet)
+    for msg in stats.bad_row_messages:
+        _say(f"  skipped: {msg}", quiet)
+
+    model = model if model is not None else build_model(cfg, device)
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the model has no trainable parameters (did apply_qlora match any module?)")
+    n_train = sum(p.numel() for p in params)
+    _say(f"model: {n_train:,} trainable parameters in {len(params)} tensors; device {device}, "
+         f"autocast {amp or 'off (fp32)'}", quiet)
+
+    optimizer = build_optimizer(cfg, params)
+    stream = MicroBatchStream(train_ex, cfg.micro_batch_size, cfg.seed, pad_id)
+    steps = total_steps(cfg, stream.batches_per_epoch)
+    scheduler = build_scheduler(cfg, optimizer, steps)
+    scaler = torch.amp.GradScaler(device.type) if amp is torch.float16 else None
+    save_adapter = adapter_saver(model)
+    G = cfg.gradient_accumulation_steps
+    eval_bs = cfg.eval_batch_size or cfg.micro_batch_size
+    run_key = {"train_examples": len(train_ex), "micro_batch_size": cfg.micro_batch_size, "seed": cfg.seed,
+               "gradient_accumulation_steps": G}
+
+    state: dict[str, Any] = {"global_step": 0, "best_eval_loss": None, "evals_without_improvement": 0,
+                             "last_checkpoint": None, "tokens_seen": 0}
+    resume_step = None
+    if cfg.resume_from_checkpoint:
+        saved, rng = load_checkpoint(cfg.resume_from_checkpoint, model, optimizer)
+        if saved.get("run_key") != run_key:
+            raise TrainingError(f"resume_from_checkpoint {cfg.resume_from_checkpoint!r} was written by a run with "
+                                f"{saved.get('run_key')}; this run has {run_key}: the data position would not match")
+        scheduler.load_state_dict(saved["scheduler"])
+        stream.load_state_dict(saved["data"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        state.update(saved["loop"])
+        set_rng_state(rng)
+        resume_step = state["global_step"]
+        _say(f"resumed from {cfg.resume_from_checkpoint} at step {resume_step}", quiet)
+    metrics = _Metrics(out / "metrics.jsonl", resume_step if resume_step is not None else -1)
+
+    step_rng, step_data = rng_state(), stream.state_dict()
+
+    def checkpoint(rng: dict[str, Any], data: dict[str, int]) -> Path:
+        path = out / f"checkpoint-{state['global_step']}"
+        loop = {**state, "last_checkpoint": str(path)}
+        trainer_state = {"loop": loop, "scheduler": scheduler.state_dict(), "data": data, "run_key": run_key,
+                         "scaler": scaler.state_dict() if scaler is not None else None}
+        save_checkpoint(path, model, optimizer, trainer_state, rng, save_adapter)
+        state["last_checkpoint"] = str(path)
+        prune_checkpoints(out, cfg.save_total_limit)
+        return path
+
+    def run_eval() -> float:
+        loss = evaluate(model, eval_ex, eval_bs, pad_id, device, amp, cfg.loss_chunk_size)
+        rec = {"step": state["global_step"], "epoch": round(stream.epoch_progress, 4), "eval_loss": loss}
+        metrics.write(rec)
+        _say(f"step {state['global_step']}: eval loss {loss:.4f}", quiet)
+        return loss
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=steps, initial=state["global_step"], disable=quiet or not cfg.progress_bar,
+               desc="sft", unit="step", dynamic_ncols=True)
+    last_loss, last_eval, stopped_early = None, None, False
+    in_update = False
+    model.train()
+    try:
+        with _SigintLatch() as latch:
+            while state["global_step"] < steps:
+                t0 = time.perf_counter()
+                micro = [stream.next() for _ in range(G)]
+                n_tgt = sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in micro)
+                n_tok = sum(int(b["attention_mask"].sum()) for b, _ in micro)
+                loss_sum = 0.0
+                for i, (batch, exs) in enumerate(micro):
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    with _autocast(device, amp):
+                        s, _ = model_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                          cfg.loss_chunk_size)
+                    if not torch.isfinite(s.detach()):
+                        raise TrainingError(
+                            f"non-finite loss ({float(s.detach())}) at step {state['global_step'] + 1}, "
+                            f"micro-batch {i + 1}/{G} "
+                            f"(examples {', '.join(e.source for e in exs[:4])}{', ...' if len(exs) > 4 else ''}); "
+                            f"last good checkpoint: {state['last_checkpoint'] or 'none (set save_steps)'}")
+                    scaled = s / max(1, n_tgt)
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                    loss_sum += float(s.detach())
+                in_update = True
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+                if not math.isfinite(grad_norm) and scaler is None:
+                    raise TrainingError(
+                        f"non-finite gradient norm at step {state['global_step'] + 1} (loss was finite); "
+                        f"last good checkpoint: {state['last_checkpoint'] or 'none (set save_steps)'}")
+                lr = optimizer.param_groups[0]["lr"]
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                in_update = False
+                step_rng, step_data = rng_state(), stream.state_dict()  # the new step boundary
+                state["global_step"] += 1
+                state["tokens_seen"] += n_tok
+                step = state["global_step"]
+                last_loss = loss_sum / max(1, n_tgt)
+                dt = time.perf_counter() - t0
+                rec = {"step": step, "epoch": round(stream.epoch_progress, 4), "loss": last_loss, "lr": lr,
+                       "grad_norm": grad_norm, "target_tokens": n_tgt, "tokens_per_s": round(n_tok / dt, 1)}
+                if step % cfg.logging_steps == 0 or step == steps:
+                    metrics.write(rec)
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / dt:.0f}", refresh=False)
+                bar.update(1)
+                if eval_ex and cfg.eval_steps and (step % cfg.eval_steps == 0 or step == steps):
+                    last_eval = run_eval()
+                    best = state["best_eval_loss"]
+                    if best is None or last_eval < best:
+                        state["best_eval_loss"], state["evals_without_improvement"] = last_eval, 0
+                    else:
+                        state["evals_without_improvement"] += 1
+                    if (cfg.early_stopping_patience is not None
+                            and state["evals_without_improvement"] >= cfg.early_stopping_patience):
+                        stopped_early = True
+                        _say(f"early stopping at step {step}: no better eval loss in "
+                             f"{cfg.early_stopping_patience} evaluations (best {state['best_eval_loss']:.4f})", quiet)
+                if cfg.save_steps and step % cfg.save_steps == 0:
+                    checkpoint(step_rng, step_data)
+                if on_step_end is not None:
+                    on_step_end(step, rec)
+                if latch.requested:
+                    saved_now = state["last_checkpoint"] == str(out / f"checkpoint-{step}")
+                    path = Path(state["last_checkpoint"]) if saved_now else checkpoint(step_rng, step_data)
+                    _say(f"interrupted at step {step}; checkpoint saved to {path} "
+                         f"(resume with resume_from_checkpoint={path})")
+                    raise KeyboardInterrupt
+                if stopped_early:
+                    break
+    except KeyboardInterrupt:
+        bar.close()
+        if not in_update and state["last_checkpoint"] != str(out / f"checkpoint-{state['global_step']}"):
+            # Interrupted while accumulating, evaluating or between steps: model and optimizer are at
+            # the last step boundary, whose RNG and data position were kept for this.
+            path = checkpoint(step_rng, step_data)
+            print(f"interrupted; checkpoint of step {state['global_step']} saved to {path}", file=sys.stderr)
+        elif in_update:
+            print("interrupted inside the optimizer update: no checkpoint written (last good one: "
+                  f"{state['last_checkpoint'] or 'none'})", file=sys.stderr)
+        raise
+    bar.close()
+
+    if eval_ex and last_eval is None:
+        last_eval = run_eval()
+    save_adapter(model, out)
+    plot_losses(metrics.history, out / "loss.png")
+    _say(f"done: {state['global_step']} steps; adapter saved to {out}", quiet)
+    return TrainResult(out, state["global_step"], last_loss, last_eval, state["best_eval_loss"], stopped_early,
+                       stats, metrics.history)

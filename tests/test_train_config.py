@@ -1,0 +1,180 @@
+"""Config validation of the SFT trainer: every problem is named, with the allowed values, before a model loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qlora_kernels.train.config import ConfigError, SFTConfig, apply_overrides, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> dict[str, str]:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    return {"model": str(model), "data": str(data), "out": str(tmp_path / "out")}
+
+
+def raw(paths: dict[str, str], **kw) -> dict:
+    base = {"base_model": paths["model"], "datasets": [{"path": paths["data"], "type": "alpaca"}],
+            "output_dir": paths["out"]}
+    base.update(kw)
+    return base
+
+
+def errors_of(cfg: dict) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(raw=cfg)
+    return str(e.value)
+
+
+def test_minimal_config_gets_defaults(paths):
+    cfg = load_config(raw=raw(paths))
+    assert isinstance(cfg, SFTConfig)
+    assert cfg.lora_r == 16 and cfg.optimizer == "paged_adamw" and cfg.quantization.blocksize == 64
+    assert cfg.datasets[0].split == "train" and cfg.train_datasets == cfg.datasets and cfg.eval_datasets == []
+    assert cfg.trust_remote_code is False
+
+
+def test_unknown_key_is_named_with_suggestion_and_allowed_keys(paths):
+    msg = errors_of(raw(paths, lr_schedular="cosine"))
+    assert "lr_schedular: unknown key" in msg and "did you mean 'lr_scheduler'" in msg
+    assert "allowed keys:" in msg and "learning_rate" in msg
+
+
+def test_unknown_nested_keys(paths):
+    msg = errors_of(raw(paths, quantization={"block_size": 64}, datasets=[{"path": paths["data"], "kind": "x"}]))
+    assert "quantization.block_size: unknown key" in msg and "blocksize" in msg
+    assert "datasets[0].kind: unknown key" in msg
+
+
+def test_wrong_types_are_named(paths):
+    msg = errors_of(raw(paths, lora_r="16", micro_batch_size=2.5, gradient_checkpointing="yes", datasets="x.jsonl"))
+    assert "lora_r: expected int, got str '16'" in msg
+    assert "micro_batch_size: expected int" in msg
+    assert "gradient_checkpointing: expected bool" in msg
+    assert "datasets: expected list of mapping" in msg
+
+
+def test_bool_is_not_an_int(paths):
+    assert "lora_r: expected int, got bool" in errors_of(raw(paths, lora_r=True))
+
+
+def test_choices_list_allowed_values(paths):
+    msg = errors_of(raw(paths, optimizer="sgd", lr_scheduler="step", quantization={"blocksize": 100},
+                        datasets=[{"path": paths["data"], "type": "sharegpt"}]))
+    assert "optimizer: 'sgd' is not allowed; allowed values: 'paged_adamw', 'paged_adamw_8bit', 'adamw_torch'" in msg
+    assert "lr_scheduler: 'step' is not allowed; allowed values: 'cosine', 'linear', 'constant'" in msg
+    assert "quantization.blocksize: 100 is not allowed" in msg and "4096" in msg
+    assert "datasets[0].type: 'sharegpt' is not allowed; allowed values: 'alpaca', 'completion', 'chat', 'text'" in msg
+
+
+def test_missing_paths(paths, tmp_path):
+    msg = errors_of(raw(paths, base_model=str(tmp_path / "nope"), datasets=[{"path": str(tmp_path / "x.jsonl")}],
+                        resume_from_checkpoint=str(tmp_path)))
+    assert "base_model:" in msg and "not a Hugging Face model directory" in msg
+    assert "datasets[0].path: path" in msg and "does not exist" in msg
+    assert "resume_from_checkpoint:" in msg and "trainer_state.json" in msg
+
+
+def test_base_model_needs_safetensors(paths):
+    model = Path(paths["model"])
+    (model / "model.safetensors").unlink()
+    (model / "pytorch_model.bin").write_bytes(b"")
+    msg = errors_of(raw(paths))
+    assert "no *.safetensors weights" in msg and "pytorch_model.bin" in msg
+
+
+def test_required_keys(paths):
+    msg = errors_of({"output_dir": paths["out"]})
+    assert "base_model: required key is missing" in msg and "datasets: required key is missing" in msg
+
+
+def test_all_errors_reported_at_once(paths):
+    msg = errors_of(raw(paths, lora_r="x", optimizer="sgd", bogus=1))
+    assert msg.count("\n") >= 3
+
+
+def test_cross_field_rules(paths):
+    msg = errors_of(raw(paths, warmup_steps=5, warmup_ratio=0.1, early_stopping_patience=2, lora_dropout=1.5,
+                        bf16=True, fp16=True, lora_target_modules="everything"))
+    assert "warmup_steps, warmup_ratio: set one of them" in msg
+    assert "early_stopping_patience: needs an eval set" in msg
+    assert "early_stopping_patience: needs eval_steps" in msg
+    assert "lora_dropout: must be in [0, 1)" in msg
+    assert "bf16, fp16" in msg
+    assert "lora_target_modules: 'everything' is not allowed" in msg
+
+
+def test_chat_rows_need_a_chat_template(paths):
+    msg = errors_of(raw(paths, prompt_template="alpaca", datasets=[{"path": paths["data"], "type": "chat"}]))
+    assert "prompt_template: 'alpaca' cannot format chat rows" in msg
+
+
+def test_eval_split_and_val_set_size_are_exclusive(paths):
+    ds = [{"path": paths["data"]}, {"path": paths["data"], "split": "eval"}]
+    assert "val_set_size: set it to 0" in errors_of(raw(paths, datasets=ds, val_set_size=0.1))
+    cfg = load_config(raw=raw(paths, datasets=ds))
+    assert len(cfg.train_datasets) == 1 and len(cfg.eval_datasets) == 1
+
+
+def test_float_strings_and_ints_are_floats(paths):
+    cfg = load_config(raw=raw(paths, learning_rate="2e-4", lora_alpha=32))
+    assert cfg.learning_rate == 2e-4 and isinstance(cfg.lora_alpha, float)
+    assert "learning_rate: expected float" in errors_of(raw(paths, learning_rate="fast"))
+
+
+def test_target_modules_list(paths):
+    assert load_config(raw=raw(paths, lora_target_modules=["q_proj", "v_proj"])).lora_target_modules == [
+        "q_proj", "v_proj"]
+
+
+def test_overrides(paths):
+    cfg = load_config(raw=raw(paths), overrides=["learning_rate=1e-3", "quantization.blocksize=128",
+                                                 "lora_target_modules=[q_proj, v_proj]", "max_steps=7",
+                                                 "datasets.0.type=completion", "bf16=false", "eval_steps=null"])
+    assert cfg.learning_rate == 1e-3 and cfg.quantization.blocksize == 128 and cfg.max_steps == 7
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"] and cfg.datasets[0].type == "completion"
+    assert cfg.bf16 is False and cfg.eval_steps is None
+
+
+def test_override_errors(paths):
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_overrides({}, ["learning_rate"])
+    with pytest.raises(ConfigError, match="not an index"):
+        apply_overrides(raw(paths), ["datasets.3.path=x"])
+    assert "lr: unknown key" in errors_of(apply_overrides(raw(paths), ["lr=1"]))
+
+
+def test_yaml_file_round_trip(paths, tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(raw(paths, num_epochs=2)))
+    cfg = load_config(p, ["seed=3"])
+    assert cfg.num_epochs == 2.0 and cfg.seed == 3
+    assert yaml.safe_load(yaml.safe_dump(cfg.to_dict()))["quantization"]["quant_type"] == "nf4"
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_example_config_is_valid_and_matches_the_demo(monkeypatch):
+    from qlora_kernels.train.demo import demo_raw_config
+
+    monkeypatch.chdir(REPO)
+    cfg = load_config(REPO / "examples" / "sft_tiny.yaml")
+    demo = load_config(raw=demo_raw_config(output_dir=cfg.output_dir))
+    assert cfg.to_dict() == {**demo.to_dict(), "base_model": cfg.base_model, "datasets": cfg.to_dict()["datasets"],
+                             "test_datasets": cfg.to_dict()["test_datasets"]}
+    assert Path(cfg.base_model).resolve() == Path(demo.base_model).resolve()
+    assert Path(cfg.datasets[0].path).resolve() == Path(demo.datasets[0].path).resolve()
+    assert Path(cfg.test_datasets[0].path).resolve() == Path(demo.test_datasets[0].path).resolve()
