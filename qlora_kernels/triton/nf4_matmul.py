@@ -30,6 +30,19 @@ from ..quant_maps import NESTED_BLOCKSIZE
 
 
 @triton.jit
+def _block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask,
+                 NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr):
+    """fp32 absmax of NF4 blocks ``block`` (any shape), decoding the double quantization."""
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + block // NESTED_BLOCK, mask=mask, other=0.0)
+        scale = tl.load(nested_code_ptr + q) * nested + offset
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
 def _decode_tile(
     packed_ptr,
     absmax_ptr,
@@ -37,41 +50,51 @@ def _decode_tile(
     nested_code_ptr,
     code_ptr,
     offset,
-    rows,  # [R] indices into W's rows (n)
+    rows,  # [ROWS] indices into W's rows (n)
     row_mask,
-    col0,  # first column (k) of the tile, even
+    col0,  # first column (k) of the tile, a multiple of 2 * HALF_C
     K,
-    blocksize,
     NESTED: tl.constexpr,
     NESTED_BLOCK: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    ROWS: tl.constexpr,
     HALF_C: tl.constexpr,
 ):
-    """fp32 tile deq(W)[rows, col0 : col0 + 2 * HALF_C], zero outside W."""
-    cols = col0 + tl.arange(0, 2 * HALF_C)
+    """fp32 tile deq(W)[rows, col0 : col0 + 2 * HALF_C], zero outside W.
+
+    The absmax is gathered once per (row, absmax block) of the tile, not per element: one value
+    per row when a block spans the tile's columns, else 2 * HALF_C / BLOCKSIZE values per row.
+    """
+    C: tl.constexpr = 2 * HALF_C
+    cols = col0 + tl.arange(0, C)
     col_mask = cols < K
     byte_cols = col0 // 2 + tl.arange(0, HALF_C)
     mask_b = row_mask[:, None] & (byte_cols < K // 2)[None, :]
     b = tl.load(packed_ptr + rows[:, None] * (K // 2) + byte_cols[None, :], mask=mask_b, other=0).to(tl.int32)
     hi = tl.load(code_ptr + (b >> 4))
     lo = tl.load(code_ptr + (b & 15))
-    w = tl.interleave(hi, lo)  # [R, C]: element 2j is the high nibble
-    # Absmax block of each element; K % blocksize == 0 so blocks never span rows.
-    block = rows[:, None] * (K // blocksize) + cols[None, :] // blocksize
-    mask = row_mask[:, None] & col_mask[None, :]
-    if NESTED:
-        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + block // NESTED_BLOCK, mask=mask, other=0.0)
-        scale = scale + offset
+    w = tl.interleave(hi, lo)  # [ROWS, C]: element 2j is the high nibble
+    # K % BLOCKSIZE == 0: blocks never span rows; block of (r, c) = r * (K / BLOCKSIZE) + c / BLOCKSIZE.
+    first = rows * (K // BLOCKSIZE) + col0 // BLOCKSIZE
+    if BLOCKSIZE >= C:
+        scale = _block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, first, row_mask,
+                             NESTED, NESTED_BLOCK)
+        w = w * scale[:, None]
     else:
-        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-    return tl.where(mask, w * scale, 0.0)
+        NB: tl.constexpr = C // BLOCKSIZE
+        block = first[:, None] + tl.arange(0, NB)[None, :]
+        bmask = row_mask[:, None] & (col0 + tl.arange(0, NB) * BLOCKSIZE < K)[None, :]
+        scale = _block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, bmask,
+                             NESTED, NESTED_BLOCK)
+        w = tl.reshape(tl.reshape(w, (ROWS, NB, BLOCKSIZE)) * scale[:, :, None], (ROWS, C))
+    return tl.where(row_mask[:, None] & col_mask[None, :], w, 0.0)
 
 
 @triton.jit
 def _nf4_matmul_kernel(
     x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, y_ptr, offset,
-    M, N, K, stride_xm, stride_ym, blocksize,
-    NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr,
+    M, N, K, stride_xm, stride_ym,
+    NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, BLOCKSIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -84,7 +107,7 @@ def _nf4_matmul_kernel(
         x_mask = (rm < M)[:, None] & (rk < K)[None, :]
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=x_mask, other=0.0)
         w = _decode_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset, rn, rn < N,
-                         k0, K, blocksize, NESTED, NESTED_BLOCK, BLOCK_K // 2)
+                         k0, K, NESTED, NESTED_BLOCK, BLOCKSIZE, BLOCK_N, BLOCK_K // 2)
         if DOT_FP32:
             acc += tl.dot(x.to(tl.float32), tl.trans(w))
         else:
@@ -96,8 +119,8 @@ def _nf4_matmul_kernel(
 @triton.jit
 def _nf4_matmul_t_kernel(
     x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, y_ptr, offset,
-    M, N, K, stride_xm, stride_ym, blocksize,
-    NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr,
+    M, N, K, stride_xm, stride_ym,
+    NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, BLOCKSIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -110,7 +133,7 @@ def _nf4_matmul_t_kernel(
         x_mask = (rm < M)[:, None] & (rn < N)[None, :]
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rn[None, :], mask=x_mask, other=0.0)
         w = _decode_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset, rn, rn < N,
-                         pid_k * BLOCK_K, K, blocksize, NESTED, NESTED_BLOCK, BLOCK_K // 2)
+                         pid_k * BLOCK_K, K, NESTED, NESTED_BLOCK, BLOCKSIZE, BLOCK_N, BLOCK_K // 2)
         if DOT_FP32:
             acc += tl.dot(x.to(tl.float32), w)
         else:
@@ -124,12 +147,13 @@ def supports(n: int, k: int, blocksize: int) -> bool:
     return k % 2 == 0 and k % blocksize == 0
 
 
-def _config(m: int, n_out: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_OUT, BLOCK_RED, num_warps): small M gets a 16-row tile (the smallest
-    tl.dot shape), wide output tiles keep each weight byte read once per M tile."""
+def _config(m: int, n_out: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_OUT, BLOCK_RED, num_warps, num_stages): small M gets a 16-row tile (the
+    smallest tl.dot shape); wide output tiles keep each weight byte read once per M tile; two
+    pipeline stages keep shared memory near 60-120 KiB (sm_90, checked offline)."""
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     block_out = 64 if n_out <= 4096 else 128
-    return block_m, block_out, 64, 4
+    return block_m, block_out, 64, 4, 2
 
 
 def nf4_matmul(
@@ -144,7 +168,7 @@ def nf4_matmul(
     n: int,
     k: int,
     transposed: bool,
-    block: tuple[int, int, int, int] | None = None,
+    block: tuple[int, int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Launcher (arguments as the ``nf4_matmul`` op); ``block`` overrides the tile config."""
     if not supports(n, k, blocksize):
@@ -153,14 +177,15 @@ def nf4_matmul(
     m = x.shape[0]
     out_cols = k if transposed else n
     y = torch.empty(m, out_cols, dtype=x.dtype, device=x.device)
-    block_m, block_out, block_red, warps = block or _config(m, out_cols)
+    block_m, block_out, block_red, warps, stages = block or _config(m, out_cols)
     nested = nested_absmax is not None
     # The interpreter's tl.dot mishandles bf16 operands (held as uint16): there, multiply in fp32.
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    common = dict(NESTED=nested, NESTED_BLOCK=NESTED_BLOCKSIZE, DOT_FP32=interpret, num_warps=warps)
+    common = dict(NESTED=nested, NESTED_BLOCK=NESTED_BLOCKSIZE, DOT_FP32=interpret, BLOCKSIZE=blocksize,
+                  num_warps=warps, num_stages=stages)
     args = (
         x, packed.reshape(-1), absmax, nested_absmax if nested else absmax, nested_code if nested else code, code,
-        y, float(nested_offset), m, n, k, x.stride(0), y.stride(0), blocksize,
+        y, float(nested_offset), m, n, k, x.stride(0), y.stride(0),
     )
     if transposed:
         grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_out))
