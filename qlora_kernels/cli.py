@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 the run failed (data, non-finite loss, ...), 2 bad usag
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -35,6 +36,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
     ev = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     print(f"trained {result.global_step} steps: train loss {result.train_loss:.4f}{ev}; adapter in {result.output_dir}")
     return 0
@@ -98,11 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qlora-kernels", description="QLoRA kernels: fine-tune, demo, benchmark.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="supervised fine-tuning from one YAML config",
+    t = sub.add_parser("train", help="SFT or DPO fine-tuning from one YAML config (data-parallel under torchrun)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_config_keys_help(),
                        description="Fine-tune with QLoRA from one YAML file (Axolotl-like keys). Overrides are "
                                    "key=value with dotted keys,\nvalues parsed as YAML, e.g. max_steps=100 "
-                                   "quantization.blocksize=128 datasets.0.path=data.jsonl")
+                                   "quantization.blocksize=128 datasets.0.path=data.jsonl\nData-parallel: "
+                                   "torchrun --nproc_per_node=N -m qlora_kernels.train CONFIG.yaml [key=value ...]")
     t.add_argument("config", help="YAML config file (see examples/sft_tiny.yaml)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     t.set_defaults(func=_cmd_train)

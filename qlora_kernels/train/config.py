@@ -24,7 +24,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
-DATASET_TYPES = ("alpaca", "completion", "chat", "text")
+DATASET_TYPES = ("alpaca", "completion", "chat", "text", "preference", "hh-rlhf")
+PREFERENCE_TYPES = ("preference", "hh-rlhf")  # the row formats of DPO (see train/dpo.py)
+DPO_LOSSES = ("sigmoid", "ipo")
 EVAL_SPLITS = ("eval", "validation", "test")
 PROMPT_TEMPLATES = ("alpaca", "chatml", "tokenizer_default")
 OPTIMIZERS = ("paged_adamw", "paged_adamw_8bit", "adamw_torch")
@@ -65,13 +67,19 @@ class QuantizationConfig:
 
 @dataclass
 class SFTConfig:
-    """Supervised fine-tuning with QLoRA. See examples/sft_tiny.yaml for a complete file."""
+    """Fine-tuning with QLoRA: SFT, or DPO with ``rl: dpo``. See examples/sft_tiny.yaml and examples/dpo_tiny.yaml."""
 
     base_model: str = _f(path="model_dir", help="local Hugging Face model directory (safetensors)")
     datasets: list[DatasetConfig] = _f(help="list of {path, type, split}")
     test_datasets: list[DatasetConfig] = _f(factory=list, help="datasets used for evaluation only")
     tokenizer_config: str | None = _f(None, path="dir", help="tokenizer directory (default: base_model)")
     trust_remote_code: bool = _f(False, help="allow custom model code from base_model (off by default)")
+    rl: str | None = _f(None, choices=("dpo",), help="preference tuning instead of SFT: 'dpo' (Axolotl key)")
+    trainer: str | None = _f(None, choices=("sft", "dpo"), help="'sft' or 'dpo' (default: sft, or dpo if rl: dpo)")
+    dpo_beta: float = _f(0.1, help="DPO beta: strength of the pull towards the reference model")
+    dpo_loss: str = _f("sigmoid", choices=DPO_LOSSES, help="sigmoid (DPO) or ipo")
+    dpo_label_smoothing: float = _f(0.0, help="assumed share of flipped preference labels, in [0, 0.5) (sigmoid)")
+    precompute_ref_log_probs: bool = _f(False, help="compute the reference log-probs once before training")
     adapter: str = _f("qlora", choices=("qlora",), help="adapter kind (Axolotl key)")
     load_in_4bit: bool = _f(True, choices=(True,), help="Axolotl key; QLoRA always loads in 4 bits")
     quantization: QuantizationConfig = _f(factory=QuantizationConfig, help="{quant_type, double_quant, blocksize}")
@@ -120,6 +128,11 @@ class SFTConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every key (defaults included), as written to ``output_dir/config.yaml``."""
         return dataclasses.asdict(self)
+
+    @property
+    def is_dpo(self) -> bool:
+        """True for preference tuning (``rl: dpo`` or ``trainer: dpo``)."""
+        return self.rl == "dpo" or self.trainer == "dpo"
 
     @property
     def train_datasets(self) -> list[DatasetConfig]:
@@ -282,6 +295,14 @@ def _check_rules(cfg: SFTConfig, errors: list[str]) -> None:
         errors.append(f"warmup_ratio: must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.val_set_size < 0:
         errors.append(f"val_set_size: must be >= 0, got {cfg.val_set_size}")
+    if cfg.rl == "dpo" and cfg.trainer == "sft":
+        errors.append("rl, trainer: rl: dpo contradicts trainer: sft; set one of them")
+    if cfg.dpo_beta <= 0:
+        errors.append(f"dpo_beta: must be > 0, got {cfg.dpo_beta}")
+    if not 0.0 <= cfg.dpo_label_smoothing < 0.5:
+        errors.append(f"dpo_label_smoothing: must be in [0, 0.5), got {cfg.dpo_label_smoothing}")
+    if cfg.dpo_label_smoothing > 0 and cfg.dpo_loss != "sigmoid":
+        errors.append(f"dpo_label_smoothing: applies to dpo_loss 'sigmoid' only, not {cfg.dpo_loss!r}")
     if cfg.bf16 is True and cfg.fp16:
         errors.append("bf16, fp16: set at most one of them to true")
     if isinstance(cfg.lora_target_modules, str) and cfg.lora_target_modules != "all-linear":
@@ -300,6 +321,11 @@ def _check_rules(cfg: SFTConfig, errors: list[str]) -> None:
         if cfg.early_stopping_patience is not None and cfg.eval_steps is None:
             errors.append("early_stopping_patience: needs eval_steps")
         for d in [*cfg.datasets, *cfg.test_datasets]:
+            if d is not None and cfg.is_dpo and d.type not in PREFERENCE_TYPES:
+                errors.append(f"datasets: DPO trains on preference rows; dataset {d.path!r} has type {d.type!r}; "
+                              f"allowed for DPO: {', '.join(map(repr, PREFERENCE_TYPES))}")
+            if d is not None and not cfg.is_dpo and d.type in PREFERENCE_TYPES:
+                errors.append(f"datasets: {d.type!r} rows (dataset {d.path!r}) are for DPO; set rl: dpo")
             if d is not None and d.type == "chat" and cfg.prompt_template == "alpaca":
                 errors.append(f"prompt_template: 'alpaca' cannot format chat rows (dataset {d.path!r}); "
                               "allowed for chat: 'chatml', 'tokenizer_default'")

@@ -8,12 +8,18 @@
    never seen in training): the base model does not know the format and rarely answers right.
 4. Fine-tune with the trainer (the same run as ``qlora-kernels train examples/sft_tiny.yaml``).
 5. Measure again (near 100%), and leave the PEFT adapter in the output directory.
+6. DPO stage (:func:`run_dpo_stage`): merge the SFT adapter into the base (``merge_and_unload``), load that
+   in NF4 with a fresh adapter (the reference model is this SFT model: adapters off) and teach a house
+   style from preference pairs made in code: say ``mabi`` where the source says ``bufa`` (Zil ``gazifo``
+   for ``ninaga``). Measure before and after on held-out prompts: the share of answers in the house
+   style, the exact match of the other answers, and the held-out reward accuracy and DPO loss.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +33,8 @@ from .sft import build_model, load_tokenizer, train
 from .templates import alpaca_prompt
 
 DEMO_STEPS = 200
+DPO_STEPS = 80
+RENAME = (2, 4)  # the DPO stage's house style renames Lumo noun 2 (bufa; Zil ninaga) to noun 4 (mabi; Zil gazifo)
 
 
 def demo_raw_config(output_dir: str | Path = "outputs/demo", max_steps: int = DEMO_STEPS,
@@ -55,6 +63,105 @@ def demo_raw_config(output_dir: str | Path = "outputs/demo", max_steps: int = DE
         "eval_steps": 50,
         "save_steps": 100,
         "save_total_limit": 1,
+        "output_dir": str(output_dir),
+        "seed": 0,
+    }
+
+
+def renamed(text: str, langs: synthetic.Languages) -> str:
+    """``text`` under the DPO stage's house style: the noun ``bufa`` (Zil ``ninaga``) becomes ``mabi``
+    (Zil ``gazifo``)."""
+    old, new = langs.lumo["noun"][RENAME[0]], langs.lumo["noun"][RENAME[1]]
+    table = {old: new, langs.to_zil[old]: langs.to_zil[new]}
+    return " ".join(table.get(w, w) for w in text.split())
+
+
+def mentions_renamed(row: dict[str, str], langs: synthetic.Languages) -> bool:
+    """True if an alpaca translation row's answer contains the renamed noun."""
+    return renamed(row["output"], langs) != row["output"].strip()
+
+
+def near_miss(answer: str, langs: synthetic.Languages, rng: random.Random, at: set[str] | None = None) -> str:
+    """``answer`` with one word swapped for another word of the same class and language: a plausible
+    wrong translation. The swapped word is one of ``at`` if the answer has any."""
+    classes = {w: (lang, c) for lang in (langs.lumo, langs.zil) for c, ws in lang.items() for w in ws}
+    words = answer.split()
+    spots = [i for i, w in enumerate(words) if w in classes]
+    i = rng.choice([i for i in spots if words[i] in (at or ())] or spots)
+    lang, c = classes[words[i]]
+    words[i] = rng.choice([w for w in lang[c] if w != words[i]])
+    return " ".join(words)
+
+
+def preference_rows(rows: list[dict[str, str]], seed: int = 0) -> list[dict[str, str]]:
+    """DPO rows (``preference``) from alpaca translation rows. Where the answer holds the renamed noun, the
+    renamed translation is chosen over the faithful one; elsewhere the translation is chosen over a near
+    miss (:func:`near_miss`; where the answer already holds the new noun, the miss replaces it), which keeps
+    the other translations exact while the rename is learnt."""
+    langs, rng = synthetic.make_languages(), random.Random(seed)
+    new = langs.lumo["noun"][RENAME[1]]
+    out = []
+    for r in rows:
+        good = r["output"].strip()
+        bad = near_miss(good, langs, rng, at={new, langs.to_zil[new]})  # the new word stays where it was right
+        chosen, rejected = (renamed(good, langs), good) if mentions_renamed(r, langs) else (good, bad)
+        out.append({"prompt": alpaca_prompt(r["instruction"], r.get("input") or ""), "chosen": chosen,
+                    "rejected": rejected})
+    return out
+
+
+def dpo_splits(n_train_each: int = 240, n_eval_plain: int = 30) -> tuple[list[dict], list[dict]]:
+    """Alpaca rows of the DPO stage: train rows from fresh sentences (half of them with the renamed noun),
+    eval rows from the SFT stage's held-out sentences (all those with the renamed noun, a few without)."""
+    langs = synthetic.make_languages()
+    eval_rows = [r for _, r in read_rows(synthetic.EVAL_FILE)]
+    pool = synthetic.instruction_rows(langs, 4000, seed=101, exclude=synthetic.held_out_sentences(eval_rows))
+    with_noun = [r for r in pool if mentions_renamed(r, langs)][:n_train_each]
+    without = [r for r in pool if not mentions_renamed(r, langs)][:n_train_each]
+    train_rows = with_noun + without
+    random.Random(0).shuffle(train_rows)
+    evals = [r for r in eval_rows if mentions_renamed(r, langs)]
+    evals += [r for r in eval_rows if not mentions_renamed(r, langs)][:n_eval_plain]
+    return train_rows, evals
+
+
+def write_preference_files(out_dir: str | Path) -> tuple[Path, Path]:
+    """Write the DPO stage's pairs (``preference`` JSONL) as ``out_dir/{train,eval}.jsonl``."""
+    from .dpo import write_pairs_jsonl
+
+    train_rows, eval_rows = dpo_splits()
+    d = Path(out_dir)
+    return (write_pairs_jsonl(preference_rows(train_rows, seed=1), d / "train.jsonl"),
+            write_pairs_jsonl(preference_rows(eval_rows, seed=2), d / "eval.jsonl"))
+
+
+def demo_dpo_raw_config(output_dir: str | Path, train_file: str | Path, eval_file: str | Path,
+                        max_steps: int = DPO_STEPS,
+                        base_model: str | Path = synthetic.BASE_MODEL_DIR) -> dict[str, Any]:
+    """The DPO stage's training config (``examples/dpo_tiny.yaml`` is the same as a file)."""
+    return {
+        "base_model": str(base_model),
+        "rl": "dpo",
+        "datasets": [{"path": str(train_file), "type": "preference"}],
+        "test_datasets": [{"path": str(eval_file), "type": "preference"}],
+        "dpo_beta": 0.1,
+        "dpo_loss": "sigmoid",
+        "precompute_ref_log_probs": True,
+        "quantization": {"quant_type": "nf4", "double_quant": True, "blocksize": 64},
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "lora_target_modules": "all-linear",
+        "sequence_len": 128,
+        "micro_batch_size": 16,
+        "eval_batch_size": 64,
+        "max_steps": max_steps,
+        "learning_rate": 2e-3,
+        "lr_scheduler": "cosine",
+        "warmup_steps": 3,
+        "optimizer": "paged_adamw",
+        "max_grad_norm": 1.0,
+        "eval_steps": max(1, max_steps // 2),
         "output_dir": str(output_dir),
         "seed": 0,
     }
@@ -96,8 +203,10 @@ def ensure_assets(rebuild: bool = False) -> None:
 
 
 def run_demo(output_dir: str | Path = "outputs/demo", max_steps: int = DEMO_STEPS, eval_rows: int | None = None,
-             quiet: bool = False, progress_bar: bool = True, threads: int | None = 1) -> dict[str, Any]:
-    """Run the demo; returns ``{"before", "after", "eval_loss", "steps", "seconds", "adapter_dir"}``.
+             quiet: bool = False, progress_bar: bool = True, threads: int | None = 1,
+             dpo_steps: int = DPO_STEPS) -> dict[str, Any]:
+    """Run the demo; returns ``{"before", "after", "eval_loss", "steps", "seconds", "adapter_dir", "dpo"}``
+    (``"dpo"``: the DPO stage's summary, see :func:`run_dpo_stage`; None with ``dpo_steps=0``).
 
     ``threads``: torch CPU threads for the run (restored afterwards; None keeps torch's setting). One
     is the default: the model is so small that a second thread saves little, and OpenMP threads
@@ -107,13 +216,13 @@ def run_demo(output_dir: str | Path = "outputs/demo", max_steps: int = DEMO_STEP
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run_demo(output_dir, max_steps, eval_rows, quiet, progress_bar)
+        return _run_demo(output_dir, max_steps, eval_rows, quiet, progress_bar, dpo_steps)
     finally:
         torch.set_num_threads(saved_threads)
 
 
 def _run_demo(output_dir: str | Path, max_steps: int, eval_rows: int | None, quiet: bool,
-              progress_bar: bool) -> dict[str, Any]:
+              progress_bar: bool, dpo_steps: int = DPO_STEPS) -> dict[str, Any]:
     t0 = time.perf_counter()
     ensure_assets()
     cfg = load_config(raw=demo_raw_config(output_dir, max_steps) | {"progress_bar": progress_bar})
@@ -136,11 +245,79 @@ def _run_demo(output_dir: str | Path, max_steps: int, eval_rows: int | None, qui
     say(f"after {result.global_step} QLoRA steps: exact match {after:.1%} (was {before:.1%}); "
         f"eval loss {result.eval_loss:.4f}")
     say(f'  e.g. {rows[0]["instruction"]} "{rows[0]["input"]}" -> "{answers[0].strip()[:60]}"')
-    say(f"adapter (PEFT format): {Path(output_dir).resolve()}; total time {seconds:.0f} s")
+    say(f"adapter (PEFT format): {Path(output_dir).resolve()}; time so far {seconds:.0f} s")
+    dpo = None
+    if dpo_steps > 0:
+        dpo = run_dpo_stage(model, tokenizer, output_dir, dpo_steps, quiet, progress_bar)
+        seconds = time.perf_counter() - t0
+        say(f"total time {seconds:.0f} s")
     summary = {"before": before, "after": after, "eval_loss": result.eval_loss, "steps": result.global_step,
-               "seconds": round(seconds, 1), "adapter_dir": str(output_dir)}
+               "seconds": round(seconds, 1), "adapter_dir": str(output_dir), "dpo": dpo}
     (Path(output_dir) / "demo_result.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def run_dpo_stage(sft_model: torch.nn.Module, tokenizer: Any, output_dir: str | Path, max_steps: int = DPO_STEPS,
+                  quiet: bool = False, progress_bar: bool = True) -> dict[str, Any]:
+    """The demo's DPO stage, on the SFT stage's model; returns its before/after numbers.
+
+    1. Merge the SFT adapter into the base (``merge_and_unload``, in place) and save the result to
+       ``output_dir/sft_merged`` (an ordinary HF directory); write the preference pairs to
+       ``output_dir/dpo_data`` (:func:`write_preference_files`).
+    2. Train as ``qlora-kernels train examples/dpo_tiny.yaml`` would: load ``sft_merged`` in NF4 with a
+       fresh adapter; the reference model is that model with the adapter off (its log-probs
+       precomputed once). Output: ``output_dir/dpo``.
+    3. Before and after, on the SFT stage's held-out prompts: the share of answers that follow the house
+       style (the renamed noun; exact match with the renamed translation) and the exact match of the
+       other answers (which must stay right); and the held-out reward accuracy and DPO loss.
+    """
+    from ..hf import merge_and_unload
+    from .dpo import DPOSettings, evaluate_dpo, load_pairs
+    from .sft import autocast_dtype
+
+    say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
+    langs = synthetic.make_languages()
+    old, new = langs.lumo["noun"][RENAME[0]], langs.lumo["noun"][RENAME[1]]
+    say(f"DPO stage: a house style, taught by preferences only: say '{new}' (Zil '{langs.to_zil[new]}') "
+        f"instead of '{old}' (Zil '{langs.to_zil[old]}'); the reference model is the SFT model")
+    out = Path(output_dir)
+    merged_dir = out / "sft_merged"
+    merge_and_unload(sft_model).save_pretrained(merged_dir, safe_serialization=True)
+    tokenizer.save_pretrained(merged_dir)
+    train_file, eval_file = write_preference_files(out / "dpo_data")
+    cfg = load_config(raw=demo_dpo_raw_config(out / "dpo", train_file, eval_file, max_steps, merged_dir)
+                      | {"progress_bar": progress_bar})
+    model = build_model(cfg)
+    held = [r for _, r in read_rows(synthetic.EVAL_FILE)]
+    style_rows = [dict(r, output=renamed(r["output"], langs)) for r in held if mentions_renamed(r, langs)]
+    other_rows = [r for r in held if not mentions_renamed(r, langs)]
+
+    def measure() -> tuple[float, float, list[str]]:
+        style, answers = exact_match(model, tokenizer, style_rows)
+        return style, exact_match(model, tokenizer, other_rows)[0], answers
+
+    style0, other0, answers0 = measure()
+    device = next(model.parameters()).device
+    _, eval_pairs, _ = load_pairs(cfg, tokenizer)
+    held0 = evaluate_dpo(model, eval_pairs, cfg.eval_batch_size or cfg.micro_batch_size, tokenizer.pad_token_id,
+                         device, autocast_dtype(cfg, device), DPOSettings.from_config(cfg))
+    say(f"before DPO: house style followed in {style0:.1%} of {len(style_rows)} held-out prompts that need it; "
+        f"exact match {other0:.1%} on the {len(other_rows)} others")
+    result = train(cfg, model=model, tokenizer=tokenizer, quiet=quiet)
+    style1, other1, answers1 = measure()
+    evals = [r for r in result.history if "eval_loss" in r]
+    acc0, loss0 = held0["eval_rewards/accuracies"], held0["eval_loss"]
+    acc1 = evals[-1]["eval_rewards/accuracies"] if evals else float("nan")
+    say(f"after {result.global_step} DPO steps: house style followed in {style1:.1%} (was {style0:.1%}); "
+        f"exact match on the others {other1:.1%} (was {other0:.1%}); held-out reward accuracy {acc1:.1%} "
+        f"(was {acc0:.1%}), DPO loss {result.eval_loss:.4f} (was {loss0:.4f})")
+    r0 = style_rows[0]
+    say(f'  e.g. {r0["instruction"]} "{r0["input"]}" -> "{answers1[0].strip()[:60]}" (before DPO: '
+        f'"{answers0[0].strip()[:60]}")')
+    return {"style_before": style0, "style_after": style1, "other_before": other0, "other_after": other1,
+            "reward_accuracy_before": acc0, "reward_accuracy_after": acc1, "eval_loss_before": loss0,
+            "eval_loss_after": result.eval_loss, "steps": result.global_step,
+            "adapter_dir": str(out / "dpo"), "base_model": str(merged_dir)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -152,6 +329,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="regenerate the shipped base model and data first (pretraining, about 4 minutes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s; 0: torch's own)")
+    p.add_argument("--dpo-steps", type=int, default=DPO_STEPS,
+                   help="steps of the DPO stage after SFT (default %(default)s; 0 skips it)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -159,5 +338,6 @@ def main(args: argparse.Namespace) -> int:
     if args.rebuild_base:
         ensure_assets(rebuild=True)
     res = run_demo(args.output_dir, args.steps, args.eval_rows, progress_bar=not args.no_progress,
-                   threads=args.threads or None)
-    return 0 if res["after"] > res["before"] else 1
+                   threads=args.threads or None, dpo_steps=args.dpo_steps)
+    dpo_ok = res["dpo"] is None or res["dpo"]["style_after"] > res["dpo"]["style_before"]
+    return 0 if res["after"] > res["before"] and dpo_ok else 1

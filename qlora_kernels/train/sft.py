@@ -29,9 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed as dp
+from . import dpo as dpo_lib
 from .checkpoint import load_checkpoint, prune_checkpoints, rng_state, save_checkpoint, set_rng_state
 from .config import SFTConfig, dump_config
-from .data import DataStats, Example, MicroBatchStream, eval_batches, load_examples
+from .data import DataStats, Example, eval_batches, load_examples
 from .loss import model_loss
 
 
@@ -211,9 +213,11 @@ def _autocast(device: torch.device, amp: torch.dtype | None) -> contextlib.Abstr
 class _Metrics:
     """metrics.jsonl writer; on resume keeps only the records up to the resumed step."""
 
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True):
+        self.path = path if enabled else None  # only rank 0 writes (distributed runs)
         self.history: list[dict[str, Any]] = []
+        if self.path is None:
+            return
         if resume_step is not None and path.exists():
             for line in path.read_text().splitlines():
                 rec = json.loads(line)
@@ -225,6 +229,8 @@ class _Metrics:
 
     def write(self, rec: dict[str, Any]) -> None:
         self.history.append(rec)
+        if self.path is None:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
@@ -291,7 +297,7 @@ def _say(msg: str, quiet: bool = False) -> None:
 
 def train(cfg: SFTConfig, model: nn.Module | None = None, tokenizer: Any = None,
           on_step_end: Callable[[int, dict[str, Any]], None] | None = None, quiet: bool = False) -> TrainResult:
-    """Run supervised fine-tuning as configured and return a :class:`TrainResult`.
+    """Run supervised fine-tuning (or DPO with ``rl: dpo``) as configured and return a :class:`TrainResult`.
 
     ``model`` / ``tokenizer`` may be given (already built); by default they are loaded from
     ``cfg.base_model`` with :func:`build_model`. ``on_step_end(step, record)`` is called after
@@ -304,20 +310,35 @@ def train(cfg: SFTConfig, model: nn.Module | None = None, tokenizer: Any = None,
             good checkpoint), a missing optimizer, or a checkpoint that does not fit this run.
         DataError: a malformed row (unless ``skip_bad_rows``).
         KeyboardInterrupt: after Ctrl-C, once the checkpoint is written.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the run is data-parallel (:mod:`.distributed`): each rank
+    trains on its share of every global micro-batch, and only rank 0 writes files and prints.
     """
     check_optimizer(cfg)
+    device = resolve_device(cfg)
+    ctx = dp.init_distributed(device.type)
+    try:
+        return _train(cfg, model, tokenizer, on_step_end, quiet or not ctx.is_main, ctx, dp.rank_device(device, ctx))
+    finally:
+        dp.teardown(ctx)
+
+
+def _train(cfg: SFTConfig, model: nn.Module | None, tokenizer: Any,
+           on_step_end: Callable[[int, dict[str, Any]], None] | None, quiet: bool, ctx: dp.DistContext,
+           device: torch.device) -> TrainResult:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    if ctx.is_main:
+        dump_config(cfg, out / "config.yaml")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg)
     amp = autocast_dtype(cfg, device)
+    dpo = dpo_lib.DPOSettings.from_config(cfg) if cfg.is_dpo else None
 
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    train_ex, eval_ex, stats = load_examples(cfg, tokenizer)
-    _say(f"data: {stats.summary()}; eval examples: {len(eval_ex)}", quiet)
+    train_ex, eval_ex, stats = (dpo_lib.load_pairs if dpo else load_examples)(cfg, tokenizer)
+    _say(f"data: {stats.summary()}; eval {'pairs' if dpo else 'examples'}: {len(eval_ex)}", quiet)
     for msg in stats.bad_row_messages:
         _say(f"  skipped: {msg}", quiet)
 
@@ -335,18 +356,27 @@ def train(cfg: SFTConfig, model: nn.Module | None = None, tokenizer: Any = None,
         raise TrainingError("the model has no trainable parameters (did apply_qlora match any module?)")
     n_train = sum(p.numel() for p in params)
     _say(f"model: {n_train:,} trainable parameters in {len(params)} tensors; device {device}, "
-         f"autocast {amp or 'off (fp32)'}", quiet)
+         f"autocast {amp or 'off (fp32)'}" + (f"; data-parallel over {ctx.world_size} processes ({ctx.backend})"
+                                              if ctx.enabled else ""), quiet)
+    runner = dp.wrap_model(model, ctx, device)  # call as runner(fn, *args): DDP sees the forward
+    eval_bs = cfg.eval_batch_size or cfg.micro_batch_size
+    if dpo and cfg.precompute_ref_log_probs:
+        for pairs in (train_ex, eval_ex):
+            dpo_lib.precompute_reference_log_probs(model, pairs, eval_bs, pad_id, device, amp, dpo.chunk_size,
+                                                   ctx, lambda t: dp.all_reduce_sum(t, ctx, device))
+        _say(f"reference log-probs precomputed for {len(train_ex)} + {len(eval_ex)} pairs", quiet)
 
     optimizer = build_optimizer(cfg, params)
-    stream = MicroBatchStream(train_ex, cfg.micro_batch_size, cfg.seed, pad_id)
+    stream = (dpo_lib.pair_stream if dpo else dp.ShardedStream)(train_ex, cfg.micro_batch_size, cfg.seed, pad_id, ctx)
     steps = total_steps(cfg, stream.batches_per_epoch)
     scheduler = build_scheduler(cfg, optimizer, steps)
     scaler = torch.amp.GradScaler(device.type) if amp is torch.float16 else None
     save_adapter = adapter_saver(model)
     G = cfg.gradient_accumulation_steps
-    eval_bs = cfg.eval_batch_size or cfg.micro_batch_size
     run_key = {"train_examples": len(train_ex), "micro_batch_size": cfg.micro_batch_size, "seed": cfg.seed,
                "gradient_accumulation_steps": G}
+    if ctx.enabled:
+        run_key["world_size"] = ctx.world_size
 
     state: dict[str, Any] = {"global_step": 0, "best_eval_loss": None, "evals_without_improvement": 0,
                              "last_checkpoint": None, "tokens_seen": 0}
@@ -364,7 +394,7 @@ def train(cfg: SFTConfig, model: nn.Module | None = None, tokenizer: Any = None,
         set_rng_state(rng)
         resume_step = state["global_step"]
         _say(f"resumed from {cfg.resume_from_checkpoint} at step {resume_step}", quiet)
-    metrics = _Metrics(out / "metrics.jsonl", resume_step if resume_step is not None else -1)
+    metrics = _Metrics(out / "metrics.jsonl", resume_step if resume_step is not None else -1, ctx.is_main)
 
     step_rng, step_data = rng_state(), stream.state_dict()
 
@@ -373,22 +403,36 @@ def train(cfg: SFTConfig, model: nn.Module | None = None, tokenizer: Any = None,
         loop = {**state, "last_checkpoint": str(path)}
         trainer_state = {"loop": loop, "scheduler": scheduler.state_dict(), "data": data, "run_key": run_key,
                          "scaler": scaler.state_dict() if scaler is not None else None}
-        save_checkpoint(path, model, optimizer, trainer_state, rng, save_adapter)
+        if ctx.is_main:
+            save_checkpoint(path, model, optimizer, trainer_state, rng, save_adapter)
+            prune_checkpoints(out, cfg.save_total_limit)
         state["last_checkpoint"] = str(path)
-        prune_checkpoints(out, cfg.save_total_limit)
         return path
 
     def run_eval() -> float:
-        loss = evaluate(model, eval_ex, eval_bs, pad_id, device, amp, cfg.loss_chunk_size)
-        rec = {"step": state["global_step"], "epoch": round(stream.epoch_progress, 4), "eval_loss": loss}
+        mine = dp.shard_list(eval_ex, ctx)  # each rank evaluates its share; sums are all-reduced
+        if dpo:
+            loss_sum, sums = dpo_lib.dpo_sums(model, mine, eval_bs, pad_id, device, amp, dpo)
+            tot = dp.all_reduce_sum([loss_sum, *sums.values()], ctx, device).tolist()
+            extra = dpo_lib.finish_metrics(dict(zip(sums, tot[1:])), tot[0], "eval_")
+        else:
+            mean = evaluate(model, mine, eval_bs, pad_id, device, amp, cfg.loss_chunk_size) if mine else 0.0
+            if ctx.enabled:  # each rank's mean, weighted by its target tokens
+                n_mine = sum(e.num_targets for e in mine)
+                tot = dp.all_reduce_sum([mean * n_mine, n_mine], ctx, device).tolist()
+                mean = tot[0] / max(1.0, tot[1])
+            extra = {"eval_loss": mean}
+        loss = extra["eval_loss"]
+        rec = {"step": state["global_step"], "epoch": round(stream.epoch_progress, 4), **extra}
         metrics.write(rec)
-        _say(f"step {state['global_step']}: eval loss {loss:.4f}", quiet)
+        shown = f", reward accuracy {extra['eval_rewards/accuracies']:.3f}" if dpo else ""
+        _say(f"step {state['global_step']}: eval loss {loss:.4f}{shown}", quiet)
         return loss
 
     from tqdm import tqdm
 
     bar = tqdm(total=steps, initial=state["global_step"], disable=quiet or not cfg.progress_bar,
-               desc="sft", unit="step", dynamic_ncols=True)
+               desc="dpo" if dpo else "sft", unit="step", dynamic_ncols=True)
     last_loss, last_eval, stopped_early = None, None, False
     in_update = False
     model.train()
@@ -397,23 +441,33 @@ def train(cfg: SFTConfig, model: nn.Module | None = None, tokenizer: Any = None,
             while state["global_step"] < steps:
                 t0 = time.perf_counter()
                 micro = [stream.next() for _ in range(G)]
-                n_tgt = sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in micro)
-                n_tok = sum(int(b["attention_mask"].sum()) for b, _ in micro)
-                loss_sum = 0.0
+                # The step's loss is normalized by the target tokens (SFT) or pairs (DPO) of the global batch.
+                n_here = sum(int(b["pair_weight"].sum()) if dpo else int((b["labels"][:, 1:] != -100).sum())
+                             for b, _ in micro)
+                n_tok_here = sum(int(b["attention_mask"].sum()) for b, _ in micro)
+                n_tgt, n_tok = (int(v) for v in dp.all_reduce_sum([n_here, n_tok_here], ctx, device).tolist())
+                loss_sum, dpo_step = 0.0, {}
                 for i, (batch, exs) in enumerate(micro):
                     batch = {k: v.to(device) for k, v in batch.items()}
-                    with _autocast(device, amp):
-                        s, _ = model_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                          cfg.loss_chunk_size)
-                    if not torch.isfinite(s.detach()):
-                        raise TrainingError(
-                            f"non-finite loss ({float(s.detach())}) at step {state['global_step'] + 1}, "
-                            f"micro-batch {i + 1}/{G} "
-                            f"(examples {', '.join(e.source for e in exs[:4])}{', ...' if len(exs) > 4 else ''}); "
-                            f"last good checkpoint: {state['last_checkpoint'] or 'none (set save_steps)'}")
-                    scaled = s / max(1, n_tgt)
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                    with dp.no_sync(runner, sync=i == G - 1):  # DDP all-reduces in the last micro-batch's backward
+                        with _autocast(device, amp):
+                            if dpo:
+                                s, sums = dpo_lib.dpo_batch_loss(model, batch, dpo, runner)
+                                dpo_step = {k: dpo_step.get(k, 0.0) + v for k, v in sums.items()}
+                            else:
+                                s, _ = runner(model_loss, batch["input_ids"], batch["attention_mask"],
+                                              batch["labels"], cfg.loss_chunk_size)
+                        if not torch.isfinite(s.detach()):
+                            raise TrainingError(
+                                f"non-finite loss ({float(s.detach())}) at step {state['global_step'] + 1}, "
+                                f"micro-batch {i + 1}/{G} "
+                                f"(examples {', '.join(e.source for e in exs[:4])}{', ...' if len(exs) > 4 else ''}"
+                                f"); last good checkpoint: {state['last_checkpoint'] or 'none (set save_steps)'}")
+                        scaled = s / max(1, n_tgt) * ctx.world_size  # DDP averages over ranks: undo it
+                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
                     loss_sum += float(s.detach())
+                step_sums = dp.all_reduce_sum([loss_sum, *dpo_step.values()], ctx, device).tolist()
+                loss_sum, dpo_step = step_sums[0], dict(zip(dpo_step, step_sums[1:]))
                 in_update = True
                 if scaler is not None:
                     scaler.unscale_(optimizer)
@@ -438,7 +492,10 @@ def train(cfg: SFTConfig, model: nn.Module | None = None, tokenizer: Any = None,
                 last_loss = loss_sum / max(1, n_tgt)
                 dt = time.perf_counter() - t0
                 rec = {"step": step, "epoch": round(stream.epoch_progress, 4), "loss": last_loss, "lr": lr,
-                       "grad_norm": grad_norm, "target_tokens": n_tgt, "tokens_per_s": round(n_tok / dt, 1)}
+                       "grad_norm": grad_norm, ("pairs" if dpo else "target_tokens"): n_tgt,
+                       "tokens_per_s": round(n_tok / dt, 1)}
+                if dpo:
+                    rec.update({k: v for k, v in dpo_lib.finish_metrics(dpo_step, loss_sum).items() if k != "loss"})
                 if step % cfg.logging_steps == 0 or step == steps:
                     metrics.write(rec)
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / dt:.0f}", refresh=False)
@@ -459,7 +516,7 @@ def train(cfg: SFTConfig, model: nn.Module | None = None, tokenizer: Any = None,
                     checkpoint(step_rng, step_data)
                 if on_step_end is not None:
                     on_step_end(step, rec)
-                if latch.requested:
+                if dp.any_rank(latch.requested, ctx, device):
                     saved_now = state["last_checkpoint"] == str(out / f"checkpoint-{step}")
                     path = Path(state["last_checkpoint"]) if saved_now else checkpoint(step_rng, step_data)
                     _say(f"interrupted at step {step}; checkpoint saved to {path} "
@@ -482,8 +539,10 @@ def train(cfg: SFTConfig, model: nn.Module | None = None, tokenizer: Any = None,
 
     if eval_ex and last_eval is None:
         last_eval = run_eval()
-    save_adapter(model, out)
-    plot_losses(metrics.history, out / "loss.png")
+    if ctx.is_main:
+        save_adapter(model, out)
+        plot_losses(metrics.history, out / "loss.png")
+    dp.barrier(ctx)  # every rank leaves together, once rank 0 has written
     _say(f"done: {state['global_step']} steps; adapter saved to {out}", quiet)
     return TrainResult(out, state["global_step"], last_loss, last_eval, state["best_eval_loss"], stopped_early,
                        stats, metrics.history)

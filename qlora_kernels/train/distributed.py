@@ -1,0 +1,254 @@
+"""Data parallelism for the trainer under ``torchrun`` (torch.distributed + DDP; nccl on GPUs, gloo on CPUs).
+
+``torchrun --nproc_per_node=N -m qlora_kernels.train CONFIG.yaml`` starts N copies of the trainer; each
+reads ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (set by torchrun) in :func:`init_distributed`. Then:
+
+* **Data**: ``micro_batch_size`` stays per process; the examples of one *global* micro-batch
+  (``micro_batch_size × world_size`` in the shuffled order every rank computes alike) are split into
+  contiguous parts, one per rank (:class:`ShardedStream`). So N processes see exactly the examples a
+  single process with ``micro_batch_size × N`` would see, step for step.
+* **Gradients**: the model runs inside :class:`torch.nn.parallel.DistributedDataParallel`, which
+  all-reduces (averages) the LoRA gradients in backward; accumulation micro-batches run under
+  ``no_sync`` so only the last one communicates. The NF4 weights are *buffers*, so DDP must not
+  broadcast buffers (``broadcast_buffers=False``); they are identical on every rank anyway (same
+  checkpoint, same deterministic quantizer) and are skipped by DDP's start-up sync too.
+* **Normalization**: the loss of a step is normalized by the number of target tokens (SFT) or
+  pairs (DPO) of the *global* accumulated batch, all-reduced before the first backward
+  (:func:`all_reduce_sum`); each rank scales its loss by ``world_size / global_count`` to undo DDP's
+  averaging. The step's gradient then equals the single-process one up to float summation order.
+* **Output**: only rank 0 writes the config, metrics, checkpoints and the adapter, and prints.
+
+A rank whose share of a global micro-batch is empty (the last, smaller micro-batch of an epoch)
+still runs a forward and backward on a placeholder that counts for nothing (zero weight), because
+every rank must take part in each all-reduce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .data import MicroBatchStream, collate
+from .loss import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: rank, world size, local rank, backend (None when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """True under torchrun with more than one process."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes files and logs (rank 0)."""
+        return self.rank == 0
+
+
+SINGLE = DistContext()
+
+
+def env_world() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from torchrun's environment variables (``(0, 1, 0)`` without them)."""
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+            int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))))
+
+
+def init_distributed(device_type: str, timeout_s: float = 1800.0) -> DistContext:
+    """Join the process group torchrun set up, if there is one; returns the :class:`DistContext`.
+
+    Backend: nccl for ``device_type == "cuda"``, gloo otherwise. On CUDA the process uses GPU
+    ``LOCAL_RANK``. A process group already initialised (e.g. by a test) is reused as it is.
+    """
+    import torch.distributed as dist
+
+    rank, world, local = env_world()
+    if dist.is_available() and dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), local, dist.get_backend())
+    if world <= 1:
+        return SINGLE
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA devices are visible")
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistContext(dist.get_rank(), dist.get_world_size(), local, backend)
+
+
+def teardown(ctx: DistContext) -> None:
+    """Leave the process group (if this module joined one)."""
+    import torch.distributed as dist
+
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_device(device: torch.device, ctx: DistContext) -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` for a CUDA device under torchrun, else ``device``."""
+    if ctx.enabled and device.type == "cuda":
+        return torch.device("cuda", ctx.local_rank)
+    return device
+
+
+def all_reduce_sum(values: Tensor | Sequence[float], ctx: DistContext, device: torch.device | None = None) -> Tensor:
+    """Sum over ranks (a copy; float64 for Python numbers, so counts stay exact). Identity when not distributed.
+
+    ``device``: where the collective runs (nccl needs a CUDA tensor); the result comes back on the
+    input's device (CPU for a list).
+    """
+    t = values if isinstance(values, Tensor) else torch.tensor(list(values), dtype=torch.float64)
+    if not ctx.enabled:
+        return t.clone()
+    import torch.distributed as dist
+
+    home = t.device
+    work = t.to(device if device is not None else home).clone()
+    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    return work.to(home)
+
+
+def any_rank(flag: bool, ctx: DistContext, device: torch.device | None = None) -> bool:
+    """True on every rank if ``flag`` is true on any rank (e.g. a Ctrl-C seen by one process)."""
+    if not ctx.enabled:
+        return flag
+    return bool(all_reduce_sum([1.0 if flag else 0.0], ctx, device)[0] > 0)
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """``[start, stop)`` of rank's contiguous part of n items split into ``world`` near-equal parts."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+# --------------------------------------------------------------------------- the model wrapper
+
+
+class ForwardRunner(nn.Module):
+    """Runs ``fn(causal_lm, *args)`` as its forward, so that DDP sees (and hooks) the trainer's forward pass.
+
+    The trainer's losses call the decoder and the output projection separately (chunked losses), not
+    ``model(...)``; wrapping this module instead of the model lets DDP prepare its gradient reduction
+    for any such function.
+    """
+
+    def __init__(self, causal_lm: nn.Module) -> None:
+        super().__init__()
+        self.causal_lm = causal_lm
+
+    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(self.causal_lm, *args, **kwargs)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The causal LM inside DDP and/or :class:`ForwardRunner` wrappers (the model itself otherwise)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while isinstance(model, (DistributedDataParallel, ForwardRunner)):
+        model = model.module if isinstance(model, DistributedDataParallel) else model.causal_lm
+    return model
+
+
+def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
+    """``ForwardRunner(model)``, inside DDP when distributed; call it as ``wrapped(fn, *args)``.
+
+    DDP: no buffer sync in forward (``broadcast_buffers=False``, spelled ``forward_sync_buffers=False`` in
+    newer torch): the NF4 weights are buffers. DDP ignores the buffers and the frozen parameters
+    altogether (they are equal on every rank: same checkpoint, deterministic quantizer), so its
+    start-up broadcast sends only the trainable adapters, from rank 0: every rank starts from rank 0's
+    initialization.
+    """
+    runner = ForwardRunner(model)
+    if not ctx.enabled:
+        return runner
+    from torch.nn.parallel import DistributedDataParallel
+
+    frozen = [f"causal_lm.{n}" for n, p in model.named_parameters() if not p.requires_grad]
+    buffers = [f"causal_lm.{n}" for n, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(runner, frozen + buffers)
+    ids = [device.index if device.index is not None else ctx.local_rank] if device.type == "cuda" else None
+    # Never sync buffers in forward. Newer torch spells broadcast_buffers=False as forward_sync_buffers=False
+    # (which alone would still sync buffers at init; the ignore list above keeps the NF4 buffers out of that).
+    import inspect
+
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                      inspect.signature(DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False})
+    return DistributedDataParallel(runner, device_ids=ids, **no_buffer_sync)
+
+
+def no_sync(wrapped: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync()`` unless ``sync`` (the last micro-batch of a step) or not under DDP."""
+    if sync or not hasattr(wrapped, "no_sync"):
+        return contextlib.nullcontext()
+    return wrapped.no_sync()
+
+
+# --------------------------------------------------------------------------- data sharding
+
+
+def _placeholder_sft_batch(items: list[Any], pad_id: int) -> dict[str, Tensor]:
+    batch = collate(items, pad_id)
+    batch["labels"].fill_(IGNORE_INDEX)  # no target: the loss is 0 and counts 0 tokens
+    return batch
+
+
+class ShardedStream(MicroBatchStream):
+    """:class:`~qlora_kernels.train.data.MicroBatchStream` over global micro-batches, split across ranks.
+
+    Every rank draws the same shuffled order (same seed); a global micro-batch holds
+    ``micro_batch_size × world_size`` items and this rank collates its contiguous part of it with
+    ``collate_fn(items, pad_id)``. With ``world_size`` 1 it is the plain stream with ``collate_fn``.
+    An empty part (the short last micro-batch of an epoch) gives a placeholder batch that must run
+    but counts for nothing: ``placeholder_fn(items, pad_id)`` (default: an SFT batch without targets),
+    and ``next()`` returns no examples with it.
+    """
+
+    def __init__(self, examples: list[Any], micro_batch_size: int, seed: int, pad_id: int,
+                 ctx: DistContext = SINGLE, collate_fn: Callable[[list[Any], int], dict[str, Tensor]] = collate,
+                 placeholder_fn: Callable[[list[Any], int], dict[str, Tensor]] | None = None) -> None:
+        super().__init__(examples, micro_batch_size * ctx.world_size, seed, pad_id)
+        self.ctx = ctx
+        self.collate_fn = collate_fn
+        self.placeholder_fn = placeholder_fn or _placeholder_sft_batch
+
+    def next(self) -> tuple[dict[str, Tensor], list[Any]]:
+        """This rank's part of the next global micro-batch (collated) and its items."""
+        start = self.index * self.micro_batch_size
+        batch_items = [self.examples[i] for i in self._order()[start:start + self.micro_batch_size]]
+        self.index += 1
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index, self._perm = self.epoch + 1, 0, None
+        lo, hi = shard_bounds(len(batch_items), self.ctx.rank, self.ctx.world_size)
+        mine = batch_items[lo:hi]
+        if not mine:
+            return self.placeholder_fn(batch_items[:1], self.pad_id), []
+        return self.collate_fn(mine, self.pad_id), mine
+
+
+def shard_list(items: list[Any], ctx: DistContext) -> list[Any]:
+    """Every ``world_size``-th item starting at ``rank`` (for evaluation; sums are all-reduced after)."""
+    return items[ctx.rank::ctx.world_size] if ctx.enabled else items

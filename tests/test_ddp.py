@@ -1,0 +1,182 @@
+"""Data parallelism: ``torchrun --nproc_per_node=2 -m qlora_kernels.train`` on the CPU (gloo) trains the same adapters
+as one process with the same global batch (SFT and DPO, gradient accumulation, uneven token counts across ranks and a
+rank left without examples in the last micro-batch), and only rank 0 writes; plus the sharding helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import qlora_kernels as qk
+from qlora_kernels.train import load_config, train
+from qlora_kernels.train.data import Example
+from qlora_kernels.train.distributed import (
+    SINGLE,
+    DistContext,
+    ShardedStream,
+    all_reduce_sum,
+    shard_bounds,
+    shard_list,
+    unwrap_model,
+    wrap_model,
+)
+from qlora_kernels.train.dpo import write_pairs_jsonl
+from qlora_kernels.train.synthetic import instruction_rows, make_languages, save_random_model
+
+pytestmark = pytest.mark.skipif(not (hasattr(qk, "apply_qlora") and torch.distributed.is_available()),
+                                reason="needs qlora_kernels.apply_qlora and torch.distributed")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- helpers (no processes)
+
+
+@pytest.mark.parametrize("n,world", [(8, 2), (9, 2), (1, 2), (0, 3), (10, 4)])
+def test_shard_bounds_split_contiguously_and_completely(n, world):
+    parts = [shard_bounds(n, r, world) for r in range(world)]
+    assert parts[0][0] == 0 and parts[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+    sizes = [b - a for a, b in parts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def _examples(n: int) -> list[Example]:
+    return [Example([1, 10 + i, 2], [1, 10 + i, 2], f"f:{i}") for i in range(n)]
+
+
+def test_sharded_stream_ranks_see_the_single_process_batches():
+    exs = _examples(9)
+    single = ShardedStream(exs, 4, seed=5, pad_id=0)
+    ranks = [ShardedStream(exs, 2, seed=5, pad_id=0, ctx=DistContext(r, 2, r, "gloo")) for r in range(2)]
+    for _ in range(6):  # two epochs: 4 + 4 + 1 examples each
+        _, want = single.next()
+        got = [s.next() for s in ranks]
+        assert [e.source for _, part in got for e in part] == [e.source for e in want]
+        if len(want) == 1:  # rank 1 has nothing: a placeholder batch that trains nothing
+            batch, part = got[1]
+            assert part == [] and batch["input_ids"].shape[0] == 1 and (batch["labels"] == -100).all()
+    assert ranks[0].state_dict() == ranks[1].state_dict() == single.state_dict()
+
+
+def test_single_process_helpers_are_identities():
+    t = torch.tensor([1.5, 2.0])
+    assert torch.equal(all_reduce_sum(t, SINGLE), t) and all_reduce_sum([3, 4], SINGLE).tolist() == [3.0, 4.0]
+    assert shard_list([1, 2, 3], SINGLE) == [1, 2, 3]
+    assert shard_list([1, 2, 3, 4, 5], DistContext(1, 2, 1, "gloo")) == [2, 4]
+    model = torch.nn.Linear(2, 2)
+    runner = wrap_model(model, SINGLE, torch.device("cpu"))
+    assert unwrap_model(runner) is model and runner(lambda m, x: m(x), torch.ones(1, 2)).shape == (1, 2)
+
+
+# --------------------------------------------------------------------------- two processes under torchrun
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("ddp")
+    model = save_random_model(d / "model", hidden_size=32, num_layers=2)
+    langs = make_languages()
+    rows = instruction_rows(langs, 13, seed=4)
+    with open(d / "sft.jsonl", "w") as f:
+        for r in rows[:9]:  # 9 examples, global micro-batch 4: the third has 1 example, so rank 1 gets none
+            f.write(json.dumps(r) + "\n")
+    with open(d / "eval.jsonl", "w") as f:
+        for r in rows[9:]:
+            f.write(json.dumps(r) + "\n")
+    pairs = [{"prompt": f"{r['instruction']} {r['input']} =", "chosen": f" {r['output']}", "rejected": f" {r['input']}"}
+             for r in instruction_rows(langs, 12, seed=5)]
+    write_pairs_jsonl(pairs[:9], d / "pref.jsonl")
+    write_pairs_jsonl(pairs[9:], d / "pref_eval.jsonl")
+    return {"model": model, "root": d, "sft": d / "sft.jsonl", "eval": d / "eval.jsonl", "pref": d / "pref.jsonl",
+            "pref_eval": d / "pref_eval.jsonl"}
+
+
+def raw_config(assets, out: Path, dpo: bool, **kw) -> dict:
+    train_file, eval_file, kind = ((assets["pref"], assets["pref_eval"], "preference") if dpo
+                                   else (assets["sft"], assets["eval"], "alpaca"))
+    raw = {"base_model": str(assets["model"]), "output_dir": str(out),
+           "datasets": [{"path": str(train_file), "type": kind}], "test_datasets": [{"path": str(eval_file),
+                                                                                     "type": kind}],
+           "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "sequence_len": 64, "micro_batch_size": 4,
+           "gradient_accumulation_steps": 2, "max_steps": 3, "learning_rate": 1e-2, "warmup_steps": 0,
+           "optimizer": "adamw_torch", "max_grad_norm": 1.0, "eval_steps": 3, "save_steps": 2, "seed": 1,
+           "progress_bar": False}
+    if dpo:
+        raw.update({"rl": "dpo", "dpo_beta": 0.5})
+    raw.update(kw)
+    return raw
+
+
+def run_torchrun(cfg_path: Path, nproc: int = 2, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH",
+                                                                                                       "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "qlora_kernels.train", str(cfg_path), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=str(REPO))
+
+
+def _train_records(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("dpo", [False, True], ids=["sft", "dpo"])
+def test_two_gloo_processes_train_the_same_adapter_as_one(assets, tmp_path, dpo):
+    """2 ranks x micro-batch 2 == 1 process x micro-batch 4 (same global batch, 2 accumulation steps each)."""
+    ddp_out = tmp_path / "ddp"
+    cfg_path = tmp_path / "ddp.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw_config(assets, ddp_out, dpo, micro_batch_size=2)))
+    proc = run_torchrun(cfg_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("trained 3 steps") == 1  # only rank 0 reports
+
+    one = train(load_config(raw=raw_config(assets, tmp_path / "one", dpo)), quiet=True)
+    a = load_file(str(ddp_out / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any(v.abs().sum() > 0 for k, v in b.items() if "lora_B" in k)
+    # fp32 summation order differs (per-rank partial sums, then the all-reduce); Adam turns a gradient
+    # difference of ~1e-7 on a near-zero gradient into a ~1e-6 step difference, against weights of ~1e-2.
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+    # rank 0 alone wrote: one record per step (not two), the global loss, eval and checkpoints
+    recs = _train_records(ddp_out)
+    steps = [r for r in recs if "loss" in r]
+    want = [r for r in one.history if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    count = "pairs" if dpo else "target_tokens"
+    assert [r[count] for r in steps] == [r[count] for r in want]
+    for x, y in zip(steps, want):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["grad_norm"] == pytest.approx(y["grad_norm"],
+                                                                                                   rel=1e-4)
+    evals = [r for r in recs if "eval_loss" in r]
+    assert len(evals) == 1 and evals[0]["eval_loss"] == pytest.approx(one.eval_loss, rel=1e-5)
+    if dpo:
+        assert evals[0]["eval_rewards/accuracies"] == [r for r in one.history if "eval_loss" in r][0][
+            "eval_rewards/accuracies"]
+    assert sorted(p.name for p in ddp_out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not list(ddp_out.glob(".tmp-*"))
+    state = json.loads((ddp_out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["run_key"]["world_size"] == 2
+
+
+def test_resume_under_torchrun_continues_the_run(assets, tmp_path):
+    out = tmp_path / "run"
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw_config(assets, out, False, micro_batch_size=2, max_steps=4,
+                                                  eval_steps=None)))
+    full = run_torchrun(cfg_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    full_steps = [(r["step"], r["loss"]) for r in _train_records(out) if "loss" in r]
+    res_out = tmp_path / "resumed"
+    res = run_torchrun(cfg_path, extra=(f"output_dir={res_out}", f"resume_from_checkpoint={out / 'checkpoint-2'}"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [(r["step"], r["loss"]) for r in _train_records(res_out) if "loss" in r] == full_steps[2:]
