@@ -262,7 +262,10 @@ def nf4_matmul(
     if backend in ("cuda", "triton"):
         fusable = k % 32 == 0 and k % blocksize == 0
         if backend == "cuda" and not transposed and m <= _GEMV_MAX_M and fusable:
-            return _extension.kernel("nf4_gemv")(x.contiguous(), *weight, n, k)
+            xc = x.contiguous()
+            if xc.data_ptr() % 16:  # the GEMV reads x 16 bytes at a time
+                xc = xc.clone()
+            return _extension.kernel("nf4_gemv")(xc, *weight, n, k)
         if m <= _TRITON_FUSED_MAX_M and fusable and _dispatch_status_triton(x.device):
             return _triton("nf4_matmul", "nf4_matmul")(x, *weight, n, k, transposed)
     if backend != "reference":
