@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -97,6 +98,11 @@ def teardown(ctx: DistContext) -> None:
     import torch.distributed as dist
 
     if ctx.enabled and dist.is_initialized():
+        # A DDP wrapper sits in reference cycles (its hooks refer back to it): collect it now, while
+        # the process group is alive. Left to interpreter shutdown, its reducer is torn down after
+        # the group and the process can abort ("terminate called without an active exception").
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
