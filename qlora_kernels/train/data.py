@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,22 +248,31 @@ def load_dataset(ds: DatasetConfig, cfg: SFTConfig, tokenizer: Any, stats: DataS
     return out
 
 
-def load_examples(cfg: SFTConfig, tokenizer: Any) -> tuple[list[Example], list[Example], DataStats]:
-    """Train and eval examples for a config: eval from eval-split datasets, else ``val_set_size`` of train."""
+def load_split(
+    cfg: SFTConfig, tokenizer: Any, load_one: Callable[..., list], noun: str
+) -> tuple[list, list, DataStats]:
+    """Train and eval items for a config, each dataset read by ``load_one(ds, cfg, tokenizer, stats)``:
+    eval from eval-split datasets, else ``val_set_size`` of train (a seeded random hold-out).
+    ``noun`` names an item in errors ("example", "pair")."""
     stats = DataStats()
-    train = [ex for d in cfg.train_datasets for ex in load_dataset(d, cfg, tokenizer, stats)]
-    evals = [ex for d in cfg.eval_datasets for ex in load_dataset(d, cfg, tokenizer, stats)]
+    train = [item for d in cfg.train_datasets for item in load_one(d, cfg, tokenizer, stats)]
+    evals = [item for d in cfg.eval_datasets for item in load_one(d, cfg, tokenizer, stats)]
     if cfg.val_set_size > 0:
         k = int(cfg.val_set_size) if cfg.val_set_size >= 1 else max(1, round(cfg.val_set_size * len(train)))
         if k >= len(train):
-            raise DataError(f"val_set_size {cfg.val_set_size} leaves no training example out of {len(train)}")
+            raise DataError(f"val_set_size {cfg.val_set_size} leaves no training {noun} out of {len(train)}")
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         held = set(perm[:k])
         evals = [train[i] for i in sorted(held)]
-        train = [ex for i, ex in enumerate(train) if i not in held]
+        train = [item for i, item in enumerate(train) if i not in held]
     if not train:
-        raise DataError("no training examples left after loading (" + stats.summary() + ")")
+        raise DataError(f"no training {noun}s left after loading (" + stats.summary() + ")")
     return train, evals, stats
+
+
+def load_examples(cfg: SFTConfig, tokenizer: Any) -> tuple[list[Example], list[Example], DataStats]:
+    """Train and eval examples for a config: eval from eval-split datasets, else ``val_set_size`` of train."""
+    return load_split(cfg, tokenizer, load_dataset, "example")
 
 
 # --------------------------------------------------------------------------- batching

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import DPO_LOSSES, PREFERENCE_TYPES, DatasetConfig, SFTConfig
-from .data import DataError, DataStats, Example, read_rows, tokenize_segments
+from .data import DataError, DataStats, Example, load_split, read_rows, tokenize_segments
 from .distributed import SINGLE, DistContext, ShardedStream
 from .distributed import unwrap_model as _unwrap
 from .loss import IGNORE_INDEX, auto_chunk_size
@@ -298,20 +298,7 @@ def load_preference_dataset(ds: DatasetConfig, cfg: SFTConfig, tokenizer: Any, s
 
 def load_pairs(cfg: SFTConfig, tokenizer: Any) -> tuple[list[PreferencePair], list[PreferencePair], DataStats]:
     """Train and eval pairs for a config: eval from eval-split datasets, else ``val_set_size`` of train."""
-    stats = DataStats()
-    train = [p for d in cfg.train_datasets for p in load_preference_dataset(d, cfg, tokenizer, stats)]
-    evals = [p for d in cfg.eval_datasets for p in load_preference_dataset(d, cfg, tokenizer, stats)]
-    if cfg.val_set_size > 0:
-        k = int(cfg.val_set_size) if cfg.val_set_size >= 1 else max(1, round(cfg.val_set_size * len(train)))
-        if k >= len(train):
-            raise DataError(f"val_set_size {cfg.val_set_size} leaves no training pair out of {len(train)}")
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        held = set(perm[:k])
-        evals = [train[i] for i in sorted(held)]
-        train = [p for i, p in enumerate(train) if i not in held]
-    if not train:
-        raise DataError("no training pairs left after loading (" + stats.summary() + ")")
-    return train, evals, stats
+    return load_split(cfg, tokenizer, load_preference_dataset, "pair")
 
 
 def collate_pairs(pairs: list[PreferencePair], pad_id: int, weight: float = 1.0) -> dict[str, Tensor]:
