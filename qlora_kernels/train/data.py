@@ -213,21 +213,30 @@ def tokenize_segments(segments: list[Segment], tokenizer: Any, add_eos: bool = T
     return ids, labels
 
 
+def checked_rows(ds: DatasetConfig, cfg: SFTConfig, stats: DataStats,
+                 check: Callable[[Any, str], str | None]) -> Iterator[tuple[str, Any]]:
+    """``(source, row)`` for each well-formed row of a dataset, counted in ``stats``. A malformed row
+    (unreadable, or ``check(row, ds.type)`` names a problem) is an error naming file and line, or,
+    with ``skip_bad_rows``, skipped and counted (the first five messages kept)."""
+    for source, row in read_rows(ds.path):
+        stats.rows += 1
+        problem = str(row) if isinstance(row, DataError) else check(row, ds.type)
+        if problem is None:
+            yield source, row
+            continue
+        msg = problem if isinstance(row, DataError) else f"{source}: {problem}"
+        if not cfg.skip_bad_rows:
+            raise DataError(f"{msg} (set skip_bad_rows: true to skip and count such rows)")
+        stats.skipped_bad_rows += 1
+        if len(stats.bad_row_messages) < 5:
+            stats.bad_row_messages.append(msg)
+
+
 def load_dataset(ds: DatasetConfig, cfg: SFTConfig, tokenizer: Any, stats: DataStats) -> list[Example]:
     """Read, check, format and tokenize one dataset; updates ``stats``."""
     template = resolve_template(ds.type, cfg.prompt_template)
     out: list[Example] = []
-    for source, row in read_rows(ds.path):
-        stats.rows += 1
-        problem = str(row) if isinstance(row, DataError) else check_row(row, ds.type)
-        if problem is not None:
-            msg = problem if isinstance(row, DataError) else f"{source}: {problem}"
-            if not cfg.skip_bad_rows:
-                raise DataError(f"{msg} (set skip_bad_rows: true to skip and count such rows)")
-            stats.skipped_bad_rows += 1
-            if len(stats.bad_row_messages) < 5:
-                stats.bad_row_messages.append(msg)
-            continue
+    for source, row in checked_rows(ds, cfg, stats, check_row):
         try:
             segments, add_eos = row_segments(row, ds.type, template, tokenizer)
         except ValueError as e:  # a template that cannot format this row: not skippable, the config is wrong

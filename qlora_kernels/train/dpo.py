@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import DPO_LOSSES, PREFERENCE_TYPES, DatasetConfig, SFTConfig
-from .data import DataError, DataStats, Example, load_split, read_rows, tokenize_segments
+from .data import DataError, DataStats, Example, checked_rows, load_split, tokenize_segments
 from .distributed import SINGLE, DistContext, ShardedStream
 from .distributed import unwrap_model as _unwrap
 from .loss import IGNORE_INDEX, auto_chunk_size
@@ -272,17 +272,7 @@ def load_preference_dataset(ds: DatasetConfig, cfg: SFTConfig, tokenizer: Any, s
         raise DataError(f"{ds.path}: dataset type {ds.type!r} is not a preference type; DPO reads "
                         f"{', '.join(PREFERENCE_TYPES)}")
     out: list[PreferencePair] = []
-    for source, row in read_rows(ds.path):
-        stats.rows += 1
-        problem = str(row) if isinstance(row, DataError) else check_preference_row(row, ds.type)
-        if problem is not None:
-            msg = problem if isinstance(row, DataError) else f"{source}: {problem}"
-            if not cfg.skip_bad_rows:
-                raise DataError(f"{msg} (set skip_bad_rows: true to skip and count such rows)")
-            stats.skipped_bad_rows += 1
-            if len(stats.bad_row_messages) < 5:
-                stats.bad_row_messages.append(msg)
-            continue
+    for source, row in checked_rows(ds, cfg, stats, check_preference_row):
         prompt, chosen, rejected = preference_texts(row, ds.type)
         a = _tokenize_completion(prompt, chosen, tokenizer, cfg.sequence_len, stats, source)
         b = _tokenize_completion(prompt, rejected, tokenizer, cfg.sequence_len, stats, source)
