@@ -4,6 +4,13 @@
 * :func:`lora_linear`: ``y = x @ deq(W)^T + b + s * dropout(x) @ A^T @ B^T``, the QLoRA layer, with
   one fused backward for x, A, B (and b).
 
+Autocast: both behave as ``nn.Linear`` does. Inside an autocast region x is cast to the autocast dtype
+(differentiably: the gradient comes back in x's own dtype), the Function runs with autocast off in
+that one dtype (base matmul, LoRA contractions, bias), and y comes out in it; its backward runs in it
+too, whatever autocast region the backward is called from. Outside autocast everything runs in x's
+dtype. The adapters and the bias are cast to the compute dtype per call; their gradients come back
+in their own dtype.
+
 The NF4 weight enters every Function as the op arguments of :meth:`NF4Weight.tensors` plus its shape
 ``(n, k)``, so the Functions are usable from modules that keep those tensors as buffers (no
 :class:`NF4Weight` object has to be built per call, which keeps ``torch.compile`` graphs clean).
@@ -20,6 +27,19 @@ from .nf4 import NF4Weight
 
 _QK = torch.ops.qlora_kernels
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a linear layer computes in for input x: the autocast dtype inside an autocast region
+    of x's device type, else x's dtype (the rule of ``nn.Linear``)."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _autocast_off(device_type: str):
+    return torch.autocast(device_type=device_type, enabled=False)
 
 
 class NF4LinearFunction(torch.autograd.Function):
@@ -43,7 +63,8 @@ class NF4LinearFunction(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             *weight, n, k = ctx.weight
-            grad_x = _QK.nf4_matmul(dy.contiguous(), *weight, n, k, True)
+            with _autocast_off(dy.device.type):
+                grad_x = _QK.nf4_matmul(dy.contiguous(), *weight, n, k, True)
         return (grad_x,) + (None,) * 9
 
 
@@ -57,9 +78,10 @@ class LoraLinearFunction(torch.autograd.Function):
     """``y = x W^T + b + s · (x ⊙ m / (1 - p)) A^T B^T`` for x [M, K], W = deq(NF4) [N, K],
     A [r, K], B [N, r]; gradients for x, A, B and b.
 
-    Compute dtype: everything runs in x's dtype (fp32 accumulation inside the matmuls); A and B are
-    cast to it per call (a rank-r copy) and their gradients are returned in their own dtype, so fp32
-    adapters train under bf16 activations as with autocast.
+    Compute dtype: everything runs in x's dtype (fp32 accumulation inside the matmuls; the caller,
+    :func:`lora_linear`, has already cast x to the autocast dtype inside an autocast region and runs
+    this with autocast off); A and B are cast to it per call (a rank-r copy) and their gradients are
+    returned in their own dtype, so fp32 adapters train under bf16 activations.
 
     Forward: the base product comes from the NF4 op; the LoRA term is added *into* that output with
     one ``addmm_`` (and the bias with one ``add_``), so no second [M, N] tensor is made.
@@ -97,6 +119,11 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        with _autocast_off(dy.device.type):
+            return LoraLinearFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x, mask, xa, lora_a, lora_b, packed, absmax, code, nested_absmax, nested_code = ctx.saved_tensors
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
         s, p = ctx.scale, ctx.dropout_p
@@ -157,8 +184,9 @@ def _check_bias(bias: Tensor | None, n: int, device: torch.device) -> None:
 def nf4_linear(x: Tensor, qw: NF4Weight, bias: Tensor | None = None) -> Tensor:
     """``x @ deq(W)^T + bias`` with any leading batch dims; gradients flow to x and bias.
 
-    x: float32/float16/bfloat16 ``[..., in_features]``; the result has x's dtype. A bias of another
-    dtype is cast to x's dtype (differentiably).
+    x: float32/float16/bfloat16 ``[..., in_features]``; the result has the compute dtype
+    (:func:`compute_dtype`: x's dtype, or the autocast dtype inside an autocast region). A bias of
+    another dtype is cast to it (differentiably).
     """
     n, k = _check_qw(qw)
     _check_x(x, k)
@@ -169,10 +197,13 @@ def nf4_linear(x: Tensor, qw: NF4Weight, bias: Tensor | None = None) -> Tensor:
 def _nf4_linear(x: Tensor, weight: tuple, n: int, k: int, bias: Tensor | None) -> Tensor:
     """:func:`nf4_linear` without the argument checks, on the op arguments of the weight (for modules)."""
     lead = x.shape[:-1]
-    y = NF4LinearFunction.apply(x.reshape(-1, k), *weight, n, k)
-    y = y.view(*lead, n)
-    if bias is not None:
-        y = y + bias.to(y.dtype)
+    x2 = x.reshape(-1, k)
+    dtype = compute_dtype(x)
+    with _autocast_off(x.device.type):
+        y = NF4LinearFunction.apply(x2.to(dtype), *weight, n, k)
+        y = y.view(*lead, n)
+        if bias is not None:
+            y = y + bias.to(dtype)
     return y
 
 
@@ -189,7 +220,8 @@ def lora_linear(
     forward and backward (see :class:`LoraLinearFunction`).
 
     Args:
-        x: float32/float16/bfloat16 ``[..., in_features]``; the result has x's dtype and x's leading dims.
+        x: float32/float16/bfloat16 ``[..., in_features]``; the result has x's leading dims and the compute
+            dtype (:func:`compute_dtype`: x's dtype, or the autocast dtype inside an autocast region).
         qw: the frozen base weight, shape ``[out_features, in_features]``.
         lora_A: ``[r, in_features]``; lora_B: ``[out_features, r]``; one floating dtype for both (it may
             differ from x's: the LoRA product runs in x's dtype, the gradients come back in theirs).
@@ -225,7 +257,10 @@ def _lora_linear(
 ) -> Tensor:
     """:func:`lora_linear` without the argument checks, on the op arguments of the weight (for modules)."""
     lead = x.shape[:-1]
-    y = LoraLinearFunction.apply(x.reshape(-1, k), lora_a, lora_b, bias, scale, dropout_p, *weight, n, k)
+    x2 = x.reshape(-1, k)
+    dtype = compute_dtype(x)
+    with _autocast_off(x.device.type):
+        y = LoraLinearFunction.apply(x2.to(dtype), lora_a, lora_b, bias, scale, dropout_p, *weight, n, k)
     return y.view(*lead, n)
 
 

@@ -67,12 +67,14 @@ std::vector<float> decode_absmax(const at::Tensor& absmax, const std::optional<a
                                  const std::optional<at::Tensor>& nested_code, double offset) {
   const int64_t nb = absmax.numel();
   std::vector<float> out(nb);
+  // Every pointer below comes from a named contiguous tensor that lives until the copy is done
+  // (a pointer into the temporary of `t.contiguous().data_ptr()` would dangle for strided input).
+  const at::Tensor q_t = absmax.contiguous();
   if (!nested_absmax.has_value()) {
-    const float* a = absmax.contiguous().data_ptr<float>();
+    const float* a = q_t.data_ptr<float>();
     std::copy(a, a + nb, out.begin());
     return out;
   }
-  const at::Tensor q_t = absmax.contiguous();
   const at::Tensor na_t = nested_absmax->contiguous();
   const at::Tensor nc_t = nested_code->contiguous();
   const uint8_t* q = q_t.data_ptr<uint8_t>();

@@ -16,6 +16,7 @@ Which kernel runs is chosen here (see ``_dispatch``); backends only register ker
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Optional
 
@@ -29,12 +30,47 @@ from . import _dispatch
 from ._dispatch import choose
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Largest M that each fused matmul serves (see the dispatch table in nf4_matmul).
+# Largest M that the fused C++ CPU matmul serves (see the dispatch table in nf4_matmul).
 _CPP_FUSED_MAX_M = 16
-_GEMV_MAX_M = 4
-_TRITON_FUSED_MAX_M = 64
+#: Largest M the CUDA GEMV kernel is compiled for.
+GEMV_LIMIT_M = 4
+#: Environment variables that move the GPU dispatch thresholds of ``nf4_matmul`` (set them from
+#: measurement, e.g. benchmarks/bench_nf4.py, without editing code): the largest M that runs the
+#: CUDA GEMV (0..4, default 4) and the largest M that runs the Triton fused kernel (default 64).
+GEMV_MAX_M_VAR = "QLORA_KERNELS_GEMV_MAX_M"
+FUSED_MAX_M_VAR = "QLORA_KERNELS_FUSED_MAX_M"
+_DEFAULT_GEMV_MAX_M = 4
+_DEFAULT_FUSED_MAX_M = 64
 # Elements per chunk of the reference quantizer (bounds its temporaries to ~100 MiB).
 _QUANTIZE_CHUNK = 1 << 22
+
+
+def _env_int(var: str, default: int, lo: int, hi: int) -> int:
+    raw = os.environ.get(var, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{var} must be an integer in [{lo}, {hi}]; got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ValueError(f"{var} must be an integer in [{lo}, {hi}]; got {value}")
+    return value
+
+
+def gpu_matmul_thresholds() -> tuple[int, int]:
+    """``(gemv_max_m, fused_max_m)``: the largest M served by the CUDA GEMV and by the Triton fused
+    kernel on a GPU (from ``QLORA_KERNELS_GEMV_MAX_M`` / ``QLORA_KERNELS_FUSED_MAX_M``, read per call)."""
+    return (_env_int(GEMV_MAX_M_VAR, _DEFAULT_GEMV_MAX_M, 0, GEMV_LIMIT_M),
+            _env_int(FUSED_MAX_M_VAR, _DEFAULT_FUSED_MAX_M, 0, 1 << 20))
+
+
+def _contiguous(*tensors: Optional[Tensor]) -> tuple:
+    """The weight tensors as the kernels read them: contiguous (a no-op for contiguous tensors).
+
+    Kernels take raw pointers, so a strided view (``absmax`` taken as a column of a wider tensor,
+    say) would be read as if it were dense; every op normalizes its inputs here, once."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
 def _triton(module: str, name: str) -> Callable:
@@ -150,6 +186,7 @@ def dequantize_nf4(
     dtype: torch.dtype,
 ) -> Tensor:
     _check_dequantize(packed, absmax, code, nested_absmax, nested_code, blocksize, numel, dtype)
+    packed, absmax, code, nested_absmax, nested_code = _contiguous(packed, absmax, code, nested_absmax, nested_code)
     args = (packed.reshape(-1), absmax, code, nested_absmax, nested_code, nested_offset, blocksize, numel, dtype)
     backend = choose("dequantize_nf4", packed.device, {"cpu": ("cpp", "triton"), "cuda": ("cuda", "triton")})
     if backend in ("cpp", "cuda"):
@@ -190,6 +227,7 @@ def dequantize_nf4_into(
             f"out must be contiguous with numel = {numel} elements on {packed.device}; "
             f"got {out.numel()} elements, contiguous={out.is_contiguous()}, on {out.device}"
         )
+    packed, absmax, code, nested_absmax, nested_code = _contiguous(packed, absmax, code, nested_absmax, nested_code)
     args = (packed.reshape(-1), absmax, code, nested_absmax, nested_code, nested_offset, blocksize, numel)
     backend = choose("dequantize_nf4", packed.device, {"cpu": ("cpp",), "cuda": ("cuda",)})
     if backend in ("cpp", "cuda"):
@@ -242,31 +280,38 @@ def nf4_matmul(
     transposed: bool,
 ) -> Tensor:
     _check_matmul(x, packed, absmax, code, nested_absmax, nested_code, blocksize, n, k, transposed)
+    m = x.shape[0]
+    if m == 0:  # an empty batch: the same empty result on every backend
+        return x.new_empty((0, k if transposed else n))
+    x, packed, absmax, code, nested_absmax, nested_code = _contiguous(x, packed, absmax, code, nested_absmax,
+                                                                     nested_code)
     weight = (packed.reshape(-1), absmax, code, nested_absmax, nested_code, nested_offset, blocksize)
     backend = choose("nf4_matmul", x.device, {"cpu": ("cpp", "triton"), "cuda": ("cuda", "triton")})
-    m = x.shape[0]
     # The dispatch table (the one place that picks the NF4 matmul kernel), by backend and M:
     #   reference              any M: the fp32 formula
     #   cpp, M <= 16           fused C++ kernel: each weight byte decoded once, fp32 dot products
     #   cpp, M > 16            dequantize (C++) into a workspace in x's dtype, then BLAS (oneDNN
     #                          with AVX-512/AMX beats a hand-written decode-and-dot here)
-    #   cuda, M <= 4, fwd      CUDA GEMV: bandwidth-bound, split-K when N cannot fill the GPU
-    #   cuda/triton, M <= 64   Triton fused dequantize-matmul (tensor cores, each byte read once
-    #                          per 16..64-row tile); forward and transposed (backward dX)
+    #   cuda, M <= gemv_max_m  CUDA GEMV (forward only): bandwidth-bound, split-K when N cannot
+    #                          fill the GPU
+    #   cuda/triton,           Triton fused dequantize-matmul (tensor cores, split-K so that small
+    #     M <= fused_max_m     grids still fill the GPU); forward and transposed (backward dX)
     #   cuda/triton, larger M  dequantize (CUDA, double-quant decode fused) into the workspace,
     #                          then cuBLAS: the GEMM is compute-bound, the decode is ~1/K of it
-    # Shapes a fused kernel does not take (K not a multiple of the blocksize, odd K) use the
-    # dequantize path, which takes any shape.
+    # gemv_max_m / fused_max_m: gpu_matmul_thresholds() (defaults 4 / 64, set by environment).
+    # Shapes a fused kernel does not take (fused_shape_ok: K not a multiple of the blocksize) use
+    # the dequantize path, which takes any shape.
     if backend == "cpp" and m <= _CPP_FUSED_MAX_M:
-        return _extension.kernel("nf4_matmul")(x.contiguous(), *weight, n, k, transposed)
+        return _extension.kernel("nf4_matmul")(x, *weight, n, k, transposed)
     if backend in ("cuda", "triton"):
-        fusable = k % 32 == 0 and k % blocksize == 0
-        if backend == "cuda" and not transposed and m <= _GEMV_MAX_M and fusable:
-            xc = x.contiguous()
-            if xc.data_ptr() % 16:  # the GEMV reads x 16 bytes at a time
-                xc = xc.clone()
-            return _extension.kernel("nf4_gemv")(xc, *weight, n, k)
-        if m <= _TRITON_FUSED_MAX_M and fusable and _dispatch_status_triton(x.device):
+        fusable = fused_shape_ok(k, blocksize)
+        gemv_max_m, fused_max_m = gpu_matmul_thresholds() if x.device.type == "cuda" else (_DEFAULT_GEMV_MAX_M,
+                                                                                            _DEFAULT_FUSED_MAX_M)
+        if backend == "cuda" and not transposed and m <= gemv_max_m and fusable:
+            if x.data_ptr() % 16:  # the GEMV reads x 16 bytes at a time
+                x = x.clone()
+            return _extension.kernel("nf4_gemv")(x, *weight, n, k)
+        if m <= fused_max_m and fusable and _dispatch_status_triton(x.device):
             return _triton("nf4_matmul", "nf4_matmul")(x, *weight, n, k, transposed)
     if backend != "reference":
         w = _workspace(n * k, x.dtype, x.device)
@@ -274,6 +319,13 @@ def nf4_matmul(
         w = w.view(n, k)
         return x @ (w if transposed else w.t())
     return ref.nf4_matmul(x, *weight, n, k, transposed)
+
+
+def fused_shape_ok(k: int, blocksize: int) -> bool:
+    """The shape rule of every fused NF4 matmul kernel (CUDA GEMV, Triton): K % blocksize == 0, so that
+    no absmax block spans two rows of W (every allowed blocksize is a multiple of 32, so a row is then
+    also whole 16-byte chunks of packed codes, as the GEMV reads them)."""
+    return k % blocksize == 0
 
 
 def _dispatch_status_triton(device: torch.device) -> bool:
@@ -298,3 +350,27 @@ def _check_matmul(x, packed, absmax, code, nested_absmax, nested_code, blocksize
 def _(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, n, k, transposed):
     _check_matmul(x, packed, absmax, code, nested_absmax, nested_code, blocksize, n, k, transposed)
     return x.new_empty((x.shape[0], k if transposed else n))
+
+
+# Autocast: ``nf4_matmul`` is a matmul, so under autocast it behaves as ``torch.mm`` / ``F.linear`` do:
+# x (the only activation; the NF4 constants are never cast) is cast to the autocast dtype, the op runs
+# with autocast off, and y comes out in that dtype. The other NF4 ops take an explicit dtype (or none)
+# and are left alone by autocast. The dtype is the region's current one (torch.get_autocast_dtype),
+# which torch.library.register_autocast cannot express (it fixes one dtype per device type).
+_AUTOCAST_LIB = torch.library.Library("qlora_kernels", "IMPL")
+
+
+def _register_matmul_autocast(device_type: str) -> None:
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
+
+    def kernel(_keyset, x, *rest):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            return nf4_matmul._opoverload(x.to(dtype) if x.is_floating_point() else x, *rest)
+
+    _AUTOCAST_LIB.impl("nf4_matmul", kernel, key_name, with_keyset=True)
+
+
+for _device_type in ("cpu", "cuda"):
+    _register_matmul_autocast(_device_type)

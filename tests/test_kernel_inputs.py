@@ -1,0 +1,141 @@
+"""What every backend does with inputs at the edges: autocast regions, strided tensors, empty batches.
+
+Each case runs on every backend live for the device (forced with QLORA_KERNELS_BACKEND), so the
+same rule holds whichever kernel the dispatcher picks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import qlora_kernels as qk
+from qlora_kernels import _extension
+from qlora_kernels.ops import _dispatch
+from qlora_kernels.reference import nf4 as ref
+
+OPS = torch.ops.qlora_kernels
+
+
+def _backends(device: str) -> list[str]:
+    if device == "cpu":
+        return ["reference"] + (["cpp"] if _dispatch.status("cpp", "cpu")[0] else [])
+    return ["reference"] + [b for b in ("cuda", "triton") if _dispatch.status(b, "cuda")[0]]
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """A non-contiguous view with t's values (every other element of a wider tensor)."""
+    wide = torch.stack([t.reshape(-1), torch.full_like(t.reshape(-1), 7 if not t.is_floating_point() else -3.0)], 1)
+    view = wide[:, 0].view(t.shape) if t.dim() == 1 else wide[:, 0].reshape(t.shape)
+    assert t.dim() != 1 or t.numel() < 2 or not view.is_contiguous()
+    return view
+
+
+# ---------------------------------------------------------------------------------------------
+# autocast
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_layers_behave_as_nn_linear(dtype, device, monkeypatch):
+    if device == "cpu" and dtype == torch.float16 and not torch.amp.is_autocast_available("cpu"):
+        pytest.skip("no CPU autocast")
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48).to(device)
+    for backend in _backends(device):
+        monkeypatch.setenv("QLORA_KERNELS_BACKEND", backend)
+        layer = qk.QLoraLinear.from_linear(lin, r=8, lora_alpha=16)
+        nn.init.normal_(layer.lora_B.weight, std=0.1)
+        base = qk.nn.NF4Linear.from_linear(lin)
+        dense = layer.to_linear(torch.float32)  # deq(W) + s B A, fp32
+        x = torch.randn(5, 64, device=device, requires_grad=True)
+        with torch.autocast(device, dtype):
+            y = layer(x)
+            y_base = base(x)
+            want = dense(x)  # nn.Linear under the same autocast
+            y_op = OPS.nf4_matmul(x.detach(), *layer.qweight.tensors(), 48, 64, False)
+        assert y.dtype == want.dtype == y_base.dtype == y_op.dtype == dtype, backend
+        torch.testing.assert_close(y.float(), want.float(), atol=5e-2, rtol=2e-2, msg=backend)
+        y.float().square().sum().backward()
+        assert x.grad.dtype == torch.float32 and layer.lora_A.weight.grad.dtype == torch.float32, backend
+        gx = x.grad.clone()
+        x.grad = None
+        dense.float()(x.to(dtype).float()).square().sum().backward()
+        torch.testing.assert_close(gx, x.grad, atol=0.5, rtol=5e-2, msg=backend)
+        x.grad = None
+    # outside autocast everything stays in x's dtype
+    monkeypatch.delenv("QLORA_KERNELS_BACKEND")
+    assert layer(torch.randn(2, 64, device=device)).dtype == torch.float32
+
+
+def test_autocast_backward_runs_in_the_forward_dtype(device):
+    # a backward started inside another autocast region (activation checkpointing does this) still
+    # computes in the dtype the forward chose
+    layer = qk.QLoraLinear.from_linear(nn.Linear(32, 32).to(device), r=4)
+    x = torch.randn(3, 32, device=device, requires_grad=True)
+    with torch.autocast(device, torch.bfloat16):
+        y = layer(x)
+    with torch.autocast(device, torch.float16):
+        y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# strided inputs
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_strided_weight_tensors_read_as_their_values(nested, device, monkeypatch):
+    # the issue's repro: absmax taken as a column of a wider tensor (and the same for every tensor)
+    qw = qk.quantize_nf4(torch.randn(64, 128, device=device), 64, nested)
+    strided = qk.NF4Weight(_strided(qw.packed.reshape(-1)), _strided(qw.absmax), qw.shape, qw.dtype, qw.blocksize,
+                           _strided(qw.code), _strided(qw.nested_absmax) if nested else None,
+                           _strided(qw.nested_code) if nested else None, qw.offset)
+    assert not strided.absmax.is_contiguous()
+    want = ref.dequantize_nf4(*qw.tensors(), qw.numel, torch.float32)
+    x = torch.randn(8, 128, device=device)
+    xt = torch.randn(16, 128, device=device)[::2]  # a strided activation too
+    for backend in _backends(device):
+        monkeypatch.setenv("QLORA_KERNELS_BACKEND", backend)
+        assert torch.equal(qk.dequantize_nf4(strided).reshape(-1), want), backend
+        out = torch.empty(qw.numel, device=device)
+        OPS.dequantize_nf4_into(*strided.tensors(), qw.numel, out)
+        assert torch.equal(out, want), backend
+        for m in (1, 8):
+            got = qk.nf4_linear(x[:m], strided)
+            torch.testing.assert_close(got, x[:m] @ want.view(64, 128).t(), atol=1e-4, rtol=1e-4, msg=backend)
+        torch.testing.assert_close(qk.nf4_linear(xt, qw), xt @ want.view(64, 128).t(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not _dispatch.status("cpp", "cpu")[0], reason="C++ backend not built")
+def test_cpp_kernel_itself_reads_strided_absmax():
+    # the C++ kernel is also safe when called directly (its own contiguous copies stay alive)
+    qw = qk.quantize_nf4(torch.randn(64, 128), 64, False)
+    a = _strided(qw.absmax)
+    got = _extension.kernel("dequantize_nf4")(qw.packed.reshape(-1), a, qw.code, None, None, 0.0, 64, qw.numel,
+                                              torch.float32)
+    assert torch.equal(got, ref.dequantize_nf4(*qw.tensors(), qw.numel, torch.float32))
+    x = torch.randn(3, 128)
+    y = _extension.kernel("nf4_matmul")(x, qw.packed.reshape(-1), a, qw.code, None, None, 0.0, 64, 64, 128, False)
+    torch.testing.assert_close(y, ref.nf4_matmul(x, *qw.tensors(), 64, 128, False), atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# empty batches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_batch_gives_empty_results(dtype, device, monkeypatch):
+    qw = qk.quantize_nf4(torch.randn(48, 64, device=device))
+    for backend in _backends(device):
+        monkeypatch.setenv("QLORA_KERNELS_BACKEND", backend)
+        for transposed, inner, outer in ((False, 64, 48), (True, 48, 64)):
+            y = OPS.nf4_matmul(torch.empty(0, inner, device=device, dtype=dtype), *qw.tensors(), 48, 64, transposed)
+            assert y.shape == (0, outer) and y.dtype == dtype, backend
+        layer = qk.QLoraLinear.from_linear(nn.Linear(64, 48).to(device), r=4, lora_dropout=0.1)
+        x = torch.empty(2, 0, 64, device=device, dtype=dtype, requires_grad=True)
+        y = layer(x)
+        assert y.shape == (2, 0, 48), backend
+        y.sum().backward()
+        assert x.grad.shape == x.shape and float(layer.lora_A.weight.grad.abs().sum()) == 0.0, backend
+        assert qk.nf4_linear(x.detach(), qw).shape == (2, 0, 48)
