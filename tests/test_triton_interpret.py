@@ -45,6 +45,28 @@ SCRIPT = textwrap.dedent(
             assert got.shape == want.shape and err < (1e-5 if dtype == torch.float32 else 1e-2), (n, k, m, err)
             cases += 1
     assert not trimm.supports(64, 96, 64)  # K not a multiple of the blocksize: dequantize path
+    # Split-K: every number of reduction slices gives the unsplit result (fp32 partials, summed).
+    qw = qk.quantize_nf4(torch.randn(200, 320), 64, True)
+    for transposed in (False, True):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(3, 200 if transposed else 320, dtype=dtype)
+            want = ref.nf4_matmul(x, *qw.tensors(), 200, 320, transposed).float()
+            for split in (1, 2, 3, 5):
+                got = trimm.nf4_matmul(x, *qw.tensors(), 200, 320, transposed, split=split).float()
+                err = float((got - want).norm() / want.norm())
+                assert got.dtype == torch.float32 or dtype == torch.bfloat16
+                assert err < (1e-5 if dtype == torch.float32 else 1e-2), (transposed, dtype, split, err)
+                cases += 1
+    # Strided inputs to the launchers themselves are read by value (they make them contiguous).
+    q = qk.quantize_nf4(torch.randn(64, 128), 64, False)
+    a = torch.stack([q.absmax, q.absmax * 0 - 3], 1)[:, 0]
+    assert not a.is_contiguous()
+    want = ref.dequantize_nf4(*q.tensors(), q.numel, torch.float32)
+    strided = (q.packed, a, *q.tensors()[2:])
+    assert torch.equal(tri.dequantize_nf4(*strided, q.numel, torch.float32), want)
+    x = torch.randn(32, 128)[::2]
+    got = trimm.nf4_matmul(x, *strided, 64, 128, False)
+    assert torch.allclose(got, x @ want.view(64, 128).t(), atol=1e-4, rtol=1e-4)
     # Forced through the op registry: the interpreter counts as a live backend on the CPU.
     import os
     os.environ["QLORA_KERNELS_BACKEND"] = "triton"
@@ -56,6 +78,12 @@ SCRIPT = textwrap.dedent(
     w = ref.dequantize_nf4(*qw.tensors(), qw.numel, torch.float32).view(40, 96)
     torch.testing.assert_close(y, x.detach() @ w.t(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(x.grad, torch.ones(8, 40) @ w, atol=1e-4, rtol=1e-4)
+    # The same edge rules as every backend: an empty batch, and autocast (x cast, y in the autocast dtype).
+    assert torch.ops.qlora_kernels.nf4_matmul(torch.empty(0, 96), *qw.tensors(), 40, 96, False).shape == (0, 40)
+    with torch.autocast("cpu", torch.bfloat16):
+        yb = qk.nf4_linear(x, qw)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.float(), x.detach().bfloat16().float() @ w.t(), atol=5e-2, rtol=2e-2)
     print("cases", cases)
     """
 )
@@ -66,4 +94,4 @@ def test_triton_dequantize_matches_reference_bitwise():
     env.pop("QLORA_KERNELS_BACKEND", None)
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "cases 98" in proc.stdout
+    assert "cases 114" in proc.stdout

@@ -3,7 +3,7 @@
 ``out[e] = code[q(e)] * absmax[e // blocksize]`` in fp32, stored as out's dtype, where with double
 quantization ``absmax[b] = nested_code[absmax_q[b]] * nested_absmax[b // 256] + offset``.
 
-Launch shape: one program owns ``BLOCK_BYTES`` packed bytes = ``2 * BLOCK_BYTES`` elements; the
+Launch shape: one program owns ``BLOCK_BYTES`` packed bytes (int64 offsets) = ``2 * BLOCK_BYTES`` elements; the
 two nibbles of a byte are decoded side by side and interleaved on store. Both elements of a byte
 share one absmax block (block sizes are even). Fused multiply-add is disabled at launch
 (``enable_fp_fusion=False``) so the absmax decode rounds the product and the sum separately, as
@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ..quant_maps import NESTED_BLOCKSIZE
+from .nf4_matmul import on_device
 
 
 @triton.jit
@@ -35,7 +36,7 @@ def _dequantize_nf4_kernel(
     NESTED_BLOCK: tl.constexpr,
     BLOCK_BYTES: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # int64 offsets: a fused expert tensor can pass 2^31 elements
     byte = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
     in_range = byte < (numel + 1) // 2
     b = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
@@ -75,21 +76,25 @@ def dequantize_nf4(
     """Launcher: flat ``[numel]`` tensor of ``dtype`` (arguments as the ``dequantize_nf4`` op)."""
     out = torch.empty(numel, dtype=dtype, device=packed.device)
     nested = nested_absmax is not None
+    packed, absmax, code = (t.contiguous() for t in (packed, absmax, code))
+    if nested:
+        nested_absmax, nested_code = nested_absmax.contiguous(), nested_code.contiguous()
     grid = (triton.cdiv((numel + 1) // 2, block_bytes),)
-    _dequantize_nf4_kernel[grid](
-        packed.reshape(-1),
-        absmax,
-        nested_absmax if nested else absmax,
-        nested_code if nested else code,
-        code,
-        out.view(torch.int16) if dtype == torch.bfloat16 else out,
-        float(nested_offset),
-        numel,
-        blocksize,
-        NESTED=nested,
-        OUT_BF16=dtype == torch.bfloat16,
-        NESTED_BLOCK=NESTED_BLOCKSIZE,
-        BLOCK_BYTES=block_bytes,
-        enable_fp_fusion=False,
-    )
+    with on_device(packed):
+        _dequantize_nf4_kernel[grid](
+            packed.reshape(-1),
+            absmax,
+            nested_absmax if nested else absmax,
+            nested_code if nested else code,
+            code,
+            out.view(torch.int16) if dtype == torch.bfloat16 else out,
+            float(nested_offset),
+            numel,
+            blocksize,
+            NESTED=nested,
+            OUT_BF16=dtype == torch.bfloat16,
+            NESTED_BLOCK=NESTED_BLOCKSIZE,
+            BLOCK_BYTES=block_bytes,
+            enable_fp_fusion=False,
+        )
     return out
