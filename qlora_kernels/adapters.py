@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .hf import _check_lora_args, _freeze_all_but_lora, _kind, _linear_modules, _make_qlora, _parent, linear_layer_names
+from .hf import _freeze_all_but_lora, _kind, _linear_modules, _make_qlora, _parent, linear_layer_names
 from .nn import QLoraLinear
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -106,6 +106,80 @@ def _pattern_value(patterns: dict, name: str, default):
     return default
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _read_config(path: Path) -> dict:
+    """Read and type-check the adapter_config.json fields :func:`load_adapter` uses.
+
+    Returns ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``rank_pattern`` and ``alpha_pattern``, with
+    PEFT's defaults for absent keys (r 8, alpha 8, dropout 0.0, rslora false, no patterns). ``null`` reads as the
+    default. Raises ValueError naming the file and the key for anything else: not JSON, not a JSON object, a value
+    of the wrong type or range (``use_rslora: "false"`` is an error, not True), a pattern that is not a regex, or
+    a feature this package does not support (DoRA, trained biases, modules_to_save, another peft_type).
+    """
+    where = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where} must be UTF-8 JSON: {exc}") from None
+    if not text.strip():
+        raise ValueError(f"{where} is empty; it must hold a JSON object (PEFT's LoraConfig)")
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where} must hold a JSON object (PEFT's LoraConfig); got a JSON {type(cfg).__name__}")
+
+    def get(key: str, default):
+        value = cfg.get(key)
+        return default if value is None else value
+
+    def bad(key: str, want: str):
+        return ValueError(f"{where}: {key} must be {want}; got {cfg[key]!r}")
+
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{where}: peft_type must be 'LORA'; got {cfg.get('peft_type')!r}")
+    for key in ("use_dora", "lora_bias"):
+        if get(key, False) is not False:
+            raise ValueError(f"{where}: {key} must be false (not supported); got {cfg[key]!r}")
+    if get("bias", "none") != "none":
+        raise ValueError(f"{where}: bias must be 'none' (trained biases are not supported); got {cfg['bias']!r}")
+    if get("modules_to_save", []) not in ([], ()):
+        got = cfg["modules_to_save"]
+        raise ValueError(f"{where}: modules_to_save must be empty (not supported); got {got!r}")
+    r = get("r", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise bad("r", "a positive integer")
+    alpha = get("lora_alpha", 8)
+    if not _is_number(alpha) or not math.isfinite(alpha):
+        raise bad("lora_alpha", "a finite number")
+    dropout = get("lora_dropout", 0.0)
+    if not _is_number(dropout) or not 0 <= dropout < 1:
+        raise bad("lora_dropout", "a number in [0, 1)")
+    rslora = get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise bad("use_rslora", "true or false")
+    patterns = {}
+    for key, check, want in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                              "positive integers"),
+                             ("alpha_pattern", lambda v: _is_number(v) and math.isfinite(v), "finite numbers")):
+        pattern = get(key, {})
+        if not isinstance(pattern, dict):
+            raise bad(key, f"an object mapping module-name regexes to {want}")
+        for name, value in pattern.items():
+            try:
+                re.compile(rf"(.*\.)?({name})$")
+            except re.error as exc:
+                raise ValueError(f"{where}: {key} key {name!r} is not a regex: {exc}") from None
+            if not check(value):
+                raise ValueError(f"{where}: {key}[{name!r}] must be one of {want}; got {value!r}")
+        patterns[key] = pattern
+    return dict(r=r, lora_alpha=alpha, lora_dropout=float(dropout), use_rslora=rslora, **patterns)
+
+
 def _read_adapter(in_dir: Path) -> tuple[dict, dict[str, tuple[Tensor, Tensor]]]:
     from safetensors.torch import load_file
 
@@ -115,22 +189,18 @@ def _read_adapter(in_dir: Path) -> tuple[dict, dict[str, tuple[Tensor, Tensor]]]
     if not w_path.is_file():
         hint = " (adapter_model.bin is not read: safetensors only)" if (in_dir / "adapter_model.bin").exists() else ""
         raise FileNotFoundError(f"in_dir must hold {WEIGHTS_NAME}; {str(in_dir)!r} does not{hint}")
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{CONFIG_NAME}: peft_type must be 'LORA'; got {cfg.get('peft_type')!r}")
-    for key, ok in (("use_dora", False), ("lora_bias", False)):
-        if cfg.get(key, ok) not in (ok, None):
-            raise ValueError(f"{CONFIG_NAME}: {key} must be {ok} (not supported); got {cfg[key]!r}")
-    if cfg.get("bias", "none") != "none":
-        raise ValueError(f"{CONFIG_NAME}: bias must be 'none' (trained biases are not supported); got {cfg['bias']!r}")
-    if cfg.get("modules_to_save"):
-        got = cfg["modules_to_save"]
-        raise ValueError(f"{CONFIG_NAME}: modules_to_save must be empty (not supported); got {got!r}")
+    cfg = _read_config(cfg_path)
     pairs: dict[str, dict[str, Tensor]] = {}
-    for key, t in load_file(str(w_path)).items():
+    try:
+        tensors = load_file(str(w_path))
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        raise ValueError(f"{w_path} is not a readable safetensors file: {exc}") from None
+    for key, t in tensors.items():
         m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.default)?\.weight", key)
         if m is None:
             raise ValueError(f"{WEIGHTS_NAME}: unexpected key {key!r} (only lora_A / lora_B weights are supported)")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"{w_path}: {key} must be float32, float16 or bfloat16; got {t.dtype}")
         pairs.setdefault(m.group(1), {})[m.group(2)] = t
     out = {}
     for name, ab in pairs.items():
@@ -165,16 +235,12 @@ def load_adapter(model: nn.Module, in_dir: str | Path, is_trainable: bool = True
     extra = sorted(set(_lora_layers(model)) - set(weights))
     if extra:
         raise ValueError(f"model has LoRA adapters on {extra[:4]} which the adapter in {str(in_dir)!r} does not cover")
-    base_r = cfg.get("r", 8)
-    base_alpha = cfg.get("lora_alpha", 8)
-    dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
-    rslora = bool(cfg.get("use_rslora", False))
+    base_r, base_alpha, dropout, rslora = cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["use_rslora"]
     plan = []  # check everything before changing the model
     for name, (a, b) in weights.items():
         module = modules[name]
-        r = _pattern_value(cfg.get("rank_pattern"), name, base_r)
-        alpha = _pattern_value(cfg.get("alpha_pattern"), name, base_alpha)
-        _check_lora_args(r, alpha, dropout)
+        r = _pattern_value(cfg["rank_pattern"], name, base_r)
+        alpha = _pattern_value(cfg["alpha_pattern"], name, base_alpha)
         if _kind(module) == "conv1d":
             in_f, out_f = module.weight.shape
         else:

@@ -408,3 +408,42 @@ def test_load_4bit_model_bad_arguments(tmp_path):
     (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match=r"only safetensors"):
         qk.load_4bit_model(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("adapter")
+    qk.save_adapter(qk.apply_qlora(_tiny("llama"), r=4, lora_alpha=8, target_modules=["q_proj"]), path)
+    return path
+
+
+@pytest.mark.parametrize("edit, error", [
+    ("", r"adapter_config.json is empty"),
+    ("{not json", r"adapter_config.json is not valid JSON: Expecting property name"),
+    ("[1, 2]", r"adapter_config.json must hold a JSON object .*got a JSON list"),
+    ({"use_rslora": "false"}, r"adapter_config.json: use_rslora must be true or false; got 'false'"),
+    ({"lora_dropout": "x"}, r"adapter_config.json: lora_dropout must be a number in \[0, 1\); got 'x'"),
+    ({"lora_dropout": 1.5}, r"lora_dropout must be a number in \[0, 1\); got 1.5"),
+    ({"r": "4"}, r"adapter_config.json: r must be a positive integer; got '4'"),
+    ({"r": True}, r"r must be a positive integer; got True"),
+    ({"lora_alpha": "8"}, r"adapter_config.json: lora_alpha must be a finite number; got '8'"),
+    ({"use_dora": "no"}, r"use_dora must be false \(not supported\); got 'no'"),
+    ({"rank_pattern": {"(q": 4}}, r"adapter_config.json: rank_pattern key '\(q' is not a regex"),
+    ({"rank_pattern": ["q_proj"]}, r"rank_pattern must be an object mapping module-name regexes to positive integers"),
+    ({"rank_pattern": {"q_proj": "4"}}, r"rank_pattern\['q_proj'\] must be one of positive integers; got '4'"),
+    ({"alpha_pattern": {"q_proj": [8]}}, r"alpha_pattern\['q_proj'\] must be one of finite numbers; got \[8\]"),
+])
+def test_load_adapter_config_is_type_checked(adapter_dir, tmp_path, edit, error):
+    """Every adapter_config.json field load_adapter reads is type-checked; errors name the file and the key (a string
+    "false" for use_rslora used to read as True, a bad regex or dropout escaped as re.error / ValueError)."""
+    import shutil
+
+    shutil.copytree(adapter_dir, tmp_path / "a")
+    cfg_path = tmp_path / "a" / "adapter_config.json"
+    if isinstance(edit, dict):
+        edit = json.dumps(dict(json.loads(cfg_path.read_text()), **edit))
+    cfg_path.write_text(edit)
+    model = _tiny("llama")
+    with pytest.raises(ValueError, match=error):
+        qk.load_adapter(model, tmp_path / "a")
+    assert not any(isinstance(m, QLoraLinear) for m in model.modules())  # checked before the model changes
