@@ -137,21 +137,17 @@ class NF4Weight:
     def from_bnb_state_dict(cls, state_dict: dict[str, Tensor], prefix: str = "weight") -> NF4Weight:
         """Read the entries under ``prefix`` of a bitsandbytes / transformers 4-bit state dict.
 
-        Raises ValueError naming the key for missing keys, a corrupt quant-state blob, a quant type
-        other than nf4, or tensors whose shape or dtype do not match the recorded shape.
+        The quant-state blob is read as bitsandbytes reads it: the raw bytes of a uint8 (or int8) tensor of any
+        shape. Raises ValueError naming the key for missing keys, a corrupt quant-state blob, a quant type
+        other than nf4, or tensors whose shape or dtype do not match the recorded shape; TypeError naming the
+        key for an entry that is not a tensor (a list, Python bytes) or a blob of another dtype.
         """
         qs_key = f"{prefix}.{_QS_SUFFIX_NF4}"
         if qs_key not in state_dict:
             if f"{prefix}.{_QS_SUFFIX_FP4}" in state_dict:
                 raise ValueError(f"{prefix!r} is FP4-quantized; only NF4 weights are supported")
             raise ValueError(f"state dict has no {qs_key!r}: not a bitsandbytes 4-bit weight under prefix {prefix!r}")
-        blob = state_dict[qs_key]
-        try:
-            state = json.loads(bytes(blob.to("cpu", torch.uint8).tolist()).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{qs_key!r} does not hold a JSON object: {exc}") from None
-        if not isinstance(state, dict):
-            raise ValueError(f"{qs_key!r} must hold a JSON object; got {type(state).__name__}")
+        state = _read_quant_state_blob(state_dict[qs_key], qs_key)
 
         def need(key: str, kind, where: str = qs_key):
             if key not in state:
@@ -177,7 +173,10 @@ class NF4Weight:
             key = f"{prefix}.{suffix}" if suffix else prefix
             if key not in state_dict:
                 raise ValueError(f"state dict lacks {key!r} (needed by the 4-bit weight {prefix!r})")
-            return state_dict[key]
+            value = state_dict[key]
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{key!r} must be a torch.Tensor; got {type(value).__name__}")
+            return value
 
         nested = "nested_offset" in state or "nested_blocksize" in state
         kwargs = {}
@@ -207,6 +206,28 @@ class NF4Weight:
             )
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"4-bit weight {prefix!r}: {exc}") from None
+
+
+def _read_quant_state_blob(blob, key: str) -> dict:
+    """The JSON object packed in a ``quant_state.bitsandbytes__nf4`` entry.
+
+    bitsandbytes writes it as a 1-D uint8 tensor of UTF-8 JSON bytes and reads it back as the tensor's raw bytes
+    in memory order (``bytes(t.numpy())``), so any shape of a uint8 (or int8: the same bytes) tensor reads the
+    same; anything else (another dtype, Python bytes, a list) is an error naming ``key``.
+    """
+    if not isinstance(blob, Tensor):
+        raise TypeError(f"{key!r} must be a uint8 tensor of JSON bytes (as bitsandbytes writes it); "
+                        f"got {type(blob).__name__}")
+    if blob.dtype not in (torch.uint8, torch.int8):
+        raise TypeError(f"{key!r} must be a uint8 tensor of JSON bytes (as bitsandbytes writes it); got {blob.dtype}")
+    raw = bytes(blob.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).tolist())
+    try:
+        state = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{key!r} does not hold a JSON object: {exc}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{key!r} must hold a JSON object; got {type(state).__name__}")
+    return state
 
 
 def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:

@@ -170,3 +170,31 @@ def test_linear4bit_state_dict_round_trip_gives_identical_outputs(nested):
         torch.testing.assert_close(layer2(x), qk.nf4_linear(x, mine), atol=1e-5, rtol=1e-5)
     back = qk.NF4Weight.from_bnb_state_dict(mine.to_bnb_state_dict("model.q_proj.weight"), "model.q_proj.weight")
     assert torch.equal(back.packed, mine.packed) and back.offset == mine.offset and back.shape == mine.shape
+
+
+def test_from_bnb_state_dict_blob_layouts_and_bad_entries():
+    """The quant-state blob is read as bitsandbytes reads it (its raw bytes, any shape, uint8 or int8); anything else,
+    and a list where a tensor belongs, is an error naming the key (these escaped as bare TypeError / AttributeError)."""
+    w = torch.randn(64, 128)
+    sd = qk.quantize_nf4(w, 64, True).to_bnb_state_dict("w")
+    blob_key = "w.quant_state.bitsandbytes__nf4"
+    blob = sd[blob_key]
+    want = qk.dequantize_nf4(qk.NF4Weight.from_bnb_state_dict(sd, "w"))
+    for layout in (blob.reshape(-1, 1), blob.reshape(1, -1), blob.view(torch.int8)):
+        other = dict(sd, **{blob_key: layout})
+        F.QuantState.from_dict({k[2:]: v for k, v in other.items() if k != "w"}, "cpu")  # bnb reads it too
+        assert torch.equal(qk.dequantize_nf4(qk.NF4Weight.from_bnb_state_dict(other, "w")), want)
+    not_bytes = r"'w.quant_state.bitsandbytes__nf4' must be a uint8 tensor of JSON bytes .*got "
+    bad = [
+        (blob_key, bytes(blob.tolist()), TypeError, not_bytes + "bytes"),
+        (blob_key, blob.tolist(), TypeError, not_bytes + "list"),
+        (blob_key, blob.long(), TypeError, not_bytes + "torch.int64"),
+        (blob_key, torch.tensor(list(b"[1, 2]"), dtype=torch.uint8), ValueError, r"must hold a JSON object; got list"),
+        (blob_key, blob[:-3], ValueError, r"'w.quant_state.bitsandbytes__nf4' does not hold a JSON object"),
+        ("w.absmax", sd["w.absmax"].tolist(), TypeError, r"'w.absmax' must be a torch.Tensor; got list"),
+        ("w", sd["w"].tolist(), TypeError, r"'w' must be a torch.Tensor; got list"),
+        ("w.nested_quant_map", None, TypeError, r"'w.nested_quant_map' must be a torch.Tensor; got NoneType"),
+    ]
+    for key, value, exc, error in bad:
+        with pytest.raises(exc, match=error):
+            qk.NF4Weight.from_bnb_state_dict(dict(sd, **{key: value}), "w")
