@@ -329,6 +329,7 @@ def test_small_params_keep_fp32_states_in_8bit_mode(device):
     assert kinds == {615: "fp32", 7: "fp32", 300: "fp32", 4096: "8bit", 12291: "8bit", 7680: "8bit"}
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronization is a CUDA notion; needs a GPU")
 @pytest.mark.parametrize("state_bits", [32, 8])
 @pytest.mark.parametrize("paging", list(PAGINGS))
@@ -347,6 +348,32 @@ def test_step_never_synchronizes_the_device(state_bits, paging):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert opt.found_nonfinite.item() == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="stream ordering is a CUDA notion; needs a GPU")
+def test_first_copy_into_fresh_slots_waits_for_queued_work():
+    # The slots are allocated on the current stream; the caching allocator may hand them the memory
+    # of a tensor that a kernel still queued on that stream (behind a long sleep) is about to write.
+    # The first copy-in must wait for that kernel, or it lands first and is overwritten by NaN.
+    params = _make_params("cuda")
+    want = copy.deepcopy(params)
+    ref_opt = torch.optim.AdamW(want, lr=1e-2, foreach=False)
+    page = 4096
+    junk = [torch.empty(page, dtype=torch.uint8, device="cuda") for _ in range(2)]
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time on the current stream
+    for j in junk:
+        j.fill_(255)  # queued behind the sleep: writes NaN bytes into memory the slots may get
+    del junk, j
+    opt = qk.PagedAdamW(params, lr=1e-2, page_bytes=page, gpu_budget_bytes=page)
+    _set_grads(params, 0, skip_none=False)
+    _set_grads(want, 0, skip_none=False)
+    opt.step()
+    ref_opt.step()
+    for p, q in zip(params, want):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -159,19 +159,43 @@ class Space:
 
 class _Streams:
     """Side streams and events of the pipeline on CUDA; on the CPU copies are synchronous and the
-    ordering calls do nothing."""
+    ordering calls do nothing.
 
-    def __init__(self, device: torch.device, n_slots: int) -> None:
+    Every stream and event belongs to the params' device (not whichever device is current when a
+    step runs). The slots were allocated on that device's current stream, whose queued kernels may
+    still be using their memory (the caching allocator hands out freed blocks at once): the first
+    copy into a slot waits for that stream. The slots are marked as used by the side streams, so
+    that freeing them (a new pager after add_param_group / load_state_dict) never lets the
+    allocator reuse their memory while a copy is still in flight.
+    """
+
+    def __init__(self, device: torch.device, slots: Sequence[Tensor]) -> None:
+        self.device = device
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.copy_in = torch.cuda.Stream(device)
             self.copy_out = torch.cuda.Stream(device)
+            n_slots = len(slots)
             self.loaded = [torch.cuda.Event() for _ in range(n_slots)]
             self.computed = [torch.cuda.Event() for _ in range(n_slots)]
             self.freed = [torch.cuda.Event() for _ in range(n_slots)]
+            self.slots_allocated = torch.cuda.Event()
+            self.slots_allocated.record(self.current())
+            self.first_step = True
+            for slot in slots:
+                slot.record_stream(self.copy_in)
+                slot.record_stream(self.copy_out)
+
+    def current(self) -> torch.cuda.Stream:
+        """The current stream of the params' device (where the update kernels run)."""
+        return torch.cuda.current_stream(self.device)
 
     def begin(self) -> None:
-        if self.cuda:  # the previous step's copies out must land before a page is read again
+        if self.cuda:
+            if self.first_step:  # queued work that used the slots' memory before they were ours
+                self.copy_in.wait_event(self.slots_allocated)
+                self.first_step = False
+            # the previous step's copies out must land before a page is read again
             self.copy_in.wait_stream(self.copy_out)
 
     def load(self, slot: int, dst: Tensor, src: Tensor) -> None:
@@ -185,13 +209,13 @@ class _Streams:
 
     def before_compute(self, slot: int) -> None:
         if self.cuda:
-            torch.cuda.current_stream().wait_event(self.loaded[slot])
+            self.current().wait_event(self.loaded[slot])
 
     def store(self, slot: int, dst: Tensor, src: Tensor) -> None:
         if not self.cuda:
             dst.copy_(src)
             return
-        self.computed[slot].record(torch.cuda.current_stream())
+        self.computed[slot].record(self.current())
         with torch.cuda.stream(self.copy_out):
             self.copy_out.wait_event(self.computed[slot])
             dst.copy_(src, non_blocking=True)
@@ -199,7 +223,7 @@ class _Streams:
 
     def end(self) -> None:
         if self.cuda:  # work queued after the step sees the state written back
-            torch.cuda.current_stream().wait_stream(self.copy_out)
+            self.current().wait_stream(self.copy_out)
 
     def synchronize(self) -> None:
         """Wait for every copy (before the host reads or writes the host pool)."""
@@ -290,7 +314,7 @@ class Pager:
             torch.empty(self.page_bytes if n_host else 0, dtype=torch.uint8, device=self.device)
             for _ in range(N_SLOTS if n_host else 0)
         ]
-        self.streams = _Streams(self.device, N_SLOTS)
+        self.streams = _Streams(self.device, self.slots)
         for s in self.spaces:
             init(self, s)
 
