@@ -1,4 +1,9 @@
-"""Shared test fixtures: the devices present, per-test seeds, tolerances by dtype."""
+"""Shared test fixtures: the devices present, per-test seeds, tolerances by dtype.
+
+Every test that runs on a CUDA device carries the ``gpu`` marker: the ones parametrized with the
+"cuda" device get it here automatically, the GPU-only ones are marked by hand. On a GPU machine
+``pytest -m gpu`` runs exactly the tests that exercise the GPU (benchmarks/gpu_check.sh does).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MATMUL_TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 1e-2), torch.bfloat16: (1e-1, 2e-2)}
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if any(isinstance(v, (str, torch.device)) and str(v).startswith("cuda") for v in params.values()):
+            item.add_marker(pytest.mark.gpu)
 
 
 @pytest.fixture(autouse=True)

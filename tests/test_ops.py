@@ -143,3 +143,13 @@ def test_extension_was_built_with_cuda_objects_when_required():
     assert HAS_CPP, _dispatch.status("cpp", "cpu")[1]
     if os.environ.get("QLORA_KERNELS_REQUIRE_CUDA_BUILD") == "1":
         assert _extension.cuda_compiled()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(os.environ.get("QLORA_KERNELS_REQUIRE_GPU") != "1", reason="set by benchmarks/gpu_check.sh")
+def test_gpu_backends_are_live_when_required():
+    # On the GPU machine nothing may silently fall back: the CUDA kernels were built and load, a
+    # device is visible, and triton runs on it.
+    for backend in ("cuda", "triton"):
+        live, why = _dispatch.status(backend, "cuda")
+        assert live, f"{backend}: {why}"
