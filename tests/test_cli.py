@@ -43,6 +43,20 @@ def test_train_with_overrides(tiny, capsys):
     assert yaml.safe_load((out / "config.yaml").read_text())["lora_alpha"] == 8.0
 
 
+@pytest.mark.skipif(not hasattr(qk, "apply_qlora"), reason="qlora_kernels.apply_qlora not available")
+def test_train_refuses_a_used_output_dir_with_exit_2_naming_the_flags(tiny, capsys):
+    out = tiny["dir"] / "used"
+    assert cli.main(["train", str(tiny["config"]), f"output_dir={out}", "max_steps=1"]) == 0
+    metrics = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert cli.main(["train", str(tiny["config"]), f"output_dir={out}", "max_steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert "holds the results of another run" in err and "overwrite_output_dir: true" in err
+    assert (out / "metrics.jsonl").read_text() == metrics
+    assert cli.main(["train", str(tiny["config"]), f"output_dir={out}", "max_steps=1",
+                     "overwrite_output_dir=true"]) == 0
+
+
 def test_train_bad_config_fails_before_loading_anything(tiny, capsys, monkeypatch):
     import qlora_kernels.train.sft as sft
 

@@ -178,3 +178,131 @@ def test_example_config_is_valid_and_matches_the_demo(monkeypatch):
     assert Path(cfg.base_model).resolve() == Path(demo.base_model).resolve()
     assert Path(cfg.datasets[0].path).resolve() == Path(demo.datasets[0].path).resolve()
     assert Path(cfg.test_datasets[0].path).resolve() == Path(demo.test_datasets[0].path).resolve()
+
+
+# --------------------------------------------------------------------------- ranges of numeric keys (issue 11: 8, 13)
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("max_grad_norm", -1, "max_grad_norm: must be >= 0 or null (0 or null: no clipping); got -1"),
+    ("max_grad_norm", float("inf"), "max_grad_norm: must be a finite number >= 0"),
+    ("learning_rate", float("nan"), "learning_rate: must be a finite number > 0; got nan"),
+    ("learning_rate", "nan", "learning_rate: must be a finite number > 0; got nan"),
+    ("lora_alpha", float("nan"), "lora_alpha: must be a finite number > 0; got nan"),
+    ("lora_alpha", 0, "lora_alpha: must be > 0; got 0"),
+    pytest.param("lora_alpha", 10**400, "lora_alpha: expected float", id="lora_alpha-int-beyond-float"),
+    ("adam_beta1", 1.5, "adam_beta1: must be in [0, 1); got 1.5"),
+    ("adam_beta2", -0.1, "adam_beta2: must be in [0, 1); got -0.1"),
+    ("adam_epsilon", -1, "adam_epsilon: must be > 0; got -1"),
+    ("adam_epsilon", 0, "adam_epsilon: must be > 0; got 0"),
+    ("weight_decay", -1, "weight_decay: must be >= 0; got -1"),
+    ("seed", 2**64, "seed: must be in [0, 4294967295]; got 18446744073709551616"),
+    ("seed", -1, "seed: must be in [0, 4294967295]; got -1"),
+    ("num_epochs", float("inf"), "num_epochs: must be a finite number >= 0"),
+    ("val_set_size", float("nan"), "val_set_size: must be a finite number >= 0"),
+    ("val_set_size", 2.5, "val_set_size: must be a fraction < 1 or a whole number of rows"),
+    ("dpo_beta", float("inf"), "dpo_beta: must be a finite number > 0"),
+    ("warmup_ratio", float("nan"), "warmup_ratio: must be a finite number in [0, 1) or null"),
+    ("warmup_steps", -1, "warmup_steps: must be >= 0 or null; got -1"),
+    ("lora_r", 0, "lora_r: must be >= 1; got 0"),
+    ("save_total_limit", 0, "save_total_limit: must be >= 1 or null; got 0"),
+])
+def test_every_numeric_key_has_a_range(paths, key, value, needle):
+    assert needle in errors_of(raw(paths, **{key: value}))
+
+
+def test_max_grad_norm_zero_and_null_mean_no_clipping(paths):
+    assert load_config(raw=raw(paths, max_grad_norm=0)).max_grad_norm == 0.0
+    assert load_config(raw=raw(paths, max_grad_norm=None)).max_grad_norm is None
+    cfg = load_config(raw=raw(paths, seed=2**32 - 1, adam_beta1=0.0, weight_decay=0, num_epochs=0, max_steps=3))
+    assert cfg.seed == 2**32 - 1 and cfg.num_epochs == 0.0
+
+
+def test_range_errors_are_reported_with_other_errors(paths):
+    msg = errors_of(raw(paths, learning_rate=float("nan"), optimizer="sgd", lora_r="x"))
+    assert "learning_rate: must be a finite number > 0" in msg and "optimizer: 'sgd'" in msg and "lora_r:" in msg
+
+
+def test_non_utf8_yaml_is_a_config_error_naming_the_file(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("base_model: mod\u00e8le\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and "not UTF-8" in str(e.value) and "line 1" in str(e.value)
+
+
+def test_cli_non_utf8_yaml_exits_2(tmp_path, capsys):
+    from qlora_kernels import cli
+
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes(b"seed: 1\nbase_model: mod\xe8le\n")
+    assert cli.main(["train", str(p)]) == 2
+    assert "not UTF-8 (byte 0xe8 at line 2" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- names TRL / Axolotl users bring
+
+
+def test_trl_and_axolotl_names_are_read_as_aliases(paths):
+    cfg = load_config(raw=raw(paths, per_device_train_batch_size=4, per_device_eval_batch_size=8, max_length=256,
+                              num_train_epochs=2, lr_scheduler_type="constant_with_warmup", optim="paged_adamw_32bit",
+                              completion_only_loss=False, use_rslora=True, bnb_4bit_use_double_quant=False,
+                              logging_steps=5))
+    assert (cfg.micro_batch_size, cfg.eval_batch_size, cfg.sequence_len, cfg.num_epochs) == (4, 8, 256, 2.0)
+    assert cfg.lr_scheduler == "constant" and cfg.optimizer == "paged_adamw" and cfg.train_on_inputs is True
+    assert cfg.peft_use_rslora is True and cfg.quantization.double_quant is False and cfg.logging_steps == 5
+    assert cfg.aliases["per_device_train_batch_size"] == "micro_batch_size"
+    dpo = load_config(raw=raw(paths, rl="dpo", beta=0.3, loss_type="ipo", max_seq_length=64, completion_only_loss=None,
+                              datasets=[{"path": paths["data"], "type": "preference"}]))
+    assert (dpo.dpo_beta, dpo.dpo_loss, dpo.sequence_len, dpo.train_on_inputs) == (0.3, "ipo", 64, False)
+    assert load_config(raw=raw(paths, optimizer="paged_adamw_32bit")).optimizer == "paged_adamw"
+
+
+def test_config_yaml_notes_the_aliases_read(paths, tmp_path):
+    from qlora_kernels.train.config import dump_config
+
+    cfg = load_config(raw=raw(paths, beta=0.2, rl="dpo", datasets=[{"path": paths["data"], "type": "preference"}],
+                              optimizer="paged_adamw_32bit"))
+    dump_config(cfg, tmp_path / "c.yaml")
+    text = (tmp_path / "c.yaml").read_text()
+    assert text.startswith("# aliases read: beta -> dpo_beta, optimizer: paged_adamw_32bit -> optimizer: paged_adamw")
+    assert yaml.safe_load(text)["dpo_beta"] == 0.2
+
+
+def test_alias_together_with_our_key_is_an_error(paths):
+    msg = errors_of(raw(paths, per_device_train_batch_size=4, micro_batch_size=2, max_length=8, max_seq_length=9))
+    assert "per_device_train_batch_size: is read as micro_batch_size, which is also given; set only one" in msg
+    assert "is read as sequence_len, which is also given (as max_length)" in msg
+
+
+def test_alias_errors_name_the_alias(paths):
+    msg = errors_of(raw(paths, per_device_train_batch_size=0, optim="adamw_hf", loss_type="hinge"))
+    assert "per_device_train_batch_size (read as micro_batch_size): must be >= 1; got 0" in msg
+    assert "optim (read as optimizer): 'adamw_hf' is not allowed" in msg
+    assert "loss_type (read as dpo_loss): 'hinge' is not allowed" in msg
+    assert "lr_scheduler_type: 'constant' in transformers has no warmup" in errors_of(
+        raw(paths, lr_scheduler_type="constant", warmup_steps=3))
+
+
+def test_foreign_keys_name_our_key_and_suggestions_keep_train_and_eval_apart(paths):
+    msg = errors_of(raw(paths, eval_strategy="steps", batch_size=8, train_batch_size=8, per_device_train_batchsize=8,
+                        eval_batchsize=2))
+    assert "eval_strategy: unknown key; evaluation runs every eval_steps steps and at the end: set eval_steps" in msg
+    assert "batch_size: unknown key; set micro_batch_size" in msg
+    assert "train_batch_size: unknown key; did you mean 'micro_batch_size'?" in msg
+    assert ("per_device_train_batchsize: unknown key; did you mean 'per_device_train_batch_size' (read as "
+            "micro_batch_size)?") in msg
+    assert "eval_batchsize: unknown key; did you mean 'eval_batch_size'?" in msg
+
+
+def test_an_override_replaces_the_key_under_any_name_and_warmup_steps_and_ratio_replace_each_other(paths, tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(raw(paths, warmup_steps=10, per_device_train_batch_size=4)))
+    cfg = load_config(p, ["warmup_ratio=0.1", "micro_batch_size=2"])
+    assert cfg.warmup_ratio == 0.1 and cfg.warmup_steps is None and cfg.micro_batch_size == 2
+    cfg = load_config(p, ["warmup_steps=null"])  # a null does not remove the other one
+    assert cfg.warmup_steps is None and cfg.warmup_ratio is None
+    p.write_text(yaml.safe_dump(raw(paths, warmup_ratio=0.1)))
+    assert load_config(p, ["warmup_steps=3"]).warmup_steps == 3
+    with pytest.raises(ConfigError, match="warmup_steps, warmup_ratio: set one of them"):
+        load_config(p, ["warmup_steps=3", "warmup_ratio=0.2"])

@@ -6,20 +6,27 @@ A checkpoint directory ``checkpoint-<step>`` holds:
 * ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's ``state_dict`` (tensors in the
   first file, the structure and plain values in the second);
 * ``rng.safetensors``: torch CPU and CUDA generator states;
-* ``trainer_state.json``: step, scheduler, data position, Python ``random`` state, early-stopping
-  state and the last metrics;
+* ``trainer_state.json``: step, scheduler, data position, early-stopping state, the run's id, the
+  time of the save, and the size and SHA-256 of every other file (written last);
 * ``adapter/``: the adapter in PEFT format, for use without this trainer.
 
-It is written into a temporary sibling directory and renamed into place, so a crash or Ctrl-C
-never leaves a half-written ``checkpoint-<step>``. Nothing is unpickled on load.
+It is written into a temporary sibling directory ``.tmp-checkpoint-<step>-<pid>`` and renamed into
+place (a checkpoint it replaces is moved to ``.old-checkpoint-<step>-<pid>`` for that moment), so a
+crash or Ctrl-C never leaves a half-written ``checkpoint-<step>``. What a killed or failed save
+leaves behind is cleaned up by the next save and at the start of a run
+(:func:`clean_stale_saves`). Loading reads and checks every file before it changes anything, and
+names the file or tensor that does not fit. Nothing is unpickled on load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +35,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 TRAINER_STATE = "trainer_state.json"
+RESUME_FILES = ("trainable.safetensors", "optimizer.json", "optimizer.safetensors", "rng.json", "rng.safetensors")
+FINAL_FILES = ("adapter_model.safetensors", "adapter_config.json")  # the adapter a finished run leaves
+METRICS = "metrics.jsonl"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_STALE_RE = re.compile(r"^\.(tmp|old)-(checkpoint-\d+)-(\d+)$")
 _T, _TUPLE, _DICT = "__tensor__", "__tuple__", "__dict__"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, is damaged, or does not fit the model; names the file or tensor."""
 
 
 def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") -> Any:
@@ -101,22 +117,94 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(d: Path) -> dict[str, dict[str, Any]]:
+    return {str(f.relative_to(d)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+            for f in sorted(d.rglob("*")) if f.is_file() and f.name != TRAINER_STATE}
+
+
+def _pid_alive(pid: int) -> bool:
+    """True if another live process on this machine has this id (its save may be under way)."""
+    if pid == os.getpid():
+        return False  # our own leftover: this process saves one checkpoint at a time
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def clean_stale_saves(output_dir: str | Path) -> list[str]:
+    """Remove what killed or failed saves left in ``output_dir``; returns the names removed or restored.
+
+    Only this module's temporary directories are touched (``.tmp-checkpoint-<step>-<pid>`` and
+    ``.old-checkpoint-<step>-<pid>``), and only those of a process that is no longer running (or of
+    this one). A save killed between its two renames left ``checkpoint-<step>`` missing: the
+    complete new copy (``.tmp-``, fully written before the first rename) is moved into place,
+    else the previous one (``.old-``) is moved back.
+    """
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    stale = []
+    for d in out.iterdir():
+        m = _STALE_RE.match(d.name)
+        if m and d.is_dir() and not _pid_alive(int(m.group(3))):
+            stale.append((m.group(1), m.group(2), m.group(3), d))
+    done = []
+    for kind, name, pid, d in sorted(stale, key=lambda x: x[0] != "old"):  # the .old- ones first
+        final = out / name
+        if kind == "old" and not final.exists():
+            tmp = out / f".tmp-{name}-{pid}"
+            os.replace(tmp if (tmp / TRAINER_STATE).is_file() else d, final)
+            done.append(f"{name} (restored)")
+        for leftover in (d, out / f".tmp-{name}-{pid}") if kind == "old" else (d,):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+                done.append(leftover.name)
+    return done
+
+
 def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     trainer_state: dict[str, Any], rng: dict[str, Any],
                     save_adapter_fn: Callable[[torch.nn.Module, Path], None] | None = None) -> Path:
-    """Write a checkpoint atomically (temp directory, then rename) and return its path."""
+    """Write a checkpoint atomically (temp directory, then rename) and return its path.
+
+    ``trainer_state`` is stored with ``saved_at_ns`` and the manifest of the other files added.
+    Leftovers of earlier killed saves in the same directory are cleaned up first (:func:`clean_stale_saves`);
+    a failed write (e.g. a full disk) removes its temporary directory and raises :class:`CheckpointError`.
+    """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_saves(final.parent)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    save_state(optimizer.state_dict(), tmp / "optimizer.json", tmp / "optimizer.safetensors")
-    save_state(rng, tmp / "rng.json", tmp / "rng.safetensors")
-    if save_adapter_fn is not None:
-        save_adapter_fn(model, tmp / "adapter")
-    (tmp / TRAINER_STATE).write_text(json.dumps(flatten_state(trainer_state, {}), indent=1))
+    try:
+        tmp.mkdir()
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_state(optimizer.state_dict(), tmp / "optimizer.json", tmp / "optimizer.safetensors")
+        save_state(rng, tmp / "rng.json", tmp / "rng.safetensors")
+        if save_adapter_fn is not None:
+            save_adapter_fn(model, tmp / "adapter")
+        state = {**trainer_state, "saved_at_ns": time.time_ns(), "files": _manifest(tmp)}
+        (tmp / TRAINER_STATE).write_text(json.dumps(flatten_state(state, {}), indent=1))
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"cannot write checkpoint {final}: {e}") from e
+        raise
     old = None
     if final.exists():
         old = final.parent / f".old-{final.name}-{os.getpid()}"
@@ -127,29 +215,141 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     return final
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[
-        dict[str, Any], dict[str, Any]]:
-    """Restore trainable parameters and optimizer state in place; return (trainer_state, rng state)."""
+def _read(ckpt: Path, name: str, reader: Callable[[], Any]) -> Any:
+    try:
+        return reader()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {ckpt}: {name} is missing") from None
+    except Exception as e:  # noqa: BLE001 - any parse error of a damaged file
+        raise CheckpointError(f"checkpoint {ckpt}: {name} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _rank_of(name: str, shape: torch.Size) -> int | None:
+    if "lora_A" in name and len(shape) == 2:
+        return shape[0]
+    if "lora_B" in name and len(shape) == 2:
+        return shape[1]
+    return None
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    check: Callable[[dict[str, Any]], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore trainable parameters and optimizer state in place; return (trainer_state, rng state).
+
+    Every file is read and checked first (its size and SHA-256 against the manifest written with it,
+    then its contents), then ``check(trainer_state)`` runs (it may raise), then every tensor's name and
+    shape is compared with the model's; only then are the optimizer and the parameters changed.
+
+    Raises:
+        CheckpointError: a missing or damaged file (named), a tensor that does not fit the model (named,
+            with the ``lora_r`` of checkpoint and model when the rank differs), or an optimizer state that
+            does not fit the optimizer.
+    """
     ckpt = Path(path)
-    saved = load_file(str(ckpt / "trainable.safetensors"))
+    trainer_state = _read(ckpt, TRAINER_STATE,
+                          lambda: unflatten_state(json.loads((ckpt / TRAINER_STATE).read_text()), {}))
+    if not isinstance(trainer_state, dict):
+        raise CheckpointError(f"checkpoint {ckpt}: {TRAINER_STATE} is not a JSON object")
+    manifest = trainer_state.get("files") or {}
+    for name in RESUME_FILES:
+        f = ckpt / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {ckpt}: {name} is missing")
+        want = manifest.get(name)
+        if want is not None and (f.stat().st_size != want["bytes"] or _sha256(f) != want["sha256"]):
+            raise CheckpointError(f"checkpoint {ckpt}: {name} is damaged ({f.stat().st_size} bytes; its size or "
+                                  f"SHA-256 differs from what was written, {want['bytes']} bytes)")
+    saved = _read(ckpt, "trainable.safetensors", lambda: load_file(str(ckpt / "trainable.safetensors")))
+    opt_state = _read(ckpt, "optimizer.json / optimizer.safetensors",
+                      lambda: load_state(ckpt / "optimizer.json", ckpt / "optimizer.safetensors"))
+    rng = _read(ckpt, "rng.json / rng.safetensors", lambda: load_state(ckpt / "rng.json", ckpt / "rng.safetensors"))
+    if check is not None:
+        check(trainer_state)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
     if missing or extra:
-        raise ValueError(f"checkpoint {ckpt} does not match the model's trainable parameters: missing "
-                         f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}")
+        raise CheckpointError(f"checkpoint {ckpt} does not match the model's trainable parameters: missing "
+                              f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]} (was it "
+                              "written with other lora_target_modules?)")
+    for n, p in params.items():
+        if saved[n].shape != p.shape:
+            r_ck, r_model = _rank_of(n, saved[n].shape), _rank_of(n, p.shape)
+            why = (f": the checkpoint was written with lora_r {r_ck}, this run has lora_r {r_model}"
+                   if r_ck is not None and r_ck != r_model else "")
+            raise CheckpointError(f"checkpoint {ckpt}: trainable.safetensors: tensor {n!r} is {list(saved[n].shape)} "
+                                  f"but {list(p.shape)} in this model{why}; resume with the settings it was "
+                                  "written with")
+    try:
+        optimizer.load_state_dict(opt_state)
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt}: optimizer.json / optimizer.safetensors do not fit this "
+                              f"optimizer ({e}); resume with the optimizer it was written with") from None
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(saved[n])
-    optimizer.load_state_dict(load_state(ckpt / "optimizer.json", ckpt / "optimizer.safetensors"))
-    trainer_state = unflatten_state(json.loads((ckpt / TRAINER_STATE).read_text()), {})
-    return trainer_state, load_state(ckpt / "rng.json", ckpt / "rng.safetensors")
+    return trainer_state, rng
 
 
-def prune_checkpoints(output_dir: str | Path, keep: int | None) -> None:
-    """Delete all but the newest ``keep`` ``checkpoint-<step>`` directories."""
-    if keep is None:
-        return
-    ckpts = sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]))
-    for p in ckpts[:-keep]:
+def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``checkpoint-<step>`` directory in ``output_dir``, by step."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint (with its trainer_state.json) of the highest step in ``output_dir``, or None."""
+    done = [p for _, p in checkpoints(output_dir) if (p / TRAINER_STATE).is_file()]
+    return done[-1] if done else None
+
+
+def run_outputs(output_dir: str | Path) -> list[str]:
+    """Names of the results of a run in ``output_dir``: the final adapter, a non-empty metrics.jsonl and
+    the checkpoints (a config.yaml or an empty metrics.jsonl alone is not a result)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [n for n in FINAL_FILES if (out / n).is_file()]
+    if (out / METRICS).is_file() and (out / METRICS).stat().st_size > 0:
+        found.append(METRICS)
+    return found + [p.name for _, p in checkpoints(out)]
+
+
+def remove_run_outputs(output_dir: str | Path) -> list[str]:
+    """Delete what a run writes into ``output_dir`` (adapter, metrics.jsonl, loss.png, config.yaml,
+    checkpoints); other files stay. Returns the names deleted."""
+    out = Path(output_dir)
+    gone = []
+    for n in (*FINAL_FILES, METRICS, "loss.png", "config.yaml"):
+        if (out / n).is_file():
+            (out / n).unlink()
+            gone.append(n)
+    for _, p in checkpoints(out):
+        shutil.rmtree(p)
+        gone.append(p.name)
+    return gone
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int | None, run_id: str | None) -> list[str]:
+    """Delete all but the ``keep`` newest checkpoints of run ``run_id`` in ``output_dir``; returns their names.
+
+    Only checkpoints whose trainer_state.json names this ``run_id`` are considered (never another run's,
+    nor one without an id); the newest are the last saved (``saved_at_ns``), then the highest step.
+    """
+    if keep is None or run_id is None:
+        return []
+    mine = []
+    for step, p in checkpoints(output_dir):
+        try:
+            state = json.loads((p / TRAINER_STATE).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict) and state.get("run_id") == run_id:
+            mine.append((state.get("saved_at_ns") or 0, step, p))
+    gone = []
+    for _, _, p in sorted(mine)[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
+        gone.append(p.name)
+    return gone

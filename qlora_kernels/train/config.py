@@ -3,8 +3,15 @@
 ``load_config(path, overrides)`` reads the YAML, applies ``key=value`` overrides (dotted keys,
 values parsed as YAML: ``quantization.blocksize=128``, ``datasets.0.path=x.jsonl``,
 ``lora_target_modules=[q_proj,v_proj]``), and validates every key: an unknown key, a wrong type,
-a value outside its allowed set or a missing path raises :class:`ConfigError` naming the key and
-what is allowed. All problems are reported at once.
+a value outside its allowed set or range or a missing path raises :class:`ConfigError` naming the key and
+what is allowed; every numeric key has a range (finite, and e.g. ``learning_rate > 0``,
+``adam_beta1`` in [0, 1)). All problems are reported at once.
+
+Names that TRL, transformers and Axolotl users bring for the same setting are read as aliases
+(:data:`ALIASES`: ``per_device_train_batch_size`` -> ``micro_batch_size``, ``max_length`` ->
+``sequence_len``, ``beta`` -> ``dpo_beta``, ...); an alias given together with our key is an error,
+and ``output_dir/config.yaml`` notes the aliases read. Names with no equivalent get an error that
+names what to set instead (:data:`FOREIGN_KEYS`).
 
 The dataclasses below are the schema: a field's type annotation is its type, its default the
 default, and ``metadata`` carries the allowed values (``choices``), path checks (``path``) and
@@ -15,12 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
@@ -30,6 +39,7 @@ DPO_LOSSES = ("sigmoid", "ipo")
 EVAL_SPLITS = ("eval", "validation", "test")
 PROMPT_TEMPLATES = ("alpaca", "chatml", "tokenizer_default")
 OPTIMIZERS = ("paged_adamw", "paged_adamw_8bit", "adamw_torch")
+OPTIMIZER_ALIASES = {"paged_adamw_32bit": "paged_adamw"}  # Axolotl's / transformers' name of the same optimizer
 SCHEDULERS = ("cosine", "linear", "constant")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -38,9 +48,44 @@ class ConfigError(ValueError):
     """A config problem: names the key, the value found and the values allowed."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric key: ``lo`` .. ``hi`` (None: unbounded), open or closed at each end.
+
+    A float must also be finite. ``note`` is added to the error message (e.g. what 0 means).
+    """
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    note: str = ""
+
+    def __contains__(self, v: float) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+    def __str__(self) -> str:
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else str(x)
+
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {num(self.lo)}"
+        return f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+
+
+POSITIVE = Range(0, lo_open=True)  # > 0
+AT_LEAST_0 = Range(0)  # >= 0
+AT_LEAST_1 = Range(1)  # >= 1 (counts of steps, examples, tokens)
+UNIT = Range(0, 1, hi_open=True)  # [0, 1)
+
+
 def _f(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, path: str | None = None,
-       help: str = "", factory: Any = None) -> Any:
-    meta = {"choices": choices, "path": path, "help": help}
+       help: str = "", factory: Any = None, range: Range | None = None) -> Any:
+    meta = {"choices": choices, "path": path, "help": help, "range": range}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -76,54 +121,68 @@ class SFTConfig:
     trust_remote_code: bool = _f(False, help="allow custom model code from base_model (off by default)")
     rl: str | None = _f(None, choices=("dpo",), help="preference tuning instead of SFT: 'dpo' (Axolotl key)")
     trainer: str | None = _f(None, choices=("sft", "dpo"), help="'sft' or 'dpo' (default: sft, or dpo if rl: dpo)")
-    dpo_beta: float = _f(0.1, help="DPO beta: strength of the pull towards the reference model")
+    dpo_beta: float = _f(0.1, range=POSITIVE, help="DPO beta: strength of the pull towards the reference model")
     dpo_loss: str = _f("sigmoid", choices=DPO_LOSSES, help="sigmoid (DPO) or ipo")
-    dpo_label_smoothing: float = _f(0.0, help="assumed share of flipped preference labels, in [0, 0.5) (sigmoid)")
+    dpo_label_smoothing: float = _f(0.0, range=Range(0, 0.5, hi_open=True),
+                                    help="assumed share of flipped preference labels, in [0, 0.5) (sigmoid)")
     precompute_ref_log_probs: bool = _f(False, help="compute the reference log-probs once before training")
     adapter: str = _f("qlora", choices=("qlora",), help="adapter kind (Axolotl key)")
     load_in_4bit: bool = _f(True, choices=(True,), help="Axolotl key; QLoRA always loads in 4 bits")
     quantization: QuantizationConfig = _f(factory=QuantizationConfig, help="{quant_type, double_quant, blocksize}")
-    lora_r: int = _f(16, help="LoRA rank")
-    lora_alpha: float = _f(16, help="LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = _f(0.0, help="dropout on the LoRA input, in [0, 1)")
+    lora_r: int = _f(16, range=AT_LEAST_1, help="LoRA rank")
+    lora_alpha: float = _f(16, range=POSITIVE, help="LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = _f(0.0, range=UNIT, help="dropout on the LoRA input, in [0, 1)")
     lora_target_modules: Union[str, list[str]] = _f("all-linear", help="'all-linear' or a list of module names")
     peft_use_rslora: bool = _f(False, help="rank-stabilized scale alpha / sqrt(r)")
     prompt_template: str | None = _f(None, choices=PROMPT_TEMPLATES, help="default: alpaca for alpaca rows, "
                                      "chatml for chat rows")
     train_on_inputs: bool = _f(False, help="also train on prompt tokens")
-    sequence_len: int = _f(2048, help="tokens per example; longer ones are truncated and counted")
+    sequence_len: int = _f(2048, range=AT_LEAST_1, help="tokens per example; longer ones are truncated and counted")
     skip_bad_rows: bool = _f(False, help="skip (and count) malformed rows instead of failing")
-    val_set_size: float = _f(0.0, help="fraction (<1) or number (>=1) of train rows held out for eval")
-    micro_batch_size: int = _f(1, help="examples per forward pass")
-    eval_batch_size: int | None = _f(None, help="examples per eval forward pass (default: micro_batch_size)")
-    gradient_accumulation_steps: int = _f(1, help="micro-batches per optimizer step")
-    num_epochs: float = _f(1.0, help="passes over the train rows (ignored when max_steps is set)")
-    max_steps: int | None = _f(None, help="optimizer steps (overrides num_epochs)")
-    learning_rate: float = _f(2e-4, help="peak learning rate")
+    val_set_size: float = _f(0.0, range=AT_LEAST_0,
+                             help="fraction (<1) or whole number (>=1) of train rows held out for eval")
+    micro_batch_size: int = _f(1, range=AT_LEAST_1, help="examples per forward pass")
+    eval_batch_size: int | None = _f(None, range=AT_LEAST_1,
+                                     help="examples per eval forward pass (default: micro_batch_size)")
+    gradient_accumulation_steps: int = _f(1, range=AT_LEAST_1, help="micro-batches per optimizer step")
+    num_epochs: float = _f(1.0, range=AT_LEAST_0, help="passes over the train rows (ignored when max_steps is set)")
+    max_steps: int | None = _f(None, range=AT_LEAST_1, help="optimizer steps (overrides num_epochs)")
+    learning_rate: float = _f(2e-4, range=POSITIVE, help="peak learning rate")
     lr_scheduler: str = _f("cosine", choices=SCHEDULERS, help="decay after warmup")
-    warmup_steps: int | None = _f(None, help="linear warmup steps")
-    warmup_ratio: float | None = _f(None, help="warmup as a fraction of the total steps")
-    optimizer: str = _f("paged_adamw", choices=OPTIMIZERS, help="optimizer of the LoRA parameters")
-    weight_decay: float = _f(0.0, help="decoupled weight decay")
-    adam_beta1: float = _f(0.9, help="AdamW beta1")
-    adam_beta2: float = _f(0.999, help="AdamW beta2")
-    adam_epsilon: float = _f(1e-8, help="AdamW epsilon")
-    max_grad_norm: float | None = _f(1.0, help="gradient clipping norm (null: no clipping)")
+    warmup_steps: int | None = _f(None, range=AT_LEAST_0,
+                                  help="linear warmup steps (lr 0 at the first step, as in transformers)")
+    warmup_ratio: float | None = _f(None, range=UNIT, help="warmup as a fraction of the total steps (rounded up)")
+    optimizer: str = _f("paged_adamw", choices=OPTIMIZERS, help="optimizer of the LoRA parameters "
+                         "(paged_adamw_32bit is read as paged_adamw)")
+    weight_decay: float = _f(0.0, range=AT_LEAST_0, help="decoupled weight decay")
+    adam_beta1: float = _f(0.9, range=UNIT, help="AdamW beta1")
+    adam_beta2: float = _f(0.999, range=UNIT, help="AdamW beta2")
+    adam_epsilon: float = _f(1e-8, range=POSITIVE, help="AdamW epsilon")
+    max_grad_norm: float | None = _f(1.0, range=Range(0, note="0 or null: no clipping"),
+                                     help="gradient clipping norm (0 or null: no clipping, as in transformers)")
     gradient_checkpointing: bool = _f(False, help="recompute activations in backward")
     bf16: Union[bool, Literal["auto"]] = _f("auto", choices=(True, False, "auto"),
                                             help="bf16 autocast: auto = on for CUDA devices that support it")
     fp16: bool = _f(False, help="fp16 autocast with loss scaling (CUDA only)")
     device: str = _f("auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available")
-    eval_steps: int | None = _f(None, help="evaluate every N steps (and at the end)")
-    early_stopping_patience: int | None = _f(None, help="stop after N evaluations without a better eval loss")
-    save_steps: int | None = _f(None, help="checkpoint every N steps")
-    save_total_limit: int | None = _f(None, help="keep only the newest N checkpoints")
-    logging_steps: int = _f(1, help="write metrics every N steps")
-    loss_chunk_size: int | None = _f(None, help="tokens per chunk of the chunked cross-entropy (default: auto)")
-    output_dir: str = _f("outputs/sft", help="adapter, checkpoints, metrics.jsonl, loss.png")
-    seed: int = _f(42, help="seed of initialization, shuffling and dropout")
+    eval_steps: int | None = _f(None, range=AT_LEAST_1, help="evaluate every N steps (and at the end)")
+    early_stopping_patience: int | None = _f(None, range=AT_LEAST_1,
+                                             help="stop after N evaluations without a better eval loss")
+    save_steps: int | None = _f(None, range=AT_LEAST_1, help="checkpoint every N steps")
+    save_total_limit: int | None = _f(None, range=AT_LEAST_1, help="keep only the newest N checkpoints of this run")
+    logging_steps: int = _f(1, range=AT_LEAST_1, help="write metrics every N steps")
+    loss_chunk_size: int | None = _f(None, range=AT_LEAST_1,
+                                     help="tokens per chunk of the chunked cross-entropy (default: auto)")
+    output_dir: str = _f("outputs/sft", help="adapter, checkpoints, metrics.jsonl, loss.png; one run per directory")
+    overwrite_output_dir: bool = _f(False, help="replace the results of a previous run in output_dir (otherwise "
+                                    "a run refuses to start there)")
+    auto_resume_from_checkpoints: bool = _f(False, help="resume from the newest checkpoint in output_dir if there "
+                                            "is one (Axolotl key)")
+    seed: int = _f(42, range=Range(0, 2**32 - 1), help="seed of initialization, shuffling and dropout")
     resume_from_checkpoint: str | None = _f(None, path="checkpoint", help="checkpoint directory to resume from")
     progress_bar: bool = _f(True, help="show a tqdm progress bar")
+
+    aliases: ClassVar[dict[str, str]] = {}  # set per instance by validate(): {alias given: our key}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every key (defaults included), as written to ``output_dir/config.yaml``."""
@@ -141,6 +200,111 @@ class SFTConfig:
     @property
     def eval_datasets(self) -> list[DatasetConfig]:
         return [d for d in self.datasets if d.split != "train"] + list(self.test_datasets)
+
+
+# --------------------------------------------------------------------------- names other trainers use
+
+# What TRL / transformers / PEFT / Axolotl users write for one of our keys (same meaning); a dotted target
+# is a nested key. An alias given together with our key (or with another alias of it) is an error.
+ALIASES: dict[str, str] = {
+    "model_name_or_path": "base_model",  # TRL ModelConfig
+    "per_device_train_batch_size": "micro_batch_size",  # transformers TrainingArguments (TRL, Axolotl)
+    "per_device_eval_batch_size": "eval_batch_size",
+    "num_train_epochs": "num_epochs",
+    "lr_scheduler_type": "lr_scheduler",  # 'constant_with_warmup' is our 'constant'
+    "optim": "optimizer",  # 'paged_adamw_32bit' is our 'paged_adamw'
+    "max_length": "sequence_len",  # TRL SFTConfig / DPOConfig
+    "max_seq_length": "sequence_len",  # TRL before 0.20
+    "completion_only_loss": "train_on_inputs",  # TRL SFTConfig; negated (null: our default)
+    "beta": "dpo_beta",  # TRL DPOConfig
+    "loss_type": "dpo_loss",
+    "label_smoothing": "dpo_label_smoothing",
+    "use_rslora": "peft_use_rslora",  # PEFT LoraConfig / TRL ModelConfig
+    "target_modules": "lora_target_modules",  # PEFT LoraConfig
+    "bnb_4bit_quant_type": "quantization.quant_type",  # transformers BitsAndBytesConfig
+    "bnb_4bit_use_double_quant": "quantization.double_quant",
+    "use_bnb_nested_quant": "quantization.double_quant",  # TRL ModelConfig
+}
+
+# Keys of other trainers with no equivalent here: what to set instead (or why it is not needed).
+FOREIGN_KEYS: dict[str, str] = {
+    "eval_strategy": "evaluation runs every eval_steps steps and at the end: set eval_steps",
+    "evaluation_strategy": "evaluation runs every eval_steps steps and at the end: set eval_steps",
+    "save_strategy": "checkpoints are written every save_steps steps: set save_steps",
+    "lora_target_linear": "set lora_target_modules: all-linear (the default)",
+    "r": "set lora_r",
+    "batch_size": "set micro_batch_size (examples per forward pass) and gradient_accumulation_steps",
+    "packing": "not supported: examples are padded to the longest of their micro-batch, never packed",
+    "max_prompt_length": "not supported: sequence_len bounds prompt and completion together (the end is cut)",
+    "report_to": "not supported: metrics go to output_dir/metrics.jsonl and loss.png",
+}
+
+_EVAL_WORDS = frozenset(("eval", "evaluation", "test", "val", "validation"))
+
+
+def _alias_value(alias: str, value: Any) -> Any:
+    """An alias's value as our key takes it."""
+    if alias == "completion_only_loss" and isinstance(value, bool):
+        return not value
+    if alias == "lr_scheduler_type" and value == "constant_with_warmup":
+        return "constant"
+    if alias == "optim" and isinstance(value, str):
+        return OPTIMIZER_ALIASES.get(value, value)
+    return value
+
+
+def _canonical(raw: dict[str, Any], errors: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``raw`` with every alias renamed to our key (values converted) and ``optimizer: paged_adamw_32bit``
+    read as ``paged_adamw``; returns ``(new raw, {what was given: what it was read as})``. ``raw`` is not
+    modified."""
+    out = dict(raw)
+    used: dict[str, str] = {}
+    for alias, key in ALIASES.items():
+        if alias not in out:
+            continue
+        value = out.pop(alias)
+        if alias == "completion_only_loss" and value is None:
+            continue  # TRL's default (decide by the data): ours is completion-only
+        *parents, leaf = key.split(".")
+        node = out
+        if parents:
+            if not isinstance(out.get(parents[0]), (dict, type(None))):
+                continue  # the mapping itself has the wrong type: reported by the type check
+            node = out[parents[0]] = dict(out.get(parents[0]) or {})
+        other = [a for a, k in used.items() if k == key]
+        if leaf in node or other:
+            errors.append(f"{alias}: is read as {key}, which is also given{f' (as {other[0]})' if other else ''}; "
+                          "set only one of them")
+            continue
+        if alias == "lr_scheduler_type" and value == "constant" and (out.get("warmup_steps") or
+                                                                     out.get("warmup_ratio")):
+            errors.append("lr_scheduler_type: 'constant' in transformers has no warmup, but a warmup is set; set "
+                          "lr_scheduler_type: constant_with_warmup (our lr_scheduler: constant), or no warmup")
+            continue
+        node[leaf] = _alias_value(alias, value)
+        used[alias] = key
+    opt = out.get("optimizer")
+    if isinstance(opt, str) and opt in OPTIMIZER_ALIASES and "optim" not in used:
+        out["optimizer"] = OPTIMIZER_ALIASES[opt]
+        used[f"optimizer: {opt}"] = f"optimizer: {out['optimizer']}"
+    return out, used
+
+
+def _unknown_key(key: Any, prefix: str, names: list[str]) -> str:
+    """The error for an unknown key: what to set instead, or the closest known name (an eval key is only
+    suggested for an eval-like key, and the other way round)."""
+    k = str(key)
+    if not prefix and k in FOREIGN_KEYS:
+        return f"{k}: unknown key; {FOREIGN_KEYS[k]}"
+    candidates = names + (list(ALIASES) if not prefix else [])
+    evalish = bool(set(k.lower().split("_")) & _EVAL_WORDS)
+    pool = [n for n in candidates if bool(set(n.split("_")) & _EVAL_WORDS) == evalish]
+    close = difflib.get_close_matches(k, pool, n=1)
+    hint = ""
+    if close:
+        c = close[0]
+        hint = f"; did you mean {c!r}{f' (read as {ALIASES[c]})' if c in ALIASES and not prefix else ''}?"
+    return f"{prefix}{k}: unknown key{hint} (allowed keys: {', '.join(names)})"
 
 
 # --------------------------------------------------------------------------- type checking
@@ -199,12 +363,10 @@ def _convert(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "2e-4" (no dot) as a string
-            try:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:  # PyYAML reads "2e-4" (no dot) as a string
                 return float(value)
-            except ValueError:
+            except (ValueError, OverflowError):  # "fast"; an int beyond the float range
                 pass
     elif tp is str:
         if isinstance(value, str):
@@ -222,9 +384,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, errors: list[str]) -> An
     hints = typing.get_type_hints(cls)
     for k in raw:
         if k not in fields:
-            close = difflib.get_close_matches(str(k), fields, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            errors.append(f"{prefix}{k}: unknown key{hint} (allowed keys: {', '.join(fields)})")
+            errors.append(_unknown_key(k, prefix, list(fields)))
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         key = prefix + name
@@ -271,36 +431,27 @@ def _check_path(key: str, value: str | None, kind: str, errors: list[str]) -> No
                           "(no trainer_state.json)")
 
 
+def _check_ranges(obj: Any, prefix: str, errors: list[str]) -> None:
+    """Every numeric key against its ``range`` (a float must also be finite); null passes where allowed."""
+    for f in dataclasses.fields(obj):
+        rng, value = f.metadata.get("range"), getattr(obj, f.name)
+        if rng is None or not isinstance(value, (int, float)) or isinstance(value, bool) or value in rng:
+            continue
+        finite = "a finite number " if isinstance(value, float) and not math.isfinite(value) else ""
+        null = " or null" if type(None) in typing.get_args(typing.get_type_hints(type(obj))[f.name]) else ""
+        note = f" ({rng.note})" if rng.note else ""
+        errors.append(f"{prefix}{f.name}: must be {finite}{rng}{null}{note}; got {value}")
+
+
 def _check_rules(cfg: SFTConfig, errors: list[str]) -> None:
-    positive = ("lora_r", "sequence_len", "micro_batch_size", "gradient_accumulation_steps", "logging_steps")
-    for name in positive:
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            errors.append(f"{name}: must be >= 1, got {getattr(cfg, name)}")
-    optional_positive = ("max_steps", "eval_steps", "save_steps", "save_total_limit", "early_stopping_patience",
-                         "loss_chunk_size", "eval_batch_size")
-    for name in optional_positive:
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            errors.append(f"{name}: must be >= 1 or null, got {getattr(cfg, name)}")
-    if not 0.0 <= cfg.lora_dropout < 1.0:
-        errors.append(f"lora_dropout: must be in [0, 1), got {cfg.lora_dropout}")
-    if cfg.learning_rate <= 0:
-        errors.append(f"learning_rate: must be > 0, got {cfg.learning_rate}")
     if cfg.num_epochs <= 0 and cfg.max_steps is None:
         errors.append(f"num_epochs: must be > 0 (or set max_steps), got {cfg.num_epochs}")
     if cfg.warmup_steps is not None and cfg.warmup_ratio is not None:
-        errors.append("warmup_steps, warmup_ratio: set one of them, not both")
-    if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
-        errors.append(f"warmup_steps: must be >= 0, got {cfg.warmup_steps}")
-    if cfg.warmup_ratio is not None and not 0.0 <= cfg.warmup_ratio < 1.0:
-        errors.append(f"warmup_ratio: must be in [0, 1), got {cfg.warmup_ratio}")
-    if cfg.val_set_size < 0:
-        errors.append(f"val_set_size: must be >= 0, got {cfg.val_set_size}")
+        errors.append("warmup_steps, warmup_ratio: set one of them, not both (an override of one replaces the other)")
+    if 1 <= cfg.val_set_size and not cfg.val_set_size.is_integer() and math.isfinite(cfg.val_set_size):
+        errors.append(f"val_set_size: must be a fraction < 1 or a whole number of rows; got {cfg.val_set_size}")
     if cfg.rl == "dpo" and cfg.trainer == "sft":
         errors.append("rl, trainer: rl: dpo contradicts trainer: sft; set one of them")
-    if cfg.dpo_beta <= 0:
-        errors.append(f"dpo_beta: must be > 0, got {cfg.dpo_beta}")
-    if not 0.0 <= cfg.dpo_label_smoothing < 0.5:
-        errors.append(f"dpo_label_smoothing: must be in [0, 0.5), got {cfg.dpo_label_smoothing}")
     if cfg.dpo_label_smoothing > 0 and cfg.dpo_loss != "sigmoid":
         errors.append(f"dpo_label_smoothing: applies to dpo_loss 'sigmoid' only, not {cfg.dpo_loss!r}")
     if cfg.bf16 is True and cfg.fp16:
@@ -331,30 +482,102 @@ def _check_rules(cfg: SFTConfig, errors: list[str]) -> None:
                               "allowed for chat: 'chatml', 'tokenizer_default'")
 
 
+def check_output_dir(cfg: SFTConfig) -> list[str]:
+    """What stops this run from writing into ``cfg.output_dir`` (one run per directory), as error messages.
+
+    The results of another run there (its adapter, a non-empty metrics.jsonl, checkpoints; see
+    :func:`.checkpoint.run_outputs`) are never overwritten silently: the run must either continue it
+    (``resume_from_checkpoint`` a checkpoint in output_dir, or ``auto_resume_from_checkpoints: true``,
+    which sets ``cfg.resume_from_checkpoint`` to the newest one) or replace it
+    (``overwrite_output_dir: true``: the trainer deletes those results before it writes anything).
+    """
+    from .checkpoint import latest_checkpoint, run_outputs
+
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        return [f"output_dir: {cfg.output_dir!r} exists and is not a directory"]
+    if cfg.overwrite_output_dir and cfg.auto_resume_from_checkpoints:
+        return ["overwrite_output_dir, auto_resume_from_checkpoints: set at most one of them to true"]
+    if cfg.auto_resume_from_checkpoints and cfg.resume_from_checkpoint is None:
+        latest = latest_checkpoint(out)
+        if latest is not None:
+            cfg.resume_from_checkpoint = str(latest)
+    resume = cfg.resume_from_checkpoint
+    inside = resume is not None and out.exists() and Path(resume).resolve().parent == out.resolve()
+    if inside and cfg.overwrite_output_dir:
+        return [f"overwrite_output_dir: true would delete {resume!r}, the checkpoint to resume from; set one of them"]
+    found = run_outputs(out)
+    if not found or inside or cfg.overwrite_output_dir:
+        return []
+    latest = latest_checkpoint(out)
+    go_on = (f"resume_from_checkpoint: {str(latest)!r} (or auto_resume_from_checkpoints: true) to continue it, "
+             if latest is not None else "")
+    shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    return [f"output_dir: {cfg.output_dir!r} holds the results of another run ({shown}); set {go_on}"
+            "overwrite_output_dir: true to replace them, or choose another output_dir"]
+
+
 def validate(raw: dict[str, Any]) -> SFTConfig:
-    """Build an :class:`SFTConfig` from a plain mapping, or raise :class:`ConfigError` listing every problem."""
+    """Build an :class:`SFTConfig` from a plain mapping, or raise :class:`ConfigError` listing every problem.
+
+    Aliases (:data:`ALIASES`) are read as our keys first; errors about them name the alias.
+    ``output_dir`` is checked last (:func:`check_output_dir`), once everything else is valid.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"the config must be a YAML mapping of keys to values; got {type(raw).__name__}")
     errors: list[str] = []
-    cfg = _build(SFTConfig, raw, "", errors)
-    typed = not errors  # the cross-field rules below assume every value has its type
+    raw, aliases = _canonical(raw, errors)
+    build_errors: list[str] = []
+    cfg = _build(SFTConfig, raw, "", build_errors)
+    typed = not build_errors and not errors  # the cross-field rules below assume every value has its type
     if cfg is not None:
+        _check_ranges(cfg, "", build_errors)
         for f in dataclasses.fields(SFTConfig):
             if f.metadata.get("path"):
-                _check_path(f.name, getattr(cfg, f.name), f.metadata["path"], errors)
+                _check_path(f.name, getattr(cfg, f.name), f.metadata["path"], build_errors)
         for name in ("datasets", "test_datasets"):
             for i, d in enumerate(getattr(cfg, name) or []):
                 if d is not None:
-                    _check_path(f"{name}[{i}].path", d.path, "exists", errors)
+                    _check_path(f"{name}[{i}].path", d.path, "exists", build_errors)
         if typed:
-            _check_rules(cfg, errors)
+            _check_rules(cfg, build_errors)
+    for alias, key in aliases.items():  # name what the user wrote
+        build_errors = [re.sub(rf"^{re.escape(key)}(?=[:\[])", f"{alias} (read as {key})", e) for e in build_errors]
+    errors += build_errors
+    if not errors:
+        errors += check_output_dir(cfg)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    cfg.aliases = aliases
     return cfg
 
 
+EXCLUSIVE = {"warmup_steps": "warmup_ratio", "warmup_ratio": "warmup_steps"}  # set one of each pair
+
+
+def _spellings(key: str) -> list[str]:
+    """Our (dotted) key and every alias of it."""
+    key = ALIASES.get(key, key)
+    return [key, *(a for a, k in ALIASES.items() if k == key)]
+
+
+def _pop_dotted(raw: dict[str, Any], key: str) -> None:
+    *parents, leaf = key.split(".")
+    node: Any = raw
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(leaf, None)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key=value`` strings (dotted keys; list items by index; values parsed as YAML) to ``raw``."""
+    """Apply ``key=value`` strings (dotted keys; list items by index; values parsed as YAML) to ``raw``.
+
+    An override replaces the key whatever name ``raw`` gave it (our key or an alias), and a non-null
+    ``warmup_steps`` / ``warmup_ratio`` replaces the other one of the pair, unless the overrides set
+    both (then validation reports them).
+    """
+    given = {item.split("=", 1)[0].strip() for item in overrides if "=" in item}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. learning_rate=1e-4)")
@@ -363,7 +586,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             value = yaml.safe_load(text) if text else None
         except yaml.YAMLError as e:
             raise ConfigError(f"override {key}: cannot parse {text!r} as YAML ({e})") from None
-        parts = key.strip().split(".")
+        key = key.strip()
+        replaced = _spellings(key) + (_spellings(EXCLUSIVE[ALIASES.get(key, key)])
+                                      if value is not None and ALIASES.get(key, key) in EXCLUSIVE else [])
+        for other in replaced:
+            if other != key and other not in given and isinstance(raw, dict):
+                _pop_dotted(raw, other)
+        parts = key.split(".")
         node: Any = raw
         for j, part in enumerate(parts):
             last = j == len(parts) - 1
@@ -385,22 +614,38 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 raw: dict[str, Any] | None = None) -> SFTConfig:
-    """Read a YAML config (or take ``raw``), apply overrides and validate it. Loads no model."""
+    """Read a YAML config (or take ``raw``), apply overrides and validate it. Loads no model.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not UTF-8 or not YAML, or any key is invalid.
+    """
     if raw is None:
         if path is None:
             raise ConfigError("no config: give a YAML path")
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
-        with open(p, encoding="utf-8") as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot be read ({e.strerror})") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+            raise ConfigError(f"{p}: not UTF-8 (byte 0x{data[e.start]:02x} at line {line}, column {col}); save the "
+                              "file as UTF-8") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
     return validate(apply_overrides(raw, list(overrides or [])))
 
 
 def dump_config(cfg: SFTConfig, path: str | os.PathLike) -> None:
-    """Write the resolved config (every key, defaults included) as YAML."""
+    """Write the resolved config (every key, defaults included) as YAML, after a comment naming the aliases read."""
     with open(path, "w", encoding="utf-8") as f:
+        if cfg.aliases:
+            f.write("# aliases read: " + ", ".join(f"{a} -> {k}" for a, k in cfg.aliases.items()) + "\n")
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

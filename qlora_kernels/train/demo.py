@@ -225,7 +225,8 @@ def _run_demo(output_dir: str | Path, max_steps: int, eval_rows: int | None, qui
               progress_bar: bool, dpo_steps: int = DPO_STEPS) -> dict[str, Any]:
     t0 = time.perf_counter()
     ensure_assets()
-    cfg = load_config(raw=demo_raw_config(output_dir, max_steps) | {"progress_bar": progress_bar})
+    cfg = load_config(raw=demo_raw_config(output_dir, max_steps) | {"progress_bar": progress_bar,
+                                                                     "overwrite_output_dir": True})  # re-runnable
     rows = [r for _, r in read_rows(synthetic.EVAL_FILE)][:eval_rows]
 
     def say(msg: str) -> None:
@@ -286,7 +287,7 @@ def run_dpo_stage(sft_model: torch.nn.Module, tokenizer: Any, output_dir: str | 
     tokenizer.save_pretrained(merged_dir)
     train_file, eval_file = write_preference_files(out / "dpo_data")
     cfg = load_config(raw=demo_dpo_raw_config(out / "dpo", train_file, eval_file, max_steps, merged_dir)
-                      | {"progress_bar": progress_bar})
+                      | {"progress_bar": progress_bar, "overwrite_output_dir": True})
     model = build_model(cfg)
     held = [r for _, r in read_rows(synthetic.EVAL_FILE)]
     style_rows = [dict(r, output=renamed(r["output"], langs)) for r in held if mentions_renamed(r, langs)]

@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,17 @@ from torch import nn
 
 from . import distributed as dp
 from . import dpo as dpo_lib
-from .checkpoint import load_checkpoint, prune_checkpoints, rng_state, save_checkpoint, set_rng_state
-from .config import SFTConfig, dump_config
+from .checkpoint import (
+    CheckpointError,
+    clean_stale_saves,
+    load_checkpoint,
+    prune_checkpoints,
+    remove_run_outputs,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import ConfigError, SFTConfig, check_output_dir, dump_config
 from .data import DataStats, Example, eval_batches, load_examples
 from .loss import model_loss
 
@@ -211,16 +221,27 @@ def _autocast(device: torch.device, amp: torch.dtype | None) -> contextlib.Abstr
 
 
 class _Metrics:
-    """metrics.jsonl writer; on resume keeps only the records up to the resumed step."""
+    """metrics.jsonl writer; on resume keeps only the records up to the resumed step.
+
+    A line that is not a JSON object (the torn last line of a crash or a full disk mid-write) is
+    dropped, and counted in ``dropped``.
+    """
 
     def __init__(self, path: Path, resume_step: int | None, enabled: bool = True):
         self.path = path if enabled else None  # only rank 0 writes (distributed runs)
         self.history: list[dict[str, Any]] = []
+        self.dropped = 0
         if self.path is None:
             return
         if resume_step is not None and path.exists():
-            for line in path.read_text().splitlines():
-                rec = json.loads(line)
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    rec = None
+                if not isinstance(rec, dict):
+                    self.dropped += bool(line.strip())
+                    continue
                 if rec.get("step", 0) <= resume_step:
                     self.history.append(rec)
         with open(path, "w") as f:
@@ -305,9 +326,16 @@ def train(cfg: SFTConfig, model: nn.Module | None = None, tokenizer: Any = None,
     adapter (PEFT format), ``metrics.jsonl``, ``loss.png``, ``config.yaml`` and
     ``checkpoint-<step>`` directories.
 
+    One run per ``output_dir``: the results of another run there are never overwritten unless
+    ``overwrite_output_dir`` (which deletes them first) or the run resumes from one of its
+    checkpoints (:func:`.config.check_output_dir`); ``save_total_limit`` prunes only this run's
+    checkpoints.
+
     Raises:
+        ConfigError: ``output_dir`` holds another run's results (see above).
         TrainingError: non-finite loss or gradient (naming step, micro-batch, examples and the last
-            good checkpoint), a missing optimizer, or a checkpoint that does not fit this run.
+            good checkpoint), a missing optimizer, a checkpoint that is damaged (naming the file) or does
+            not fit this run (checked before any parameter changes), or a checkpoint that cannot be written.
         DataError: a malformed row (unless ``skip_bad_rows``).
         KeyboardInterrupt: after Ctrl-C, once the checkpoint is written.
 
@@ -315,6 +343,9 @@ def train(cfg: SFTConfig, model: nn.Module | None = None, tokenizer: Any = None,
     trains on its share of every global micro-batch, and only rank 0 writes files and prints.
     """
     check_optimizer(cfg)
+    problems = check_output_dir(cfg)  # every rank, before any rank can write (init_distributed meets first)
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     device = resolve_device(cfg)
     ctx = dp.init_distributed(device.type)
     try:
@@ -329,7 +360,15 @@ def _train(cfg: SFTConfig, model: nn.Module | None, tokenizer: Any,
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if ctx.is_main:
+        if cfg.overwrite_output_dir:
+            gone = remove_run_outputs(out)
+            if gone:
+                _say(f"overwrite_output_dir: deleted the previous run's {', '.join(gone)} in {out}", quiet)
+        for name in clean_stale_saves(out):
+            _say(f"cleaned up {name}, left by a save that did not finish", quiet)
         dump_config(cfg, out / "config.yaml")
+        for alias, key in cfg.aliases.items():
+            _say(f"config: read {alias} as {key}", quiet)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     amp = autocast_dtype(cfg, device)
@@ -381,11 +420,23 @@ def _train(cfg: SFTConfig, model: nn.Module | None, tokenizer: Any,
     state: dict[str, Any] = {"global_step": 0, "best_eval_loss": None, "evals_without_improvement": 0,
                              "last_checkpoint": None, "tokens_seen": 0}
     resume_step = None
+    run_id = uuid.uuid4().hex  # names this run's checkpoints (pruning never touches another run's)
     if cfg.resume_from_checkpoint:
-        saved, rng = load_checkpoint(cfg.resume_from_checkpoint, model, optimizer)
-        if saved.get("run_key") != run_key:
-            raise TrainingError(f"resume_from_checkpoint {cfg.resume_from_checkpoint!r} was written by a run with "
-                                f"{saved.get('run_key')}; this run has {run_key}: the data position would not match")
+        def fits(saved: dict[str, Any]) -> None:  # checked before load_checkpoint changes anything
+            missing = [k for k in ("loop", "scheduler", "data") if k not in saved]
+            if missing:
+                raise CheckpointError(f"checkpoint {cfg.resume_from_checkpoint}: trainer_state.json lacks "
+                                      f"{', '.join(missing)}")
+            if saved.get("run_key") != run_key:
+                raise CheckpointError(f"resume_from_checkpoint {cfg.resume_from_checkpoint!r} was written by a run "
+                                      f"with {saved.get('run_key')}; this run has {run_key}: the data position would "
+                                      "not match")
+
+        try:
+            saved, rng = load_checkpoint(cfg.resume_from_checkpoint, model, optimizer, check=fits)
+        except CheckpointError as e:
+            raise TrainingError(str(e)) from None
+        run_id = saved.get("run_id") or run_id
         scheduler.load_state_dict(saved["scheduler"])
         stream.load_state_dict(saved["data"])
         if scaler is not None and saved.get("scaler"):
@@ -395,6 +446,8 @@ def _train(cfg: SFTConfig, model: nn.Module | None, tokenizer: Any,
         resume_step = state["global_step"]
         _say(f"resumed from {cfg.resume_from_checkpoint} at step {resume_step}", quiet)
     metrics = _Metrics(out / "metrics.jsonl", resume_step if resume_step is not None else -1, ctx.is_main)
+    if metrics.dropped:
+        _say(f"metrics.jsonl: dropped {metrics.dropped} unreadable line(s) (a write cut short by a crash?)", quiet)
 
     step_rng, step_data = rng_state(), stream.state_dict()
 
@@ -402,10 +455,13 @@ def _train(cfg: SFTConfig, model: nn.Module | None, tokenizer: Any,
         path = out / f"checkpoint-{state['global_step']}"
         loop = {**state, "last_checkpoint": str(path)}
         trainer_state = {"loop": loop, "scheduler": scheduler.state_dict(), "data": data, "run_key": run_key,
-                         "scaler": scaler.state_dict() if scaler is not None else None}
+                         "scaler": scaler.state_dict() if scaler is not None else None, "run_id": run_id}
         if ctx.is_main:
-            save_checkpoint(path, model, optimizer, trainer_state, rng, save_adapter)
-            prune_checkpoints(out, cfg.save_total_limit)
+            try:
+                save_checkpoint(path, model, optimizer, trainer_state, rng, save_adapter)
+            except CheckpointError as e:
+                raise TrainingError(str(e)) from e
+            prune_checkpoints(out, cfg.save_total_limit, run_id)
         state["last_checkpoint"] = str(path)
         return path
 
