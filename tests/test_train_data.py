@@ -327,3 +327,33 @@ def test_accumulation_normalizes_by_the_whole_batch():
         s, n = causal_lm_loss(h, w, lab)
         (s / n / 2).backward()
     assert not torch.allclose(accumulated, w.grad, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- bytes that are not text (issue 11: 14)
+
+
+def test_non_utf8_byte_and_lone_surrogate_name_file_and_line_or_are_skipped(tok, model_dir, tmp_path):
+    data = tmp_path / "a.jsonl"
+    data.write_bytes(b'{"instruction": "x", "output": "y"}\n'
+                     b'{"instruction": "caf\xe9", "output": "y"}\n'  # Latin-1, not UTF-8
+                     b'{"instruction": "x", "output": "\\ud800"}\n'  # valid JSON, not valid Unicode
+                     b'{"instruction": "x", "output": "z"}\n')
+    with pytest.raises(DataError) as e:
+        load_examples(make_cfg(model_dir, data, "alpaca"), tok)
+    assert f"{data}:2: not valid UTF-8 (byte 0xe9 at byte 21 of the line)" in str(e.value)
+    assert "skip_bad_rows" in str(e.value)
+    train, _, stats = load_examples(make_cfg(model_dir, data, "alpaca", skip_bad_rows=True), tok)
+    assert len(train) == 2 and stats.skipped_bad_rows == 2 and stats.rows == 4
+    assert any(f"{data}:3: " in m and "lone surrogate" in m and "'output'" in m for m in stats.bad_row_messages)
+
+
+def test_json_file_that_is_not_utf8_or_holds_a_surrogate(tok, model_dir, tmp_path):
+    p = tmp_path / "d.json"
+    p.write_bytes(b'[{"text": "su ."},\n {"text": "\xff"}]')
+    with pytest.raises(DataError, match=r"d\.json:2: not valid UTF-8 \(byte 0xff"):
+        load_examples(make_cfg(model_dir, p, "text"), tok)
+    p.write_text('[{"text": "su ."}, {"text": "\\udfff re"}]')
+    with pytest.raises(DataError, match=r"d\.json:row 1: .*lone surrogate"):
+        load_examples(make_cfg(model_dir, p, "text"), tok)
+    train, _, stats = load_examples(make_cfg(model_dir, p, "text", skip_bad_rows=True), tok)
+    assert len(train) == 1 and stats.skipped_bad_rows == 1

@@ -11,8 +11,9 @@ Row types (extra fields are ignored):
 Labels are the input ids with -100 wherever the token is not trained (prompt, template text,
 padding). The tokenizer's end-of-sequence token closes every alpaca/completion/text example and
 is trained, so the model learns to stop. An example longer than ``sequence_len`` is truncated and
-counted; one left with no target token is dropped and counted. A malformed row raises
-:class:`DataError` naming its file and line, or is skipped and counted with ``skip_bad_rows``.
+counted; one left with no target token is dropped and counted. A malformed row (including one
+that is not UTF-8 or holds a lone surrogate escape) raises :class:`DataError` naming its file and
+line, or is skipped and counted with ``skip_bad_rows``.
 """
 
 from __future__ import annotations
@@ -86,34 +87,84 @@ def _files(path: str | Path) -> list[Path]:
     return [p]
 
 
+def _not_unicode(value: Any, where: str = "") -> str | None:
+    """Where a string in ``value`` (nested dicts and lists) holds a lone surrogate, which JSON's ``\\ud800``
+    escapes can produce but no text encoding can write; None if there is none."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return (f"holds a lone surrogate escape (\\u{ord(value[e.start]):04x}) in {where or 'the row'}; text "
+                    "must be valid Unicode")
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for k, v in items:
+        problem = _not_unicode(v, f"{where}[{k}]" if isinstance(k, int) else (f"{where}.{k}" if where else repr(k)))
+        if problem:
+            return problem
+    return None
+
+
+def _utf8_error(f: Path, data: bytes, e: UnicodeDecodeError, line: int | None = None) -> DataError:
+    if line is None:  # a whole file: find the line
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    else:
+        col = e.start + 1
+    return DataError(f"{f}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at byte {col} of the line); save the "
+                     "file as UTF-8")
+
+
 def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
     """Yield ``(source, row)`` for each row of a file or directory; ``source`` is ``file:line``.
 
-    A JSONL line that is not valid JSON is yielded as a :class:`DataError` instance in place of
-    the row, so that the caller decides between failing and skipping.
+    A JSONL line that is not valid UTF-8, not valid JSON, or holds a lone surrogate escape (valid
+    JSON such as ``"\\ud800"``, but not text) is yielded as a :class:`DataError` instance in place
+    of the row, so that the caller decides between failing and skipping; so is such a row of a
+    ``.json`` file. A ``.json`` file that is not UTF-8 or not JSON raises :class:`DataError`.
     """
     for f in _files(path):
         if f.suffix == ".jsonl":
-            with open(f, encoding="utf-8") as fh:
-                for i, line in enumerate(fh, 1):
+            with open(f, "rb") as fh:
+                for i, raw in enumerate(fh, 1):
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        yield f"{f}:{i}", _utf8_error(f, raw, e, line=i)
+                        continue
                     if not line.strip():
                         continue
                     try:
-                        yield f"{f}:{i}", json.loads(line)
+                        row = json.loads(line)
                     except json.JSONDecodeError as e:
                         yield f"{f}:{i}", DataError(f"{f}:{i}: not valid JSON ({e.msg})")
+                        continue
+                    problem = _not_unicode(row)
+                    yield f"{f}:{i}", DataError(f"{f}:{i}: {problem}") if problem else row
         elif f.suffix == ".json":
-            with open(f, encoding="utf-8") as fh:
-                try:
-                    data = json.load(fh)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{f}:{e.lineno}: not valid JSON ({e.msg})") from None
+            data = f.read_bytes()
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _utf8_error(f, data, e) from None
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{f}:{e.lineno}: not valid JSON ({e.msg})") from None
             if isinstance(data, dict) and isinstance(data.get("data"), list):
                 data = data["data"]
             if not isinstance(data, list):
                 raise DataError(f"{f}: a .json data file must hold a list of rows (or {{'data': [...]}})")
             for i, row in enumerate(data):
-                yield f"{f}:row {i}", row
+                problem = _not_unicode(row)
+                yield f"{f}:row {i}", DataError(f"{f}:row {i}: {problem}") if problem else row
         else:
             try:
                 import pyarrow.parquet as pq
