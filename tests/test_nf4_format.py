@@ -65,10 +65,39 @@ def test_double_quant_matches_bnb(shape, blocksize, dtype):
     assert torch.equal(qw.nested_absmax, st.state2.absmax)
     assert torch.equal(qw.nested_code, st.state2.code)
     # Our nested codes are exact nearest; bnb's CPU quantizer approximates nearest with a lookup
-    # table. Bound the difference: neighbouring codes only, and rarely.
+    # table. Across 9000 tensors (tests/measure_double_quant_vs_bnb.py) its codes were at most 4 steps
+    # away; in a tensor of a few blocks one differing code is a large fraction (see the test below).
     diff = (qw.absmax.int() - st.absmax.int()).abs()
-    assert int(diff.max()) <= 1
-    assert float((diff > 0).float().mean()) <= 0.01
+    assert int(diff.max()) <= BNB_CPU_MAX_STEPS
+
+
+# What tests/measure_double_quant_vs_bnb.py measured over 9000 tensors (125 shapes x 8 blocksizes x 3 dtypes x
+# 3 weight distributions): codes at most 4 steps from ours; 0.17% of all codes differ; in tensors of >= 4096
+# absmax blocks at most 1.90% (the uniform-weight case, absmax - offset near 0 where the map is densest).
+BNB_CPU_MAX_STEPS = 4
+BNB_CPU_MAX_FRACTION_LARGE = 0.025
+
+
+@pytest.mark.parametrize("shape, blocksize, dtype, kind, seed", [
+    ((256, 4097), 256, torch.float16, "uniform", 2),  # the measured worst case's layout: 1.15% differ here
+    ((1024, 4096), 32, torch.float32, "normal", 0),  # codes 3 steps apart
+    ((4096, 1024), 64, torch.bfloat16, "heavy", 0),
+])
+def test_double_quant_codes_vs_bnb_cpu_on_large_tensors(shape, blocksize, dtype, kind, seed):
+    """The double-quant bound measured at scale: codes within 4 steps of bnb's CPU quantizer, under 2.5% of them
+    differing in a tensor of >= 4096 blocks; everything else (packed codes, offset, nested absmax) identical.
+    (The README used to promise one step and under 1%.)"""
+    torch.manual_seed(seed)
+    w = {"uniform": torch.rand(shape) * 0.2 - 0.1, "normal": torch.randn(shape) * 0.02,
+         "heavy": torch.randn(shape) * torch.rand(shape).pow(4) * 0.5}[kind].to(dtype)
+    q_bnb, st = F.quantize_4bit(w, quant_type="nf4", blocksize=blocksize, compress_statistics=True)
+    qw = qk.quantize_nf4(w, blocksize=blocksize, double_quant=True)
+    assert torch.equal(qw.packed, q_bnb) and qw.offset == st.offset.item()
+    assert torch.equal(qw.nested_absmax, st.state2.absmax)
+    diff = (qw.absmax.int() - st.absmax.int()).abs()
+    assert diff.numel() >= 4096
+    assert int(diff.max()) <= BNB_CPU_MAX_STEPS
+    assert float((diff > 0).float().mean()) <= BNB_CPU_MAX_FRACTION_LARGE
 
 
 def test_double_quant_is_exact_nearest_and_bnb_cpu_is_close():
