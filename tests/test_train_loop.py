@@ -64,13 +64,52 @@ def test_train_writes_adapter_metrics_plot_and_checkpoints(assets, tmp_path):
     assert [r["step"] for r in train_recs] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in recs if "eval_loss" in r] == [3, 6]
     assert all(r["target_tokens"] > 0 and r["tokens_per_s"] > 0 for r in train_recs)
-    assert train_recs[0]["lr"] == pytest.approx(5e-3 / 2)  # warmup 1/2, then the peak, then cosine
-    assert train_recs[1]["lr"] == pytest.approx(5e-3)
-    assert train_recs[-1]["lr"] < train_recs[2]["lr"]
+    assert train_recs[0]["lr"] == 0.0  # warmup 0, 1/2 (as transformers' schedules), then the peak, then cosine
+    assert train_recs[1]["lr"] == pytest.approx(5e-3 / 2)
+    assert train_recs[2]["lr"] == pytest.approx(5e-3)
+    assert train_recs[-1]["lr"] < train_recs[3]["lr"]
     sd = load_file(str(out / "adapter_model.safetensors"))
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in sd.items())
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup", [{"warmup_steps": 0}, {"warmup_steps": 1}, {"warmup_steps": 4},
+                                    {"warmup_ratio": 0.25}, {"warmup_ratio": 0.1}])
+def test_lr_schedule_is_transformers_schedule(kind, warmup, tmp_path):
+    """The lr of each step (as the loop uses and logs it) equals transformers' schedule of the same name
+    (constant: get_constant_schedule_with_warmup), warmup_ratio rounded up to steps as TrainingArguments does."""
+    from types import SimpleNamespace
+
+    import transformers
+    from transformers import TrainingArguments
+
+    from qlora_kernels.train.sft import build_scheduler
+
+    total = 13
+    hf_warmup = TrainingArguments(output_dir=str(tmp_path), report_to=[],
+                                  warmup_steps=warmup.get("warmup_steps", warmup.get("warmup_ratio"))
+                                  ).get_warmup_steps(total)
+    hf_fn = {"cosine": transformers.get_cosine_schedule_with_warmup,
+             "linear": transformers.get_linear_schedule_with_warmup,
+             "constant": lambda o, w, t: transformers.get_constant_schedule_with_warmup(o, w)}[kind]
+
+    def lrs(make):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        sched = make(opt)
+        out = []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    cfg = SimpleNamespace(lr_scheduler=kind, **({"warmup_steps": None, "warmup_ratio": None} | warmup))
+    ours = lrs(lambda o: build_scheduler(cfg, o, total))
+    theirs = lrs(lambda o: hf_fn(o, hf_warmup, total))
+    assert ours == pytest.approx(theirs, abs=1e-12), (ours, theirs)
+    assert (ours[0] == 0.0) == (hf_warmup > 0)
 
 
 def test_loss_decreases(assets, tmp_path):

@@ -161,11 +161,13 @@ def build_optimizer(cfg: SFTConfig, params: list[nn.Parameter]) -> torch.optim.O
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     """Multiplier of the peak learning rate for 0-based optimizer step ``step`` of ``total``.
 
-    Linear warmup reaches the peak at step ``warmup - 1``; then ``cosine`` / ``linear`` decay
-    towards 0 over the remaining steps, or ``constant`` stays at the peak.
+    transformers' convention (``get_cosine_schedule_with_warmup``, ``get_linear_schedule_with_warmup``,
+    ``get_constant_schedule_with_warmup``), so that runs compare with TRL / HF Trainer step by step:
+    linear warmup ``step / warmup`` (the first step runs at lr 0) reaches the peak at step ``warmup``;
+    then ``cosine`` / ``linear`` decay towards 0 over the remaining steps, or ``constant`` stays at the peak.
     """
     if step < warmup:
-        return (step + 1) / warmup
+        return step / warmup
     if kind == "constant":
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -174,9 +176,16 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_steps(cfg: SFTConfig, total_steps: int) -> int:
+    """``warmup_steps``, or ``warmup_ratio`` of the total rounded up (as transformers' TrainingArguments does)."""
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    return math.ceil((cfg.warmup_ratio or 0.0) * total_steps)
+
+
 def build_scheduler(cfg: SFTConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
-    """A ``LambdaLR`` over :func:`lr_factor` (warmup from ``warmup_steps`` or ``warmup_ratio``)."""
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round((cfg.warmup_ratio or 0.0) * total_steps)
+    """A ``LambdaLR`` over :func:`lr_factor` (warmup from :func:`warmup_steps`)."""
+    warmup = warmup_steps(cfg, total_steps)
     kind = cfg.lr_scheduler
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, kind))
 
