@@ -41,13 +41,16 @@ pytestmark = pytest.mark.skipif(not hasattr(qk, "apply_qlora"), reason="qlora_ke
 # --------------------------------------------------------------------------- the loss against its formula
 
 
-def _direct_losses(pc, pr, rc, rr, beta, loss_type, eps):
-    """The formulas of REFERENCE.md / the IPO paper, written element by element with math (float64)."""
+def _direct_losses(pc, pr, rc, rr, beta, loss_type, eps, nc=None, nr=None):
+    """The formulas of REFERENCE.md / the IPO paper (log-ratios per completion token, as TRL computes it),
+    written element by element with math (float64)."""
     out = []
-    for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist()):
+    nc = nc.tolist() if nc is not None else [1] * len(pc)
+    nr = nr.tolist() if nr is not None else [1] * len(pc)
+    for a, b, c, d, m, n in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist(), nc, nr):
         h = (a - c) - (b - d)
         if loss_type == "ipo":
-            out.append((h - 1 / (2 * beta)) ** 2)
+            out.append(((a - c) / max(m, 1) - (b - d) / max(n, 1) - 1 / (2 * beta)) ** 2)
         else:
             log_sig = lambda x: -math.log1p(math.exp(-x)) if x > 0 else x - math.log1p(math.exp(x))  # noqa: E731
             out.append(-(1 - eps) * log_sig(beta * h) - eps * log_sig(-beta * h))
@@ -59,10 +62,12 @@ def _direct_losses(pc, pr, rc, rr, beta, loss_type, eps):
 def test_dpo_loss_matches_the_formula_on_random_log_probs(loss_type, beta, eps):
     g = torch.Generator().manual_seed(1)
     pc, pr, rc, rr = (-torch.rand(64, generator=g, dtype=torch.float64) * 80 for _ in range(4))
+    nc, nr = (torch.randint(0, 40, (64,), generator=g) for _ in range(2))  # 0: counts as 1
     pc.requires_grad_(True)
     pr.requires_grad_(True)
-    losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, beta, loss_type, eps)
-    torch.testing.assert_close(losses.detach(), _direct_losses(pc, pr, rc, rr, beta, loss_type, eps),
+    losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, beta, loss_type, eps, chosen_tokens=nc,
+                                            rejected_tokens=nr)
+    torch.testing.assert_close(losses.detach(), _direct_losses(pc, pr, rc, rr, beta, loss_type, eps, nc, nr),
                                rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(chosen_r, beta * (pc.detach() - rc))
     torch.testing.assert_close(rejected_r, beta * (pr.detach() - rr))
@@ -71,11 +76,41 @@ def test_dpo_loss_matches_the_formula_on_random_log_probs(loss_type, beta, eps):
     losses.sum().backward()
     h = (pc.detach() - rc) - (pr.detach() - rr)
     if loss_type == "ipo":
-        want = 2 * (h - 1 / (2 * beta))
+        m, n = nc.clamp(min=1).double(), nr.clamp(min=1).double()
+        d = 2 * ((pc.detach() - rc) / m - (pr.detach() - rr) / n - 1 / (2 * beta))
+        want_c, want_r = d / m, -d / n
     else:
-        want = -(1 - eps) * beta * torch.sigmoid(-beta * h) + eps * beta * torch.sigmoid(beta * h)
-    torch.testing.assert_close(pc.grad, want, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(pr.grad, -want, rtol=1e-10, atol=1e-12)
+        want_c = -(1 - eps) * beta * torch.sigmoid(-beta * h) + eps * beta * torch.sigmoid(beta * h)
+        want_r = -want_c
+    torch.testing.assert_close(pc.grad, want_c, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pr.grad, want_r, rtol=1e-10, atol=1e-12)
+
+
+def _trl_ipo_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, completion_mask, beta):
+    """TRL 1.16's DPOTrainer loss for loss_type="ipo" (f_divergence reverse_kl), as its code computes it from
+    sequence log-probs and the [2B, T] completion mask of the chosen-then-rejected batch."""
+    chosen_scores = chosen_logps - ref_chosen_logps
+    rejected_scores = rejected_logps - ref_rejected_logps
+    chosen_mask, rejected_mask = completion_mask.chunk(2, dim=0)
+    chosen_avg_score = chosen_scores / chosen_mask.sum(dim=1).clamp(min=1.0)
+    rejected_avg_score = rejected_scores / rejected_mask.sum(dim=1).clamp(min=1.0)
+    return (chosen_avg_score - rejected_avg_score - 1 / (2 * beta)) ** 2
+
+
+def test_ipo_averages_log_ratios_per_completion_token_as_trl_does():
+    g = torch.Generator().manual_seed(3)
+    B, T, beta = 6, 30, 0.3
+    lengths = torch.tensor([1, 3, 7, 12, 20, 29, 2, 5, 9, 15, 25, 28])  # completion tokens, chosen then rejected
+    completion_mask = (torch.arange(T)[None, :] >= T - lengths[:, None]).long()
+    pol, ref = (-torch.rand(2 * B, generator=g, dtype=torch.float64) * lengths for _ in range(2))
+    ours, _, _ = dpo_loss(pol[:B], pol[B:], ref[:B], ref[B:], beta, "ipo", chosen_tokens=lengths[:B],
+                          rejected_tokens=lengths[B:])
+    trl = _trl_ipo_losses(pol[:B], pol[B:], ref[:B], ref[B:], completion_mask, beta)
+    torch.testing.assert_close(ours, trl, rtol=1e-12, atol=1e-12)
+    summed = ((pol[:B] - ref[:B]) - (pol[B:] - ref[B:]) - 1 / (2 * beta)) ** 2  # what ipo computed before
+    assert not torch.allclose(ours, summed)
+    with pytest.raises(ValueError, match="ipo' needs chosen_tokens and rejected_tokens"):
+        dpo_loss(pol[:B], pol[B:], ref[:B], ref[B:], beta, "ipo")
 
 
 def test_dpo_loss_is_log2_when_policy_equals_reference_and_stable_for_large_margins():
@@ -343,6 +378,23 @@ def test_dpo_step_matches_a_direct_full_logits_implementation(assets, tokenizer,
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_ipo_step_matches_trl_on_the_models_log_probs(assets, tokenizer, qlora_model):
+    from qlora_kernels.hf import adapters_disabled
+
+    model = qlora_model
+    pairs, _, _ = load_pairs(config(assets, assets["root"] / "o"), tokenizer)
+    batch = collate_pairs(pairs[:5], tokenizer.pad_token_id)
+    with torch.no_grad():
+        loss, _ = dpo_batch_loss(model, batch, DPOSettings(beta=0.2, loss_type="ipo", chunk_size=16))
+        with adapters_disabled(model):
+            ref = _direct_sequence_log_probs(model, batch)
+        pol = _direct_sequence_log_probs(model, batch)
+    completion_mask = (batch["labels"] != -100).long()  # TRL's mask: the completion tokens of each sequence
+    assert len(set(completion_mask.sum(1).tolist())) > 1  # completions of different lengths
+    want = _trl_ipo_losses(pol[:5], pol[5:], ref[:5], ref[5:], completion_mask, 0.2).sum()
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
 
 
 def test_reference_is_the_model_with_adapters_off_and_precompute_caches_it(assets, tokenizer, qlora_model):

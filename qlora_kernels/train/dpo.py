@@ -9,7 +9,11 @@ and the per-pair losses are
 
 * ``sigmoid`` (DPO): ``−(1−ε) log σ(βh) − ε log σ(−βh)``; ε = ``dpo_label_smoothing`` (0 gives plain
   DPO; ε > 0 is the "conservative" variant that assumes a fraction ε of the labels are flipped);
-* ``ipo`` (IPO): ``(h − 1/(2β))²``, a squared loss that pulls h to a finite target instead of to +∞.
+* ``ipo`` (IPO): ``(h̄ − 1/(2β))²``, a squared loss that pulls h̄ to a finite target instead of to +∞,
+  where h̄ is h with each completion's log-ratio divided by its number of completion tokens
+  (``[log πθ(y_w|x) − log πref(y_w|x)] / |y_w| − [log πθ(y_l|x) − log πref(y_l|x)] / |y_l|``): TRL's
+  form (``DPOTrainer``, ``loss_type="ipo"``), the one the IPO paper's results were obtained with, so
+  that β means the same for short and long completions.
 
 The implicit rewards are ``β (log πθ − log πref)`` of each completion; the metrics are their means
 (``rewards/chosen``, ``rewards/rejected``), the mean margin (``rewards/margins``) and the share of pairs
@@ -62,12 +66,21 @@ METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards
 
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
-             beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> tuple[
+             beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0, *,
+             chosen_tokens: Tensor | None = None, rejected_tokens: Tensor | None = None) -> tuple[
         Tensor, Tensor, Tensor]:
     """Per-pair DPO losses and implicit rewards from sequence log-probs (all ``[B]``).
 
+    ``chosen_tokens`` / ``rejected_tokens``: the completion token counts ``[B]`` the log-probs were
+    summed over; ``ipo`` needs them (it averages the log-ratios over the completion tokens; a count
+    below 1 counts as 1, as in TRL), ``sigmoid`` ignores them.
+
     Returns ``(losses, chosen_rewards, rejected_rewards)``; the rewards ``β (log πθ − log πref)`` are
     detached (metrics only). See the module docstring for the formulas.
+
+    Raises:
+        ValueError: an unknown ``loss_type``, ``beta <= 0``, ``label_smoothing`` outside [0, 0.5), or
+            ``ipo`` without the token counts.
     """
     if loss_type not in DPO_LOSSES:
         raise ValueError(f"loss_type must be one of {', '.join(DPO_LOSSES)}; got {loss_type!r}")
@@ -77,13 +90,18 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
         raise ValueError(f"label_smoothing must be in [0, 0.5); got {label_smoothing}")
     chosen_ratio = policy_chosen - ref_chosen
     rejected_ratio = policy_rejected - ref_rejected
-    h = chosen_ratio - rejected_ratio
     if loss_type == "sigmoid":
+        h = chosen_ratio - rejected_ratio
         losses = -F.logsigmoid(beta * h)
         if label_smoothing:
             losses = (1.0 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-beta * h)
     else:
-        losses = (h - 1.0 / (2.0 * beta)) ** 2
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("loss_type 'ipo' needs chosen_tokens and rejected_tokens (the completion token counts "
+                             "the log-probs were summed over): IPO averages the log-ratios per token")
+        n_c = chosen_tokens.to(chosen_ratio.dtype).clamp(min=1.0)
+        n_r = rejected_tokens.to(rejected_ratio.dtype).clamp(min=1.0)
+        losses = (chosen_ratio / n_c - rejected_ratio / n_r - 1.0 / (2.0 * beta)) ** 2
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
@@ -374,8 +392,10 @@ def dpo_batch_loss(model: nn.Module, batch: dict[str, Tensor], settings: DPOSett
     policy = runner(model_sequence_log_probs, *args) if runner is not None else model_sequence_log_probs(
         _unwrap(model), *args)
     B = policy.shape[0] // 2
+    n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).to(policy.device)  # completion tokens of each sequence
     losses, rc, rr = dpo_loss(policy[:B], policy[B:], ref[:B].float(), ref[B:].float(), settings.beta,
-                              settings.loss_type, settings.label_smoothing)
+                              settings.loss_type, settings.label_smoothing, chosen_tokens=n[:B],
+                              rejected_tokens=n[B:])
     w = batch["pair_weight"].to(losses.device)
     pc, pr = policy[:B].detach(), policy[B:].detach()
     sums = torch.stack([(rc * w).sum(), (rr * w).sum(), ((rc - rr) * w).sum(), ((rc > rr).float() * w).sum(),
