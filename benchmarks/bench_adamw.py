@@ -30,11 +30,8 @@ decides a test.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -42,9 +39,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ResultFile, do_bench_us, environment, forced_backend, load_bnb  # noqa: E402
+
 import qlora_kernels as qk  # noqa: E402
-from qlora_kernels.ops import ENV_VAR  # noqa: E402
 
 MiB = 2**20
 # The targets on an H200 (ms) for ours, and bitsandbytes / torch there (shared/REFERENCE.md).
@@ -72,28 +70,6 @@ def make_sets(quick: bool) -> dict[str, list[tuple[int, int]]]:
     if quick:
         return {"lora_small": lora_shapes(scale=16, pairs_scale=8), "dense_small": [(512, 512)] * 4}
     return {"lora_8B_r16": lora_shapes(), "dense_1B": [(8192, 8192)] * 16}
-
-
-@contextlib.contextmanager
-def forced_backend(name: str | None):
-    old = os.environ.get(ENV_VAR)
-    if name:
-        os.environ[ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = old
-
-
-def _bnb():
-    try:
-        import bitsandbytes as bnb
-    except Exception as exc:  # not installed, or no build for this device
-        return None, f"{type(exc).__name__}: {exc}"
-    return bnb, None
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -130,7 +106,7 @@ def providers(quick: bool, device: str, page_bytes: int) -> dict[str, tuple]:
     }
     if quick:
         out["ours[reference]"] = (lambda ps, n: qk.PagedAdamW(ps, lr=lr, page_bytes=page_bytes), "reference")
-    bnb, _ = _bnb()
+    bnb, _ = load_bnb(device)
     if bnb is not None:
         for name in ("AdamW", "PagedAdamW", "AdamW8bit", "PagedAdamW8bit"):
             cls = getattr(bnb.optim, name)
@@ -148,9 +124,7 @@ def time_cpu(fn, reps: int) -> float:
 
 
 def time_cuda(fn) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median"))
+    return do_bench_us(fn, warmup_ms=10, rep_ms=60) / 1e3
 
 
 def copy_time_ms(bytes_in: int, bytes_out: int, page_bytes: int, device: str) -> float:
@@ -301,38 +275,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.providers:
         provs = {k: v for k, v in provs.items() if k in args.providers.split(",")}
 
-    rows = []
+    bnb, bnb_err = load_bnb(device)
+    meta = {
+        **environment(device),
+        "bitsandbytes": getattr(bnb, "__version__", None) if bnb else f"unavailable ({bnb_err})",
+        "quick": args.quick,
+        "page_bytes": page_bytes,
+        "targets_h200_ms": {f"{k[0]}/{k[1]}": v for k, v in TARGETS_H200.items()},
+    }
+    out = Path(args.out)
+    results = ResultFile(out / "adamw.json", meta=meta, rows=[])
+    rows = results.data["rows"]
     for set_name, shapes in sets.items():
         params = make_params(shapes, device)
         for name, (factory, backend) in provs.items():
             try:
                 row = bench_one(set_name, params, name, factory, backend, device, args.quick, page_bytes)
             except Exception as exc:  # e.g. out of memory, or a provider without this device
-                row = {"set": set_name, "provider": name, "error": f"{type(exc).__name__}: {exc}"}
+                row = {"set": set_name, "provider": name, "error": f"{type(exc).__name__}: {exc}"[:500]}
                 gc.collect()
                 if device == "cuda":
                     torch.cuda.empty_cache()
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr)
+            results.add("rows", row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
         del params
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
-
-    bnb, bnb_err = _bnb()
-    meta = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "bitsandbytes": getattr(bnb, "__version__", None) if bnb else f"unavailable ({bnb_err})",
-        "threads": torch.get_num_threads(),
-        "quick": args.quick,
-        "page_bytes": page_bytes,
-        "backends": {k: str(v) for k, v in qk.backends().items()},
-        "targets_h200_ms": {f"{k[0]}/{k[1]}": v for k, v in TARGETS_H200.items()},
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "adamw.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    results.done()
     png = plot(rows, out / "adamw.png")
     print(f"# {meta['device']}, torch {meta['torch']}, bitsandbytes {meta['bitsandbytes']}, "
           f"{'CPU smoke run' if args.quick else 'CUDA events'}; wrote {out / 'adamw.json'}"

@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
-import platform
 import statistics
 import sys
 import time
@@ -47,6 +45,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qlora_kernels as qk  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ResultFile, environment, load_bnb  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES: dict[str, dict[str, Any]] = {
@@ -225,7 +226,7 @@ def measure(provider: str, shape: str, args, device: torch.device) -> dict[str, 
     return row
 
 
-def run(args) -> dict[str, Any]:
+def run(args, out: Path) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     quick = args.quick or device.type == "cpu"
     if quick:
@@ -234,8 +235,17 @@ def run(args) -> dict[str, Any]:
         args.steps, args.warmup = min(args.steps, 3), 1
     else:
         args.batch, args.seq_len = args.batch or 4, args.seq_len or 2048
-    rows, skipped = [], {}
     providers = [p for p in args.providers.split(",") if p]
+    skipped = {}
+    if "hf_peft_bnb" in providers:
+        bnb, why = load_bnb(device)
+        if bnb is None:
+            providers.remove("hf_peft_bnb")
+            skipped["hf_peft_bnb"] = why
+    env = environment(device)
+    env["quick"] = quick
+    results = ResultFile(out / "e2e.json", env=env, skipped=skipped, rows=[],
+                         targets=dict(speedup=TARGET_SPEEDUP, memory=TARGET_MEMORY), anchors_h200=ANCHORS_H200)
     for shape in args.shapes.split(","):
         for provider in providers:
             try:
@@ -243,18 +253,11 @@ def run(args) -> dict[str, Any]:
             except Exception as exc:  # one failing provider must not hide the others
                 row = dict(provider=provider, shape=shape, error=f"{type(exc).__name__}: {exc}"[:500])
                 _free(device)
-            rows.append(row)
+            results.add("rows", row)
             print(f"  {shape:5s} {provider:14s} " + (f"{row['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in row
                                                      else row["error"]), file=sys.stderr, flush=True)
-    env = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-               torch=torch.__version__, qlora_kernels=qk.__version__, python=platform.python_version(),
-               cpu_threads=torch.get_num_threads(), quick=quick,
-               backends={k: v.reason for k, v in qk.backends().items()})
-    for mod in ("transformers", "peft", "bitsandbytes", "triton"):
-        with contextlib.suppress(Exception):
-            env[mod] = __import__(mod).__version__
-    return dict(env=env, skipped=skipped, rows=rows, targets=dict(speedup=TARGET_SPEEDUP, memory=TARGET_MEMORY),
-                anchors_h200=ANCHORS_H200)
+    results.done()
+    return results.data
 
 
 def table(result: dict[str, Any]) -> str:
@@ -276,6 +279,7 @@ def table(result: dict[str, Any]) -> str:
         weights = f"{r['weights_gib']:.2f}" if "weights_gib" in r else "-"
         lines.append(f"{r['shape']:6s} {r['provider']:14s} {r['optimizer']:18s} {r['tokens_per_s']:>10,.0f} "
                      f"{r['step_ms']:>9.1f} {peak:>9s} {weights:>8s} {r['first_loss']:>8.4f} {speed:>8s} {mem:>6s}")
+    lines += [f"skipped: {p}: {why}" for p, why in result.get("skipped", {}).items()]
     for shape, (tps, gib) in ANCHORS_H200.items():
         if shape in base:
             lines.append(f"{shape:6s} {'anchor H200':14s} {'hf_peft_bnb':18s} {tps:>10,d} {'':>9s} {gib:>9.2f}")
@@ -298,10 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    result = run(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "e2e.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = run(args, out)
     print(table(result))
     print(f"wrote {out / 'e2e.json'}")
     return 0 if all("error" not in r for r in result["rows"]) else 1

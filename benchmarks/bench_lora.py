@@ -22,11 +22,7 @@ checked against the bf16 provider (max abs error reported). Prints a table last;
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -35,9 +31,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ResultFile, do_bench_us, environment, forced_backend, load_bnb  # noqa: E402
+
 import qlora_kernels as qk  # noqa: E402
-from qlora_kernels.ops import ENV_VAR  # noqa: E402
 
 FULL_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]  # N x K
 QUICK_SHAPES = [(256, 256), (64, 256), (896, 256), (256, 896), (512, 512), (1792, 512)]  # the same, / 16
@@ -47,29 +44,20 @@ ANCHORS_H200 = {(4096, 4096): (1.15, 1.12), (1024, 4096): (1.00, 0.51), (14336, 
 L2_BYTES = 50 * 2**20  # H100 / H200
 
 
-@contextlib.contextmanager
-def forced_backend(name: str):
-    old = os.environ.get(ENV_VAR)
-    if name == "auto":
-        os.environ.pop(ENV_VAR, None)
-    else:
-        os.environ[ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = old
+_BNB: dict = {}
 
 
-def _bnb():
-    try:
-        import bitsandbytes as bnb
-        import bitsandbytes.functional as bnbf
-    except Exception as exc:  # not installed, or no build for this device
-        return None, f"{type(exc).__name__}: {exc}"
-    return (bnb, bnbf), None
+def _bnb(device):
+    """(bitsandbytes, bitsandbytes.functional) if it runs on ``device``, else raises with the reason."""
+    key = str(device)
+    if key not in _BNB:
+        _BNB[key] = load_bnb(device)
+    bnb, why = _BNB[key]
+    if bnb is None:
+        raise RuntimeError(f"bitsandbytes unavailable: {why}")
+    import bitsandbytes.functional as bnbf
+
+    return bnb, bnbf
 
 
 class Case:
@@ -77,20 +65,25 @@ class Case:
 
     def __init__(self, provider: str, n: int, k: int, m: int, r: int, dtype, device, copies: int, seed: int):
         self.provider, self.n, self.k = provider, n, k
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        self.x = torch.randn(m, k, generator=g).to(device, dtype).requires_grad_(True)
-        self.dy = torch.randn(m, n, generator=g).to(device, dtype)
-        self.a = (torch.randn(r, k, generator=g) / math.sqrt(k)).to(device, dtype).requires_grad_(True)
-        self.b = (torch.randn(n, r, generator=g) * 0.01).to(device, dtype).requires_grad_(True)
+        # Drawn on the device itself (a CPU generator and pageable copies cost a minute at M = 8192).
+        g = torch.Generator(device=device).manual_seed(seed)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=g, device=device, dtype=torch.float32)
+
+        self.x = randn(m, k).to(dtype).requires_grad_(True)
+        self.dy = randn(m, n).to(dtype)
+        self.a = (randn(r, k) / math.sqrt(k)).to(dtype).requires_grad_(True)
+        self.b = (randn(n, r) * 0.01).to(dtype).requires_grad_(True)
         self.scale = 2.0
         self.weights = []
-        for c in range(copies):
-            gw = torch.Generator().manual_seed(seed + 1 + c)
-            w = (torch.randn(n, k, generator=gw) / math.sqrt(k)).to(device, dtype)
+        gw = torch.Generator(device=device).manual_seed(seed + 1)
+        for _ in range(copies):
+            w = (torch.randn(n, k, generator=gw, device=device) / math.sqrt(k)).to(dtype)
             if provider.startswith("qlora_kernels"):
                 self.weights.append(qk.quantize_nf4(w, blocksize=64, double_quant=True))
             elif provider == "bitsandbytes":
-                (_, bnbf), _ = _bnb()
+                _, bnbf = _bnb(device)
                 self.weights.append(bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
             else:
                 self.weights.append(w)
@@ -102,7 +95,7 @@ class Case:
         if self.provider.startswith("qlora_kernels"):
             return qk.lora_linear(x, weight, a, b, s)
         if self.provider == "bitsandbytes":
-            (bnb, _), _ = _bnb()
+            bnb, _ = _bnb(x.device)
             packed, state = weight
             return bnb.matmul_4bit(x, packed.t(), quant_state=state) + (x @ a.t()) @ b.t() * s
         return F.linear(x, weight) + (x @ a.t()) @ b.t() * s
@@ -141,7 +134,7 @@ def _check(case: Case, ref: Case) -> float:
             if case.provider.startswith("qlora_kernels"):
                 w = qk.dequantize_nf4(case.weights[0], ref.x.dtype)
             elif case.provider == "bitsandbytes":
-                (_, bnbf), _ = _bnb()
+                _, bnbf = _bnb(ref.x.device)
                 w = bnbf.dequantize_4bit(*case.weights[0]).to(ref.x.dtype)
         y = c.forward(w)
         y.backward(c.dy)
@@ -150,7 +143,7 @@ def _check(case: Case, ref: Case) -> float:
     return max(float((p.float() - q.float()).abs().max()) for p, q in zip(*outs))
 
 
-def run(args) -> dict:
+def run(args, out: Path) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     quick = args.quick or device.type == "cpu"
     shapes = QUICK_SHAPES if quick else FULL_SHAPES
@@ -159,16 +152,17 @@ def run(args) -> dict:
     live = {name: st.live for name, st in qk.backends().items()}
     backends = [b for b in args.backends.split(",") if b == "auto" or live.get(b, False)]
     providers = [f"qlora_kernels[{b}]" for b in backends] + ["bitsandbytes", "torch_bf16"]
-    _, bnb_err = _bnb()
     skipped = {}
-    if bnb_err:
+    bnb, bnb_err = load_bnb(device)
+    if bnb is None:
         providers.remove("bitsandbytes")
         skipped["bitsandbytes"] = bnb_err
     for b in args.backends.split(","):
         if b != "auto" and not live.get(b, False):
             skipped[f"qlora_kernels[{b}]"] = qk.backends()[b].reason if b in live else "unknown backend"
-
-    rows = []
+    env = environment(device)
+    env["quick"] = quick
+    results = ResultFile(out / "lora.json", env=env, skipped=skipped, rows=[])
     for n, k in shapes:
         for provider in providers:
             backend = provider[len("qlora_kernels["):-1] if provider.startswith("qlora_kernels") else "auto"
@@ -177,19 +171,14 @@ def run(args) -> dict:
                 try:
                     row.update(_measure(provider, n, k, m, args, dtype, device, quick))
                 except Exception as exc:  # one failing provider must not hide the others
-                    row["error"] = f"{type(exc).__name__}: {exc}"
-                rows.append(row)
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+                results.add("rows", row)
                 print(f"  {provider:28s} {n:>6d}x{k:<6d} " + (f"{row['ms']:.3f} ms" if "ms" in row else row["error"]),
-                      file=sys.stderr)
-    env = dict(
-        device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        torch=torch.__version__, qlora_kernels=qk.__version__, python=platform.python_version(),
-        cpu_threads=torch.get_num_threads(), quick=quick, backends={k: v.reason for k, v in qk.backends().items()},
-    )
-    for mod in ("triton", "bitsandbytes"):
-        with contextlib.suppress(Exception):
-            env[mod] = __import__(mod).__version__
-    return dict(env=env, skipped=skipped, rows=rows)
+                      file=sys.stderr, flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    results.done()
+    return results.data
 
 
 def _measure(provider, n, k, m, args, dtype, device, quick) -> dict:
@@ -215,10 +204,7 @@ def _measure(provider, n, k, m, args, dtype, device, quick) -> dict:
         del case
         torch.cuda.empty_cache()
         case = Case(provider, n, k, m, args.r, dtype, device, copies, args.seed)
-        from triton.testing import do_bench
-
-        out["ms"] = do_bench(case.step, warmup=args.warmup_ms, rep=args.rep_ms, grad_to_none=[case.x, case.a, case.b],
-                             return_mode="median")
+        out["ms"] = do_bench_us(case.step, args.warmup_ms, args.rep_ms, grad_to_none=[case.x, case.a, case.b]) / 1e3
         out["weight_copies"] = copies
     else:
         out["ms"] = _time_cpu(lambda: (case.step(), case.zero()), warmup=2, reps=args.reps)
@@ -310,14 +296,12 @@ def main(argv=None) -> int:
     p.add_argument("--backends", default="auto", help="qlora_kernels backends to compare, comma separated "
                    "(auto,cuda,triton,cpp,reference); ones not live here are skipped with the reason")
     p.add_argument("--reps", type=int, default=5, help="CPU: timed repetitions")
-    p.add_argument("--warmup-ms", type=int, default=50, help="CUDA: do_bench warmup (ms)")
-    p.add_argument("--rep-ms", type=int, default=200, help="CUDA: do_bench measuring time (ms)")
+    p.add_argument("--warmup-ms", type=int, default=20, help="CUDA: do_bench warmup (ms)")
+    p.add_argument("--rep-ms", type=int, default=100, help="CUDA: do_bench measuring time (ms)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    result = run(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "lora.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = run(args, out)
     png = plot(result, out / "lora.png")
     print(table(result))
     print(f"wrote {out / 'lora.json'}" + (f" and {out / 'lora.png'}" if png else ""))

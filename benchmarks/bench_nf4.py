@@ -1,59 +1,43 @@
 """NF4 matmul and dequantize: qlora_kernels vs bitsandbytes vs bf16 torch, side by side in one run.
 
-    python benchmarks/bench_nf4.py --out bench_out            # GPU: the Llama shapes of the issue
+    python benchmarks/bench_nf4.py --out bench_out            # GPU: six Llama shapes, M = 1, 8, 32, 128, 8192
     python benchmarks/bench_nf4.py --quick --out bench_out    # CPU smoke run: small shapes
 
-GPU method (as shared/anchors): medians of CUDA-event timings (``triton.testing.do_bench``),
-weights rotated so the working set is several times the L2 cache (each call reads a different
-copy), fresh random data. Reports every cell as a ratio to bitsandbytes and to bf16 measured in the
-same run, and for M <= 8 the fraction of the bandwidth bound (weight bytes at the device copy
-bandwidth, also measured in this run). Writes ``nf4.json`` and ``nf4_speedup.png`` to --out and
-prints the table last. Timing never decides a test.
+GPU method: medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before each call; the
+method of the measured anchors), weights rotated so the working set is several times the L2 cache
+(each call reads a different copy), fresh random data. For M <= 128 and the dequantize also the
+GPU time of back-to-back calls (``gpu_us``: no CPU launch overhead can show) and the host time per
+call (``host_us``), see benchmarks/_common.py. Every cell is reported as a ratio to bitsandbytes and
+to bf16 measured in the same run, and for M <= 8 as the fraction of the bandwidth bound (weight
+bytes at the device copy bandwidth, also measured in this run). Writes ``nf4.json`` (after every row)
+and ``nf4_speedup.png`` to --out and prints the table last. Timing never decides a test.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-import qlora_kernels as qk
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ResultFile, cpu_us, do_bench_us, environment, gpu_batch_us, load_bnb  # noqa: E402
+
+import qlora_kernels as qk  # noqa: E402
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]
-MS = [1, 8, 32, 128, 1024, 8192]
+MS = [1, 8, 32, 128, 8192]
 QUICK_SHAPES = [(512, 512), (1024, 2048)]
 QUICK_MS = [1, 8, 128]
 ROTATE_BYTES = 512 << 20  # working set per provider: several times a Hopper L2 (50 MB)
-
-
-def _timer(device: str):
-    if device == "cuda":
-        from triton.testing import do_bench
-
-        return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3  # us
-
-    def cpu_bench(fn, reps: int = 7) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times) * 1e6
-
-    return cpu_bench
+BATCH_TIMED_MAX_M = 128  # gpu_us / host_us columns up to this M (small kernels, where launch cost matters)
 
 
 def _rotating(make, nbytes: int, device: str):
     """A closure cycling through enough copies of an operand to defeat the L2 cache."""
-    copies = 1 if device == "cpu" else max(1, min(64, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
+    copies = 1 if device == "cpu" else max(2, min(64, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
     items = [make() for _ in range(copies)]
     state = {"i": 0}
 
@@ -64,95 +48,106 @@ def _rotating(make, nbytes: int, device: str):
     return next_item
 
 
-def copy_bandwidth(device: str, bench) -> float:
+def copy_bandwidth(device: str) -> float:
     """Device copy bandwidth in bytes/s (read + write), measured here."""
     n = (1 << 30) if device == "cuda" else (64 << 20)
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    us = bench(lambda: dst.copy_(src))
+    us = do_bench_us(lambda: dst.copy_(src)) if device == "cuda" else cpu_us(lambda: dst.copy_(src))
     return 2 * n / (us * 1e-6)
 
 
-def run(device: str, shapes, ms, with_bnb: bool) -> dict:
-    bench = _timer(device)
-    bw = copy_bandwidth(device, bench)
-    bnb = None
-    if with_bnb:
-        try:
-            import bitsandbytes as bnb  # noqa: F401
-            import bitsandbytes.functional as bnbF
-        except Exception as exc:  # noqa: BLE001
-            print(f"bitsandbytes unavailable: {exc}", file=sys.stderr)
-            bnb = None
-    rows = []
-    dq_rows = []
+def _time(fn, device: str, args, batch_too: bool) -> dict:
+    if device != "cuda":
+        return {"us": cpu_us(fn)}
+    out = {"us": do_bench_us(fn, args.warmup_ms, args.rep_ms)}
+    if batch_too:
+        out["gpu_us"], out["host_us"] = gpu_batch_us(fn)
+    return out
+
+
+def run(device: str, shapes, ms, with_bnb: bool, args, results: ResultFile) -> None:
+    bw = copy_bandwidth(device)
+    results.set(copy_bandwidth_TBps=bw / 1e12)
+    bnb, why = load_bnb(device) if with_bnb else (None, "--no-bnb")
+    if bnb is None:
+        print(f"bitsandbytes not measured: {why}", file=sys.stderr)
+        results.set(bnb_skipped=why)
+    if bnb is not None:
+        import bitsandbytes.functional as bnbf
     torch.manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     for n, k in shapes:
-        w_bytes_nf4 = None
-
         def make_w():
-            return torch.randn(n, k, dtype=torch.bfloat16, device=device) * 0.02
+            return torch.randn(n, k, dtype=torch.bfloat16, device=device, generator=gen) * 0.02
 
-        w0 = make_w()
-        q_ours = qk.quantize_nf4(w0, 64, True)
-        w_bytes_nf4 = q_ours.nbytes
-        ours_w = _rotating(lambda: qk.quantize_nf4(make_w(), 64, True), w_bytes_nf4, device)
+        nf4_bytes = qk.quantize_nf4(make_w(), 64, True).nbytes
+        ours_w = _rotating(lambda: qk.quantize_nf4(make_w(), 64, True), nf4_bytes, device)
         bf16_w = _rotating(make_w, n * k * 2, device)
         bnb_w = None
         if bnb is not None:
-            def make_bnb():
-                return bnbF.quantize_4bit(make_w(), quant_type="nf4", blocksize=64, compress_statistics=True)
-
-            bnb_w = _rotating(make_bnb, w_bytes_nf4, device)
-        # dequantize
+            bnb_w = _rotating(lambda: bnbf.quantize_4bit(make_w(), quant_type="nf4", blocksize=64,
+                                                         compress_statistics=True), nf4_bytes, device)
         out_bytes = n * k * 2
-        t = bench(lambda: qk.dequantize_nf4(ours_w()))
-        row = {"n": n, "k": k, "ours_us": t, "ours_TBps": (w_bytes_nf4 + out_bytes) / (t * 1e-6) / 1e12}
+        t = _time(lambda: qk.dequantize_nf4(ours_w()), device, args, True)
+        row = {"n": n, "k": k, "ours_us": t["us"], "ours_TBps": (nf4_bytes + out_bytes) / (t["us"] * 1e-6) / 1e12}
+        row.update({f"ours_{key}": v for key, v in t.items() if key != "us"})
         if bnb_w is not None:
-            tb = bench(lambda: bnbF.dequantize_4bit(*bnb_w()))
-            row.update(bnb_us=tb, bnb_TBps=(w_bytes_nf4 + out_bytes) / (tb * 1e-6) / 1e12)
-        dq_rows.append(row)
+            tb = _time(lambda: bnbf.dequantize_4bit(*bnb_w()), device, args, False)["us"]
+            row.update(bnb_us=tb, bnb_TBps=(nf4_bytes + out_bytes) / (tb * 1e-6) / 1e12)
+        results.add("dequantize", row)
         for m in ms:
-            x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+            x = torch.randn(m, k, dtype=torch.bfloat16, device=device, generator=gen)
+            small = m <= BATCH_TIMED_MAX_M
             with torch.no_grad():
-                t_ours = bench(lambda: qk.nf4_linear(x, ours_w()))
-                t_bf16 = bench(lambda: torch.nn.functional.linear(x, bf16_w()))
+                t_ours = _time(lambda: qk.nf4_linear(x, ours_w()), device, args, small)
+                t_bf16 = _time(lambda: torch.nn.functional.linear(x, bf16_w()), device, args, False)["us"]
                 t_bnb = None
                 if bnb_w is not None:
                     def call_bnb():
                         q, st = bnb_w()
                         return bnb.matmul_4bit(x, q.t(), st)
 
-                    t_bnb = bench(call_bnb)
-            r = {"n": n, "k": k, "m": m, "ours_us": t_ours, "bf16_us": t_bf16, "bnb_us": t_bnb,
-                 "vs_bf16": t_bf16 / t_ours, "vs_bnb": (t_bnb / t_ours) if t_bnb else None}
+                    t_bnb = _time(call_bnb, device, args, False)["us"]
+            r = {"n": n, "k": k, "m": m, "ours_us": t_ours["us"], "bf16_us": t_bf16, "bnb_us": t_bnb,
+                 "vs_bf16": t_bf16 / t_ours["us"], "vs_bnb": (t_bnb / t_ours["us"]) if t_bnb else None}
+            r.update({f"ours_{key}": v for key, v in t_ours.items() if key != "us"})
             if m <= 8:
-                bound_us = w_bytes_nf4 / bw * 1e6
+                bound_us = nf4_bytes / bw * 1e6
                 r["bound_us"] = bound_us
-                r["bw_fraction"] = bound_us / t_ours
-            rows.append(r)
-            print(f"  {n}x{k} M={m}: ours {t_ours:.1f} us, bf16 {t_bf16:.1f}"
-                  + (f", bnb {t_bnb:.1f}" if t_bnb else ""), file=sys.stderr)
-    return {"copy_bandwidth_TBps": bw / 1e12, "matmul": rows, "dequantize": dq_rows}
+                r["bw_fraction"] = bound_us / t_ours["us"]
+            results.add("matmul", r)
+            print(f"  {n}x{k} M={m}: ours {t_ours['us']:.1f} us, bf16 {t_bf16:.1f}"
+                  + (f", bnb {t_bnb:.1f}" if t_bnb else ""), file=sys.stderr, flush=True)
+        ours_w = bf16_w = bnb_w = None  # free this shape's copies before the next one
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def table(res: dict) -> str:
-    lines = [f"device copy bandwidth (read+write): {res['copy_bandwidth_TBps']:.2f} TB/s", "",
-             "dequantize (bf16 out, blocksize 64, double quant)",
-             f"{'N x K':>12} {'ours us':>9} {'TB/s':>6} {'bnb us':>9} {'TB/s':>6} {'speedup':>8}"]
-    for r in res["dequantize"]:
+    lines = [f"device copy bandwidth (read+write): {res.get('copy_bandwidth_TBps', float('nan')):.2f} TB/s", "",
+             "dequantize (bf16 out, blocksize 64, double quant); gpu = back-to-back GPU time",
+             f"{'N x K':>12} {'ours us':>9} {'gpu us':>8} {'TB/s':>6} {'bnb us':>9} {'TB/s':>6} {'speedup':>8}"]
+    for r in res.get("dequantize", []):
         bnb_us = r.get("bnb_us")
-        lines.append(f"{r['n']:>6}x{r['k']:<5} {r['ours_us']:>9.1f} {r['ours_TBps']:>6.2f} "
+        gpu = f"{r['ours_gpu_us']:>8.1f}" if "ours_gpu_us" in r else f"{'-':>8}"
+        lines.append(f"{r['n']:>6}x{r['k']:<5} {r['ours_us']:>9.1f} {gpu} {r['ours_TBps']:>6.2f} "
                      + (f"{bnb_us:>9.1f} {r['bnb_TBps']:>6.2f} {bnb_us / r['ours_us']:>7.2f}x" if bnb_us else
                         f"{'-':>9} {'-':>6} {'-':>8}"))
-    lines += ["", "nf4_linear forward, bf16 (us; ratios > 1 mean ours is faster)",
-              f"{'N x K':>12} {'M':>5} {'ours':>9} {'bnb':>9} {'bf16':>9} {'vs bnb':>7} {'vs bf16':>7} {'bw frac':>7}"]
-    for r in res["matmul"]:
+    lines += ["", "nf4_linear forward, bf16 (us; ratios > 1 mean ours is faster; gpu/host = back-to-back GPU time "
+              "and host time per call)",
+              f"{'N x K':>12} {'M':>5} {'ours':>9} {'gpu':>7} {'host':>7} {'bnb':>9} {'bf16':>9} {'vs bnb':>7} "
+              f"{'vs bf16':>7} {'bw frac':>7}"]
+    for r in res.get("matmul", []):
         bnb_us = f"{r['bnb_us']:>9.1f}" if r["bnb_us"] else f"{'-':>9}"
         vs_bnb = f"{r['vs_bnb']:>6.2f}x" if r["vs_bnb"] else f"{'-':>7}"
         frac = f"{r['bw_fraction']:>7.2f}" if "bw_fraction" in r else f"{'':>7}"
-        lines.append(f"{r['n']:>6}x{r['k']:<5} {r['m']:>5} {r['ours_us']:>9.1f} {bnb_us} {r['bf16_us']:>9.1f} "
-                     f"{vs_bnb} {r['vs_bf16']:>6.2f}x {frac}")
+        gpu = f"{r['ours_gpu_us']:>7.1f}" if "ours_gpu_us" in r else f"{'':>7}"
+        host = f"{r['ours_host_us']:>7.1f}" if "ours_host_us" in r else f"{'':>7}"
+        lines.append(f"{r['n']:>6}x{r['k']:<5} {r['m']:>5} {r['ours_us']:>9.1f} {gpu} {host} {bnb_us} "
+                     f"{r['bf16_us']:>9.1f} {vs_bnb} {r['vs_bf16']:>6.2f}x {frac}")
+    if res.get("bnb_skipped"):
+        lines.append(f"bitsandbytes not measured: {res['bnb_skipped']}")
     return "\n".join(lines)
 
 
@@ -165,11 +160,12 @@ def plot(res: dict, path: Path) -> None:
     except ImportError:
         print("matplotlib missing: no PNG", file=sys.stderr)
         return
-    shapes = sorted({(r["n"], r["k"]) for r in res["matmul"]}, key=lambda s: s[0] * s[1])
+    rows = res.get("matmul", [])
+    shapes = sorted({(r["n"], r["k"]) for r in rows}, key=lambda s: s[0] * s[1])
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for ax, key, title in ((axes[0], "vs_bnb", "speedup over bitsandbytes"), (axes[1], "vs_bf16", "speedup over bf16")):
         for n, k in shapes:
-            pts = [(r["m"], r[key]) for r in res["matmul"] if (r["n"], r["k"]) == (n, k) and r[key]]
+            pts = [(r["m"], r[key]) for r in rows if (r["n"], r["k"]) == (n, k) and r[key]]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"{n}x{k}")
         ax.axhline(1.0, color="gray", lw=0.8)
@@ -179,35 +175,34 @@ def plot(res: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench_out", help="folder for nf4.json and nf4_speedup.png")
-    ap.add_argument("--quick", action="store_true", help="small shapes (CPU smoke run)")
+    ap.add_argument("--quick", action="store_true", help="small shapes (the CPU mode; implied without CUDA)")
     ap.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes")
-    ap.add_argument("--shapes", default=None, help="comma list NxK,... (default: the issue's Llama shapes)")
-    ap.add_argument("--ms", default=None, help="comma list of M (default: 1,8,32,128,1024,8192)")
+    ap.add_argument("--shapes", default=None, help="comma list NxK,... (default: the six Llama shapes)")
+    ap.add_argument("--ms", default=None, help="comma list of M (default: 1,8,32,128,8192)")
+    ap.add_argument("--warmup-ms", type=int, default=10, help="GPU: do_bench warm-up per cell (ms)")
+    ap.add_argument("--rep-ms", type=int, default=60, help="GPU: do_bench measuring time per cell (ms)")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = QUICK_SHAPES if args.quick or device == "cpu" else SHAPES
-    ms = QUICK_MS if args.quick or device == "cpu" else MS
+    quick = args.quick or device == "cpu"
+    shapes = QUICK_SHAPES if quick else SHAPES
+    ms = QUICK_MS if quick else MS
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     if args.ms:
         ms = [int(v) for v in args.ms.split(",")]
-    res = run(device, shapes, ms, with_bnb=not args.no_bnb)
-    res["env"] = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
-        "torch": torch.__version__, "qlora_kernels": qk.__version__, "threads": torch.get_num_threads(),
-        "backends": {k: v.live for k, v in qk.backends().items()},
-    }
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "nf4.json").write_text(json.dumps(res, indent=1))
-    plot(res, out / "nf4_speedup.png")
-    print(f"== nf4 on {res['env']['device']} (torch {torch.__version__})")
-    print(table(res))
+    results = ResultFile(out / "nf4.json", env=environment(device), quick=quick)
+    run(device, shapes, ms, not args.no_bnb, args, results)
+    results.done()
+    plot(results.data, out / "nf4_speedup.png")
+    print(f"== nf4 on {results.data['env']['device']} (torch {torch.__version__})")
+    print(table(results.data))
     return 0
 
 
