@@ -31,6 +31,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 2
     try:
         result = train(cfg)
+    except ConfigError as e:  # output_dir taken since the config was read
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -81,7 +84,7 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 def _config_keys_help() -> str:
     import dataclasses
 
-    from .train.config import SFTConfig
+    from .train.config import ALIAS_NOTES, ALIASES, SFTConfig
 
     lines = ["config keys (default):"]
     for f in dataclasses.fields(SFTConfig):
@@ -91,7 +94,11 @@ def _config_keys_help() -> str:
             default = dataclasses.asdict(default)
         choices = f.metadata.get("choices")
         allowed = f" [{' | '.join(map(str, choices))}]" if choices and len(choices) > 1 else ""
-        lines.append(f"  {f.name} ({default}): {f.metadata.get('help', '')}{allowed}")
+        rng = f.metadata.get("range")
+        ranged = f"; allowed: {str(rng).removeprefix('in ')}" if rng else ""
+        lines.append(f"  {f.name} ({default}): {f.metadata.get('help', '')}{allowed}{ranged}")
+    lines.append("aliases (TRL / transformers / PEFT / Axolotl names, read as ours; not together with ours):")
+    lines += [f"  {a} -> {k}" + (f" ({ALIAS_NOTES[a]})" if a in ALIAS_NOTES else "") for a, k in ALIASES.items()]
     return "\n".join(lines)
 
 

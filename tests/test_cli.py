@@ -115,3 +115,22 @@ def test_usage_error():
     with pytest.raises(SystemExit) as e:
         cli.main(["frobnicate"])
     assert e.value.code == 2
+
+
+def test_config_error_raised_by_train_exits_2(tiny, capsys, monkeypatch):
+    import qlora_kernels.train as qt
+
+    def taken(cfg):
+        raise qt.ConfigError("invalid config:\n  output_dir: 'x' holds the results of another run")
+
+    monkeypatch.setattr(qt, "train", taken)  # e.g. another run filled output_dir after the config was read
+    assert cli.main(["train", str(tiny["config"]), f"output_dir={tiny['dir'] / 'fresh'}"]) == 2
+    assert "holds the results of another run" in capsys.readouterr().err
+
+
+def test_train_help_lists_ranges_and_aliases(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "adam_beta1 (0.9): AdamW beta1; allowed: [0, 1)" in out
+    assert "per_device_train_batch_size -> micro_batch_size" in out and "overwrite_output_dir" in out

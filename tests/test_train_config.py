@@ -167,11 +167,13 @@ def test_yaml_file_round_trip(paths, tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
-def test_example_config_is_valid_and_matches_the_demo(monkeypatch):
+def test_example_config_is_valid_and_matches_the_demo(monkeypatch, tmp_path):
     from qlora_kernels.train.demo import demo_raw_config
 
     monkeypatch.chdir(REPO)
-    cfg = load_config(REPO / "examples" / "sft_tiny.yaml")
+    assert yaml.safe_load((REPO / "examples" / "sft_tiny.yaml").read_text())["output_dir"] == "outputs/sft_tiny"
+    # (in a fresh directory: a run of the example in this checkout must not fail the test)
+    cfg = load_config(REPO / "examples" / "sft_tiny.yaml", [f"output_dir={tmp_path / 'sft_tiny'}"])
     demo = load_config(raw=demo_raw_config(output_dir=cfg.output_dir))
     assert cfg.to_dict() == {**demo.to_dict(), "base_model": cfg.base_model, "datasets": cfg.to_dict()["datasets"],
                              "test_datasets": cfg.to_dict()["test_datasets"]}

@@ -226,6 +226,9 @@ ALIASES: dict[str, str] = {
     "use_bnb_nested_quant": "quantization.double_quant",  # TRL ModelConfig
 }
 
+ALIAS_NOTES = {"completion_only_loss": "negated", "lr_scheduler_type": "constant_with_warmup is our constant",
+               "optim": "paged_adamw_32bit is our paged_adamw"}
+
 # Keys of other trainers with no equivalent here: what to set instead (or why it is not needed).
 FOREIGN_KEYS: dict[str, str] = {
     "eval_strategy": "evaluation runs every eval_steps steps and at the end: set eval_steps",
@@ -647,5 +650,6 @@ def dump_config(cfg: SFTConfig, path: str | os.PathLike) -> None:
     """Write the resolved config (every key, defaults included) as YAML, after a comment naming the aliases read."""
     with open(path, "w", encoding="utf-8") as f:
         if cfg.aliases:
-            f.write("# aliases read: " + ", ".join(f"{a} -> {k}" for a, k in cfg.aliases.items()) + "\n")
+            f.write("# aliases read: " + ", ".join(f"{a} -> {k}" + (f" ({ALIAS_NOTES[a]})" if a in ALIAS_NOTES else "")
+                                                   for a, k in cfg.aliases.items()) + "\n")
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
