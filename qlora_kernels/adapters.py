@@ -18,8 +18,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .hf import _freeze_all_but_lora, _kind, _linear_modules, _make_qlora, _parent, linear_layer_names
-from .nn import QLoraLinear
+from .hf import (
+    _LORA_TYPES,
+    _adopt_bnb4_layout,
+    _drop_bnb4_state,
+    _freeze_all_but_lora,
+    _kind,
+    _linear_modules,
+    _make_lora,
+    _parent,
+    linear_layer_names,
+)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -28,8 +37,9 @@ _PREFIX = "base_model.model."
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_adapter", "save_adapter"]
 
 
-def _lora_layers(model: nn.Module) -> dict[str, QLoraLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QLoraLinear)}
+def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The adapted layers: :class:`QLoraLinear` and :class:`~qlora_kernels.hf.DenseLoraLinear`."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, _LORA_TYPES)}
 
 
 def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
@@ -41,7 +51,8 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
-    """Write the adapters of every :class:`QLoraLinear` of ``model`` in PEFT's format.
+    """Write the adapters of every adapted layer of ``model`` (:class:`QLoraLinear`,
+    :class:`~qlora_kernels.hf.DenseLoraLinear`) in PEFT's format.
 
     ``out_dir`` gets ``adapter_model.safetensors`` (the adapters in their dtype) and ``adapter_config.json``
     (``peft_type`` LORA; ``r``, ``lora_alpha`` as the most common values with per-layer ``rank_pattern`` /
@@ -53,7 +64,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
 
     layers = _lora_layers(model)
     if not layers:
-        raise ValueError(f"model ({type(model).__name__}) has no QLoraLinear layers: call apply_qlora first")
+        raise ValueError(f"model ({type(model).__name__}) has no QLoraLinear / DenseLoraLinear layers: call "
+                         f"apply_qlora first")
     names = list(layers)
     tensors: dict[str, Tensor] = {}
     for name, m in layers.items():
@@ -215,10 +227,12 @@ def _read_adapter(in_dir: Path) -> tuple[dict, dict[str, tuple[Tensor, Tensor]]]
 def load_adapter(model: nn.Module, in_dir: str | Path, is_trainable: bool = True) -> nn.Module:
     """Load a PEFT LoRA adapter directory into ``model``, in place.
 
-    Layers named in the file that are already :class:`QLoraLinear` get the file's weights (and its alpha /
-    scaling); layers that are still plain (``nn.Linear``, ``Conv1D``, 4-bit :class:`NF4Linear` or bitsandbytes
-    ``Linear4bit``) become :class:`QLoraLinear` with the file's rank (quantized to NF4 first if they are full
-    precision). Everything but the adapters is frozen; ``is_trainable=False`` freezes those too.
+    Layers named in the file that already have adapters (:class:`QLoraLinear`, :class:`~qlora_kernels.hf.
+    DenseLoraLinear`) get the file's weights (and its alpha / scaling); layers that are still plain (``nn.Linear``,
+    ``Conv1D``, 4-bit :class:`NF4Linear` or bitsandbytes ``Linear4bit``) get adapters of the file's rank as
+    :func:`~qlora_kernels.apply_qlora` puts them (full-precision layers quantized to NF4 first, but for the dense
+    layers of a 4-bit model, which get plain LoRA; on a transformers bitsandbytes model the same state handling).
+    Everything but the adapters is frozen; ``is_trainable=False`` freezes those too.
 
     Raises:
         ValueError naming the module, the expected and the actual shape when the file does not fit the model
@@ -249,13 +263,17 @@ def load_adapter(model: nn.Module, in_dir: str | Path, is_trainable: bool = True
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             raise ValueError(f"adapter {name}: lora_A must be {list(want_a)} and lora_B {list(want_b)} (r={r}, "
                              f"in={in_f}, out={out_f}); got {list(a.shape)} and {list(b.shape)}")
-        if isinstance(module, QLoraLinear) and module.r != r:
+        if isinstance(module, _LORA_TYPES) and module.r != r:
             raise ValueError(f"adapter {name}: the layer has r={module.r}; the file has r={r}")
+        if _kind(module) == "other-linear":
+            raise TypeError(f"adapter {name}: the layer is a {type(module).__module__}.{type(module).__name__}, which "
+                            f"load_adapter cannot convert (supported: nn.Linear, Conv1D, Linear4bit nf4, NF4Linear)")
         plan.append((name, module, a, b, r, alpha))
+    bnb4 = _adopt_bnb4_layout(model)
     for name, module, a, b, r, alpha in plan:
-        if not isinstance(module, QLoraLinear):
-            module = _make_qlora(module, _kind(module), name, r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                 use_rslora=rslora, blocksize=64, double_quant=True, lora_dtype=torch.float32)
+        if not isinstance(module, _LORA_TYPES):
+            module = _make_lora(module, _kind(module), name, r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                use_rslora=rslora, blocksize=64, double_quant=True, lora_dtype=torch.float32)
             parent, child = _parent(model, name)
             setattr(parent, child, module)
         with torch.no_grad():
@@ -263,5 +281,7 @@ def load_adapter(model: nn.Module, in_dir: str | Path, is_trainable: bool = True
             module.lora_B.weight.copy_(b)
         module.lora_alpha, module.lora_dropout, module.use_rslora = alpha, dropout, rslora
         module.scaling = float(alpha / math.sqrt(r) if rslora else alpha / r)
+    if bnb4:
+        _drop_bnb4_state(model)
     _freeze_all_but_lora(model, trainable=is_trainable)
     return model

@@ -315,6 +315,29 @@ def test_merge_and_unload_save_pretrained(arch, tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
 
 
+def test_merge_and_unload_takes_the_models_compute_dtype(bnb_checkpoint):
+    """A bnb checkpoint whose quant states say fp32, loaded in bf16 (the default): merge_and_unload made fp32 layers in
+    a bf16 model, whose next forward crashed. The merged layers take the dtype the model computes in (recorded by
+    load_4bit_model as each NF4 layer's compute_dtype, and kept through dtype casts)."""
+    model = qk.apply_qlora(qk.load_4bit_model(bnb_checkpoint / "nf4"), r=4, target_modules=["q_proj", "v_proj"])
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    assert {m.nf4_dtype for m in layers} == {torch.float32} and {m.compute_dtype for m in layers} == {torch.bfloat16}
+    _randomize_adapters(model)
+    ids = _ids()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        merged = qk.merge_and_unload(model)
+        assert {m.weight.dtype for m in merged.modules() if isinstance(m, nn.Linear)} == {torch.bfloat16}
+        got = merged(input_ids=ids).logits
+    assert got.dtype == torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(got.float().flatten(), want.float().flatten(), dim=0) > 0.999
+    # a dtype cast of the model moves the compute dtype with it; an explicit dtype still wins
+    cast = qk.load_4bit_model(bnb_checkpoint / "nf4").to(torch.float16)
+    assert {m.compute_dtype for m in cast.modules() if isinstance(m, NF4Linear)} == {torch.float16}
+    assert cast.model.layers[0].mlp.up_proj.to_linear().weight.dtype == torch.float16
+    assert cast.model.layers[0].mlp.up_proj.to_linear(torch.float32).weight.dtype == torch.float32
+
+
 # -- training helpers ------------------------------------------------------------------------
 
 
@@ -394,7 +417,7 @@ def test_load_adapter_for_another_model(tmp_path):
     (tmp_path / "wide" / "adapter_config.json").write_text(json.dumps(dict(cfg, peft_type="IA3")))
     with pytest.raises(ValueError, match=r"peft_type must be 'LORA'; got 'IA3'"):
         qk.load_adapter(model, tmp_path / "wide")
-    with pytest.raises(ValueError, match=r"has no QLoraLinear layers"):
+    with pytest.raises(ValueError, match=r"has no QLoraLinear / DenseLoraLinear layers"):
         qk.save_adapter(_tiny("llama"), tmp_path / "none")
 
 

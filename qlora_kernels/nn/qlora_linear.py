@@ -34,6 +34,11 @@ class NF4Linear(nn.Module):
         bias: ``nn.Parameter [out_features]`` (frozen by default) or None.
         fan_in_fan_out: True when the layer replaced a GPT-2 style ``Conv1D`` (weight stored ``[in, out]``
             there); the NF4 weight itself is always ``[out, in]``. Used to turn it back into a Conv1D.
+        compute_dtype: the dtype of the model the layer sits in, or None when unknown. The NF4 weight keeps the
+            dtype it was quantized from (``qweight.dtype``, what a bitsandbytes quant state records); a model can
+            compute in another (:func:`qlora_kernels.load_4bit_model` sets its ``dtype`` here; ``Module.to(dtype)``,
+            ``.half()`` etc. update it). :meth:`to_linear` (so :func:`qlora_kernels.merge_and_unload`) makes its
+            dense layer in this dtype.
         weight: the packed NF4 codes, uint8 (as ``bitsandbytes.nn.Linear4bit.weight``); :attr:`qweight`
             gives the whole :class:`NF4Weight`.
     """
@@ -56,6 +61,7 @@ class NF4Linear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.fan_in_fan_out = bool(fan_in_fan_out)
+        self.compute_dtype: torch.dtype | None = None
 
     # -- the NF4 weight -------------------------------------------------------------------------
 
@@ -92,6 +98,10 @@ class NF4Linear(nn.Module):
         nf4 = {name: self._buffers.pop(name) for name in _NF4_BUFFERS}
         try:
             super()._apply(fn, recurse)
+            # A dtype cast of the module (.to(dtype), .half()) moves the model to another compute dtype.
+            probe = fn(torch.empty(0, dtype=self.compute_dtype or self.nf4_dtype))
+            if probe.dtype in _FLOAT_DTYPES:
+                self.compute_dtype = probe.dtype
         finally:
             for name, t in nf4.items():
                 if t is not None:
@@ -150,9 +160,10 @@ class NF4Linear(nn.Module):
         return dequantize_nf4(self.qweight, torch.float32)
 
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """A plain ``nn.Linear`` with the dequantized weight (in ``dtype``, default the dtype the weight
-        was quantized from) and this layer's bias."""
-        dtype = self.nf4_dtype if dtype is None else dtype
+        """A plain ``nn.Linear`` with the dequantized weight and this layer's bias, in ``dtype``; by default the
+        layer's :attr:`compute_dtype` (the model's dtype), else (unknown) the dtype the weight was quantized from."""
+        if dtype is None:
+            dtype = self.compute_dtype or self.nf4_dtype
         if dtype not in _FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, float16 or bfloat16; got {dtype}")
         device = self.nf4_packed.device
@@ -266,7 +277,7 @@ class QLoraLinear(NF4Linear):
 
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain ``nn.Linear`` with weight ``deq(W) + scaling * B @ A`` (computed in fp32, then rounded to
-        ``dtype``, default the dtype the base weight was quantized from) and this layer's bias."""
+        ``dtype``, default as :meth:`NF4Linear.to_linear`) and this layer's bias."""
         return super().to_linear(dtype)
 
     def extra_repr(self) -> str:
@@ -325,6 +336,7 @@ class QLoraLinear(NF4Linear):
         layer = cls(module.qweight, None, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                     use_rslora=use_rslora, lora_dtype=lora_dtype, fan_in_fan_out=module.fan_in_fan_out)
         layer.bias = module.bias
+        layer.compute_dtype = module.compute_dtype
         return layer
 
 
