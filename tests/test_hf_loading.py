@@ -44,7 +44,8 @@ def _config(arch: str):
     if arch == "llama":
         return transformers.LlamaConfig(**_KW)
     if arch == "gpt2":
-        return transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=96, n_positions=32)
+        return transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=96, n_positions=32, resid_pdrop=0.0,
+                                       embd_pdrop=0.0, attn_pdrop=0.0)
     raise ValueError(arch)
 
 
@@ -233,15 +234,16 @@ def test_damaged_safetensors_names_the_file(tmp_path):
 # -- layers a 4-bit loader left dense get plain LoRA -------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["falcon", "llama_skip_modules"])
+@pytest.mark.parametrize("case", ["falcon", "llama_skip_modules", "gpt2_skip_modules"])
 @pytest.mark.parametrize("start", ["load_4bit_model", "transformers_bnb"])
 def test_dense_layers_of_a_4bit_model_get_plain_lora(case, start, tmp_path):
     """Falcon's FalconLinear layers (which transformers' bitsandbytes integration does not convert) and layers in
     llm_int8_skip_modules stay dense in the 4-bit model; apply_qlora used to quantize them, so an adapter trained
     here did not reproduce on transformers + bitsandbytes + PEFT (logits off by 7e-2). Now: equal logits."""
-    arch = "falcon" if case == "falcon" else "llama"
+    arch = case.split("_")[0]
     _save_tiny(arch, tmp_path / "fp32")
-    qcfg = _bnb_config(**({} if case == "falcon" else {"llm_int8_skip_modules": ["down_proj", "lm_head"]}))
+    skip = {"falcon": None, "llama": ["down_proj", "lm_head"], "gpt2": ["c_proj", "lm_head"]}[arch]  # GPT-2: Conv1D
+    qcfg = _bnb_config(**({} if skip is None else {"llm_int8_skip_modules": skip}))
     _bnb_model(tmp_path / "fp32", quantization_config=qcfg).save_pretrained(tmp_path / "nf4")
     if start == "load_4bit_model":
         ours = qk.load_4bit_model(tmp_path / "nf4", dtype=torch.float32)
@@ -250,10 +252,12 @@ def test_dense_layers_of_a_4bit_model_get_plain_lora(case, start, tmp_path):
     qk.apply_qlora(ours, r=4, lora_alpha=8)
     kinds = {n.rsplit(".", 1)[-1]: type(m) for n, m in ours.named_modules() if isinstance(m, (QLoraLinear,
                                                                                              DenseLoraLinear))}
-    if case == "falcon":
+    if arch == "falcon":
         assert set(kinds.values()) == {DenseLoraLinear}
-    else:
+    elif arch == "llama":
         assert kinds["down_proj"] is DenseLoraLinear and kinds["q_proj"] is QLoraLinear
+    else:
+        assert kinds["c_proj"] is DenseLoraLinear and kinds["c_attn"] is QLoraLinear
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for m in ours.modules():
