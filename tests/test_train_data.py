@@ -260,15 +260,34 @@ def test_chunked_ce_matches_full_logits(dtype, atol, chunk):
         torch.testing.assert_close(a.float(), c.float(), atol=atol * 5, rtol=1e-2)
 
 
-def test_chunked_ce_is_fp32_under_autocast():
+def test_chunked_ce_runs_its_gemm_in_the_autocast_dtype():
+    # Under autocast the head's GEMMs take bf16 operands (as F.linear would; no fp32 copy of the
+    # vocabulary matrix), accumulate in fp32, and the log-sum-exp and the result stay fp32.
     torch.manual_seed(0)
-    x, w = torch.randn(64, 32), torch.randn(500, 32)
+    x, w = torch.randn(64, 32, requires_grad=True), torch.randn(500, 32)
     y = torch.randint(0, 500, (64,))
-    ref = F.cross_entropy(x @ w.t(), y, reduction="sum")
+    xb = x.detach().bfloat16().float().requires_grad_(True)
+    ref_bf16 = F.cross_entropy(xb @ w.bfloat16().float().t(), y, reduction="sum")
+    ref_fp32 = F.cross_entropy(x.detach() @ w.t(), y, reduction="sum")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = chunked_cross_entropy(x, w, y, chunk_size=16)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got, ref_bf16, rtol=1e-5, atol=1e-4)
+    assert abs(float(got - ref_fp32)) > 1e-3  # really bf16 operands, not an fp32 GEMM
+    got.backward()
+    ref_bf16.backward()
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, xb.grad, atol=2e-2, rtol=2e-2)  # dlogits are rounded to bf16 too
+
+
+def test_chunked_ce_is_minus_the_summed_token_log_probs():
+    from qlora_kernels.train.loss import token_log_probs
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(21, 16), torch.randn(77, 16), torch.randn(77)
+    y = torch.randint(0, 77, (21,))
+    torch.testing.assert_close(chunked_cross_entropy(x, w, y, bias=b, chunk_size=5),
+                               -token_log_probs(x, w, y, bias=b, chunk_size=3).sum())
 
 
 def test_chunked_ce_frozen_weight_keeps_no_weight_grad():

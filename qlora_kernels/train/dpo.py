@@ -55,7 +55,7 @@ from .config import DPO_LOSSES, PREFERENCE_TYPES, DatasetConfig, SFTConfig
 from .data import DataError, DataStats, Example, checked_rows, load_split, tokenize_segments
 from .distributed import SINGLE, DistContext, ShardedStream
 from .distributed import unwrap_model as _unwrap
-from .loss import IGNORE_INDEX, auto_chunk_size
+from .loss import IGNORE_INDEX, token_log_probs
 
 HH_ASSISTANT = "\n\nAssistant:"
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -106,79 +106,6 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
 
 
 # --------------------------------------------------------------------------- chunked log-probs
-
-
-class ChunkedTokenLogProbFunction(torch.autograd.Function):
-    """``log softmax(h_i @ W^T + b)[y_i]`` for each row of h [N, H] (W [V, H], frozen), chunked over N.
-
-    Logits exist for ``chunk_size`` rows at a time, in fp32. The gradient of token i's log-prob with
-    respect to h_i, ``W[y_i] − softmax_i @ W``, is computed in forward while the chunk's logits are live
-    and saved ([N, H], the size of the hidden states); backward scales row i by the upstream gradient
-    of token i. Gradients for W and the bias are not provided (see :func:`token_log_probs`).
-    """
-
-    @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, chunk_size: int,
-                need_grad: bool) -> Tensor:
-        # fp32 even under autocast: a bf16 log-sum-exp over the vocabulary loses the differences DPO is made of.
-        with torch.autocast(device_type=h.device.type, enabled=False):
-            w32 = weight.float()
-            b32 = bias.float() if bias is not None else None
-            out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-            grad_h = torch.empty_like(h) if need_grad else None
-            for s in range(0, h.shape[0], chunk_size):
-                hc = h[s:s + chunk_size].float()
-                yc = target[s:s + chunk_size]
-                logits = hc @ w32.t()
-                if b32 is not None:
-                    logits += b32
-                lse = torch.logsumexp(logits, dim=-1)
-                out[s:s + chunk_size] = logits.gather(1, yc[:, None]).squeeze(1) - lse
-                if need_grad:
-                    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place over the chunk's logits
-                    grad_h[s:s + chunk_size] = (w32[yc] - probs @ w32).to(h.dtype)
-        ctx.save_for_backward(grad_h)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        (grad_h,) = ctx.saved_tensors
-        gh = grad_h * grad_out[:, None].to(grad_h.dtype) if grad_h is not None else None
-        return gh, None, None, None, None, None
-
-
-def _module_chunk_log_probs(head: nn.Module, hc: Tensor, yc: Tensor) -> Tensor:
-    logits = head(hc).float()
-    return logits.gather(1, yc[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-
-
-def token_log_probs(h: Tensor, head: Tensor | nn.Module, target: Tensor, bias: Tensor | None = None,
-                    chunk_size: int | None = None) -> Tensor:
-    """Log-probability of each target token, fp32 ``[N]``, for hidden rows h ``[N, H]``, chunked.
-
-    ``head`` is the output projection's weight ``[V, H]`` (the fast path, when it and the bias are
-    frozen) or a module mapping ``[n, H] -> [n, V]``; a module, or a weight that requires grad, runs
-    chunk by chunk under activation checkpointing, so a chunk's logits are recomputed in backward
-    instead of kept.
-    """
-    if h.dim() != 2 or target.shape != h.shape[:1]:
-        raise ValueError(f"h must be [N, H] and target [N]; got {list(h.shape)} and {list(target.shape)}")
-    if isinstance(head, Tensor) and not head.requires_grad and not (bias is not None and bias.requires_grad):
-        if head.dim() != 2 or head.shape[1] != h.shape[1]:
-            raise ValueError(f"weight must be [V, {h.shape[1]}]; got {list(head.shape)}")
-        chunk = chunk_size or auto_chunk_size(head.shape[0])
-        need = torch.is_grad_enabled() and h.requires_grad
-        return ChunkedTokenLogProbFunction.apply(h, head, bias, target, chunk, need)
-    from torch.utils.checkpoint import checkpoint
-
-    if isinstance(head, Tensor):
-        weight, b = head, bias
-        head = lambda x: F.linear(x, weight, b)  # noqa: E731
-    vocab = getattr(head, "out_features", None) or 32768
-    chunk = chunk_size or auto_chunk_size(vocab)
-    parts = [checkpoint(_module_chunk_log_probs, head, h[s:s + chunk], target[s:s + chunk], use_reentrant=False)
-             for s in range(0, h.shape[0], chunk)]
-    return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
 
 
 def sequence_log_probs(hidden: Tensor, head: Tensor | nn.Module, labels: Tensor, chunk_size: int | None = None,

@@ -1,14 +1,21 @@
-"""Causal-LM cross-entropy from hidden states, chunked so full-vocabulary logits never exist at once.
+"""The output projection's loss from hidden states, chunked so full-vocabulary logits never exist at once.
 
-``causal_lm_loss(hidden, W, labels)`` returns the *sum* of token cross-entropies over target
-tokens (labels != -100, shifted by one as in Hugging Face models) and the number of those tokens.
-The caller divides by the target-token count of the whole accumulated batch (REFERENCE.md, SFT).
+One chunked function (:class:`ChunkedHeadFunction`) computes the log-probability of each target token
+under ``softmax(h @ W^T + b)``; the SFT loss is minus their sum (:func:`chunked_cross_entropy`,
+:func:`causal_lm_loss`: the sum over target tokens, labels != -100, shifted by one as in Hugging Face
+models, and their count; the caller divides by the target-token count of the whole accumulated batch),
+and DPO uses the per-token values (:func:`token_log_probs`, summed per sequence by ``train/dpo.py``).
 
-Memory: only target positions are gathered (prompt and padding cost nothing), and logits exist
-for ``chunk_size`` tokens at a time, in fp32. The backward of each chunk is computed in the
-forward pass, while its logits are live (the gradient w.r.t. the hidden states, and w.r.t. W
-and the bias only when those require grad), so nothing vocabulary-sized is kept for backward:
-the saved gradient has the shape of the hidden states.
+Memory: only target positions are gathered (prompt and padding cost nothing), and logits exist for
+``chunk_size`` tokens at a time. The backward of each chunk is computed in the forward pass, while its
+logits are live, so nothing vocabulary-sized is kept for backward: the saved gradient has the shape of
+the hidden states (plus, for the summed loss only, the weight's and bias' gradients when they train).
+
+Numerics: the GEMMs with W run in the compute dtype (the autocast dtype inside an autocast region, as
+``F.linear`` would; else the promoted dtype of h and W), with fp32 accumulation and fp32 logits; the
+log-sum-exp, the softmax and the log-probs are fp32. So a bf16 run does bf16 tensor-core GEMMs (and
+never casts the vocabulary matrix to fp32), while an fp32 run is exact fp32. On a CPU the same
+rounding is emulated (operands rounded to the compute dtype, then an fp32 GEMM).
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ IGNORE_INDEX = -100
 # Logit elements (fp32) per chunk when chunk_size is not given: 16 Mi elements = 64 MiB, plus as
 # much again for the softmax gradient.
 _AUTO_CHUNK_ELEMENTS = 1 << 24
+# torch.mm(a, b, out_dtype=torch.float32) for bf16 / fp16 operands (CUDA, torch >= 2.8)
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
 
 def auto_chunk_size(vocab_size: int) -> int:
@@ -28,80 +37,141 @@ def auto_chunk_size(vocab_size: int) -> int:
     return max(16, _AUTO_CHUNK_ELEMENTS // max(1, vocab_size))
 
 
-class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
-    """``sum_i CE(h_i @ W^T + b, y_i)`` over rows of h [N, H] with W [V, H], chunked over N.
+def head_compute_dtype(h: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype of the head's GEMMs: the autocast dtype inside an autocast region, else h's and W's promoted."""
+    if torch.is_autocast_enabled(h.device.type):
+        return torch.get_autocast_dtype(h.device.type)
+    return torch.promote_types(h.dtype, weight.dtype)
 
-    Saves the gradients computed in forward (``dL/dh`` [N, H] and, if needed, ``dL/dW`` [V, H],
-    ``dL/db`` [V], all for an upstream gradient of 1); backward scales them by the upstream scalar.
+
+class _HeadGemm:
+    """GEMMs with the output projection W: operands in the compute dtype, results in fp32 (or wider)."""
+
+    def __init__(self, weight: Tensor, compute: torch.dtype) -> None:
+        self.compute = compute
+        self.acc = torch.promote_types(compute, torch.float32)
+        w = weight.detach().to(compute)
+        self.native = w.is_cuda and compute in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE
+        # elsewhere: round the operands to the compute dtype, multiply in fp32 (W converted once per call)
+        self.w = w if self.native or compute == self.acc else w.to(self.acc)
+
+    def mm(self, a: Tensor, b: Tensor) -> Tensor:
+        if self.native:
+            return torch.mm(a.to(self.compute), b.to(self.compute), out_dtype=torch.float32)
+        return a.to(self.compute).to(self.acc) @ b.to(self.acc)
+
+
+class ChunkedHeadFunction(torch.autograd.Function):
+    """Log-probabilities ``log softmax(h_i @ W^T + b)[y_i]`` for the rows of h [N, H], W [V, H], chunked over N.
+
+    ``reduce="sum"``: returns their sum (a scalar); gradients for h, W and b (each computed in forward
+    for an upstream gradient of 1, scaled in backward). ``reduce="none"``: returns fp32 ``[N]``;
+    gradient for h only (row i scaled by the upstream gradient of token i in backward; a W that
+    trains needs the upstream gradients first, see :func:`token_log_probs`).
     """
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, chunk_size: int,
-                need_grad: bool) -> Tensor:
-        # Logits, log-sum-exp and softmax stay in fp32 even under autocast: in bf16 the log-sum-exp
-        # over a large vocabulary loses the small differences the loss is made of.
+                compute: torch.dtype, reduce: str, need_grad: bool) -> Tensor:
         with torch.autocast(device_type=h.device.type, enabled=False):
-            return ChunkedLinearCrossEntropyFunction._forward(ctx, h, weight, bias, target, chunk_size, need_grad)
-
-    @staticmethod
-    def _forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, chunk_size: int,
-                 need_grad: bool) -> Tensor:
-        w32 = weight.float()
-        b32 = bias.float() if bias is not None else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        want_h = need_grad and ctx.needs_input_grad[0]
-        want_w = need_grad and ctx.needs_input_grad[1]
-        want_b = need_grad and bias is not None and ctx.needs_input_grad[2]
-        grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros_like(w32) if want_w else None
-        grad_b = torch.zeros_like(b32) if want_b else None
-        for s in range(0, h.shape[0], chunk_size):
-            hc = h[s:s + chunk_size].float()
-            yc = target[s:s + chunk_size]
-            logits = hc @ w32.t()
-            if b32 is not None:
-                logits += b32
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
-            if not (want_h or want_w or want_b):
-                continue
-            # d/dlogits of CE = softmax - onehot, computed in place over the chunk's logits.
-            dlogits = logits.sub_(lse[:, None]).exp_()
-            dlogits[torch.arange(yc.shape[0], device=yc.device), yc] -= 1.0
-            if want_h:
-                grad_h[s:s + chunk_size] = (dlogits @ w32).to(h.dtype)
-            if want_w:
-                grad_w += dlogits.t() @ hc
-            if want_b:
-                grad_b += dlogits.sum(0)
+            gemm = _HeadGemm(weight, compute)
+            b = bias.detach().to(gemm.acc) if bias is not None else None
+            want_h = need_grad and ctx.needs_input_grad[0]
+            want_w = need_grad and reduce == "sum" and ctx.needs_input_grad[1]
+            want_b = need_grad and reduce == "sum" and bias is not None and ctx.needs_input_grad[2]
+            out = torch.empty(h.shape[0], dtype=gemm.acc, device=h.device)
+            grad_h = torch.empty_like(h) if want_h else None
+            grad_w = torch.zeros(weight.shape, dtype=gemm.acc, device=h.device) if want_w else None
+            grad_b = torch.zeros(bias.shape, dtype=gemm.acc, device=h.device) if want_b else None
+            rows = torch.arange(min(chunk_size, h.shape[0]), device=h.device)
+            for s in range(0, h.shape[0], chunk_size):
+                hc, yc = h[s:s + chunk_size], target[s:s + chunk_size]
+                logits = gemm.mm(hc, gemm.w.t())
+                if b is not None:
+                    logits += b
+                lse = torch.logsumexp(logits, dim=-1)
+                out[s:s + chunk_size] = logits.gather(1, yc[:, None]).squeeze(1) - lse
+                if not (want_h or want_w or want_b):
+                    continue
+                # d log p(y) / d logits = onehot(y) - softmax, in place over the chunk's logits
+                dlogits = logits.sub_(lse[:, None]).exp_().neg_()
+                dlogits[rows[:yc.shape[0]], yc] += 1.0
+                if want_h:
+                    grad_h[s:s + chunk_size] = gemm.mm(dlogits, gemm.w).to(h.dtype)
+                if want_w:
+                    grad_w += gemm.mm(dlogits.t(), hc)
+                if want_b:
+                    grad_b += dlogits.sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
-        return total
+        ctx.reduce, ctx.dtypes = reduce, (weight.dtype, bias.dtype if bias is not None else None)
+        return out.sum() if reduce == "sum" else out.float()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         wdt, bdt = ctx.dtypes
-        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        if ctx.reduce == "sum":
+            gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        else:
+            gh = grad_h * grad_out[:, None].to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(wdt) if grad_w is not None else None
         gb = (grad_b * grad_out).to(bdt) if grad_b is not None else None
-        return gh, gw, gb, None, None, None
+        return gh, gw, gb, None, None, None, None, None
+
+
+def _check_head_args(h: Tensor, weight: Tensor, target: Tensor) -> None:
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
+        raise ValueError(f"h must be [N, H] and weight [V, H]; got {list(h.shape)} and {list(weight.shape)}")
+    if target.shape != h.shape[:1]:
+        raise ValueError(f"target must be [{h.shape[0]}]; got {list(target.shape)}")
 
 
 def chunked_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
                           chunk_size: int | None = None) -> Tensor:
     """Sum of cross-entropies of ``h @ weight^T + bias`` against ``target`` (fp32 scalar), chunked.
 
-    h: [N, H] (any float dtype), weight: [V, H], target: int64 [N] with values in [0, V).
+    h: [N, H] (any float dtype), weight: [V, H], target: int64 [N] with values in [0, V). Gradients
+    for h, weight and bias (those that require grad).
     """
-    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
-        raise ValueError(f"h must be [N, H] and weight [V, H]; got {list(h.shape)} and {list(weight.shape)}")
-    if target.shape != h.shape[:1]:
-        raise ValueError(f"target must be [{h.shape[0]}]; got {list(target.shape)}")
+    _check_head_args(h, weight, target)
     chunk = chunk_size or auto_chunk_size(weight.shape[0])
     need = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad))
-    return ChunkedLinearCrossEntropyFunction.apply(h, weight, bias, target, chunk, need)
+    logp = ChunkedHeadFunction.apply(h, weight, bias, target, chunk, head_compute_dtype(h, weight), "sum", need)
+    return -logp.float()
+
+
+def _module_chunk_log_probs(head, hc: Tensor, yc: Tensor) -> Tensor:
+    logits = head(hc).float()
+    return logits.gather(1, yc[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_log_probs(h: Tensor, head: Tensor | nn.Module, target: Tensor, bias: Tensor | None = None,
+                    chunk_size: int | None = None) -> Tensor:
+    """Log-probability of each target token, fp32 ``[N]``, for hidden rows h ``[N, H]``, chunked.
+
+    ``head`` is the output projection's weight ``[V, H]`` (the fast path, when it and the bias are
+    frozen) or a module mapping ``[n, H] -> [n, V]``; a module, or a weight that requires grad, runs
+    chunk by chunk under activation checkpointing, so a chunk's logits are recomputed in backward
+    instead of kept.
+    """
+    if h.dim() != 2 or target.shape != h.shape[:1]:
+        raise ValueError(f"h must be [N, H] and target [N]; got {list(h.shape)} and {list(target.shape)}")
+    if isinstance(head, Tensor) and not head.requires_grad and not (bias is not None and bias.requires_grad):
+        _check_head_args(h, head, target)
+        chunk = chunk_size or auto_chunk_size(head.shape[0])
+        need = torch.is_grad_enabled() and h.requires_grad
+        return ChunkedHeadFunction.apply(h, head, bias, target, chunk, head_compute_dtype(h, head), "none", need)
+    from torch.utils.checkpoint import checkpoint
+
+    if isinstance(head, Tensor):
+        weight, b = head, bias
+        head = lambda x: F.linear(x, weight, b)  # noqa: E731
+    vocab = getattr(head, "out_features", None) or 32768
+    chunk = chunk_size or auto_chunk_size(vocab)
+    parts = [checkpoint(_module_chunk_log_probs, head, h[s:s + chunk], target[s:s + chunk], use_reentrant=False)
+             for s in range(0, h.shape[0], chunk)]
+    return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
 
 
 def _module_chunk_ce(head: nn.Module, hc: Tensor, yc: Tensor) -> Tensor:
