@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .dtypes import FLOAT_DTYPES
 from .hf import (
     _LORA_TYPES,
     _adopt_bnb4_layout,
@@ -211,7 +212,7 @@ def _read_adapter(in_dir: Path) -> tuple[dict, dict[str, tuple[Tensor, Tensor]]]
         m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.default)?\.weight", key)
         if m is None:
             raise ValueError(f"{WEIGHTS_NAME}: unexpected key {key!r} (only lora_A / lora_B weights are supported)")
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{w_path}: {key} must be float32, float16 or bfloat16; got {t.dtype}")
         pairs.setdefault(m.group(1), {})[m.group(2)] = t
     out = {}

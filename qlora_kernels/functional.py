@@ -23,10 +23,10 @@ import numbers
 import torch
 from torch import Tensor
 
+from .dtypes import FLOAT_DTYPES as _FLOAT_DTYPES
 from .nf4 import NF4Weight
 
 _QK = torch.ops.qlora_kernels
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

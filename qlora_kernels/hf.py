@@ -38,13 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dtypes import FLOAT_DTYPES
 from .functional import lora_linear
 from .nf4 import NF4Weight, quantize_nf4
 from .nn import NF4Linear, QLoraLinear
 
 logger = logging.getLogger(__name__)
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _QS_SUFFIX = ".weight.quant_state.bitsandbytes__nf4"
 # The entries bitsandbytes writes beside a 4-bit ``<layer>.weight`` (transformers' serialized names).
 _BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
@@ -180,10 +180,10 @@ class DenseLoraLinear(nn.Module):
         if kind not in ("linear", "conv1d"):
             raise TypeError(f"base_layer must be a dense nn.Linear or Conv1D; got {type(base_layer).__name__}")
         _check_lora_args(r, lora_alpha, lora_dropout)
-        if lora_dtype not in _FLOAT_DTYPES:
+        if lora_dtype not in FLOAT_DTYPES:
             raise TypeError(f"lora_dtype must be float32, float16 or bfloat16; got {lora_dtype}")
         weight = base_layer.weight
-        if weight.dtype not in _FLOAT_DTYPES:
+        if weight.dtype not in FLOAT_DTYPES:
             raise TypeError(f"base_layer.weight must be float32, float16 or bfloat16; got {weight.dtype}")
         self.fan_in_fan_out = kind == "conv1d"  # Conv1D: weight [in, out]
         self.in_features, self.out_features = (
@@ -239,7 +239,7 @@ class DenseLoraLinear(nn.Module):
         base weight's dtype; the bias is cast to ``dtype`` too). Reuses the base layer: call it once, when unloading."""
         base = self.base_layer
         dtype = base.weight.dtype if dtype is None else dtype
-        if dtype not in _FLOAT_DTYPES:
+        if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, float16 or bfloat16; got {dtype}")
         with torch.no_grad():
             delta = self.delta_weight().to(base.weight.device)
@@ -282,7 +282,7 @@ def _make_lora(module: nn.Module, kind: str, name: str, *, r: int, lora_alpha: f
     weight = module.weight
     if weight.device.type == "meta":
         raise ValueError(f"{name}.weight is on the meta device: load the weights first (or use load_4bit_model)")
-    if weight.dtype not in _FLOAT_DTYPES:
+    if weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}.weight must be float32, float16 or bfloat16; got {weight.dtype}")
     if getattr(module, _KEEP_DENSE, False):
         return DenseLoraLinear(module, **lora)
@@ -467,7 +467,7 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     runs as it did. The result is a plain transformers model: ``save_pretrained`` writes an ordinary checkpoint
     (any ``quantization_config`` is dropped from ``model.config``). Returns ``model``.
     """
-    if dtype is not None and dtype not in _FLOAT_DTYPES:
+    if dtype is not None and dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be None, float32, float16 or bfloat16; got {dtype}")
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (NF4Linear, DenseLoraLinear))]
     if not layers:
@@ -757,7 +757,7 @@ def load_4bit_model(
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"path must be a local model directory with a config.json; got {str(path)!r}")
-    if dtype not in _FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16; got {dtype}")
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be a bool; got {strict!r}")

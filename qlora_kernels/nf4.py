@@ -15,17 +15,13 @@ import torch
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.qlora_kernels)
+from .dtypes import DTYPE_NAMES, FLOAT_DTYPES, dtype_name
 from .quant_maps import ALLOWED_BLOCKSIZES, NESTED_BLOCKSIZE, dynamic_map, nf4_code
 from .reference.nf4 import quantize_absmax
 
 _QK = torch.ops.qlora_kernels
-_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _QS_SUFFIX_NF4 = "quant_state.bitsandbytes__nf4"
 _QS_SUFFIX_FP4 = "quant_state.bitsandbytes__fp4"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(eq=False)
@@ -54,7 +50,7 @@ class NF4Weight:
 
     def __post_init__(self) -> None:
         self.shape = torch.Size(self.shape)
-        if self.dtype not in _DTYPE_NAMES.values():
+        if self.dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, float16 or bfloat16; got {self.dtype}")
         ops.nf4._check_weight(
             self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code, self.blocksize, self.numel
@@ -105,7 +101,7 @@ class NF4Weight:
     def __repr__(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
         return (
-            f"NF4Weight(shape={list(self.shape)}, dtype={_dtype_name(self.dtype)}, blocksize={self.blocksize}"
+            f"NF4Weight(shape={list(self.shape)}, dtype={dtype_name(self.dtype)}, blocksize={self.blocksize}"
             f"{dq}, device={self.device}, nbytes={self.nbytes})"
         )
 
@@ -116,7 +112,7 @@ class NF4Weight:
         state = {
             "quant_type": "nf4",
             "blocksize": self.blocksize,
-            "dtype": _dtype_name(self.dtype),
+            "dtype": dtype_name(self.dtype),
             "shape": list(self.shape),
         }
         if self.double_quant:
@@ -162,9 +158,9 @@ class NF4Weight:
         blocksize = need("blocksize", int)
         if blocksize not in ALLOWED_BLOCKSIZES:
             raise ValueError(f"{qs_key!r}: blocksize must be one of {ALLOWED_BLOCKSIZES}; got {blocksize}")
-        dtype_name = need("dtype", str)
-        if dtype_name not in _DTYPE_NAMES:
-            raise ValueError(f"{qs_key!r}: dtype must be one of {list(_DTYPE_NAMES)}; got {dtype_name!r}")
+        dtype = need("dtype", str)
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"{qs_key!r}: dtype must be one of {list(DTYPE_NAMES)}; got {dtype!r}")
         shape = need("shape", list)
         if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
             raise ValueError(f"{qs_key!r}: shape must be a list of positive integers; got {shape!r}")
@@ -199,7 +195,7 @@ class NF4Weight:
                 packed=packed,
                 absmax=tensor("absmax"),
                 shape=torch.Size(shape),
-                dtype=_DTYPE_NAMES[dtype_name],
+                dtype=DTYPE_NAMES[dtype],
                 blocksize=blocksize,
                 code=tensor("quant_map"),
                 **kwargs,
@@ -241,7 +237,7 @@ def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> N
     """
     if not isinstance(w, Tensor):
         raise TypeError(f"w must be a torch.Tensor; got {type(w).__name__}")
-    if not w.dtype.is_floating_point or w.dtype not in _DTYPE_NAMES.values():
+    if not w.dtype.is_floating_point or w.dtype not in FLOAT_DTYPES:
         raise TypeError(f"w must be float32, float16 or bfloat16; got {w.dtype}")
     if w.numel() == 0:
         raise ValueError(f"w must not be empty; got shape {list(w.shape)}")

@@ -16,11 +16,11 @@ import numbers
 import torch
 from torch import Tensor, nn
 
+from ..dtypes import FLOAT_DTYPES, dtype_name
 from ..functional import _check_dropout, _lora_linear, _nf4_linear
 from ..nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
 _NF4_BUFFERS = ("nf4_packed", "nf4_absmax", "nf4_code", "nf4_nested_absmax", "nf4_nested_code")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class NF4Linear(nn.Module):
@@ -52,7 +52,7 @@ class NF4Linear(nn.Module):
         self.out_features, self.in_features = (int(s) for s in qweight.shape)
         self._set_qweight(qweight)
         if bias is not None:
-            if not isinstance(bias, Tensor) or bias.dtype not in _FLOAT_DTYPES:
+            if not isinstance(bias, Tensor) or bias.dtype not in FLOAT_DTYPES:
                 got = bias.dtype if isinstance(bias, Tensor) else type(bias).__name__
                 raise TypeError(f"bias must be a float32, float16 or bfloat16 tensor; got {got}")
             if tuple(bias.shape) != (self.out_features,):
@@ -100,7 +100,7 @@ class NF4Linear(nn.Module):
             super()._apply(fn, recurse)
             # A dtype cast of the module (.to(dtype), .half()) moves the model to another compute dtype.
             probe = fn(torch.empty(0, dtype=self.compute_dtype or self.nf4_dtype))
-            if probe.dtype in _FLOAT_DTYPES:
+            if probe.dtype in FLOAT_DTYPES:
                 self.compute_dtype = probe.dtype
         finally:
             for name, t in nf4.items():
@@ -145,7 +145,7 @@ class NF4Linear(nn.Module):
     # -- forward and conversions ------------------------------------------------------------------
 
     def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.dtype not in _FLOAT_DTYPES:
+        if not isinstance(x, Tensor) or x.dtype not in FLOAT_DTYPES:
             got = x.dtype if isinstance(x, Tensor) else type(x).__name__
             raise TypeError(f"x must be a float32, float16 or bfloat16 tensor; got {got}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -164,7 +164,7 @@ class NF4Linear(nn.Module):
         layer's :attr:`compute_dtype` (the model's dtype), else (unknown) the dtype the weight was quantized from."""
         if dtype is None:
             dtype = self.compute_dtype or self.nf4_dtype
-        if dtype not in _FLOAT_DTYPES:
+        if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, float16 or bfloat16; got {dtype}")
         device = self.nf4_packed.device
         with torch.no_grad():
@@ -178,7 +178,7 @@ class NF4Linear(nn.Module):
         dq = self.nf4_nested_absmax is not None
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"blocksize={self.nf4_blocksize}, double_quant={dq}, dtype={str(self.nf4_dtype).removeprefix('torch.')}"
+            f"blocksize={self.nf4_blocksize}, double_quant={dq}, dtype={dtype_name(self.nf4_dtype)}"
         )
 
     @classmethod
@@ -228,7 +228,7 @@ class QLoraLinear(NF4Linear):
             raise ValueError(f"r must be a positive integer; got {r!r}")
         if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
             raise ValueError(f"lora_alpha must be a finite number; got {lora_alpha!r}")
-        if lora_dtype not in _FLOAT_DTYPES:
+        if lora_dtype not in FLOAT_DTYPES:
             raise TypeError(f"lora_dtype must be float32, float16 or bfloat16; got {lora_dtype}")
         self.r = int(r)
         self.lora_alpha = lora_alpha
@@ -360,7 +360,7 @@ def _linear_weight(linear: nn.Module) -> tuple[Tensor, Tensor | None]:
     w = linear.weight
     if w.device.type == "meta":
         raise ValueError("linear.weight is on the meta device: there is nothing to quantize")
-    if w.dtype not in _FLOAT_DTYPES:
+    if w.dtype not in FLOAT_DTYPES:
         raise TypeError(f"linear.weight must be float32, float16 or bfloat16; got {w.dtype}")
     return w.detach(), None if linear.bias is None else linear.bias.detach()
 
@@ -386,7 +386,7 @@ def nf4_weight_from_bnb(module: nn.Module) -> NF4Weight:
         raise ValueError(f"module's quant_type must be 'nf4'; got {w.quant_type!r}")
     if qs is None or not getattr(w, "bnb_quantized", True):
         data = w.data
-        if data.dtype not in _FLOAT_DTYPES:
+        if data.dtype not in FLOAT_DTYPES:
             raise ValueError(f"module's weight is {data.dtype} but has no quant_state")
         return quantize_nf4(data, blocksize=w.blocksize, double_quant=bool(w.compress_statistics))
     packed = w.data if w.data.dtype == torch.uint8 else w.data.view(torch.uint8)  # quant_storage
