@@ -35,10 +35,11 @@ def test_dequantize_kernel_compiles(capability, nested):
     sig = {
         "packed_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "nested_absmax_ptr": "*fp32",
         "nested_code_ptr": "*fp32", "code_ptr": "*fp32", "out_ptr": "*i16", "offset": "fp32", "numel": "i32",
-        "blocksize": "i32", "NESTED": "constexpr", "OUT_BF16": "constexpr", "NESTED_BLOCK": "constexpr",
+        "BLOCKSIZE": "constexpr", "NESTED": "constexpr", "OUT_BF16": "constexpr", "NESTED_BLOCK": "constexpr",
         "BLOCK_BYTES": "constexpr",
     }
-    consts = {"NESTED": nested, "OUT_BF16": True, "NESTED_BLOCK": NESTED_BLOCKSIZE, "BLOCK_BYTES": 1024}
+    consts = {"BLOCKSIZE": 64, "NESTED": nested, "OUT_BF16": True, "NESTED_BLOCK": NESTED_BLOCKSIZE,
+              "BLOCK_BYTES": 1024}
     k = _compile(tri_nf4._dequantize_nf4_kernel, sig, consts, capability, num_warps=4)
     assert k.metadata.shared <= SMEM_LIMIT[capability]
 
@@ -48,11 +49,14 @@ def test_dequantize_kernel_offsets_are_64_bit():
     # widened to i64 before any offset is formed
     sig = {
         "packed_ptr": "*u8", "absmax_ptr": "*u8", "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32",
-        "code_ptr": "*fp32", "out_ptr": "*i16", "offset": "fp32", "numel": "i64", "blocksize": "i32",
+        "code_ptr": "*fp32", "out_ptr": "*i16", "offset": "fp32", "numel": "i64", "BLOCKSIZE": "constexpr",
         "NESTED": "constexpr", "OUT_BF16": "constexpr", "NESTED_BLOCK": "constexpr", "BLOCK_BYTES": "constexpr",
     }
-    consts = {"NESTED": True, "OUT_BF16": True, "NESTED_BLOCK": NESTED_BLOCKSIZE, "BLOCK_BYTES": 1024}
-    ttir = _compile(tri_nf4._dequantize_nf4_kernel, sig, consts, 90, num_warps=4).asm["ttir"]
+    consts = {"BLOCKSIZE": 64, "NESTED": True, "OUT_BF16": True, "NESTED_BLOCK": NESTED_BLOCKSIZE,
+              "BLOCK_BYTES": 1024}
+    kernel = _compile(tri_nf4._dequantize_nf4_kernel, sig, consts, 90, num_warps=4)
+    assert "div.s64" not in kernel.asm["ptx"]  # the block index is a shift (BLOCKSIZE is a constexpr power of 2)
+    ttir = kernel.asm["ttir"]
     pid = re.search(r"(%\S+) = tt\.get_program_id x : i32", ttir).group(1)
     assert re.search(rf"arith\.extsi {re.escape(pid)} : i32 to i64", ttir), ttir[:2000]
 

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "nf4_gemv_core.cuh"
 #include "nf4_kernels.h"
 
 namespace qk_cuda {
@@ -96,10 +97,7 @@ at::Tensor nf4_gemv_cuda(const at::Tensor& x, const at::Tensor& packed, const at
   const Weight w(packed, absmax, code, nested_absmax, nested_code, nested_offset);
   const at::Tensor xc = x.contiguous();
   TORCH_CHECK(reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16 == 0, "nf4_gemv (cuda): x must be 16-byte aligned");
-  // Split K until there are about 16 warps (row groups x splits) per SM, keeping >= 1024 weights a split.
-  const int64_t target_warps = 16LL * sm_count(x.get_device());
-  const int64_t warps = (n + nf4_gemv_rows_per_warp() - 1) / nf4_gemv_rows_per_warp();
-  int64_t splits = std::max<int64_t>(1, std::min<int64_t>((target_warps + warps - 1) / warps, k / 1024));
+  const int64_t splits = gemv_splits(n, k, sm_count(x.get_device()));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const OutDtype xt = dtype_enum(x.scalar_type(), "nf4_gemv");
   if (splits == 1) {

@@ -59,6 +59,19 @@ QK_HD GemvGeometry gemv_geometry(int64_t n, int64_t k, int splits) {
   return GemvGeometry{(n + rows_per_block - 1) / rows_per_block, k_per_split};
 }
 
+// How many K splits to launch on `sm_count` SMs: until there are about 16 warps (row groups x splits)
+// per SM, keeping >= 1024 weights a split; after rounding each split to whole warp steps, the splits
+// left empty are dropped (N = K = 4096 asks for 3 splits of 2048 -> 2).
+QK_HD int gemv_splits(int64_t n, int64_t k, int sm_count) {
+  const int64_t target_warps = 16LL * sm_count;
+  const int64_t warps = (n + kGemvRows - 1) / kGemvRows;
+  int64_t splits = (target_warps + warps - 1) / warps;
+  if (splits > k / kGemvWarpElems) splits = k / kGemvWarpElems;
+  if (splits < 1) splits = 1;
+  const int64_t per_split = ((k + splits - 1) / splits + kGemvWarpElems - 1) / kGemvWarpElems * kGemvWarpElems;
+  return static_cast<int>((k + per_split - 1) / per_split);
+}
+
 // Where warp `warp` of block (bx, by) works: its first row and its K range [k_begin, k_end).
 struct GemvWarpRange {
   int64_t row0, k_begin, k_end;

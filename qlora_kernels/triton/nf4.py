@@ -30,7 +30,7 @@ def _dequantize_nf4_kernel(
     out_ptr,  # [numel], fp32 / fp16 / (bf16 viewed as int16)
     offset,  # fp32 (NESTED only)
     numel,
-    blocksize,
+    BLOCKSIZE: tl.constexpr,  # a power of two: the block index is a shift, not a 64-bit division
     NESTED: tl.constexpr,
     OUT_BF16: tl.constexpr,
     NESTED_BLOCK: tl.constexpr,
@@ -40,7 +40,7 @@ def _dequantize_nf4_kernel(
     byte = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
     in_range = byte < (numel + 1) // 2
     b = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
-    block = (2 * byte) // blocksize
+    block = (2 * byte) // BLOCKSIZE
     if NESTED:
         q = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
         nested = tl.load(nested_absmax_ptr + block // NESTED_BLOCK, mask=in_range, other=0.0)
@@ -90,7 +90,7 @@ def dequantize_nf4(
             out.view(torch.int16) if dtype == torch.bfloat16 else out,
             float(nested_offset),
             numel,
-            blocksize,
+            BLOCKSIZE=blocksize,
             NESTED=nested,
             OUT_BF16=dtype == torch.bfloat16,
             NESTED_BLOCK=NESTED_BLOCKSIZE,

@@ -4,7 +4,8 @@
 // over lanes in place of the shuffle reduction. tests/test_cuda_gemv_emulation.py compiles it with
 // g++ and compares its output with the reference nf4_matmul.
 //
-// Usage: gemv_emulation IN OUT. IN holds little-endian int64 n, k, m, blocksize, splits, nested,
+// Usage: gemv_emulation IN OUT. IN holds little-endian int64 n, k, m, blocksize, splits (0: the split
+// count the CUDA glue picks on a 132-SM H100/H200), nested,
 // dtype (0 fp32, 2 bf16), float offset, then packed [n*k/2] u8, absmax ([nb] f32, or [nb] u8 when
 // nested), nested_absmax [ceil(nb/256)] f32 and nested_code [256] f32 (nested only), code [16] f32,
 // x [m*k] (f32, or bf16 bits as u16). OUT gets y [m*n] as f32 (the kernel's output rounded to its
@@ -73,12 +74,14 @@ struct TableLut {  // what __shfl_sync(mask, code[lane & 15], i) returns: lane i
 
 template <typename T, int M>
 void run_grid(const T* x, const uint8_t* packed, const Scales& scales, const float* code, int64_t n, int64_t k,
-              int blocksize, int splits, bool bf16, float* y) {
+              int blocksize, int splits, bool bf16, float* y, bool check_empty) {
   const GemvGeometry geo = gemv_geometry(n, k, splits);
   std::vector<float> partial(static_cast<size_t>(splits) * M * n, 0.0f);
   std::vector<int> written(static_cast<size_t>(splits) * M * n, 0);
   const TableLut lut{code};
   for (int64_t by = 0; by < splits; ++by) {
+    if (check_empty && by * geo.k_per_split >= k)
+      std::fprintf(stderr, "split %lld is empty\n", static_cast<long long>(by));
     for (int64_t bx = 0; bx < geo.blocks_x; ++bx) {
       for (int warp = 0; warp < kGemvWarps; ++warp) {
         const GemvWarpRange range = gemv_warp_range(bx, by, warp, k, geo.k_per_split);
@@ -118,12 +121,12 @@ void run_grid(const T* x, const uint8_t* packed, const Scales& scales, const flo
 
 template <typename T>
 void dispatch_m(int m, const T* x, const uint8_t* packed, const Scales& s, const float* code, int64_t n, int64_t k,
-                int blocksize, int splits, bool bf16, float* y) {
+                int blocksize, int splits, bool bf16, float* y, bool check_empty) {
   switch (m) {
-    case 1: return run_grid<T, 1>(x, packed, s, code, n, k, blocksize, splits, bf16, y);
-    case 2: return run_grid<T, 2>(x, packed, s, code, n, k, blocksize, splits, bf16, y);
-    case 3: return run_grid<T, 3>(x, packed, s, code, n, k, blocksize, splits, bf16, y);
-    case 4: return run_grid<T, 4>(x, packed, s, code, n, k, blocksize, splits, bf16, y);
+    case 1: return run_grid<T, 1>(x, packed, s, code, n, k, blocksize, splits, bf16, y, check_empty);
+    case 2: return run_grid<T, 2>(x, packed, s, code, n, k, blocksize, splits, bf16, y, check_empty);
+    case 3: return run_grid<T, 3>(x, packed, s, code, n, k, blocksize, splits, bf16, y, check_empty);
+    case 4: return run_grid<T, 4>(x, packed, s, code, n, k, blocksize, splits, bf16, y, check_empty);
   }
   std::fprintf(stderr, "m must be 1..4\n");
 }
@@ -147,8 +150,9 @@ int main(int argc, char** argv) {
   int64_t hdr[7];
   if (std::fread(hdr, sizeof(int64_t), 7, in) != 7) return 2;
   const int64_t n = hdr[0], k = hdr[1], m = hdr[2];
-  const int blocksize = static_cast<int>(hdr[3]), splits = static_cast<int>(hdr[4]);
+  const int blocksize = static_cast<int>(hdr[3]);
   const bool nested = hdr[5] != 0, bf16 = hdr[6] == 2;
+  const int splits = hdr[4] > 0 ? static_cast<int>(hdr[4]) : gemv_splits(n, k, 132);  // 0: the glue's choice
   float offset;
   if (std::fread(&offset, 4, 1, in) != 1) return 2;
   const int64_t nb = (n * k + blocksize - 1) / blocksize;
@@ -173,11 +177,11 @@ int main(int argc, char** argv) {
   if (bf16) {
     auto x = read_array<Bf16>(in, static_cast<size_t>(m * k));
     dispatch_m<Bf16>(static_cast<int>(m), x.data(), packed.data(), s, code.data(), n, k, blocksize, splits, true,
-                     y.data());
+                     y.data(), hdr[4] == 0);
   } else {
     auto x = read_array<float>(in, static_cast<size_t>(m * k));
     dispatch_m<float>(static_cast<int>(m), x.data(), packed.data(), s, code.data(), n, k, blocksize, splits, false,
-                      y.data());
+                      y.data(), hdr[4] == 0);
   }
   std::fclose(in);
   FILE* out = std::fopen(argv[2], "wb");
