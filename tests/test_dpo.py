@@ -25,14 +25,12 @@ from qlora_kernels.train.dpo import (
     evaluate_dpo,
     load_pairs,
     load_preference_dataset,
-    model_sequence_log_probs,
     precompute_reference_log_probs,
     reference_log_probs,
-    sequence_log_probs,
     split_hh_dialogue,
-    token_log_probs,
     write_pairs_jsonl,
 )
+from qlora_kernels.train.loss import model_sequence_log_probs, sequence_log_probs, token_log_probs
 from qlora_kernels.train.synthetic import instruction_rows, make_languages, save_random_model
 
 pytestmark = pytest.mark.skipif(not hasattr(qk, "apply_qlora"), reason="qlora_kernels.apply_qlora not available")

@@ -26,7 +26,7 @@ and kept with the pairs, so a step runs one forward instead of two.
 
 Chosen and rejected sequences go through the model in one forward (the first half of the batch is
 chosen, the second half rejected). Log-probs are computed from the decoder's hidden states in chunks
-of tokens (:func:`sequence_log_probs`), so full-vocabulary logits never exist for the whole batch, and
+of tokens (:func:`.loss.sequence_log_probs`), so full-vocabulary logits never exist for the whole batch, and
 only completion positions are projected at all.
 
 Data rows:
@@ -55,7 +55,7 @@ from .config import DPO_LOSSES, PREFERENCE_TYPES, DatasetConfig, SFTConfig
 from .data import DataError, DataStats, Example, checked_rows, load_split, tokenize_segments
 from .distributed import SINGLE, DistContext, ShardedStream
 from .distributed import unwrap_model as _unwrap
-from .loss import IGNORE_INDEX, token_log_probs
+from .loss import IGNORE_INDEX, model_sequence_log_probs
 
 HH_ASSISTANT = "\n\nAssistant:"
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -103,41 +103,6 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
         n_r = rejected_tokens.to(rejected_ratio.dtype).clamp(min=1.0)
         losses = (chosen_ratio / n_c - rejected_ratio / n_r - 1.0 / (2.0 * beta)) ** 2
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
-
-
-# --------------------------------------------------------------------------- chunked log-probs
-
-
-def sequence_log_probs(hidden: Tensor, head: Tensor | nn.Module, labels: Tensor, chunk_size: int | None = None,
-                       bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``(log-probs [B], target counts [B])``: per sequence, the sum of log p(label) over its target tokens.
-
-    hidden ``[B, T, H]``; labels ``[B, T]`` aligned with the input ids (position t predicts label t+1),
-    ``-100`` where not trained. Only target positions are projected, ``chunk_size`` rows at a time.
-    """
-    target = labels[:, 1:]
-    mask = target != IGNORE_INDEX
-    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(target)[mask]
-    tok = token_log_probs(hidden[:, :-1][mask], head, target[mask], bias=bias, chunk_size=chunk_size)
-    out = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, tok)
-    if tok.numel() == 0:
-        out = out + hidden.sum() * 0.0  # keep the graph connected (every rank of DDP must produce grads)
-    return out, mask.sum(1)
-
-
-def model_sequence_log_probs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                             chunk_size: int | None = None) -> Tensor:
-    """Run a Hugging Face causal LM's decoder and :func:`sequence_log_probs` over its output projection."""
-    cfg = getattr(model, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
-        if getattr(cfg, attr, None) not in (None, 1, 1.0):
-            raise NotImplementedError(f"model config sets {attr}={getattr(cfg, attr)}: the chunked log-probs do "
-                                      "not apply it yet")
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-    head = model.get_output_embeddings()
-    if type(head) is nn.Linear:
-        return sequence_log_probs(hidden, head.weight, labels, chunk_size, bias=head.bias)[0]
-    return sequence_log_probs(hidden, head, labels, chunk_size)[0]
 
 
 # --------------------------------------------------------------------------- preference data

@@ -4,7 +4,9 @@ One chunked function (:class:`ChunkedHeadFunction`) computes the log-probability
 under ``softmax(h @ W^T + b)``; the SFT loss is minus their sum (:func:`chunked_cross_entropy`,
 :func:`causal_lm_loss`: the sum over target tokens, labels != -100, shifted by one as in Hugging Face
 models, and their count; the caller divides by the target-token count of the whole accumulated batch),
-and DPO uses the per-token values (:func:`token_log_probs`, summed per sequence by ``train/dpo.py``).
+and DPO uses the per-token values (:func:`token_log_probs`, summed per sequence by
+:func:`sequence_log_probs`). Both gather the same shifted target positions (:func:`target_rows`) from the
+hidden states of one decoder forward (:func:`decoder_forward`).
 
 Memory: only target positions are gathered (prompt and padding cost nothing), and logits exist for
 ``chunk_size`` tokens at a time. The backward of each chunk is computed in the forward pass, while its
@@ -19,6 +21,8 @@ rounding is emulated (operands rounded to the compute dtype, then an fp32 GEMM).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -141,9 +145,25 @@ def chunked_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: Tenso
     return -logp.float()
 
 
-def _module_chunk_log_probs(head, hc: Tensor, yc: Tensor) -> Tensor:
+def _module_chunk_log_probs(head: nn.Module, hc: Tensor, yc: Tensor) -> Tensor:
     logits = head(hc).float()
     return logits.gather(1, yc[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def _module_chunk_ce(head: nn.Module, hc: Tensor, yc: Tensor) -> Tensor:
+    return F.cross_entropy(head(hc).float(), yc, reduction="sum")
+
+
+def _checkpointed_chunks(fn: Callable[..., Tensor], head: nn.Module, h: Tensor, target: Tensor,
+                         chunk_size: int | None) -> list[Tensor]:
+    """``fn(head, h_chunk, target_chunk)`` over chunks of rows under activation checkpointing, so that a chunk's
+    logits are recomputed in backward instead of kept (a module head, or a weight that trains)."""
+    from torch.utils.checkpoint import checkpoint
+
+    vocab = getattr(head, "out_features", None) or 32768
+    chunk = chunk_size or auto_chunk_size(vocab)
+    return [checkpoint(fn, head, h[s:s + chunk], target[s:s + chunk], use_reentrant=False)
+            for s in range(0, h.shape[0], chunk)]
 
 
 def token_log_probs(h: Tensor, head: Tensor | nn.Module, target: Tensor, bias: Tensor | None = None,
@@ -162,66 +182,96 @@ def token_log_probs(h: Tensor, head: Tensor | nn.Module, target: Tensor, bias: T
         chunk = chunk_size or auto_chunk_size(head.shape[0])
         need = torch.is_grad_enabled() and h.requires_grad
         return ChunkedHeadFunction.apply(h, head, bias, target, chunk, head_compute_dtype(h, head), "none", need)
-    from torch.utils.checkpoint import checkpoint
-
     if isinstance(head, Tensor):
         weight, b = head, bias
         head = lambda x: F.linear(x, weight, b)  # noqa: E731
-    vocab = getattr(head, "out_features", None) or 32768
-    chunk = chunk_size or auto_chunk_size(vocab)
-    parts = [checkpoint(_module_chunk_log_probs, head, h[s:s + chunk], target[s:s + chunk], use_reentrant=False)
-             for s in range(0, h.shape[0], chunk)]
+    parts = _checkpointed_chunks(_module_chunk_log_probs, head, h, target, chunk_size)
     return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
 
 
-def _module_chunk_ce(head: nn.Module, hc: Tensor, yc: Tensor) -> Tensor:
-    return F.cross_entropy(head(hc).float(), yc, reduction="sum")
+# --------------------------------------------------------------------------- causal LM: shift, mask, project
+
+
+def target_rows(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(h [N, H], y [N], mask [B, T-1])``: the hidden rows that predict a target token, their targets, and where
+    they are.
+
+    hidden ``[B, T, H]``; labels ``[B, T]`` aligned with the input ids: position t predicts ``labels[:, t + 1]``
+    (the shift of Hugging Face causal LMs), ``-100`` where not trained. Prompt and padding rows are never gathered.
+    """
+    target = labels[:, 1:]
+    mask = target != IGNORE_INDEX
+    return hidden[:, :-1][mask], target[mask], mask
 
 
 def causal_lm_loss(hidden: Tensor, head: Tensor | nn.Module, labels: Tensor, chunk_size: int | None = None,
                    bias: Tensor | None = None) -> tuple[Tensor, int]:
     """(sum of CE over target tokens, number of target tokens) for hidden [B, T, H] and labels [B, T].
 
-    Position t predicts ``labels[:, t + 1]`` (labels are aligned with input_ids, -100 = ignored).
-    ``head`` is the output projection's weight [V, H], or any module mapping [n, H] -> [n, V]
-    (e.g. a quantized lm_head): a module runs chunk by chunk under activation checkpointing, so
-    its logits are recomputed per chunk in backward instead of being kept.
+    Position t predicts ``labels[:, t + 1]`` (labels are aligned with input_ids, -100 = ignored; see
+    :func:`target_rows`). ``head`` is the output projection's weight [V, H], or any module mapping
+    [n, H] -> [n, V] (e.g. a quantized lm_head): a module runs chunk by chunk under activation
+    checkpointing, so its logits are recomputed per chunk in backward instead of being kept.
     """
-    target = labels[:, 1:]
-    mask = target != IGNORE_INDEX
+    h, y, mask = target_rows(hidden, labels)
     n = int(mask.sum())
-    h = hidden[:, :-1][mask]
-    y = target[mask]
     if n == 0:
         return hidden.sum() * 0.0, 0
     if isinstance(head, Tensor):
         return chunked_cross_entropy(h, head, y, bias=bias, chunk_size=chunk_size), n
-    from torch.utils.checkpoint import checkpoint
-
-    vocab = getattr(head, "out_features", None) or 32768
-    chunk = chunk_size or auto_chunk_size(vocab)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, n, chunk):
-        total = total + checkpoint(_module_chunk_ce, head, h[s:s + chunk], y[s:s + chunk], use_reentrant=False)
+    for part in _checkpointed_chunks(_module_chunk_ce, head, h, y, chunk_size):
+        total = total + part
     return total, n
 
 
-def model_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-               chunk_size: int | None = None) -> tuple[Tensor, int]:
-    """Run a Hugging Face causal LM's decoder and the chunked loss over its output projection.
+def sequence_log_probs(hidden: Tensor, head: Tensor | nn.Module, labels: Tensor, chunk_size: int | None = None,
+                       bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(log-probs [B], target counts [B])``: per sequence, the sum of log p(label) over its target tokens.
 
-    Works for ``*ForCausalLM`` models (also wrapped in PEFT) whose logits are ``lm_head(hidden)``;
-    models that rescale or soft-cap logits are refused rather than trained on a wrong loss.
+    The same positions as :func:`causal_lm_loss` (:func:`target_rows`); only target positions are projected,
+    ``chunk_size`` rows at a time (:func:`token_log_probs`).
+    """
+    h, y, mask = target_rows(hidden, labels)
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[mask]
+    tok = token_log_probs(h, head, y, bias=bias, chunk_size=chunk_size)
+    out = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, tok)
+    if tok.numel() == 0:
+        out = out + hidden.sum() * 0.0  # keep the graph connected (every rank of DDP must produce grads)
+    return out, mask.sum(1)
+
+
+def decoder_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> tuple[
+        Tensor, Tensor | nn.Module, Tensor | None]:
+    """``(hidden states, head, bias)`` of a Hugging Face causal LM: its decoder's output and its output projection
+    (the weight and bias of a plain ``nn.Linear``, else the module itself, with bias None).
+
+    Works for ``*ForCausalLM`` models (also wrapped in PEFT) whose logits are ``lm_head(hidden)``; models that
+    rescale or soft-cap logits are refused rather than trained on a wrong loss.
     """
     cfg = getattr(model, "config", None)
     for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
         if getattr(cfg, attr, None) not in (None, 1, 1.0):
-            raise NotImplementedError(f"model config sets {attr}={getattr(cfg, attr)}: the chunked loss does "
-                                      "not apply it yet")
-    decoder = model.get_decoder()
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = out[0]
+            raise NotImplementedError(f"model config sets {attr}={getattr(cfg, attr)}: the chunked loss and "
+                                      "log-probs do not apply it yet")
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
     head = model.get_output_embeddings()
     if type(head) is nn.Linear:
-        return causal_lm_loss(hidden, head.weight, labels, chunk_size, bias=head.bias)
-    return causal_lm_loss(hidden, head, labels, chunk_size)
+        return hidden, head.weight, head.bias
+    return hidden, head, None
+
+
+def model_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+               chunk_size: int | None = None) -> tuple[Tensor, int]:
+    """Run a Hugging Face causal LM's decoder and :func:`causal_lm_loss` over its output projection
+    (:func:`decoder_forward`): ``(sum of CE over target tokens, number of target tokens)``."""
+    hidden, head, bias = decoder_forward(model, input_ids, attention_mask)
+    return causal_lm_loss(hidden, head, labels, chunk_size, bias=bias)
+
+
+def model_sequence_log_probs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                             chunk_size: int | None = None) -> Tensor:
+    """Run a Hugging Face causal LM's decoder and :func:`sequence_log_probs` over its output projection
+    (:func:`decoder_forward`): the log-probs ``[B]``."""
+    hidden, head, bias = decoder_forward(model, input_ids, attention_mask)
+    return sequence_log_probs(hidden, head, labels, chunk_size, bias=bias)[0]
