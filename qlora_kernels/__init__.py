@@ -11,8 +11,9 @@ from __future__ import annotations
 from . import _extension, ops  # noqa: F401
 from .backends import backends
 from .functional import lora_linear, nf4_linear
-from .hf import QLoraLinear, apply_qlora, load_4bit_model, load_adapter, merge_and_unload, save_adapter
+from .hf import apply_qlora, load_4bit_model, load_adapter, merge_and_unload, save_adapter
 from .nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+from .nn import QLoraLinear
 from .optim import PagedAdamW
 
 __version__ = "0.1.0"

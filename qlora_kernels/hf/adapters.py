@@ -18,18 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .dtypes import FLOAT_DTYPES
-from .hf import (
-    _LORA_TYPES,
-    _adopt_bnb4_layout,
-    _drop_bnb4_state,
-    _freeze_all_but_lora,
-    _kind,
-    _linear_modules,
-    _make_lora,
-    _parent,
-    linear_layer_names,
-)
+from ..dtypes import FLOAT_DTYPES
+from .apply import adopt_bnb4_layout, drop_bnb4_state, freeze_all_but_lora, make_lora
+from .layers import LORA_TYPES, layer_kind, linear_layer_names, linear_modules, replace_module
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -40,7 +31,7 @@ __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_adapter", "save_adapter"]
 
 def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The adapted layers: :class:`QLoraLinear` and :class:`~qlora_kernels.hf.DenseLoraLinear`."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, _LORA_TYPES)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, LORA_TYPES)}
 
 
 def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
@@ -241,7 +232,7 @@ def load_adapter(model: nn.Module, in_dir: str | Path, is_trainable: bool = True
     """
     in_dir = Path(in_dir)
     cfg, weights = _read_adapter(in_dir)
-    modules = {name: m for name, m, _ in _linear_modules(model)}
+    modules = {name: m for name, m, _ in linear_modules(model)}
     absent = [n for n in weights if n not in modules]
     if absent:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_layer_names(model)})
@@ -256,7 +247,7 @@ def load_adapter(model: nn.Module, in_dir: str | Path, is_trainable: bool = True
         module = modules[name]
         r = _pattern_value(cfg["rank_pattern"], name, base_r)
         alpha = _pattern_value(cfg["alpha_pattern"], name, base_alpha)
-        if _kind(module) == "conv1d":
+        if layer_kind(module) == "conv1d":
             in_f, out_f = module.weight.shape
         else:
             out_f, in_f = module.out_features, module.in_features
@@ -264,25 +255,24 @@ def load_adapter(model: nn.Module, in_dir: str | Path, is_trainable: bool = True
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             raise ValueError(f"adapter {name}: lora_A must be {list(want_a)} and lora_B {list(want_b)} (r={r}, "
                              f"in={in_f}, out={out_f}); got {list(a.shape)} and {list(b.shape)}")
-        if isinstance(module, _LORA_TYPES) and module.r != r:
+        if isinstance(module, LORA_TYPES) and module.r != r:
             raise ValueError(f"adapter {name}: the layer has r={module.r}; the file has r={r}")
-        if _kind(module) == "other-linear":
+        if layer_kind(module) == "other-linear":
             raise TypeError(f"adapter {name}: the layer is a {type(module).__module__}.{type(module).__name__}, which "
                             f"load_adapter cannot convert (supported: nn.Linear, Conv1D, Linear4bit nf4, NF4Linear)")
         plan.append((name, module, a, b, r, alpha))
-    bnb4 = _adopt_bnb4_layout(model)
+    bnb4 = adopt_bnb4_layout(model)
     for name, module, a, b, r, alpha in plan:
-        if not isinstance(module, _LORA_TYPES):
-            module = _make_lora(module, _kind(module), name, r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                use_rslora=rslora, blocksize=64, double_quant=True, lora_dtype=torch.float32)
-            parent, child = _parent(model, name)
-            setattr(parent, child, module)
+        if not isinstance(module, LORA_TYPES):
+            module = make_lora(module, layer_kind(module), name, r=r, lora_alpha=alpha, lora_dropout=dropout,
+                               use_rslora=rslora, blocksize=64, double_quant=True, lora_dtype=torch.float32)
+            replace_module(model, name, module)
         with torch.no_grad():
             module.lora_A.weight.copy_(a)
             module.lora_B.weight.copy_(b)
         module.lora_alpha, module.lora_dropout, module.use_rslora = alpha, dropout, rslora
         module.scaling = float(alpha / math.sqrt(r) if rslora else alpha / r)
     if bnb4:
-        _drop_bnb4_state(model)
-    _freeze_all_but_lora(model, trainable=is_trainable)
+        drop_bnb4_state(model)
+    freeze_all_but_lora(model, trainable=is_trainable)
     return model

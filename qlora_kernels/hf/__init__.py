@@ -1,0 +1,33 @@
+"""Hugging Face integration: put QLoRA layers into a ``transformers`` model, load 4-bit models, merge, adapter files.
+
+* :func:`apply_qlora` swaps linear layers of a model *instance* (``setattr`` on their parents; no class or
+  global is patched) for :class:`~qlora_kernels.nn.QLoraLinear` and freezes everything else. Layers a 4-bit
+  loader left dense keep their dense weight and get plain LoRA (:class:`DenseLoraLinear`).
+* :func:`load_4bit_model` builds a model on the meta device from a local directory and fills it from its
+  safetensors files one tensor at a time, with transformers' own key renaming and conversions (its
+  checkpoint conversion mapping): bitsandbytes-4bit checkpoints are used as stored (no requantizing),
+  full-precision ones are quantized layer by layer.
+* :func:`merge_and_unload` turns every adapted or 4-bit layer back into a plain dense layer (``nn.Linear``;
+  ``Conv1D`` for GPT-2; the original class for a dense layer with LoRA).
+* :func:`save_adapter` / :func:`load_adapter` write and read adapters in PEFT's file format.
+
+The modules, each depending only on those above it:
+
+* :mod:`.layers`: which modules are linear layers and of what kind, :class:`DenseLoraLinear`, PEFT's
+  name-matching rules, replacing a module by name;
+* :mod:`.apply`: :func:`apply_qlora`, :func:`adapters_disabled`, :func:`merge_and_unload`;
+* :mod:`.loading`: safetensors checkpoints and :func:`load_4bit_model`;
+* :mod:`.adapters`: PEFT adapter files.
+"""
+
+from __future__ import annotations
+
+from .adapters import load_adapter, save_adapter
+from .apply import adapters_disabled, apply_qlora, merge_and_unload
+from .layers import DenseLoraLinear, linear_layer_names
+from .loading import load_4bit_model
+
+__all__ = [
+    "DenseLoraLinear", "adapters_disabled", "apply_qlora", "linear_layer_names", "load_4bit_model", "load_adapter",
+    "merge_and_unload", "save_adapter",
+]

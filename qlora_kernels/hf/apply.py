@@ -1,0 +1,249 @@
+"""LoRA on a model: :func:`apply_qlora` swaps its linear layers for adapted ones, :func:`adapters_disabled` turns
+the adapters off for a block, :func:`merge_and_unload` turns every adapted or 4-bit layer back into a dense one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..dtypes import FLOAT_DTYPES
+from ..nf4 import quantize_nf4
+from ..nn import NF4Linear, QLoraLinear
+from .layers import (
+    KEEP_DENSE,
+    LORA_TYPES,
+    DenseLoraLinear,
+    check_lora_args,
+    check_spec,
+    linear_modules,
+    matches,
+    output_embedding_names,
+    replace_module,
+)
+
+# ---------------------------------------------------------------------------------------------
+# apply_qlora
+
+
+def make_lora(module: nn.Module, kind: str, name: str, *, r: int, lora_alpha: float, lora_dropout: float,
+              use_rslora: bool, blocksize: int, double_quant: bool, lora_dtype: torch.dtype) -> nn.Module:
+    """The adapted layer for ``module``: a QLoraLinear on its 4-bit weight or on its weight quantized here, or a
+    DenseLoraLinear when a 4-bit loader kept it dense."""
+    lora = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora, lora_dtype=lora_dtype)
+    if kind == "nf4":
+        return QLoraLinear.from_nf4(module, **lora)
+    if kind == "bnb4":
+        return QLoraLinear.from_bnb(module, **lora)
+    weight = module.weight
+    if weight.device.type == "meta":
+        raise ValueError(f"{name}.weight is on the meta device: load the weights first (or use load_4bit_model)")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}.weight must be float32, float16 or bfloat16; got {weight.dtype}")
+    if getattr(module, KEEP_DENSE, False):
+        return DenseLoraLinear(module, **lora)
+    if kind == "conv1d":  # GPT-2: weight [in, out], y = x @ W + b
+        qw = quantize_nf4(weight.detach().t(), blocksize=blocksize, double_quant=double_quant)
+        bias = None if module.bias is None else module.bias.detach()
+        return QLoraLinear(qw, bias, fan_in_fan_out=True, **lora)
+    return QLoraLinear.from_linear(module, blocksize=blocksize, double_quant=double_quant, **lora)
+
+
+def _select(model: nn.Module, target_modules, exclude_modules) -> list[tuple[str, nn.Module, str]]:
+    outputs = output_embedding_names(model)
+    chosen, available = [], []
+    for name, module, kind in linear_modules(model):
+        available.append(name)
+        if exclude_modules is not None and matches(name, exclude_modules):
+            continue
+        if target_modules == "all-linear":
+            if name in outputs:
+                continue
+        elif not matches(name, target_modules):
+            continue
+        if kind in ("qlora", "lora"):
+            raise ValueError(f"{name} already has LoRA adapters ({type(module).__name__}); call merge_and_unload "
+                             f"first, or load_adapter to replace their weights")
+        if kind == "other-linear":
+            raise TypeError(f"{name} is a {type(module).__module__}.{type(module).__name__}, which apply_qlora cannot "
+                            f"convert (supported: nn.Linear, Conv1D, bitsandbytes Linear4bit nf4, NF4Linear)")
+        chosen.append((name, module, kind))
+    if not chosen:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in available})
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no linear layer of {type(model).__name__}"
+            + (f" (exclude_modules={exclude_modules!r})" if exclude_modules is not None else "")
+            + f"; its linear layers are named {leaves} (e.g. {available[:3]})"
+        )
+    return chosen
+
+
+def _is_transformers_bnb4(model: nn.Module) -> bool:
+    """Whether ``model`` carries transformers' bitsandbytes 4-bit state (``from_pretrained(quantization_config=
+    BitsAndBytesConfig(load_in_4bit=True))``)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    qc = getattr(quantizer, "quantization_config", None)
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(qc, "load_in_4bit", False))
+
+
+def adopt_bnb4_layout(model: nn.Module) -> bool:
+    """On a transformers bitsandbytes 4-bit model, mark every dense linear layer as kept dense (transformers left
+    it dense: ``llm_int8_skip_modules``, the output embedding, nn.Linear subclasses it does not convert such as
+    FalconLinear). Returns whether the model is such a model."""
+    if not _is_transformers_bnb4(model):
+        return False
+    for _, module, kind in linear_modules(model):
+        if kind in ("linear", "conv1d"):
+            setattr(module, KEEP_DENSE, True)
+    return True
+
+
+def drop_bnb4_state(model: nn.Module) -> None:
+    """After the swap on a transformers bitsandbytes 4-bit model: its remaining (untargeted) nf4 ``Linear4bit``
+    layers become :class:`NF4Linear` on the same bytes, and once no bitsandbytes module is left, transformers'
+    quantization state goes as well (``hf_quantizer``, ``is_quantized``, ``quantization_method``,
+    ``is_loaded_in_4bit``, ``config.quantization_config``), as after :func:`load_4bit_model`: the model holds this
+    package's 4-bit layers, which transformers' Trainer trains like any model with trainable adapters."""
+    for name, module, kind in list(linear_modules(model)):
+        if kind == "bnb4" and module.weight.quant_type == "nf4":
+            replace_module(model, name, NF4Linear.from_bnb(module))
+    if any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
+        return  # still quantized by bitsandbytes (8-bit or fp4 layers): the state stays true
+    for attr in ("hf_quantizer", "quantization_method", "is_loaded_in_4bit"):
+        if attr in vars(model):
+            delattr(model, attr)
+    if "is_quantized" in vars(model):
+        model.is_quantized = False
+    for config in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
+        for attr in ("quantization_config", "_is_quantized"):
+            with contextlib.suppress(AttributeError):
+                delattr(config, attr)
+
+
+def apply_qlora(
+    model: nn.Module,
+    r: int = 16,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    target_modules: str | Sequence[str] = "all-linear",
+    use_rslora: bool = False,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    exclude_modules: str | Sequence[str] | None = None,
+    lora_dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Replace the targeted linear layers of ``model`` by :class:`~qlora_kernels.nn.QLoraLinear`, in place.
+
+    Full-precision layers (``nn.Linear``, GPT-2's ``Conv1D``) are quantized to NF4 as they are swapped, one at a
+    time; 4-bit layers (bitsandbytes ``Linear4bit`` nf4, :class:`NF4Linear` from :func:`load_4bit_model`) get
+    adapters on their stored NF4 tensors, never requantized. Dense layers of a 4-bit model (those a 4-bit loader
+    kept dense, see :mod:`qlora_kernels.hf.layers`) are not quantized: they get plain LoRA (:class:`DenseLoraLinear`).
+    Then every parameter of the model is frozen except the new ``lora_A`` / ``lora_B``.
+
+    On a transformers bitsandbytes 4-bit model (``from_pretrained(quantization_config=BitsAndBytesConfig(...))``)
+    the untargeted nf4 ``Linear4bit`` layers become :class:`NF4Linear` on the same bytes (no adapters, nothing
+    requantized), and once no bitsandbytes layer is left the model's transformers quantization state
+    (``hf_quantizer``, ``is_quantized``, ``quantization_method``, ``is_loaded_in_4bit``,
+    ``config.quantization_config``) is removed, as :func:`load_4bit_model` returns models: transformers' Trainer
+    then trains it (it refuses models it believes are "purely quantized").
+
+    Args:
+        model: a ``transformers`` model (any ``nn.Module`` works).
+        r, lora_alpha, lora_dropout, use_rslora: the LoRA hyper-parameters (see :class:`QLoraLinear`).
+        target_modules: ``"all-linear"`` (every linear layer but the output embedding / lm_head), a list of
+            names (an entry matches a module's full name or its last components, e.g. ``"q_proj"``) or a
+            regex matched against the full name (PEFT's rules).
+        blocksize, double_quant: NF4 settings for layers quantized here.
+        exclude_modules: names (list, same rule) or a regex of layers to leave alone.
+        lora_dtype: the adapters' dtype (fp32 by default, as PEFT keeps them under a bf16 base).
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: r <= 0, a bad alpha or dropout, no layer matched (the message lists the linear layers' names),
+            or a matched layer that already has adapters. TypeError: a bad ``target_modules`` or an unsupported
+            layer type.
+    """
+    check_lora_args(r, lora_alpha, lora_dropout)
+    check_spec(target_modules, "target_modules")
+    check_spec(exclude_modules, "exclude_modules", allow_none=True)
+    if hasattr(model, "peft_config"):
+        raise TypeError("model is a PEFT model; apply_qlora takes the plain transformers model")
+    chosen = _select(model, target_modules, exclude_modules)
+    bnb4 = adopt_bnb4_layout(model)
+    for name, module, kind in chosen:
+        layer = make_lora(module, kind, name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                          use_rslora=use_rslora, blocksize=blocksize, double_quant=double_quant,
+                          lora_dtype=lora_dtype)
+        replace_module(model, name, layer)
+    if bnb4:
+        drop_bnb4_state(model)
+    freeze_all_but_lora(model)
+    return model
+
+
+def freeze_all_but_lora(model: nn.Module, trainable: bool = True) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, LORA_TYPES):
+            m.lora_A.weight.requires_grad_(trainable)
+            m.lora_B.weight.requires_grad_(trainable)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every adapted layer of ``model`` (:class:`QLoraLinear`, :class:`DenseLoraLinear`) computes
+    its base layer only (e.g. DPO's reference model); the previous state is restored on exit."""
+    layers = [m for m in model.modules() if isinstance(m, LORA_TYPES)]
+    before = [m.disable_adapters for m in layers]
+    try:
+        for m in layers:
+            m.disable_adapters = True
+        yield model
+    finally:
+        for m, b in zip(layers, before):
+            m.disable_adapters = b
+
+
+# ---------------------------------------------------------------------------------------------
+# merge_and_unload
+
+
+def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every :class:`QLoraLinear` by a plain ``nn.Linear`` with weight ``deq(W) + scaling * B @ A``
+    (and every :class:`NF4Linear` by one with ``deq(W)``), in place; layers that came from GPT-2's ``Conv1D``
+    become ``Conv1D`` again, and a :class:`DenseLoraLinear` becomes its base layer with ``W + scaling * B @ A``.
+    The merge is computed in fp32 and rounded to ``dtype``; by default each layer's compute dtype: the dtype
+    the model computes in (an NF4 layer's ``compute_dtype``, set by :func:`load_4bit_model` and by dtype casts of
+    the model, else the dtype its weight was quantized from; a dense layer's own dtype), so the merged model
+    runs as it did. The result is a plain transformers model: ``save_pretrained`` writes an ordinary checkpoint
+    (any ``quantization_config`` is dropped from ``model.config``). Returns ``model``.
+    """
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be None, float32, float16 or bfloat16; got {dtype}")
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (NF4Linear, DenseLoraLinear))]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no QLoraLinear / DenseLoraLinear / NF4Linear layers to merge")
+    for name, m in layers:
+        if isinstance(m, DenseLoraLinear):
+            replace_module(model, name, m.merged_layer(dtype))
+            continue
+        linear = m.to_linear(dtype)
+        if m.fan_in_fan_out:
+            from transformers.pytorch_utils import Conv1D
+
+            conv = Conv1D(m.out_features, m.in_features)
+            conv.weight = nn.Parameter(linear.weight.detach().t().contiguous())
+            conv.bias = nn.Parameter(linear.bias.detach()) if linear.bias is not None else None
+            linear = conv.to(linear.weight.device)
+        replace_module(model, name, linear)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "quantization_config", None) is not None:
+        with contextlib.suppress(AttributeError):
+            delattr(config, "quantization_config")
+    return model
