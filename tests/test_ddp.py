@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import qlora_kernels as qk
 from qlora_kernels.train import load_config, train
-from qlora_kernels.train.data import Example
+from qlora_kernels.train.data import Example, write_jsonl
 from qlora_kernels.train.distributed import (
     SINGLE,
     DistContext,
@@ -28,7 +28,6 @@ from qlora_kernels.train.distributed import (
     unwrap_model,
     wrap_model,
 )
-from qlora_kernels.train.dpo import write_pairs_jsonl
 from qlora_kernels.train.synthetic import instruction_rows, make_languages, save_random_model
 
 pytestmark = pytest.mark.skipif(not (hasattr(qk, "apply_qlora") and torch.distributed.is_available()),
@@ -94,8 +93,8 @@ def assets(tmp_path_factory) -> dict[str, Path]:
             f.write(json.dumps(r) + "\n")
     pairs = [{"prompt": f"{r['instruction']} {r['input']} =", "chosen": f" {r['output']}", "rejected": f" {r['input']}"}
              for r in instruction_rows(langs, 12, seed=5)]
-    write_pairs_jsonl(pairs[:9], d / "pref.jsonl")
-    write_pairs_jsonl(pairs[9:], d / "pref_eval.jsonl")
+    write_jsonl(pairs[:9], d / "pref.jsonl")
+    write_jsonl(pairs[9:], d / "pref_eval.jsonl")
     return {"model": model, "root": d, "sft": d / "sft.jsonl", "eval": d / "eval.jsonl", "pref": d / "pref.jsonl",
             "pref_eval": d / "pref_eval.jsonl"}
 

@@ -15,20 +15,22 @@ from torch import nn
 
 import qlora_kernels as qk
 from qlora_kernels.train import ConfigError, DataError, load_config, train
-from qlora_kernels.train.data import DataStats
-from qlora_kernels.train.dpo import (
-    DPOSettings,
+from qlora_kernels.train.data import (
+    DataStats,
     PreferencePair,
     collate_pairs,
+    load_pairs,
+    load_preference_dataset,
+    split_hh_dialogue,
+    write_jsonl,
+)
+from qlora_kernels.train.dpo import (
+    DPOSettings,
     dpo_batch_loss,
     dpo_loss,
     evaluate_dpo,
-    load_pairs,
-    load_preference_dataset,
     precompute_reference_log_probs,
     reference_log_probs,
-    split_hh_dialogue,
-    write_pairs_jsonl,
 )
 from qlora_kernels.train.loss import model_sequence_log_probs, sequence_log_probs, token_log_probs
 from qlora_kernels.train.synthetic import instruction_rows, make_languages, save_random_model
@@ -202,7 +204,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     model = save_random_model(d / "model", hidden_size=32, num_layers=2)
     langs = make_languages()
     for name, n, seed in (("train", 96, 1), ("eval", 32, 2)):
-        write_pairs_jsonl(preference_rows(instruction_rows(langs, n, seed)), d / f"{name}.jsonl")
+        write_jsonl(preference_rows(instruction_rows(langs, n, seed)), d / f"{name}.jsonl")
     return {"model": model, "train": d / "train.jsonl", "eval": d / "eval.jsonl", "root": d}
 
 
@@ -244,7 +246,7 @@ def test_split_hh_dialogue_takes_the_shared_prefix_up_to_the_last_assistant_turn
 
 
 def test_preference_rows_tokenize_with_prompt_masked_and_eos_trained(assets, tokenizer, tmp_path):
-    path = write_pairs_jsonl([{"prompt": "Translate into Zil. kadu zutu =", "chosen": " li todomi",
+    path = write_jsonl([{"prompt": "Translate into Zil. kadu zutu =", "chosen": " li todomi",
                                "rejected": " kadu zutu"}], tmp_path / "p.jsonl")
     cfg = config(assets, tmp_path / "o", datasets=[{"path": str(path), "type": "preference"}], test_datasets=[])
     stats = DataStats()
@@ -260,7 +262,7 @@ def test_preference_rows_tokenize_with_prompt_masked_and_eos_trained(assets, tok
 
 def test_hh_rlhf_rows_load(assets, tokenizer, tmp_path):
     pre = "\n\nHuman: Translate kadu zutu\n\nAssistant:"
-    path = write_pairs_jsonl([{"chosen": pre + " li todomi", "rejected": pre + " kadu"}], tmp_path / "hh.jsonl")
+    path = write_jsonl([{"chosen": pre + " li todomi", "rejected": pre + " kadu"}], tmp_path / "hh.jsonl")
     cfg = config(assets, tmp_path / "o", datasets=[{"path": str(path), "type": "hh-rlhf"}], test_datasets=[])
     (pair,) = load_preference_dataset(cfg.datasets[0], cfg, tokenizer, DataStats())
     assert tokenizer.decode([t for t in pair.chosen.labels if t != -100][:-1]) == " li todomi"
@@ -271,7 +273,7 @@ def test_bad_rows_fail_or_are_skipped_and_long_rows_are_truncated(assets, tokeni
     rows = [{"prompt": "a =", "chosen": " b", "rejected": " c"}, {"prompt": "a", "chosen": 3, "rejected": "x"},
             {"prompt": "a " * 200, "chosen": " b", "rejected": " c"},  # prompt alone is longer than sequence_len
             {"prompt": "a =", "chosen": " b" * 100, "rejected": " c"}]  # chosen is cut
-    path = write_pairs_jsonl(rows, tmp_path / "bad.jsonl")
+    path = write_jsonl(rows, tmp_path / "bad.jsonl")
     cfg = config(assets, tmp_path / "o", datasets=[{"path": str(path), "type": "preference"}], test_datasets=[])
     with pytest.raises(DataError, match=r"bad.jsonl:2: preference row needs a string 'chosen'"):
         load_preference_dataset(cfg.datasets[0], cfg, tokenizer, DataStats())
@@ -281,7 +283,7 @@ def test_bad_rows_fail_or_are_skipped_and_long_rows_are_truncated(assets, tokeni
     pairs = load_preference_dataset(cfg.datasets[0], cfg, tokenizer, stats)
     assert len(pairs) == 2 and stats.skipped_bad_rows == 1 and stats.dropped_no_target == 1
     assert stats.truncated == 3 and all(len(p.chosen.input_ids) <= 64 for p in pairs)
-    hh = write_pairs_jsonl([{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "no dialogue"}],
+    hh = write_jsonl([{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "no dialogue"}],
                            tmp_path / "h.jsonl")
     cfg = config(assets, tmp_path / "o", datasets=[{"path": str(hh), "type": "hh-rlhf"}], test_datasets=[])
     with pytest.raises(DataError, match="share no"):

@@ -1,6 +1,7 @@
-"""SFT data: local JSON/JSONL/parquet rows -> token ids and labels -> shuffled, padded micro-batches.
+"""Training data: local JSON/JSONL/parquet rows -> tokenized items -> padded micro-batches.
 
-Row types (extra fields are ignored):
+An item is an :class:`Example` (SFT: token ids and labels) or a :class:`PreferencePair` (DPO: a chosen
+and a rejected :class:`Example` of the same prompt). SFT row types (extra fields are ignored):
 
 * ``alpaca``: ``{"instruction": str, "input": str (optional), "output": str}``; ``output`` is trained.
 * ``completion``: ``{"prompt": str, "completion": str}``; ``completion`` is trained.
@@ -8,12 +9,20 @@ Row types (extra fields are ignored):
   every assistant message is trained.
 * ``text``: ``{"text": str}``; all of it is trained.
 
+Preference row types (DPO):
+
+* ``preference``: ``{"prompt": str, "chosen": str, "rejected": str}``; the completions are appended to
+  the prompt as they are (include any separator), and the end-of-sequence token closes each one.
+* ``hh-rlhf``: ``{"chosen": str, "rejected": str}``, two full Anthropic-HH dialogues
+  (``"\\n\\nHuman: … \\n\\nAssistant: …"``) that share a prefix; the prompt is the shared prefix up to
+  and including its last ``"\\n\\nAssistant:"``, the completions are what follows it in each dialogue.
+
 Labels are the input ids with -100 wherever the token is not trained (prompt, template text,
 padding). The tokenizer's end-of-sequence token closes every alpaca/completion/text example and
 is trained, so the model learns to stop. An example longer than ``sequence_len`` is truncated and
-counted; one left with no target token is dropped and counted. A malformed row (including one
-that is not UTF-8 or holds a lone surrogate escape) raises :class:`DataError` naming its file and
-line, or is skipped and counted with ``skip_bad_rows``.
+counted; one left with no target token is dropped and counted (a pair, if either side has none). A
+malformed row (including one that is not UTF-8 or holds a lone surrogate escape) raises
+:class:`DataError` naming its file and line, or is skipped and counted with ``skip_bad_rows``.
 """
 
 from __future__ import annotations
@@ -27,11 +36,12 @@ from typing import Any
 
 import torch
 
-from .config import DatasetConfig, SFTConfig
+from .config import PREFERENCE_TYPES, DatasetConfig, SFTConfig
 from .loss import IGNORE_INDEX
 from .templates import Segment, alpaca_segments, chat_segments
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+HH_ASSISTANT = "\n\nAssistant:"
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -51,6 +61,17 @@ class Example:
     def num_targets(self) -> int:
         """Target tokens under the shifted loss (a label at position 0 is never predicted)."""
         return sum(1 for y in self.labels[1:] if y != IGNORE_INDEX)
+
+
+@dataclass
+class PreferencePair:
+    """One tokenized preference pair, where it came from, and (once computed) its reference log-probs."""
+
+    chosen: Example
+    rejected: Example
+    source: str
+    ref_chosen: float | None = None
+    ref_rejected: float | None = None
 
 
 @dataclass
@@ -174,6 +195,38 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
                 yield f"{f}:row {i}", row
 
 
+def checked_rows(ds: DatasetConfig, cfg: SFTConfig, stats: DataStats,
+                 check: Callable[[Any, str], str | None]) -> Iterator[tuple[str, Any]]:
+    """``(source, row)`` for each well-formed row of a dataset, counted in ``stats``. A malformed row
+    (unreadable, or ``check(row, ds.type)`` names a problem) is an error naming file and line, or,
+    with ``skip_bad_rows``, skipped and counted (the first five messages kept)."""
+    for source, row in read_rows(ds.path):
+        stats.rows += 1
+        problem = str(row) if isinstance(row, DataError) else check(row, ds.type)
+        if problem is None:
+            yield source, row
+            continue
+        msg = problem if isinstance(row, DataError) else f"{source}: {problem}"
+        if not cfg.skip_bad_rows:
+            raise DataError(f"{msg} (set skip_bad_rows: true to skip and count such rows)")
+        stats.skipped_bad_rows += 1
+        if len(stats.bad_row_messages) < 5:
+            stats.bad_row_messages.append(msg)
+
+
+def write_jsonl(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write rows as JSONL, one JSON object a line, UTF-8 (for generated data sets); returns the path."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return p
+
+
+# --------------------------------------------------------------------------- SFT rows
+
+
 def check_row(row: Any, row_type: str) -> str | None:
     """What is wrong with ``row`` for ``row_type``, or None if it is well formed."""
     if not isinstance(row, dict):
@@ -204,9 +257,6 @@ def check_row(row: Any, row_type: str) -> str | None:
     if not any(m["role"] == "assistant" for m in msgs):
         return "chat row has no assistant message to train on"
     return None
-
-
-# --------------------------------------------------------------------------- formatting and tokenizing
 
 
 def resolve_template(row_type: str, prompt_template: str | None) -> str | None:
@@ -264,25 +314,6 @@ def tokenize_segments(segments: list[Segment], tokenizer: Any, add_eos: bool = T
     return ids, labels
 
 
-def checked_rows(ds: DatasetConfig, cfg: SFTConfig, stats: DataStats,
-                 check: Callable[[Any, str], str | None]) -> Iterator[tuple[str, Any]]:
-    """``(source, row)`` for each well-formed row of a dataset, counted in ``stats``. A malformed row
-    (unreadable, or ``check(row, ds.type)`` names a problem) is an error naming file and line, or,
-    with ``skip_bad_rows``, skipped and counted (the first five messages kept)."""
-    for source, row in read_rows(ds.path):
-        stats.rows += 1
-        problem = str(row) if isinstance(row, DataError) else check(row, ds.type)
-        if problem is None:
-            yield source, row
-            continue
-        msg = problem if isinstance(row, DataError) else f"{source}: {problem}"
-        if not cfg.skip_bad_rows:
-            raise DataError(f"{msg} (set skip_bad_rows: true to skip and count such rows)")
-        stats.skipped_bad_rows += 1
-        if len(stats.bad_row_messages) < 5:
-            stats.bad_row_messages.append(msg)
-
-
 def load_dataset(ds: DatasetConfig, cfg: SFTConfig, tokenizer: Any, stats: DataStats) -> list[Example]:
     """Read, check, format and tokenize one dataset; updates ``stats``."""
     template = resolve_template(ds.type, cfg.prompt_template)
@@ -306,6 +337,89 @@ def load_dataset(ds: DatasetConfig, cfg: SFTConfig, tokenizer: Any, stats: DataS
         stats.target_tokens += n
         out.append(ex)
     return out
+
+
+# --------------------------------------------------------------------------- preference rows (DPO)
+
+
+def split_hh_dialogue(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """``(prompt, chosen completion, rejected completion)`` of two Anthropic-HH dialogues.
+
+    The prompt is the longest common prefix cut just after its last ``"\\n\\nAssistant:"``.
+    Raises ValueError if the common prefix holds no such marker.
+    """
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    cut = chosen.rfind(HH_ASSISTANT, 0, n)
+    if cut < 0:
+        raise ValueError(f"the chosen and rejected dialogues share no {HH_ASSISTANT!r} turn, so the prompt cannot "
+                         f"be found (shared prefix: {chosen[:n][:80]!r})")
+    cut += len(HH_ASSISTANT)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def check_preference_row(row: Any, row_type: str) -> str | None:
+    """What is wrong with ``row`` for ``row_type`` ('preference' or 'hh-rlhf'), or None if well formed."""
+    if not isinstance(row, dict):
+        return f"a {row_type} row must be a JSON object, got {type(row).__name__}"
+    keys = ("prompt", "chosen", "rejected") if row_type == "preference" else ("chosen", "rejected")
+    for k in keys:
+        if not isinstance(row.get(k), str):
+            got = "missing" if k not in row else f"{type(row.get(k)).__name__} {row.get(k)!r}"[:60]
+            return f"{row_type} row needs a string {k!r} (got {got})"
+    if row_type == "hh-rlhf":
+        try:
+            split_hh_dialogue(row["chosen"], row["rejected"])
+        except ValueError as e:
+            return str(e)
+    return None
+
+
+def preference_texts(row: dict[str, Any], row_type: str) -> tuple[str, str, str]:
+    """``(prompt, chosen completion, rejected completion)`` of a checked row."""
+    if row_type == "hh-rlhf":
+        return split_hh_dialogue(row["chosen"], row["rejected"])
+    return row["prompt"], row["chosen"], row["rejected"]
+
+
+def _tokenize_completion(prompt: str, completion: str, tokenizer: Any, sequence_len: int,
+                         stats: DataStats, source: str) -> Example:
+    ids, labels = tokenize_segments([(prompt, False), (completion, True)], tokenizer, add_eos=True)
+    if len(ids) > sequence_len:
+        stats.truncated += 1
+        ids, labels = ids[:sequence_len], labels[:sequence_len]
+    return Example(ids, labels, source)
+
+
+def load_preference_dataset(ds: DatasetConfig, cfg: SFTConfig, tokenizer: Any, stats: DataStats) -> list[
+        PreferencePair]:
+    """Read, check and tokenize one preference dataset; updates ``stats`` (``examples`` counts pairs).
+
+    A sequence longer than ``sequence_len`` is cut at the end (and counted); a pair where either side
+    keeps no completion token is dropped (and counted in ``dropped_no_target``).
+    """
+    if ds.type not in PREFERENCE_TYPES:
+        raise DataError(f"{ds.path}: dataset type {ds.type!r} is not a preference type; DPO reads "
+                        f"{', '.join(PREFERENCE_TYPES)}")
+    out: list[PreferencePair] = []
+    for source, row in checked_rows(ds, cfg, stats, check_preference_row):
+        prompt, chosen, rejected = preference_texts(row, ds.type)
+        a = _tokenize_completion(prompt, chosen, tokenizer, cfg.sequence_len, stats, source)
+        b = _tokenize_completion(prompt, rejected, tokenizer, cfg.sequence_len, stats, source)
+        if a.num_targets == 0 or b.num_targets == 0:
+            stats.dropped_no_target += 1
+            continue
+        stats.examples += 1
+        stats.tokens += len(a.input_ids) + len(b.input_ids)
+        stats.target_tokens += a.num_targets + b.num_targets
+        out.append(PreferencePair(a, b, source))
+    return out
+
+
+# --------------------------------------------------------------------------- train / eval split
 
 
 def load_split(
@@ -333,6 +447,11 @@ def load_split(
 def load_examples(cfg: SFTConfig, tokenizer: Any) -> tuple[list[Example], list[Example], DataStats]:
     """Train and eval examples for a config: eval from eval-split datasets, else ``val_set_size`` of train."""
     return load_split(cfg, tokenizer, load_dataset, "example")
+
+
+def load_pairs(cfg: SFTConfig, tokenizer: Any) -> tuple[list[PreferencePair], list[PreferencePair], DataStats]:
+    """Train and eval pairs for a config: eval from eval-split datasets, else ``val_set_size`` of train."""
+    return load_split(cfg, tokenizer, load_preference_dataset, "pair")
 
 
 # --------------------------------------------------------------------------- batching
@@ -403,3 +522,25 @@ def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> Itera
     """Eval examples in order, ``batch_size`` at a time."""
     for s in range(0, len(examples), batch_size):
         yield collate(examples[s:s + batch_size], pad_id)
+
+
+def collate_pairs(pairs: list[PreferencePair], pad_id: int, weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """One right-padded batch of ``2B`` rows: the B chosen sequences, then the B rejected ones.
+
+    Keys: ``input_ids``, ``attention_mask``, ``labels`` ``[2B, T]``; ``pair_weight`` ``[B]`` (``weight``
+    for every pair: 0 marks a placeholder batch that must run but not count, see
+    :class:`qlora_kernels.train.distributed.ShardedStream`); and ``ref_logps`` ``[2B]`` when every pair
+    carries precomputed reference log-probs.
+    """
+    batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    batch["pair_weight"] = torch.full((len(pairs),), float(weight))
+    if pairs and all(p.ref_chosen is not None and p.ref_rejected is not None for p in pairs):
+        batch["ref_logps"] = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs],
+                                          dtype=torch.float32)
+    return batch
+
+
+def pair_batches(pairs: list[PreferencePair], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Pairs in order, ``batch_size`` at a time."""
+    for s in range(0, len(pairs), batch_size):
+        yield collate_pairs(pairs[s:s + batch_size], pad_id)

@@ -28,7 +28,7 @@ import torch
 
 from . import synthetic
 from .config import load_config
-from .data import read_rows
+from .data import load_pairs, read_rows, write_jsonl
 from .sft import build_model, load_tokenizer, train
 from .templates import alpaca_prompt
 
@@ -127,12 +127,10 @@ def dpo_splits(n_train_each: int = 240, n_eval_plain: int = 30) -> tuple[list[di
 
 def write_preference_files(out_dir: str | Path) -> tuple[Path, Path]:
     """Write the DPO stage's pairs (``preference`` JSONL) as ``out_dir/{train,eval}.jsonl``."""
-    from .dpo import write_pairs_jsonl
-
     train_rows, eval_rows = dpo_splits()
     d = Path(out_dir)
-    return (write_pairs_jsonl(preference_rows(train_rows, seed=1), d / "train.jsonl"),
-            write_pairs_jsonl(preference_rows(eval_rows, seed=2), d / "eval.jsonl"))
+    return (write_jsonl(preference_rows(train_rows, seed=1), d / "train.jsonl"),
+            write_jsonl(preference_rows(eval_rows, seed=2), d / "eval.jsonl"))
 
 
 def demo_dpo_raw_config(output_dir: str | Path, train_file: str | Path, eval_file: str | Path,
@@ -273,7 +271,7 @@ def run_dpo_stage(sft_model: torch.nn.Module, tokenizer: Any, output_dir: str | 
        other answers (which must stay right); and the held-out reward accuracy and DPO loss.
     """
     from ..hf import merge_and_unload
-    from .dpo import DPOSettings, evaluate_dpo, load_pairs
+    from .dpo import DPOSettings, evaluate_dpo
     from .sft import autocast_dtype
 
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))

@@ -1,4 +1,4 @@
-"""Direct Preference Optimization (DPO) for the thin trainer: losses, preference data, chunked log-probs, the step.
+"""Direct Preference Optimization (DPO) for the thin trainer: the loss, the reference log-probs, the step.
 
 The method (REFERENCE.md, SFT and DPO). For a prompt x with a preferred completion y_w and a rejected
 one y_l, with log-probabilities summed over the completion tokens,
@@ -29,35 +29,27 @@ chosen, the second half rejected). Log-probs are computed from the decoder's hid
 of tokens (:func:`.loss.sequence_log_probs`), so full-vocabulary logits never exist for the whole batch, and
 only completion positions are projected at all.
 
-Data rows:
-
-* ``preference``: ``{"prompt": str, "chosen": str, "rejected": str}``; the completions are appended to
-  the prompt as they are (include any separator), and the end-of-sequence token closes each one.
-* ``hh-rlhf``: ``{"chosen": str, "rejected": str}``, two full Anthropic-HH dialogues
-  (``"\\n\\nHuman: … \\n\\nAssistant: …"``) that share a prefix; the prompt is the shared prefix up to
-  and including its last ``"\\n\\nAssistant:"``, the completions are what follows it in each dialogue.
+Preference data (rows, pairs, batches) lives in :mod:`.data`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import DPO_LOSSES, PREFERENCE_TYPES, DatasetConfig, SFTConfig
-from .data import DataError, DataStats, Example, checked_rows, load_split, tokenize_segments
+from .config import DPO_LOSSES, SFTConfig
+from .data import PreferencePair, collate_pairs, pair_batches
 from .distributed import SINGLE, DistContext, ShardedStream
 from .distributed import unwrap_model as _unwrap
 from .loss import IGNORE_INDEX, model_sequence_log_probs
 
-HH_ASSISTANT = "\n\nAssistant:"
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                "logps/rejected")
 
@@ -105,126 +97,7 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-# --------------------------------------------------------------------------- preference data
-
-
-@dataclass
-class PreferencePair:
-    """One tokenized preference pair, where it came from, and (once computed) its reference log-probs."""
-
-    chosen: Example
-    rejected: Example
-    source: str
-    ref_chosen: float | None = None
-    ref_rejected: float | None = None
-
-
-def split_hh_dialogue(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """``(prompt, chosen completion, rejected completion)`` of two Anthropic-HH dialogues.
-
-    The prompt is the longest common prefix cut just after its last ``"\\n\\nAssistant:"``.
-    Raises ValueError if the common prefix holds no such marker.
-    """
-    n = 0
-    for a, b in zip(chosen, rejected):
-        if a != b:
-            break
-        n += 1
-    cut = chosen.rfind(HH_ASSISTANT, 0, n)
-    if cut < 0:
-        raise ValueError(f"the chosen and rejected dialogues share no {HH_ASSISTANT!r} turn, so the prompt cannot "
-                         f"be found (shared prefix: {chosen[:n][:80]!r})")
-    cut += len(HH_ASSISTANT)
-    return chosen[:cut], chosen[cut:], rejected[cut:]
-
-
-def check_preference_row(row: Any, row_type: str) -> str | None:
-    """What is wrong with ``row`` for ``row_type`` ('preference' or 'hh-rlhf'), or None if well formed."""
-    if not isinstance(row, dict):
-        return f"a {row_type} row must be a JSON object, got {type(row).__name__}"
-    keys = ("prompt", "chosen", "rejected") if row_type == "preference" else ("chosen", "rejected")
-    for k in keys:
-        if not isinstance(row.get(k), str):
-            got = "missing" if k not in row else f"{type(row.get(k)).__name__} {row.get(k)!r}"[:60]
-            return f"{row_type} row needs a string {k!r} (got {got})"
-    if row_type == "hh-rlhf":
-        try:
-            split_hh_dialogue(row["chosen"], row["rejected"])
-        except ValueError as e:
-            return str(e)
-    return None
-
-
-def preference_texts(row: dict[str, Any], row_type: str) -> tuple[str, str, str]:
-    """``(prompt, chosen completion, rejected completion)`` of a checked row."""
-    if row_type == "hh-rlhf":
-        return split_hh_dialogue(row["chosen"], row["rejected"])
-    return row["prompt"], row["chosen"], row["rejected"]
-
-
-def _tokenize_completion(prompt: str, completion: str, tokenizer: Any, sequence_len: int,
-                         stats: DataStats, source: str) -> Example:
-    ids, labels = tokenize_segments([(prompt, False), (completion, True)], tokenizer, add_eos=True)
-    if len(ids) > sequence_len:
-        stats.truncated += 1
-        ids, labels = ids[:sequence_len], labels[:sequence_len]
-    return Example(ids, labels, source)
-
-
-def load_preference_dataset(ds: DatasetConfig, cfg: SFTConfig, tokenizer: Any, stats: DataStats) -> list[
-        PreferencePair]:
-    """Read, check and tokenize one preference dataset; updates ``stats`` (``examples`` counts pairs).
-
-    A sequence longer than ``sequence_len`` is cut at the end (and counted); a pair where either side
-    keeps no completion token is dropped (and counted in ``dropped_no_target``).
-    """
-    if ds.type not in PREFERENCE_TYPES:
-        raise DataError(f"{ds.path}: dataset type {ds.type!r} is not a preference type; DPO reads "
-                        f"{', '.join(PREFERENCE_TYPES)}")
-    out: list[PreferencePair] = []
-    for source, row in checked_rows(ds, cfg, stats, check_preference_row):
-        prompt, chosen, rejected = preference_texts(row, ds.type)
-        a = _tokenize_completion(prompt, chosen, tokenizer, cfg.sequence_len, stats, source)
-        b = _tokenize_completion(prompt, rejected, tokenizer, cfg.sequence_len, stats, source)
-        if a.num_targets == 0 or b.num_targets == 0:
-            stats.dropped_no_target += 1
-            continue
-        stats.examples += 1
-        stats.tokens += len(a.input_ids) + len(b.input_ids)
-        stats.target_tokens += a.num_targets + b.num_targets
-        out.append(PreferencePair(a, b, source))
-    return out
-
-
-def load_pairs(cfg: SFTConfig, tokenizer: Any) -> tuple[list[PreferencePair], list[PreferencePair], DataStats]:
-    """Train and eval pairs for a config: eval from eval-split datasets, else ``val_set_size`` of train."""
-    return load_split(cfg, tokenizer, load_preference_dataset, "pair")
-
-
-def collate_pairs(pairs: list[PreferencePair], pad_id: int, weight: float = 1.0) -> dict[str, Tensor]:
-    """One right-padded batch of ``2B`` rows: the B chosen sequences, then the B rejected ones.
-
-    Keys: ``input_ids``, ``attention_mask``, ``labels`` ``[2B, T]``; ``pair_weight`` ``[B]`` (``weight``
-    for every pair: 0 marks a placeholder batch that must run but not count, see
-    :class:`qlora_kernels.train.distributed.ShardedStream`); and ``ref_logps`` ``[2B]`` when every pair
-    carries precomputed reference log-probs.
-    """
-    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    width = max(len(e.input_ids) for e in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, e in enumerate(seqs):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
-             "pair_weight": torch.full((len(pairs),), float(weight))}
-    if pairs and all(p.ref_chosen is not None and p.ref_rejected is not None for p in pairs):
-        batch["ref_logps"] = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs],
-                                          dtype=torch.float32)
-    return batch
+# --------------------------------------------------------------------------- the stream
 
 
 def pair_stream(pairs: list[PreferencePair], micro_batch_size: int, seed: int, pad_id: int,
@@ -232,12 +105,6 @@ def pair_stream(pairs: list[PreferencePair], micro_batch_size: int, seed: int, p
     """The shuffled, resumable micro-batch stream of pairs (``micro_batch_size`` pairs per rank)."""
     return ShardedStream(pairs, micro_batch_size, seed, pad_id, ctx, collate_fn=collate_pairs,
                          placeholder_fn=lambda items, pad: collate_pairs(items, pad, weight=0.0))
-
-
-def pair_batches(pairs: list[PreferencePair], batch_size: int, pad_id: int) -> Iterator[dict[str, Tensor]]:
-    """Pairs in order, ``batch_size`` at a time."""
-    for s in range(0, len(pairs), batch_size):
-        yield collate_pairs(pairs[s:s + batch_size], pad_id)
 
 
 # --------------------------------------------------------------------------- the step
@@ -372,15 +239,3 @@ def precompute_reference_log_probs(model: nn.Module, pairs: list[PreferencePair]
         if not (math.isfinite(c) and math.isfinite(r)):
             raise ValueError(f"{p.source}: the reference log-probs are not finite ({c}, {r})")
         p.ref_chosen, p.ref_rejected = c, r
-
-
-def write_pairs_jsonl(rows: list[dict[str, str]], path: str | Path) -> Path:
-    """Write preference rows as JSONL (for generated data sets)."""
-    import json
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return p

@@ -43,7 +43,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import ConfigError, SFTConfig, check_output_dir, dump_config
-from .data import DataStats, Example, eval_batches, load_examples
+from .data import DataStats, Example, eval_batches, load_examples, load_pairs
 from .loss import model_loss
 
 
@@ -385,7 +385,7 @@ def _train(cfg: SFTConfig, model: nn.Module | None, tokenizer: Any,
 
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    train_ex, eval_ex, stats = (dpo_lib.load_pairs if dpo else load_examples)(cfg, tokenizer)
+    train_ex, eval_ex, stats = (load_pairs if dpo else load_examples)(cfg, tokenizer)
     _say(f"data: {stats.summary()}; eval {'pairs' if dpo else 'examples'}: {len(eval_ex)}", quiet)
     for msg in stats.bad_row_messages:
         _say(f"  skipped: {msg}", quiet)
