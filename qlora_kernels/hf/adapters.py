@@ -10,7 +10,6 @@ LoRA adapters (no DoRA, no trained biases, no ``modules_to_save``).
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..dtypes import FLOAT_DTYPES
+from ..nn.lora_args import check_lora_args, is_lora_alpha, is_lora_rank, lora_scaling
 from .apply import adopt_bnb4_layout, drop_bnb4_state, freeze_all_but_lora, make_lora
 from .layers import LORA_TYPES, layer_kind, linear_layer_names, linear_modules, replace_module
 
@@ -110,10 +110,6 @@ def _pattern_value(patterns: dict, name: str, default):
     return default
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _read_config(path: Path) -> dict:
     """Read and type-check the adapter_config.json fields :func:`load_adapter` uses.
 
@@ -154,22 +150,16 @@ def _read_config(path: Path) -> dict:
     if get("modules_to_save", []) not in ([], ()):
         got = cfg["modules_to_save"]
         raise ValueError(f"{where}: modules_to_save must be empty (not supported); got {got!r}")
-    r = get("r", 8)
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise bad("r", "a positive integer")
-    alpha = get("lora_alpha", 8)
-    if not _is_number(alpha) or not math.isfinite(alpha):
-        raise bad("lora_alpha", "a finite number")
-    dropout = get("lora_dropout", 0.0)
-    if not _is_number(dropout) or not 0 <= dropout < 1:
-        raise bad("lora_dropout", "a number in [0, 1)")
+    try:
+        r, alpha, dropout = check_lora_args(get("r", 8), get("lora_alpha", 8), get("lora_dropout", 0.0))
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
     rslora = get("use_rslora", False)
     if not isinstance(rslora, bool):
         raise bad("use_rslora", "true or false")
     patterns = {}
-    for key, check, want in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
-                              "positive integers"),
-                             ("alpha_pattern", lambda v: _is_number(v) and math.isfinite(v), "finite numbers")):
+    for key, check, want in (("rank_pattern", is_lora_rank, "positive integers"),
+                             ("alpha_pattern", is_lora_alpha, "finite numbers")):
         pattern = get(key, {})
         if not isinstance(pattern, dict):
             raise bad(key, f"an object mapping module-name regexes to {want}")
@@ -181,7 +171,7 @@ def _read_config(path: Path) -> dict:
             if not check(value):
                 raise ValueError(f"{where}: {key}[{name!r}] must be one of {want}; got {value!r}")
         patterns[key] = pattern
-    return dict(r=r, lora_alpha=alpha, lora_dropout=float(dropout), use_rslora=rslora, **patterns)
+    return dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, **patterns)
 
 
 def _read_adapter(in_dir: Path) -> tuple[dict, dict[str, tuple[Tensor, Tensor]]]:
@@ -271,7 +261,7 @@ def load_adapter(model: nn.Module, in_dir: str | Path, is_trainable: bool = True
             module.lora_A.weight.copy_(a)
             module.lora_B.weight.copy_(b)
         module.lora_alpha, module.lora_dropout, module.use_rslora = alpha, dropout, rslora
-        module.scaling = float(alpha / math.sqrt(r) if rslora else alpha / r)
+        module.scaling = lora_scaling(r, alpha, rslora)
     if bnb4:
         drop_bnb4_state(model)
     freeze_all_but_lora(model, trainable=is_trainable)

@@ -13,11 +13,11 @@ from torch import nn
 from ..dtypes import FLOAT_DTYPES
 from ..nf4 import quantize_nf4
 from ..nn import NF4Linear, QLoraLinear
+from ..nn.lora_args import check_lora_args
 from .layers import (
     KEEP_DENSE,
     LORA_TYPES,
     DenseLoraLinear,
-    check_lora_args,
     check_spec,
     linear_modules,
     matches,

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..dtypes import FLOAT_DTYPES
 from ..nn import NF4Linear, QLoraLinear
+from ..nn.lora_args import check_lora_args, lora_scaling
 
 # Set on a dense linear module that a 4-bit loader kept dense: apply_qlora gives it plain LoRA, never NF4.
 KEEP_DENSE = "_qlora_kernels_keep_dense"
@@ -152,7 +153,7 @@ class DenseLoraLinear(nn.Module):
         kind = layer_kind(base_layer)
         if kind not in ("linear", "conv1d"):
             raise TypeError(f"base_layer must be a dense nn.Linear or Conv1D; got {type(base_layer).__name__}")
-        check_lora_args(r, lora_alpha, lora_dropout)
+        r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout)
         if lora_dtype not in FLOAT_DTYPES:
             raise TypeError(f"lora_dtype must be float32, float16 or bfloat16; got {lora_dtype}")
         weight = base_layer.weight
@@ -164,9 +165,8 @@ class DenseLoraLinear(nn.Module):
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.base_layer = base_layer
-        self.r, self.lora_alpha, self.use_rslora = int(r), lora_alpha, bool(use_rslora)
-        self.lora_dropout = float(lora_dropout)
-        self.scaling = float(lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r)
+        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, lora_alpha, lora_dropout, bool(use_rslora)
+        self.scaling = lora_scaling(r, lora_alpha, self.use_rslora)
         device = weight.device
         self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=device, dtype=lora_dtype)
         self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=lora_dtype)
@@ -229,11 +229,3 @@ class DenseLoraLinear(nn.Module):
 
 LORA_TYPES = (QLoraLinear, DenseLoraLinear)
 
-
-def check_lora_args(r, lora_alpha, lora_dropout) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"r must be a positive integer; got {r!r}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
-        raise ValueError(f"lora_alpha must be a finite number; got {lora_alpha!r}")
-    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
-        raise ValueError(f"lora_dropout must be a number in [0, 1); got {lora_dropout!r}")

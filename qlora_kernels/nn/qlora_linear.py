@@ -11,14 +11,14 @@ state dict moves both ways between these modules, ``bitsandbytes.nn.Linear4bit``
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor, nn
 
 from ..dtypes import FLOAT_DTYPES, dtype_name
-from ..functional import _check_dropout, _lora_linear, _nf4_linear
+from ..functional import _lora_linear, _nf4_linear
 from ..nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+from .lora_args import check_lora_args, lora_scaling
 
 _NF4_BUFFERS = ("nf4_packed", "nf4_absmax", "nf4_code", "nf4_nested_absmax", "nf4_nested_code")
 
@@ -224,17 +224,11 @@ class QLoraLinear(NF4Linear):
         fan_in_fan_out: bool = False,
     ) -> None:
         super().__init__(qweight, bias, fan_in_fan_out)
-        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
-            raise ValueError(f"r must be a positive integer; got {r!r}")
-        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
-            raise ValueError(f"lora_alpha must be a finite number; got {lora_alpha!r}")
+        self.r, self.lora_alpha, self.lora_dropout = check_lora_args(r, lora_alpha, lora_dropout)
         if lora_dtype not in FLOAT_DTYPES:
             raise TypeError(f"lora_dtype must be float32, float16 or bfloat16; got {lora_dtype}")
-        self.r = int(r)
-        self.lora_alpha = lora_alpha
-        self.lora_dropout = _check_dropout(lora_dropout, "lora_dropout")
         self.use_rslora = bool(use_rslora)
-        self.scaling = float(lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r)
+        self.scaling = lora_scaling(self.r, self.lora_alpha, self.use_rslora)
         device = qweight.device
         self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=device, dtype=lora_dtype)
         self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=lora_dtype)
