@@ -68,7 +68,7 @@ def _compile_matmul(capability, transposed, blocksize, m, x_type="*bf16", precis
     else:
         fn, bn, bk = tri_mm._nf4_matmul_kernel, block_out, block_red
     types = {"x_ptr": x_type, "packed_ptr": "*u8", "absmax_ptr": "*u8", "nested_absmax_ptr": "*fp32",
-             "nested_code_ptr": "*fp32", "code_ptr": "*fp32", "y_ptr": "*fp32" if partial else x_type,
+             "nested_code_ptr": "*fp32", "pairs_ptr": "*i64", "y_ptr": "*fp32" if partial else x_type,
              "offset": "fp32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32",
              "K_PER_SPLIT": "i32", "N_PER_SPLIT": "i32"}
     sig = {name: types.get(name, "constexpr") for name in fn.arg_names}
