@@ -17,14 +17,13 @@ from safetensors.torch import load_file
 
 import qlora_kernels as qk
 from qlora_kernels.train import load_config, train
-from qlora_kernels.train.data import Example, write_jsonl
+from qlora_kernels.train.data import Example, MicroBatchStream, write_jsonl
 from qlora_kernels.train.distributed import (
     SINGLE,
     DistContext,
-    ShardedStream,
     all_reduce_sum,
+    shard,
     shard_bounds,
-    shard_list,
     unwrap_model,
     wrap_model,
 )
@@ -54,8 +53,8 @@ def _examples(n: int) -> list[Example]:
 
 def test_sharded_stream_ranks_see_the_single_process_batches():
     exs = _examples(9)
-    single = ShardedStream(exs, 4, seed=5, pad_id=0)
-    ranks = [ShardedStream(exs, 2, seed=5, pad_id=0, ctx=DistContext(r, 2, r, "gloo")) for r in range(2)]
+    single = MicroBatchStream(exs, 4, seed=5, pad_id=0)
+    ranks = [MicroBatchStream(exs, 2, seed=5, pad_id=0, ctx=DistContext(r, 2, r, "gloo")) for r in range(2)]
     for _ in range(6):  # two epochs: 4 + 4 + 1 examples each
         _, want = single.next()
         got = [s.next() for s in ranks]
@@ -69,8 +68,9 @@ def test_sharded_stream_ranks_see_the_single_process_batches():
 def test_single_process_helpers_are_identities():
     t = torch.tensor([1.5, 2.0])
     assert torch.equal(all_reduce_sum(t, SINGLE), t) and all_reduce_sum([3, 4], SINGLE).tolist() == [3.0, 4.0]
-    assert shard_list([1, 2, 3], SINGLE) == [1, 2, 3]
-    assert shard_list([1, 2, 3, 4, 5], DistContext(1, 2, 1, "gloo")) == [2, 4]
+    assert shard([1, 2, 3], SINGLE) == [1, 2, 3]
+    assert shard([1, 2, 3, 4, 5], DistContext(0, 2, 0, "gloo")) == [1, 2, 3]  # contiguous, as shard_bounds
+    assert shard([1, 2, 3, 4, 5], DistContext(1, 2, 1, "gloo")) == [4, 5]
     model = torch.nn.Linear(2, 2)
     runner = wrap_model(model, SINGLE, torch.device("cpu"))
     assert unwrap_model(runner) is model and runner(lambda m, x: m(x), torch.ones(1, 2)).shape == (1, 2)

@@ -302,7 +302,7 @@ def test_collate_pairs_puts_chosen_then_rejected_in_one_batch(assets, tokenizer)
         assert b["input_ids"][3 + i, :len(p.rejected.input_ids)].tolist() == p.rejected.input_ids
     for p in pairs:
         p.ref_chosen, p.ref_rejected = -1.0, -2.0
-    b = collate_pairs(pairs, tokenizer.pad_token_id, weight=0.0)
+    b = collate_pairs(pairs, tokenizer.pad_token_id, counted=False)
     assert b["ref_logps"].tolist() == [-1.0] * 3 + [-2.0] * 3 and b["pair_weight"].sum() == 0
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from .config import PREFERENCE_TYPES, DatasetConfig, SFTConfig
+from .distributed import SINGLE, DistContext, shard
 from .loss import IGNORE_INDEX
 from .templates import Segment, alpaca_segments, chat_segments
 
@@ -457,8 +458,12 @@ def load_pairs(cfg: SFTConfig, tokenizer: Any) -> tuple[list[PreferencePair], li
 # --------------------------------------------------------------------------- batching
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of examples: input_ids, attention_mask, labels (-100 on padding)."""
+def collate(examples: list[Example], pad_id: int, counted: bool = True) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples: input_ids, attention_mask, labels (-100 on padding).
+
+    ``counted=False``: a placeholder batch that runs but counts for nothing (every label -100: no target
+    token, a loss of 0), see :class:`MicroBatchStream`.
+    """
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -466,31 +471,43 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
+        if counted:
+            labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 class MicroBatchStream:
-    """An endless stream of shuffled micro-batches with a resumable position.
+    """An endless stream of shuffled micro-batches with a resumable position, split across ranks.
 
-    Epoch ``e`` visits the examples in ``randperm(n, seed + e)`` order, ``micro_batch_size`` at a
-    time (the last micro-batch of an epoch may be smaller). The position ``(epoch, index)`` is
-    all the state there is, so resuming from it replays exactly the same micro-batches.
+    Epoch ``e`` visits the items in ``randperm(n, seed + e)`` order, one *global* micro-batch of
+    ``micro_batch_size × world_size`` items at a time (the last one of an epoch may be smaller); this rank
+    collates its contiguous part of it (:func:`.distributed.shard`) with ``collate_fn(items, pad_id)``.
+    Every rank draws the same order, so N ranks see exactly the items one process with ``micro_batch_size
+    × N`` would see, step for step; with one process it is the plain shuffled stream. The position
+    ``(epoch, index)`` is all the state there is, so resuming from it replays exactly the same micro-batches.
+
+    An empty part (the short last micro-batch of an epoch, on a high rank) gives a placeholder batch that
+    must run, because every rank takes part in each all-reduce, but counts for nothing:
+    ``collate_fn(items[:1], pad_id, counted=False)``; ``next()`` returns no items with it.
     """
 
-    def __init__(self, examples: list[Example], micro_batch_size: int, seed: int, pad_id: int):
-        self.examples = examples
-        self.micro_batch_size = micro_batch_size
+    def __init__(self, items: list[Any], micro_batch_size: int, seed: int, pad_id: int, ctx: DistContext = SINGLE,
+                 collate_fn: Callable[..., dict[str, torch.Tensor]] = collate) -> None:
+        self.items = items
+        self.micro_batch_size = micro_batch_size  # per rank
+        self.global_batch = micro_batch_size * ctx.world_size
         self.seed = seed
         self.pad_id = pad_id
+        self.ctx = ctx
+        self.collate_fn = collate_fn
         self.epoch = 0
         self.index = 0
         self._perm: list[int] | None = None
 
     @property
     def batches_per_epoch(self) -> int:
-        return math.ceil(len(self.examples) / self.micro_batch_size)
+        return math.ceil(len(self.items) / self.global_batch)
 
     @property
     def epoch_progress(self) -> float:
@@ -499,17 +516,20 @@ class MicroBatchStream:
     def _order(self) -> list[int]:
         if self._perm is None:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
-            self._perm = torch.randperm(len(self.examples), generator=g).tolist()
+            self._perm = torch.randperm(len(self.items), generator=g).tolist()
         return self._perm
 
-    def next(self) -> tuple[dict[str, torch.Tensor], list[Example]]:
-        """The next micro-batch (collated) and its examples."""
-        start = self.index * self.micro_batch_size
-        chosen = [self.examples[i] for i in self._order()[start:start + self.micro_batch_size]]
+    def next(self) -> tuple[dict[str, torch.Tensor], list[Any]]:
+        """This rank's part of the next global micro-batch (collated) and its items."""
+        start = self.index * self.global_batch
+        drawn = [self.items[i] for i in self._order()[start:start + self.global_batch]]
         self.index += 1
         if self.index >= self.batches_per_epoch:
             self.epoch, self.index, self._perm = self.epoch + 1, 0, None
-        return collate(chosen, self.pad_id), chosen
+        mine = shard(drawn, self.ctx)
+        if not mine:
+            return self.collate_fn(drawn[:1], self.pad_id, counted=False), []
+        return self.collate_fn(mine, self.pad_id), mine
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
@@ -524,16 +544,16 @@ def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> Itera
         yield collate(examples[s:s + batch_size], pad_id)
 
 
-def collate_pairs(pairs: list[PreferencePair], pad_id: int, weight: float = 1.0) -> dict[str, torch.Tensor]:
+def collate_pairs(pairs: list[PreferencePair], pad_id: int, counted: bool = True) -> dict[str, torch.Tensor]:
     """One right-padded batch of ``2B`` rows: the B chosen sequences, then the B rejected ones.
 
-    Keys: ``input_ids``, ``attention_mask``, ``labels`` ``[2B, T]``; ``pair_weight`` ``[B]`` (``weight``
-    for every pair: 0 marks a placeholder batch that must run but not count, see
-    :class:`qlora_kernels.train.distributed.ShardedStream`); and ``ref_logps`` ``[2B]`` when every pair
-    carries precomputed reference log-probs.
+    Keys: ``input_ids``, ``attention_mask``, ``labels`` ``[2B, T]``; ``pair_weight`` ``[B]`` (1 for every
+    pair; 0 with ``counted=False``, a placeholder batch that must run but not count, see
+    :class:`MicroBatchStream`); and ``ref_logps`` ``[2B]`` when every pair carries precomputed reference
+    log-probs.
     """
     batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
-    batch["pair_weight"] = torch.full((len(pairs),), float(weight))
+    batch["pair_weight"] = torch.full((len(pairs),), 1.0 if counted else 0.0)
     if pairs and all(p.ref_chosen is not None and p.ref_rejected is not None for p in pairs):
         batch["ref_logps"] = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs],
                                           dtype=torch.float32)

@@ -3,10 +3,10 @@
 ``torchrun --nproc_per_node=N -m qlora_kernels.train CONFIG.yaml`` starts N copies of the trainer; each
 reads ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (set by torchrun) in :func:`init_distributed`. Then:
 
-* **Data**: ``micro_batch_size`` stays per process; the examples of one *global* micro-batch
+* **Data**: ``micro_batch_size`` stays per process; the items of one *global* micro-batch
   (``micro_batch_size × world_size`` in the shuffled order every rank computes alike) are split into
-  contiguous parts, one per rank (:class:`ShardedStream`). So N processes see exactly the examples a
-  single process with ``micro_batch_size × N`` would see, step for step.
+  contiguous parts, one per rank (:func:`shard`, used by :class:`.data.MicroBatchStream`). So N processes
+  see exactly the items a single process with ``micro_batch_size × N`` would see, step for step.
 * **Gradients**: the model runs inside :class:`torch.nn.parallel.DistributedDataParallel`, which
   all-reduces (averages) the LoRA gradients in backward; accumulation micro-batches run under
   ``no_sync`` so only the last one communicates. The NF4 weights are *buffers*, so DDP must not
@@ -31,13 +31,10 @@ import gc
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
-
-from .data import MicroBatchStream, collate
-from .loss import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -61,6 +58,7 @@ class DistContext:
 
 
 SINGLE = DistContext()
+T = TypeVar("T")
 
 
 def env_world() -> tuple[int, int, int]:
@@ -151,6 +149,17 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+def shard(items: Sequence[T], ctx: DistContext) -> list[T]:
+    """This rank's contiguous part of ``items`` (:func:`shard_bounds`); all of them when not distributed.
+
+    The one rule by which the trainer splits work across ranks: each global micro-batch
+    (:class:`.data.MicroBatchStream`), the eval items (their sums are all-reduced after), and the pairs whose
+    reference log-probs a rank precomputes.
+    """
+    lo, hi = shard_bounds(len(items), ctx.rank, ctx.world_size)
+    return list(items[lo:hi])
+
+
 # --------------------------------------------------------------------------- the model wrapper
 
 
@@ -211,50 +220,3 @@ def no_sync(wrapped: nn.Module, sync: bool) -> contextlib.AbstractContextManager
     if sync or not hasattr(wrapped, "no_sync"):
         return contextlib.nullcontext()
     return wrapped.no_sync()
-
-
-# --------------------------------------------------------------------------- data sharding
-
-
-def _placeholder_sft_batch(items: list[Any], pad_id: int) -> dict[str, Tensor]:
-    batch = collate(items, pad_id)
-    batch["labels"].fill_(IGNORE_INDEX)  # no target: the loss is 0 and counts 0 tokens
-    return batch
-
-
-class ShardedStream(MicroBatchStream):
-    """:class:`~qlora_kernels.train.data.MicroBatchStream` over global micro-batches, split across ranks.
-
-    Every rank draws the same shuffled order (same seed); a global micro-batch holds
-    ``micro_batch_size × world_size`` items and this rank collates its contiguous part of it with
-    ``collate_fn(items, pad_id)``. With ``world_size`` 1 it is the plain stream with ``collate_fn``.
-    An empty part (the short last micro-batch of an epoch) gives a placeholder batch that must run
-    but counts for nothing: ``placeholder_fn(items, pad_id)`` (default: an SFT batch without targets),
-    and ``next()`` returns no examples with it.
-    """
-
-    def __init__(self, examples: list[Any], micro_batch_size: int, seed: int, pad_id: int,
-                 ctx: DistContext = SINGLE, collate_fn: Callable[[list[Any], int], dict[str, Tensor]] = collate,
-                 placeholder_fn: Callable[[list[Any], int], dict[str, Tensor]] | None = None) -> None:
-        super().__init__(examples, micro_batch_size * ctx.world_size, seed, pad_id)
-        self.ctx = ctx
-        self.collate_fn = collate_fn
-        self.placeholder_fn = placeholder_fn or _placeholder_sft_batch
-
-    def next(self) -> tuple[dict[str, Tensor], list[Any]]:
-        """This rank's part of the next global micro-batch (collated) and its items."""
-        start = self.index * self.micro_batch_size
-        batch_items = [self.examples[i] for i in self._order()[start:start + self.micro_batch_size]]
-        self.index += 1
-        if self.index >= self.batches_per_epoch:
-            self.epoch, self.index, self._perm = self.epoch + 1, 0, None
-        lo, hi = shard_bounds(len(batch_items), self.ctx.rank, self.ctx.world_size)
-        mine = batch_items[lo:hi]
-        if not mine:
-            return self.placeholder_fn(batch_items[:1], self.pad_id), []
-        return self.collate_fn(mine, self.pad_id), mine
-
-
-def shard_list(items: list[Any], ctx: DistContext) -> list[Any]:
-    """Every ``world_size``-th item starting at ``rank`` (for evaluation; sums are all-reduced after)."""
-    return items[ctx.rank::ctx.world_size] if ctx.enabled else items

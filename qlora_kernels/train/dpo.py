@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import DPO_LOSSES, SFTConfig
-from .data import PreferencePair, collate_pairs, pair_batches
-from .distributed import SINGLE, DistContext, ShardedStream
+from .data import MicroBatchStream, PreferencePair, collate_pairs, pair_batches
+from .distributed import SINGLE, DistContext, shard
 from .distributed import unwrap_model as _unwrap
 from .loss import IGNORE_INDEX, model_sequence_log_probs
 
@@ -101,10 +101,9 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
 
 
 def pair_stream(pairs: list[PreferencePair], micro_batch_size: int, seed: int, pad_id: int,
-                ctx: DistContext = SINGLE) -> ShardedStream:
+                ctx: DistContext = SINGLE) -> MicroBatchStream:
     """The shuffled, resumable micro-batch stream of pairs (``micro_batch_size`` pairs per rank)."""
-    return ShardedStream(pairs, micro_batch_size, seed, pad_id, ctx, collate_fn=collate_pairs,
-                         placeholder_fn=lambda items, pad: collate_pairs(items, pad, weight=0.0))
+    return MicroBatchStream(pairs, micro_batch_size, seed, pad_id, ctx, collate_fn=collate_pairs)
 
 
 # --------------------------------------------------------------------------- the step
@@ -215,15 +214,14 @@ def precompute_reference_log_probs(model: nn.Module, pairs: list[PreferencePair]
                                    all_reduce: Callable[[Tensor], Tensor] | None = None) -> None:
     """Fill ``ref_chosen`` / ``ref_rejected`` of every pair: one no-grad pass with the adapters off, in eval mode.
 
-    Distributed, each rank computes every ``world_size``-th pair (from its ``rank``) and ``all_reduce``
-    (a sum over ranks) gives every rank all values.
+    Distributed, each rank computes its contiguous share of the pairs (:func:`.distributed.shard`) and
+    ``all_reduce`` (a sum over ranks) gives every rank all values.
     """
-    rank, world = ctx.rank, ctx.world_size
     base = _unwrap(model)
     was_training = base.training
     base.eval()
     values = torch.zeros(len(pairs), 2, dtype=torch.float64)
-    mine = list(range(rank, len(pairs), world))
+    mine = shard(range(len(pairs)), ctx)
     try:
         for s in range(0, len(mine), batch_size):
             idx = mine[s:s + batch_size]

@@ -43,7 +43,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import ConfigError, SFTConfig, check_output_dir, dump_config
-from .data import DataStats, Example, eval_batches, load_examples, load_pairs
+from .data import DataStats, Example, MicroBatchStream, eval_batches, load_examples, load_pairs
 from .loss import model_loss
 
 
@@ -415,7 +415,7 @@ def _train(cfg: SFTConfig, model: nn.Module | None, tokenizer: Any,
         _say(f"reference log-probs precomputed for {len(train_ex)} + {len(eval_ex)} pairs", quiet)
 
     optimizer = build_optimizer(cfg, params)
-    stream = (dpo_lib.pair_stream if dpo else dp.ShardedStream)(train_ex, cfg.micro_batch_size, cfg.seed, pad_id, ctx)
+    stream = (dpo_lib.pair_stream if dpo else MicroBatchStream)(train_ex, cfg.micro_batch_size, cfg.seed, pad_id, ctx)
     steps = total_steps(cfg, stream.batches_per_epoch)
     scheduler = build_scheduler(cfg, optimizer, steps)
     scaler = torch.amp.GradScaler(device.type) if amp is torch.float16 else None
@@ -475,7 +475,7 @@ def _train(cfg: SFTConfig, model: nn.Module | None, tokenizer: Any,
         return path
 
     def run_eval() -> float:
-        mine = dp.shard_list(eval_ex, ctx)  # each rank evaluates its share; sums are all-reduced
+        mine = dp.shard(eval_ex, ctx)  # each rank evaluates its share; sums are all-reduced
         if dpo:
             loss_sum, sums = dpo_lib.dpo_sums(model, mine, eval_bs, pad_id, device, amp, dpo)
             tot = dp.all_reduce_sum([loss_sum, *sums.values()], ctx, device).tolist()
