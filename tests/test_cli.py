@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-import qlora_kernels as qk
 from qlora_kernels import cli
 from qlora_kernels.train.synthetic import instruction_rows, make_languages, save_random_model
 
@@ -34,7 +33,6 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     return {"dir": d, "config": d / "cfg.yaml"}
 
 
-@pytest.mark.skipif(not hasattr(qk, "apply_qlora"), reason="qlora_kernels.apply_qlora not available")
 def test_train_with_overrides(tiny, capsys):
     out = tiny["dir"] / "out2"
     assert cli.main(["train", str(tiny["config"]), f"output_dir={out}", "max_steps=1", "lora_alpha=8"]) == 0
@@ -43,7 +41,6 @@ def test_train_with_overrides(tiny, capsys):
     assert yaml.safe_load((out / "config.yaml").read_text())["lora_alpha"] == 8.0
 
 
-@pytest.mark.skipif(not hasattr(qk, "apply_qlora"), reason="qlora_kernels.apply_qlora not available")
 def test_train_refuses_a_used_output_dir_with_exit_2_naming_the_flags(tiny, capsys):
     out = tiny["dir"] / "used"
     assert cli.main(["train", str(tiny["config"]), f"output_dir={out}", "max_steps=1"]) == 0

@@ -9,13 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import qlora_kernels as qk
 from qlora_kernels import cli
 from qlora_kernels.train import synthetic
 from qlora_kernels.train.data import read_rows
 from qlora_kernels.train.demo import exact_match
-
-pytestmark = pytest.mark.skipif(not hasattr(qk, "apply_qlora"), reason="qlora_kernels.apply_qlora not available")
 
 EVAL_ROWS = 60
 

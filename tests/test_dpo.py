@@ -35,9 +35,6 @@ from qlora_kernels.train.dpo import (
 from qlora_kernels.train.loss import model_sequence_log_probs, sequence_log_probs, token_log_probs
 from qlora_kernels.train.synthetic import instruction_rows, make_languages, save_random_model
 
-pytestmark = pytest.mark.skipif(not hasattr(qk, "apply_qlora"), reason="qlora_kernels.apply_qlora not available")
-
-
 # --------------------------------------------------------------------------- the loss against its formula
 
 
@@ -227,7 +224,7 @@ def config(assets, out: Path, **kw):
 
 @pytest.fixture(scope="module")
 def tokenizer(assets):
-    from qlora_kernels.train.sft import load_tokenizer
+    from qlora_kernels.train.components import load_tokenizer
 
     return load_tokenizer(config(assets, assets["root"] / "unused"))
 
@@ -327,7 +324,7 @@ def test_config_keys_and_rules(assets, tmp_path):
 
 @pytest.fixture()
 def qlora_model(assets):
-    from qlora_kernels.train.sft import build_model
+    from qlora_kernels.train.components import build_model
 
     torch.manual_seed(0)
     model = build_model(config(assets, assets["root"] / "m"), torch.device("cpu"))

@@ -16,9 +16,6 @@ import qlora_kernels as qk
 from qlora_kernels.train import TrainingError, load_config, train
 from qlora_kernels.train.synthetic import instruction_rows, make_languages, save_random_model
 
-pytestmark = pytest.mark.skipif(not hasattr(qk, "apply_qlora"), reason="qlora_kernels.apply_qlora not available")
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -85,7 +82,7 @@ def test_lr_schedule_is_transformers_schedule(kind, warmup, tmp_path):
     import transformers
     from transformers import TrainingArguments
 
-    from qlora_kernels.train.sft import build_scheduler
+    from qlora_kernels.train.components import build_scheduler
 
     total = 13
     hf_warmup = TrainingArguments(output_dir=str(tmp_path), report_to=[],
@@ -189,7 +186,7 @@ def test_nan_loss_stops_with_step_batch_and_checkpoint(assets, tmp_path):
                 layer.lora_A.weight.fill_(float("nan"))
                 layer.lora_B.weight.fill_(1.0)
 
-    from qlora_kernels.train.sft import build_model
+    from qlora_kernels.train.components import build_model
 
     cfg = config(assets, tmp_path / "nan", save_steps=2)
     torch.manual_seed(cfg.seed)
@@ -210,7 +207,7 @@ def test_early_stopping(assets, tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_losses(assets, tmp_path):
-    from qlora_kernels.train.sft import build_model
+    from qlora_kernels.train.components import build_model
 
     kw = dict(max_steps=2, save_steps=None, eval_steps=None, lora_dropout=0.0)
     a = train(config(assets, tmp_path / "a", **kw), quiet=True)
@@ -223,13 +220,6 @@ def test_gradient_checkpointing_gives_the_same_losses(assets, tmp_path):
         assert x[1] == pytest.approx(y[1], rel=1e-5, abs=1e-6)
 
 
-def test_missing_paged_optimizer_is_a_clear_error(assets, tmp_path, monkeypatch):
-    monkeypatch.delattr(qk, "PagedAdamW", raising=False)
-    with pytest.raises(TrainingError, match="optimizer: 'paged_adamw' needs qlora_kernels.PagedAdamW"):
-        train(config(assets, tmp_path / "o", optimizer="paged_adamw"), quiet=True)
-
-
-@pytest.mark.skipif(not hasattr(qk, "PagedAdamW"), reason="qlora_kernels.PagedAdamW not available yet")
 @pytest.mark.parametrize("opt", ["paged_adamw", "paged_adamw_8bit"])
 def test_paged_optimizers_train_and_resume(assets, tmp_path, opt):
     full = train(config(assets, tmp_path / "full", optimizer=opt, max_steps=4, save_steps=2), quiet=True)

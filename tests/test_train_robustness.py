@@ -13,13 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import qlora_kernels as qk
 from qlora_kernels.train import ConfigError, TrainingError, load_config, train
 from qlora_kernels.train.checkpoint import CheckpointError, clean_stale_saves, prune_checkpoints, save_checkpoint
 from qlora_kernels.train.synthetic import instruction_rows, make_languages, save_random_model
 
-pytestmark = [pytest.mark.skipif(not hasattr(qk, "apply_qlora"), reason="qlora_kernels.apply_qlora not available"),
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +181,7 @@ def finished(assets, tmp_path_factory) -> Path:
 
 
 def resume_fails_untouched(assets, tmp_path, ckpt: Path, **kw) -> str:
-    from qlora_kernels.train.sft import build_model
+    from qlora_kernels.train.components import build_model
 
     cfg = config(assets, tmp_path / "resumed", resume_from_checkpoint=str(ckpt), **kw)
     model = build_model(cfg)

@@ -6,10 +6,11 @@ config (validated YAML) -> data (rows -> token ids, completion-only labels) -> m
 
 from __future__ import annotations
 
+from .components import TrainingError, build_model
 from .config import ConfigError, DatasetConfig, QuantizationConfig, SFTConfig, load_config
 from .data import DataError
 from .loss import causal_lm_loss, chunked_cross_entropy
-from .sft import TrainingError, TrainResult, build_model, train
+from .sft import TrainResult, train
 
 __all__ = [
     "ConfigError", "DataError", "DatasetConfig", "QuantizationConfig", "SFTConfig", "TrainResult", "TrainingError",

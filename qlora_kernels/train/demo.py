@@ -26,10 +26,14 @@ from typing import Any
 
 import torch
 
+from qlora_kernels import merge_and_unload
+
 from . import synthetic
+from .components import autocast_dtype, build_model, load_tokenizer
 from .config import load_config
 from .data import load_pairs, read_rows, write_jsonl
-from .sft import build_model, load_tokenizer, train
+from .dpo import DPOSettings, evaluate_dpo
+from .sft import train
 from .templates import alpaca_prompt
 
 DEMO_STEPS = 200
@@ -270,10 +274,6 @@ def run_dpo_stage(sft_model: torch.nn.Module, tokenizer: Any, output_dir: str | 
        style (the renamed noun; exact match with the renamed translation) and the exact match of the
        other answers (which must stay right); and the held-out reward accuracy and DPO loss.
     """
-    from ..hf import merge_and_unload
-    from .dpo import DPOSettings, evaluate_dpo
-    from .sft import autocast_dtype
-
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     langs = synthetic.make_languages()
     old, new = langs.lumo["noun"][RENAME[0]], langs.lumo["noun"][RENAME[1]]

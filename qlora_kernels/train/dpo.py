@@ -34,7 +34,6 @@ Preference data (rows, pairs, batches) lives in :mod:`.data`.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qlora_kernels.hf import adapters_disabled
+
+from .components import autocast
 from .config import DPO_LOSSES, SFTConfig
 from .data import MicroBatchStream, PreferencePair, collate_pairs, pair_batches
 from .distributed import SINGLE, DistContext, shard
@@ -126,8 +128,6 @@ class DPOSettings:
 
 def reference_log_probs(model: nn.Module, batch: dict[str, Tensor], chunk_size: int | None = None) -> Tensor:
     """Sequence log-probs of the reference model: ``model`` with its adapters off, no grad."""
-    from ..hf import adapters_disabled
-
     model = _unwrap(model)
     with torch.no_grad(), adapters_disabled(model):
         return model_sequence_log_probs(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
@@ -176,10 +176,6 @@ def add_sums(total: dict[str, float], sums: dict[str, float]) -> dict[str, float
     return total
 
 
-def _autocast(device: torch.device, amp: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext() if amp is None else torch.autocast(device_type=device.type, dtype=amp)
-
-
 @torch.no_grad()
 def dpo_sums(model: nn.Module, pairs: list[PreferencePair], batch_size: int, pad_id: int, device: torch.device,
              amp: torch.dtype | None, settings: DPOSettings) -> tuple[float, dict[str, float]]:
@@ -191,7 +187,7 @@ def dpo_sums(model: nn.Module, pairs: list[PreferencePair], batch_size: int, pad
     try:
         for batch in pair_batches(pairs, batch_size, pad_id):
             batch = {k: v.to(device) for k, v in batch.items()}
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 s, m = dpo_batch_loss(model, batch, settings)
             loss_sum += float(s)
             add_sums(sums, m)
@@ -226,7 +222,7 @@ def precompute_reference_log_probs(model: nn.Module, pairs: list[PreferencePair]
         for s in range(0, len(mine), batch_size):
             idx = mine[s:s + batch_size]
             batch = {k: v.to(device) for k, v in collate_pairs([pairs[i] for i in idx], pad_id).items()}
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 ref = reference_log_probs(base, batch, chunk_size).double().cpu()
             values[idx, 0], values[idx, 1] = ref[:len(idx)], ref[len(idx):]
     finally:

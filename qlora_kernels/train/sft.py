@@ -13,7 +13,6 @@ a checkpoint and raises ``KeyboardInterrupt``; a second Ctrl-C interrupts at onc
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -42,13 +41,21 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .components import (
+    TrainingError,
+    adapter_saver,
+    autocast,
+    autocast_dtype,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    load_tokenizer,
+    resolve_device,
+    total_steps,
+)
 from .config import ConfigError, SFTConfig, check_output_dir, dump_config
 from .data import DataStats, Example, MicroBatchStream, eval_batches, load_examples, load_pairs
 from .loss import model_loss
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite loss, missing component, incompatible checkpoint)."""
 
 
 @dataclass
@@ -65,144 +72,6 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-# --------------------------------------------------------------------------- components
-
-
-def _qk_api(name: str) -> Any:
-    """A public ``qlora_kernels`` function, or a clear error if this install lacks it."""
-    import qlora_kernels as qk
-
-    fn = getattr(qk, name, None)
-    if fn is None:
-        raise TrainingError(f"qlora_kernels.{name} is not available in this install; the trainer needs it")
-    return fn
-
-
-def resolve_device(cfg: SFTConfig) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("device: 'cuda' was asked for but torch sees no CUDA device")
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
-def autocast_dtype(cfg: SFTConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: bf16 on CUDA devices with bf16 (``bf16: auto``), fp16 if asked, else None (fp32).
-
-    On a CPU ``auto`` means fp32: CPU bf16 matmuls are slower than fp32 on most CPUs. ``bf16: true``
-    forces CPU bf16 autocast.
-    """
-    if cfg.fp16:
-        if device.type != "cuda":
-            raise TrainingError("fp16: true needs a CUDA device (fp16 autocast with loss scaling)")
-        return torch.float16
-    if cfg.bf16 is True:
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise TrainingError("bf16: true but this CUDA device has no bf16 support; use fp16: true")
-        return torch.bfloat16
-    if cfg.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
-def load_tokenizer(cfg: SFTConfig) -> Any:
-    """The tokenizer of ``tokenizer_config`` (default: ``base_model``), with a pad token."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(cfg.tokenizer_config or cfg.base_model, local_files_only=True,
-                                        trust_remote_code=cfg.trust_remote_code)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def build_model(cfg: SFTConfig, device: torch.device | None = None) -> nn.Module:
-    """Load ``base_model`` with its linear layers in NF4 and add trainable LoRA adapters (``apply_qlora``).
-
-    The frozen parts (embeddings, norms, lm_head) are kept in bf16/fp16 when training under that
-    autocast dtype, else fp32; the adapters are fp32. Seeds torch with ``cfg.seed`` first, so the
-    adapters' initialization is reproducible.
-    """
-    torch.manual_seed(cfg.seed)
-    device = device or resolve_device(cfg)
-    amp = autocast_dtype(cfg, device)
-    q = cfg.quantization
-    model = _qk_api("load_4bit_model")(cfg.base_model, dtype=amp or torch.float32, device=device,
-                                       blocksize=q.blocksize, double_quant=q.double_quant,
-                                       trust_remote_code=cfg.trust_remote_code)
-    _qk_api("apply_qlora")(model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                           target_modules=cfg.lora_target_modules, use_rslora=cfg.peft_use_rslora,
-                           blocksize=q.blocksize, double_quant=q.double_quant)
-    return model.to(device)
-
-
-def check_optimizer(cfg: SFTConfig) -> None:
-    """Fail before any model loads if the configured optimizer is not available."""
-    if cfg.optimizer != "adamw_torch":
-        import qlora_kernels as qk
-
-        if getattr(qk, "PagedAdamW", None) is None:
-            raise TrainingError(f"optimizer: {cfg.optimizer!r} needs qlora_kernels.PagedAdamW, which this install "
-                                "lacks; allowed values: 'adamw_torch' (or install a build with PagedAdamW)")
-
-
-def build_optimizer(cfg: SFTConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """AdamW over ``params``: torch's (``adamw_torch``) or qlora_kernels' PagedAdamW (32- or 8-bit states)."""
-    check_optimizer(cfg)
-    kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-              weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw_torch":
-        return torch.optim.AdamW(params, **kw)
-    import qlora_kernels as qk
-
-    return qk.PagedAdamW(params, state_bits=8 if cfg.optimizer == "paged_adamw_8bit" else 32, **kw)
-
-
-def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
-    """Multiplier of the peak learning rate for 0-based optimizer step ``step`` of ``total``.
-
-    transformers' convention (``get_cosine_schedule_with_warmup``, ``get_linear_schedule_with_warmup``,
-    ``get_constant_schedule_with_warmup``), so that runs compare with TRL / HF Trainer step by step:
-    linear warmup ``step / warmup`` (the first step runs at lr 0) reaches the peak at step ``warmup``;
-    then ``cosine`` / ``linear`` decay towards 0 over the remaining steps, or ``constant`` stays at the peak.
-    """
-    if step < warmup:
-        return step / warmup
-    if kind == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if kind == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def warmup_steps(cfg: SFTConfig, total_steps: int) -> int:
-    """``warmup_steps``, or ``warmup_ratio`` of the total rounded up (as transformers' TrainingArguments does)."""
-    if cfg.warmup_steps is not None:
-        return cfg.warmup_steps
-    return math.ceil((cfg.warmup_ratio or 0.0) * total_steps)
-
-
-def build_scheduler(cfg: SFTConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
-    """A ``LambdaLR`` over :func:`lr_factor` (warmup from :func:`warmup_steps`)."""
-    warmup = warmup_steps(cfg, total_steps)
-    kind = cfg.lr_scheduler
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, kind))
-
-
-def total_steps(cfg: SFTConfig, micro_batches_per_epoch: int) -> int:
-    if cfg.max_steps is not None:
-        return cfg.max_steps
-    return max(1, math.ceil(cfg.num_epochs * micro_batches_per_epoch / cfg.gradient_accumulation_steps))
-
-
-def adapter_saver(model: nn.Module) -> Callable[[nn.Module, Path], None]:
-    """How to write this model's adapter in PEFT format: a PEFT model's own method, else ``qk.save_adapter``."""
-    if hasattr(model, "peft_config") and hasattr(model, "save_pretrained"):
-        return lambda m, d: m.save_pretrained(str(d))
-    return lambda m, d: _qk_api("save_adapter")(m, str(d))
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, device: torch.device,
              amp: torch.dtype | None, chunk_size: int | None = None) -> float:
@@ -212,18 +81,12 @@ def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id:
     total, count = 0.0, 0
     for batch in eval_batches(examples, batch_size, pad_id):
         batch = {k: v.to(device) for k, v in batch.items()}
-        with _autocast(device, amp):
+        with autocast(device, amp):
             s, n = model_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_size)
         total += float(s)
         count += n
     model.train(was_training)
     return total / max(1, count)
-
-
-def _autocast(device: torch.device, amp: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if amp is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp)
 
 
 # --------------------------------------------------------------------------- run helpers
@@ -351,7 +214,6 @@ def train(cfg: SFTConfig, model: nn.Module | None = None, tokenizer: Any = None,
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the run is data-parallel (:mod:`.distributed`): each rank
     trains on its share of every global micro-batch, and only rank 0 writes files and prints.
     """
-    check_optimizer(cfg)
     problems = check_output_dir(cfg)  # every rank, before any rank can write (init_distributed meets first)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
@@ -515,7 +377,7 @@ def _train(cfg: SFTConfig, model: nn.Module | None, tokenizer: Any,
                 for i, (batch, exs) in enumerate(micro):
                     batch = {k: v.to(device) for k, v in batch.items()}
                     with dp.no_sync(runner, sync=i == G - 1):  # DDP all-reduces in the last micro-batch's backward
-                        with _autocast(device, amp):
+                        with autocast(device, amp):
                             if dpo:
                                 s, sums = dpo_lib.dpo_batch_loss(model, batch, dpo, runner)
                                 dpo_step = {k: dpo_step.get(k, 0.0) + v for k, v in sums.items()}
