@@ -1,10 +1,11 @@
-"""``qlora_kernels.backends()``: which backends are live here, and why the others are not."""
+"""``qlora_kernels.backends()``: which backends are live here, why the others are not, and what each
+implements (from the ops' kernel tables, the same rows the dispatcher chooses from)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .ops._dispatch import BACKENDS, ENV_VAR, forced_backend, status
+from .ops._dispatch import BACKENDS, ENV_VAR, forced_backend, kernels_of, status
 
 
 @dataclass(frozen=True)
@@ -12,6 +13,8 @@ class BackendStatus:
     name: str
     live: bool
     reason: str
+    device_type: str = "cpu"
+    kernels: tuple[str, ...] = ()  # "op: kernel (rule)" for every kernel it implements on device_type
 
     def __str__(self) -> str:
         return f"{self.name:<10} {'live' if self.live else 'off':<5} {self.reason}"
@@ -25,12 +28,19 @@ def backends(device_type: str | None = None) -> dict[str, BackendStatus]:
     for name in BACKENDS:
         dev = device_type or ("cpu" if name in ("reference", "cpp") else "cuda")
         live, reason = status(name, dev)
-        out[name] = BackendStatus(name, live, reason)
+        kernels = tuple(f"{k.op}: {k.name}" + ("" if k.rule == "any shape" else f" ({k.rule})")
+                        for k in kernels_of(name, dev))
+        out[name] = BackendStatus(name, live, reason, dev, kernels)
     return out
 
 
-def backends_report() -> str:
-    lines = [str(s) for s in backends().values()]
+def backends_report(verbose: bool = False) -> str:
+    """The status lines (``qlora-kernels backends``); ``verbose`` adds each backend's kernels."""
+    lines = []
+    for s in backends().values():
+        lines.append(str(s))
+        if verbose:
+            lines += [f"    {k}" for k in s.kernels]
     forced = forced_backend()
     lines.append(f"{ENV_VAR}={forced}" if forced else f"{ENV_VAR} unset: fastest live backend per op and device")
     return "\n".join(lines)

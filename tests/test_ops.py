@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,22 +110,72 @@ def test_matmul_relative_error_bf16_is_small(device):
     assert float((y - expect).norm() / expect.norm()) <= 1e-2
 
 
-def test_forced_backend_errors_and_fallbacks(monkeypatch):
+def test_forced_backend_runs_that_backend_or_raises(monkeypatch):
     qw = _weight((8, 64))
     monkeypatch.setenv("QLORA_KERNELS_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="QLORA_KERNELS_BACKEND must be one of"):
         qk.dequantize_nf4(qw)
-    # cuda does not implement anything for CPU tensors: those run on the reference.
+    # cuda implements nothing for CPU tensors: forcing it there is an error naming what does
     monkeypatch.setenv("QLORA_KERNELS_BACKEND", "cuda")
-    assert _dispatch.choose("dequantize_nf4", torch.device("cpu"), {"cuda": ("cuda",)}) == "reference"
+    with pytest.raises(RuntimeError, match=r"cuda does not implement dequantize_nf4 on cpu \(implemented there by: "):
+        qk.dequantize_nf4(qw)
     if not torch.cuda.is_available():
         monkeypatch.setenv("QLORA_KERNELS_BACKEND", "triton")
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with pytest.raises(RuntimeError, match="not live"):
-            _dispatch.choose("dequantize_nf4", torch.device("cpu"), {"cpu": ("triton",)})
+            _dispatch.choose("dequantize_nf4", torch.device("cpu"))
+    monkeypatch.setenv("QLORA_KERNELS_BACKEND", "reference")
+    assert _dispatch.choose("nf4_matmul", torch.device("cpu"), m=1, k=64, blocksize=64, transposed=False,
+                            gemv_max_m=4, fused_max_m=64).backend == "reference"
     monkeypatch.delenv("QLORA_KERNELS_BACKEND")
     expected = "cpp" if HAS_CPP else "reference"
-    assert _dispatch.choose("dequantize_nf4", torch.device("cpu"), {"cpu": ("cpp",)}) == expected
+    assert _dispatch.choose("dequantize_nf4", torch.device("cpu")).backend == expected
+    # the default on the CPU never picks triton's interpreter rows
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _dispatch.choose("dequantize_nf4", torch.device("cpu")).backend == expected
+
+
+def _facts(m, k=4096, blocksize=64, transposed=False, gemv_max_m=4, fused_max_m=64):
+    return dict(m=m, k=k, blocksize=blocksize, transposed=transposed, gemv_max_m=gemv_max_m,
+                fused_max_m=fused_max_m)
+
+
+def test_matmul_table_picks_by_backend_and_shape(monkeypatch):
+    # The GPU rows, chosen without a GPU: every row's rule, and a forced backend never runs another's kernel.
+    from qlora_kernels.ops import nf4 as ops_nf4
+
+    monkeypatch.setattr(_dispatch, "_live", lambda row, dtype_: True)
+    monkeypatch.setattr(_dispatch, "_cached_status", lambda b, d, i: (True, "pretend"))
+    monkeypatch.setattr(_dispatch.Kernel, "registered", lambda self, d: True)
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("QLORA_KERNELS_BACKEND", raising=False)
+    pick = lambda **f: (lambda r: (r.backend, r.name))(_dispatch.choose("nf4_matmul", cuda, **_facts(**f)))  # noqa: E731
+    assert pick(m=1) == ("cuda", "GEMV")
+    assert pick(m=1, transposed=True) == ("triton", "fused")
+    assert pick(m=5) == ("triton", "fused")
+    assert pick(m=64) == ("triton", "fused")
+    assert pick(m=65) == ("cuda", "dequantize + cuBLAS")
+    assert pick(m=1, k=96) == ("cuda", "dequantize + cuBLAS")  # K % blocksize != 0: no fused kernel
+    assert pick(m=4, gemv_max_m=0) == ("triton", "fused")  # thresholds from QLORA_KERNELS_*_MAX_M
+    assert pick(m=100, fused_max_m=128) == ("triton", "fused")
+    monkeypatch.setenv("QLORA_KERNELS_BACKEND", "cuda")
+    assert pick(m=8) == ("cuda", "dequantize + cuBLAS")  # forced cuda never runs the Triton kernel
+    monkeypatch.setenv("QLORA_KERNELS_BACKEND", "triton")
+    assert pick(m=1) == ("triton", "fused")
+    assert pick(m=1000) == ("triton", "dequantize + cuBLAS")
+    assert ops_nf4.MATMUL[0].backend == "cpp"
+
+
+def test_readme_backend_table_is_the_dispatch_table():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert _dispatch.markdown_table() in readme, "README's backend table: paste ops._dispatch.markdown_table()"
+
+
+def test_backends_list_their_kernels():
+    status = qk.backends()
+    names = {k.split(":")[0] for k in status["reference"].kernels}
+    assert names == set(_dispatch.TABLE)
+    assert any(k.startswith("nf4_matmul: GEMV") for k in qk.backends("cuda")["cuda"].kernels)
 
 
 def test_backends_report_is_honest():

@@ -24,13 +24,13 @@ from torch import nn
 
 import qlora_kernels as qk
 from qlora_kernels.ops import _dispatch
-from qlora_kernels.ops.adamw import _implemented
+from qlora_kernels.ops.adamw import ADAMW
 from qlora_kernels.quant_maps import dynamic_map
 from qlora_kernels.reference import adamw as ref
 
 OPS = torch.ops.qlora_kernels
 ENV = _dispatch.ENV_VAR
-HAS_CPP = _dispatch.status("cpp", "cpu")[0] and "cpp" in _implemented("adamw_step")["cpu"]
+HAS_CPP = _dispatch.status("cpp", "cpu")[0] and ADAMW[0].registered("cpu")
 
 # Odd sizes; with state_bits=8 the three of >= 4096 elements get 8-bit states, the rest fp32.
 SHAPES = [(5, 123), (1, 7), (300,), (64, 64), (3, 4097), (96, 80)]
@@ -193,9 +193,10 @@ def test_every_backend_equals_reference_bitwise(state_bits, master, dtype, devic
 def test_dispatch_uses_the_extension_when_built(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     expected = "cpp" if HAS_CPP else "reference"
-    assert _dispatch.choose("adamw_step_", torch.device("cpu"), _implemented("adamw_step")) == expected
-    monkeypatch.setenv(ENV, "cuda")  # not implemented on the CPU: the reference runs
-    assert _dispatch.choose("adamw_step_", torch.device("cpu"), _implemented("adamw_step")) == "reference"
+    assert _dispatch.choose("adamw_step_", torch.device("cpu")).backend == expected
+    monkeypatch.setenv(ENV, "cuda")  # cuda implements nothing for CPU tensors: forcing it is an error
+    with pytest.raises(RuntimeError, match="cuda does not implement adamw_step_ on cpu"):
+        _dispatch.choose("adamw_step_", torch.device("cpu"))
 
 
 def test_op_rejects_bad_arguments():

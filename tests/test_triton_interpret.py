@@ -69,8 +69,8 @@ SCRIPT = textwrap.dedent(
     assert torch.allclose(got, x @ want.view(64, 128).t(), atol=1e-4, rtol=1e-4)
     # Forced through the op registry: the interpreter counts as a live backend on the CPU.
     import os
+    qw = qk.quantize_nf4(torch.randn(40, 96), 64, True)  # (triton does not quantize: forced, it would raise)
     os.environ["QLORA_KERNELS_BACKEND"] = "triton"
-    qw = qk.quantize_nf4(torch.randn(40, 96), 64, True)
     assert torch.equal(qk.dequantize_nf4(qw), ref.dequantize_nf4(*qw.tensors(), qw.numel, torch.float32).view(40, 96))
     x = torch.randn(8, 96, requires_grad=True)
     y = qk.nf4_linear(x, qw)  # forward and backward through the fused Triton kernels
@@ -80,6 +80,15 @@ SCRIPT = textwrap.dedent(
     torch.testing.assert_close(x.grad, torch.ones(8, 40) @ w, atol=1e-4, rtol=1e-4)
     # The same edge rules as every backend: an empty batch, and autocast (x cast, y in the autocast dtype).
     assert torch.ops.qlora_kernels.nf4_matmul(torch.empty(0, 96), *qw.tensors(), 40, 96, False).shape == (0, 40)
+    # dequantize_nf4_into is Triton's too now (no second op and copy), and a forced Triton never falls
+    # back: K % blocksize != 0 takes Triton's dequantize + BLAS
+    out = torch.empty(40 * 96, dtype=torch.bfloat16)
+    torch.ops.qlora_kernels.dequantize_nf4_into(*qw.tensors(), qw.numel, out)
+    assert torch.equal(out, ref.dequantize_nf4(*qw.tensors(), qw.numel, torch.bfloat16))
+    from qlora_kernels.ops import _dispatch
+    row = _dispatch.choose("nf4_matmul", torch.device("cpu"), m=8, k=96, blocksize=64, transposed=False,
+                           gemv_max_m=4, fused_max_m=64)
+    assert (row.backend, row.name) == ("triton", "dequantize + BLAS (interpreter)")
     with torch.autocast("cpu", torch.bfloat16):
         yb = qk.nf4_linear(x, qw)
     assert yb.dtype == torch.bfloat16

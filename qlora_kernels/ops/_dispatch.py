@@ -1,14 +1,17 @@
-"""Which backend runs an op: the one place that decides.
+"""Which kernel runs an op: the one place that decides, from one table per op.
 
 Backends: ``reference`` (plain PyTorch, any device), ``cpp`` (the extension's CPU kernels),
 ``cuda`` (the extension's CUDA kernels) and ``triton`` (Triton kernels on CUDA; on the CPU only
-under ``TRITON_INTERPRET=1``). By default an op runs on the fastest backend that implements it for
-the tensor's device: CPU: cpp, then reference; CUDA: cuda, then triton, then reference.
+under ``TRITON_INTERPRET=1``, and only when forced).
 
-``QLORA_KERNELS_BACKEND=reference|cpp|cuda|triton`` forces a backend (tests, benchmarks). An op
-that the forced backend does not implement for the tensor's device runs on the reference; an op
-it implements there while the backend is not live (not built, no GPU, triton missing) is an
-error, never a silent fallback.
+Each op declares its implementations as a tuple of :class:`Kernel` rows, in order of preference:
+which backend, on which device type, under which shape rule (a predicate on the call and the same
+rule in words). By default an op runs the first row whose backend is live and whose rule accepts
+the call (rows marked ``default=False`` run only when forced). ``QLORA_KERNELS_BACKEND=reference|
+cpp|cuda|triton`` forces a backend: the op runs that backend's first row that accepts the call, or
+raises, naming the op, the device and what that backend implements there; never another backend.
+``qk.backends()`` and the README's backend table are made from the same rows
+(:func:`kernels_of`, :func:`markdown_table`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -23,7 +29,52 @@ from .. import _extension
 
 ENV_VAR = "QLORA_KERNELS_BACKEND"
 BACKENDS = ("reference", "cpp", "cuda", "triton")
-_DEFAULT_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One implementation of an op: ``backend`` on ``device`` ('cpu', 'cuda' or 'any'), named ``name``,
+    taking the calls ``accepts(**facts)`` is true for (None: every call), ``rule`` saying so in words."""
+
+    op: str
+    backend: str
+    device: str
+    name: str
+    rule: str = "any shape"
+    accepts: Callable[..., bool] | None = None
+    default: bool = True
+    needs: str | None = None  # the extension kernel it calls (it must be registered for the device)
+    run: Callable[..., Any] | None = field(default=None, compare=False, repr=False)  # the implementation
+
+    def on(self, device_type: str) -> bool:
+        return self.device in ("any", device_type)
+
+    def takes(self, facts: dict[str, Any]) -> bool:
+        return self.accepts is None or bool(self.accepts(**facts))
+
+    def registered(self, device_type: str) -> bool:
+        return self.needs is None or _registered(self.needs, device_type)
+
+
+@functools.cache
+def _registered(kernel: str, device_type: str) -> bool:
+    return _extension.has_kernel(kernel, "CUDA" if device_type == "cuda" else "CPU")
+
+
+#: Every op's rows, filled by the op modules when they are imported (op name -> rows).
+TABLE: dict[str, tuple[Kernel, ...]] = {}
+
+
+def declare(op: str, *rows: Kernel) -> tuple[Kernel, ...]:
+    """Record the rows of ``op`` (in order of preference) and return them."""
+    if op in TABLE:
+        raise ValueError(f"op {op!r} is declared twice")
+    for r in rows:
+        if r.op != op or r.backend not in BACKENDS or r.device not in ("any", *DEVICE_TYPES):
+            raise ValueError(f"bad kernel row for {op!r}: {r}")
+    TABLE[op] = tuple(rows)
+    return TABLE[op]
 
 
 def forced_backend() -> str | None:
@@ -89,27 +140,55 @@ def cached_status(backend: str, device_type: str) -> bool:
     return _cached_status(backend, device_type, triton_interpret())[0]
 
 
-def _device_type(device: torch.device) -> str:
+def device_type(device: torch.device) -> str:
     return "cuda" if device.type == "cuda" else "cpu"
 
 
-def choose(op: str, device: torch.device, implemented: dict[str, tuple[str, ...]]) -> str:
-    """The backend that runs ``op`` on ``device``.
+def _live(row: Kernel, dtype_: str) -> bool:
+    return _cached_status(row.backend, dtype_, triton_interpret())[0] and row.registered(dtype_)
 
-    ``implemented`` maps a device type ('cpu', 'cuda') to the backends that implement the op
-    there; the reference is implied everywhere.
-    """
-    dtype_ = _device_type(device)
-    have = implemented.get(dtype_, ())
+
+def choose(op: str, device: torch.device, **facts: Any) -> Kernel:
+    """The row of ``op``'s table that runs this call on ``device`` (see the module docstring)."""
+    dtype_ = device_type(device)
+    rows = [r for r in TABLE[op] if r.on(dtype_)]
     forced = forced_backend()
-    if forced is not None:
-        if forced not in have:  # includes "reference"
-            return "reference"
-        live, why = _cached_status(forced, dtype_, triton_interpret())
-        if not live:
-            raise RuntimeError(f"{ENV_VAR}={forced} but that backend is not live for {op} on {device}: {why}")
-        return forced
-    for backend in _DEFAULT_ORDER[dtype_]:
-        if backend == "reference" or (backend in have and _cached_status(backend, dtype_, triton_interpret())[0]):
-            return backend
-    return "reference"
+    if forced is None:
+        for r in rows:
+            if r.default and r.takes(facts) and _live(r, dtype_):
+                return r
+        raise RuntimeError(f"no kernel of {op} takes this call on {device}: {facts}")  # the reference takes all
+    mine = [r for r in rows if r.backend == forced]
+    if not mine:
+        have = sorted({r.backend for r in rows})
+        raise RuntimeError(f"{ENV_VAR}={forced}, but {forced} does not implement {op} on {dtype_} "
+                           f"(implemented there by: {', '.join(have)})")
+    live, why = _cached_status(forced, dtype_, triton_interpret())
+    if not live:
+        raise RuntimeError(f"{ENV_VAR}={forced} but that backend is not live for {op} on {device}: {why}")
+    for r in mine:
+        if r.takes(facts) and r.registered(dtype_):
+            return r
+    rules = "; ".join(f"{r.name}: {r.rule}" for r in mine)
+    raise RuntimeError(f"{ENV_VAR}={forced}: no {forced} kernel of {op} takes this call on {device} ({facts}); "
+                       f"its kernels take: {rules}")
+
+
+def kernels_of(backend: str, device_type_: str) -> list[Kernel]:
+    """The rows ``backend`` implements on ``device_type_``, every op."""
+    return [r for rows in TABLE.values() for r in rows if r.backend == backend and r.on(device_type_)]
+
+
+def markdown_table() -> str:
+    """The README's backend table: one line per op, one column per backend, each cell that backend's
+    kernels with their rules (on the device it serves: the CPU for cpp, CUDA for cuda and triton)."""
+    columns = (("reference", "any"), ("cpp", "cpu"), ("cuda", "cuda"), ("triton", "cuda"))
+    head = "| op | reference | cpp (CPU) | cuda | triton |\n|---|---|---|---|---|"
+    lines = [head]
+    for op, rows in TABLE.items():
+        cells = []
+        for backend, dev in columns:
+            mine = [r for r in rows if r.backend == backend and (dev == "any" or r.on(dev))]
+            cells.append("; ".join(r.name if r.rule == "any shape" else f"{r.name} ({r.rule})" for r in mine) or "—")
+        lines.append(f"| `{op}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

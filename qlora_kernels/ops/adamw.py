@@ -21,13 +21,12 @@ copy of the params); ``found_inf`` fp32 ``[1]``, set to 1 when a gradient elemen
 (never cleared here); ``steps[i] >= 1`` the step number of ``params[i]`` after this update.
 Every tensor except ``chunks`` is on one device.
 
-Which kernel runs is chosen here (see ``_dispatch``): CPU: the C++ kernel, else the reference;
-CUDA: the CUDA kernel, else the reference.
+Which kernel runs is chosen here, from each op's table (``ADAMW``, ``ADAMW_8BIT``; the rules in
+``_dispatch``): CPU: the C++ kernel, else the reference; CUDA: the CUDA kernel, else the reference.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -35,20 +34,26 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _extension
+from ..dtypes import FLOAT_DTYPES
 from ..reference import adamw as ref
-from ._dispatch import choose
+from ._dispatch import Kernel, choose, declare
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STATE_BLOCKSIZE = ref.STATE_BLOCKSIZE
 
 
-@functools.cache
-def _implemented(kernel: str) -> dict[str, tuple[str, ...]]:
-    """Backends whose kernel for ``kernel`` is registered in the extension, by device type."""
-    return {
-        "cpu": ("cpp",) if _extension.has_kernel(kernel, "CPU") else (),
-        "cuda": ("cuda",) if _extension.has_kernel(kernel, "CUDA") else (),
-    }
+def _kernels(op: str, kernel: str, reference) -> tuple[Kernel, ...]:
+    return declare(
+        op,
+        Kernel(op, "cpp", "cpu", "C++ (OpenMP, bitwise equal to the reference)", needs=kernel,
+               run=lambda *a: _extension.kernel(kernel)(*a)),
+        Kernel(op, "cuda", "cuda", "CUDA (multi-tensor, one launch)", needs=kernel,
+               run=lambda *a: _extension.kernel(kernel)(*a)),
+        Kernel(op, "reference", "any", "PyTorch", run=reference),
+    )
+
+
+ADAMW = _kernels("adamw_step_", "adamw_step", ref.adamw_step_)
+ADAMW_8BIT = _kernels("adamw8bit_step_", "adamw8bit_step", ref.adamw8bit_step_)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,11 +209,7 @@ def adamw_step_(
     _check_adamw(params, grads, exp_avg, exp_avg_sq, master, found_inf, chunks, steps, lr, beta1, beta2, eps,
                  weight_decay, values=True)
     args = (params, grads, exp_avg, exp_avg_sq, master, found_inf, chunks, steps, lr, beta1, beta2, eps, weight_decay)
-    backend = choose("adamw_step_", exp_avg.device, _implemented("adamw_step"))
-    if backend in ("cpp", "cuda"):
-        _extension.kernel("adamw_step")(*args)
-    else:
-        ref.adamw_step_(*args)
+    choose("adamw_step_", exp_avg.device).run(*args)
 
 
 def _check_adamw(params, grads, exp_avg, exp_avg_sq, master, found_inf, chunks, steps, lr, beta1, beta2, eps,
@@ -255,11 +256,7 @@ def adamw8bit_step_(
     args = (params, grads, exp_avg, exp_avg_sq, absmax_m, absmax_v, qmap_m, qmap_v, master, found_inf, chunks, steps,
             lr, beta1, beta2, eps, weight_decay)
     _check_adamw8bit(*args, values=True)
-    backend = choose("adamw8bit_step_", exp_avg.device, _implemented("adamw8bit_step"))
-    if backend in ("cpp", "cuda"):
-        _extension.kernel("adamw8bit_step")(*args)
-    else:
-        ref.adamw8bit_step_(*args)
+    choose("adamw8bit_step_", exp_avg.device).run(*args)
 
 
 def _check_adamw8bit(params, grads, exp_avg, exp_avg_sq, absmax_m, absmax_v, qmap_m, qmap_v, master, found_inf,

@@ -10,7 +10,8 @@ Ops (``torch.ops.qlora_kernels.*``), all on flat tensors in bitsandbytes' layout
   ``y = x @ deq(W)^T`` (x [M, K], y [M, N]) or with ``transposed`` ``y = x @ deq(W)``
   (x [M, N], y [M, K]); fp32 accumulation, y in x's dtype.
 
-Which kernel runs is chosen here (see ``_dispatch``); backends only register kernels.
+Which kernel runs is chosen here, from each op's table of kernels (``QUANTIZE``, ``DEQUANTIZE``,
+``DEQUANTIZE_INTO``, ``MATMUL`` below; the rules in ``_dispatch``); backends only register kernels.
 """
 
 from __future__ import annotations
@@ -24,14 +25,13 @@ import torch
 from torch import Tensor
 
 from .. import _extension
+from ..dtypes import FLOAT_DTYPES
 from ..quant_maps import ALLOWED_BLOCKSIZES, NESTED_BLOCKSIZE
 from ..reference import nf4 as ref
-from . import _dispatch
-from ._dispatch import choose
+from ._dispatch import Kernel, choose, declare
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Largest M that the fused C++ CPU matmul serves (see the dispatch table in nf4_matmul).
-_CPP_FUSED_MAX_M = 16
+#: Largest M that the fused C++ CPU matmul serves.
+CPP_FUSED_MAX_M = 16
 #: Largest M the CUDA GEMV kernel is compiled for.
 GEMV_LIMIT_M = 4
 #: Environment variables that move the GPU dispatch thresholds of ``nf4_matmul`` (set them from
@@ -134,12 +134,7 @@ def _check_weight(
 # quantize_nf4
 
 
-@torch.library.custom_op("qlora_kernels::quantize_nf4", mutates_args=())
-def quantize_nf4(w: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
-    _check_quantize(w, blocksize)
-    backend = choose("quantize_nf4", w.device, {"cpu": ("cpp",)})
-    if backend == "cpp":
-        return _extension.kernel("quantize_nf4")(w.contiguous().view(-1), blocksize)
+def _quantize_reference(w: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     # The reference holds ~28 bytes of temporaries per weight: run it over chunks of whole blocks
     # (an even number of elements, so bytes never straddle chunks) to bound that on a GPU.
     flat = w.reshape(-1)
@@ -148,6 +143,20 @@ def quantize_nf4(w: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
         return ref.quantize_nf4(flat, blocksize)
     parts = [ref.quantize_nf4(flat[i : i + chunk], blocksize) for i in range(0, flat.numel(), chunk)]
     return torch.cat([p for p, _ in parts]), torch.cat([a for _, a in parts])
+
+
+QUANTIZE = declare(
+    "quantize_nf4",
+    Kernel("quantize_nf4", "cpp", "cpu", "C++ (OpenMP)", needs="quantize_nf4",
+           run=lambda w, bs: _extension.kernel("quantize_nf4")(w.contiguous().view(-1), bs)),
+    Kernel("quantize_nf4", "reference", "any", "PyTorch, in chunks of whole blocks", run=_quantize_reference),
+)
+
+
+@torch.library.custom_op("qlora_kernels::quantize_nf4", mutates_args=())
+def quantize_nf4(w: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    _check_quantize(w, blocksize)
+    return choose("quantize_nf4", w.device).run(w, blocksize)
 
 
 def _check_quantize(w: Tensor, blocksize: int) -> None:
@@ -173,6 +182,19 @@ def _(w: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
 # dequantize_nf4
 
 
+DEQUANTIZE = declare(
+    "dequantize_nf4",
+    Kernel("dequantize_nf4", "cpp", "cpu", "C++ (OpenMP, AVX2 / AVX-512)", needs="dequantize_nf4",
+           run=lambda *a: _extension.kernel("dequantize_nf4")(*a)),
+    Kernel("dequantize_nf4", "cuda", "cuda", "CUDA (double-quant decode fused)", needs="dequantize_nf4",
+           run=lambda *a: _extension.kernel("dequantize_nf4")(*a)),
+    Kernel("dequantize_nf4", "triton", "cuda", "Triton", run=lambda *a: _triton("nf4", "dequantize_nf4")(*a)),
+    Kernel("dequantize_nf4", "triton", "cpu", "Triton (interpreter)", default=False,
+           run=lambda *a: _triton("nf4", "dequantize_nf4")(*a)),
+    Kernel("dequantize_nf4", "reference", "any", "PyTorch", run=ref.dequantize_nf4),
+)
+
+
 @torch.library.custom_op("qlora_kernels::dequantize_nf4", mutates_args=())
 def dequantize_nf4(
     packed: Tensor,
@@ -188,12 +210,7 @@ def dequantize_nf4(
     _check_dequantize(packed, absmax, code, nested_absmax, nested_code, blocksize, numel, dtype)
     packed, absmax, code, nested_absmax, nested_code = _contiguous(packed, absmax, code, nested_absmax, nested_code)
     args = (packed.reshape(-1), absmax, code, nested_absmax, nested_code, nested_offset, blocksize, numel, dtype)
-    backend = choose("dequantize_nf4", packed.device, {"cpu": ("cpp", "triton"), "cuda": ("cuda", "triton")})
-    if backend in ("cpp", "cuda"):
-        return _extension.kernel("dequantize_nf4")(*args)
-    if backend == "triton":
-        return _triton("nf4", "dequantize_nf4")(*args)
-    return ref.dequantize_nf4(*args)
+    return choose("dequantize_nf4", packed.device).run(*args)
 
 
 def _check_dequantize(packed, absmax, code, nested_absmax, nested_code, blocksize, numel, dtype) -> None:
@@ -206,6 +223,25 @@ def _check_dequantize(packed, absmax, code, nested_absmax, nested_code, blocksiz
 def _(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, numel, dtype):
     _check_dequantize(packed, absmax, code, nested_absmax, nested_code, blocksize, numel, dtype)
     return packed.new_empty((numel,), dtype=dtype)
+
+
+def _into_reference(*args) -> None:
+    *weight, out = args
+    out.copy_(ref.dequantize_nf4(*weight, out.dtype))
+
+
+DEQUANTIZE_INTO = declare(
+    "dequantize_nf4_into",
+    Kernel("dequantize_nf4_into", "cpp", "cpu", "C++ (OpenMP, AVX2 / AVX-512)", needs="dequantize_nf4_into",
+           run=lambda *a: _extension.kernel("dequantize_nf4_into")(*a)),
+    Kernel("dequantize_nf4_into", "cuda", "cuda", "CUDA (double-quant decode fused)", needs="dequantize_nf4_into",
+           run=lambda *a: _extension.kernel("dequantize_nf4_into")(*a)),
+    Kernel("dequantize_nf4_into", "triton", "cuda", "Triton",
+           run=lambda *a: _triton("nf4", "dequantize_nf4")(*a[:-1], a[-1].dtype, out=a[-1])),
+    Kernel("dequantize_nf4_into", "triton", "cpu", "Triton (interpreter)", default=False,
+           run=lambda *a: _triton("nf4", "dequantize_nf4")(*a[:-1], a[-1].dtype, out=a[-1])),
+    Kernel("dequantize_nf4_into", "reference", "any", "PyTorch", run=_into_reference),
+)
 
 
 @torch.library.custom_op("qlora_kernels::dequantize_nf4_into", mutates_args=("out",))
@@ -229,11 +265,7 @@ def dequantize_nf4_into(
         )
     packed, absmax, code, nested_absmax, nested_code = _contiguous(packed, absmax, code, nested_absmax, nested_code)
     args = (packed.reshape(-1), absmax, code, nested_absmax, nested_code, nested_offset, blocksize, numel)
-    backend = choose("dequantize_nf4", packed.device, {"cpu": ("cpp",), "cuda": ("cuda",)})
-    if backend in ("cpp", "cuda"):
-        _extension.kernel("dequantize_nf4_into")(*args, out.view(-1))
-    else:
-        out.view(-1).copy_(dequantize_nf4(*args, out.dtype))
+    choose("dequantize_nf4_into", packed.device).run(*args, out.view(-1))
 
 
 @dequantize_nf4_into.register_fake
@@ -265,6 +297,58 @@ def release_workspaces() -> None:
 # nf4_matmul
 
 
+def _dequantize_then_matmul(x: Tensor, weight: tuple, n: int, k: int, transposed: bool) -> Tensor:
+    """deq(W) into the workspace (through the op, so the forced backend decodes), then BLAS."""
+    w = _workspace(n * k, x.dtype, x.device)
+    dequantize_nf4_into(*weight, n * k, w)
+    w = w.view(n, k)
+    return x @ (w if transposed else w.t())
+
+
+def _gemv(x: Tensor, weight: tuple, n: int, k: int, transposed: bool) -> Tensor:
+    if x.data_ptr() % 16:  # the GEMV reads x 16 bytes at a time
+        x = x.clone()
+    return _extension.kernel("nf4_gemv")(x, *weight, n, k)
+
+
+def _triton_fused(x: Tensor, weight: tuple, n: int, k: int, transposed: bool) -> Tensor:
+    return _triton("nf4_matmul", "nf4_matmul")(x, *weight, n, k, transposed)
+
+
+def _fused_small_m(m, k, blocksize, fused_max_m, **_) -> bool:
+    return m <= fused_max_m and fused_shape_ok(k, blocksize)
+
+
+#: The kernels of nf4_matmul in order of preference (the first live one whose rule takes the call).
+#: On a GPU: the GEMV for decode-sized M (bandwidth-bound), the Triton fused kernel up to
+#: fused_max_m (tensor cores, each weight byte read once per call), above that dequantize + cuBLAS
+#: (the GEMM is compute-bound; the decode is ~1/K of it). On a CPU: the fused C++ kernel for
+#: small M, else dequantize (C++) + BLAS (oneDNN with AVX-512/AMX beats a hand-written decode-and-dot).
+MATMUL = declare(
+    "nf4_matmul",
+    Kernel("nf4_matmul", "cpp", "cpu", "fused", f"M <= {CPP_FUSED_MAX_M}", needs="nf4_matmul",
+           accepts=lambda m, **_: m <= CPP_FUSED_MAX_M,
+           run=lambda x, w, n, k, t: _extension.kernel("nf4_matmul")(x, *w, n, k, t)),
+    Kernel("nf4_matmul", "cpp", "cpu", "dequantize + BLAS", needs="dequantize_nf4_into", run=_dequantize_then_matmul),
+    Kernel("nf4_matmul", "cuda", "cuda", "GEMV", f"forward, M <= {GEMV_MAX_M_VAR} (default {_DEFAULT_GEMV_MAX_M}), "
+           "K % blocksize == 0", needs="nf4_gemv",
+           accepts=lambda m, k, blocksize, transposed, gemv_max_m, **_: (
+               not transposed and m <= gemv_max_m and fused_shape_ok(k, blocksize)),
+           run=_gemv),
+    Kernel("nf4_matmul", "triton", "cuda", "fused", f"M <= {FUSED_MAX_M_VAR} (default {_DEFAULT_FUSED_MAX_M}), "
+           "K % blocksize == 0", accepts=_fused_small_m, run=_triton_fused),
+    Kernel("nf4_matmul", "cuda", "cuda", "dequantize + cuBLAS", needs="dequantize_nf4_into",
+           run=_dequantize_then_matmul),
+    Kernel("nf4_matmul", "triton", "cuda", "dequantize + cuBLAS", run=_dequantize_then_matmul),
+    Kernel("nf4_matmul", "triton", "cpu", "fused (interpreter)", "K % blocksize == 0", default=False,
+           accepts=lambda k, blocksize, **_: fused_shape_ok(k, blocksize), run=_triton_fused),
+    Kernel("nf4_matmul", "triton", "cpu", "dequantize + BLAS (interpreter)", default=False,
+           run=_dequantize_then_matmul),
+    Kernel("nf4_matmul", "reference", "any", "the fp32 formula",
+           run=lambda x, w, n, k, t: ref.nf4_matmul(x, *w, n, k, t)),
+)
+
+
 @torch.library.custom_op("qlora_kernels::nf4_matmul", mutates_args=())
 def nf4_matmul(
     x: Tensor,
@@ -286,39 +370,11 @@ def nf4_matmul(
     x, packed, absmax, code, nested_absmax, nested_code = _contiguous(x, packed, absmax, code, nested_absmax,
                                                                      nested_code)
     weight = (packed.reshape(-1), absmax, code, nested_absmax, nested_code, nested_offset, blocksize)
-    backend = choose("nf4_matmul", x.device, {"cpu": ("cpp", "triton"), "cuda": ("cuda", "triton")})
-    # The dispatch table (the one place that picks the NF4 matmul kernel), by backend and M:
-    #   reference              any M: the fp32 formula
-    #   cpp, M <= 16           fused C++ kernel: each weight byte decoded once, fp32 dot products
-    #   cpp, M > 16            dequantize (C++) into a workspace in x's dtype, then BLAS (oneDNN
-    #                          with AVX-512/AMX beats a hand-written decode-and-dot here)
-    #   cuda, M <= gemv_max_m  CUDA GEMV (forward only): bandwidth-bound, split-K when N cannot
-    #                          fill the GPU
-    #   cuda/triton,           Triton fused dequantize-matmul (tensor cores, split-K so that small
-    #     M <= fused_max_m     grids still fill the GPU); forward and transposed (backward dX)
-    #   cuda/triton, larger M  dequantize (CUDA, double-quant decode fused) into the workspace,
-    #                          then cuBLAS: the GEMM is compute-bound, the decode is ~1/K of it
-    # gemv_max_m / fused_max_m: gpu_matmul_thresholds() (defaults 4 / 64, set by environment).
-    # Shapes a fused kernel does not take (fused_shape_ok: K not a multiple of the blocksize) use
-    # the dequantize path, which takes any shape.
-    if backend == "cpp" and m <= _CPP_FUSED_MAX_M:
-        return _extension.kernel("nf4_matmul")(x, *weight, n, k, transposed)
-    if backend in ("cuda", "triton"):
-        fusable = fused_shape_ok(k, blocksize)
-        gemv_max_m, fused_max_m = gpu_matmul_thresholds() if x.device.type == "cuda" else (_DEFAULT_GEMV_MAX_M,
-                                                                                            _DEFAULT_FUSED_MAX_M)
-        if backend == "cuda" and not transposed and m <= gemv_max_m and fusable:
-            if x.data_ptr() % 16:  # the GEMV reads x 16 bytes at a time
-                x = x.clone()
-            return _extension.kernel("nf4_gemv")(x, *weight, n, k)
-        if m <= fused_max_m and fusable and _dispatch_status_triton(x.device):
-            return _triton("nf4_matmul", "nf4_matmul")(x, *weight, n, k, transposed)
-    if backend != "reference":
-        w = _workspace(n * k, x.dtype, x.device)
-        dequantize_nf4_into(*weight, n * k, w)
-        w = w.view(n, k)
-        return x @ (w if transposed else w.t())
-    return ref.nf4_matmul(x, *weight, n, k, transposed)
+    gemv_max_m, fused_max_m = (gpu_matmul_thresholds() if x.device.type == "cuda"
+                               else (_DEFAULT_GEMV_MAX_M, _DEFAULT_FUSED_MAX_M))
+    kernel = choose("nf4_matmul", x.device, m=m, k=k, blocksize=blocksize, transposed=transposed,
+                    gemv_max_m=gemv_max_m, fused_max_m=fused_max_m)
+    return kernel.run(x, weight, n, k, transposed)
 
 
 def fused_shape_ok(k: int, blocksize: int) -> bool:
@@ -326,10 +382,6 @@ def fused_shape_ok(k: int, blocksize: int) -> bool:
     no absmax block spans two rows of W (every allowed blocksize is a multiple of 32, so a row is then
     also whole 16-byte chunks of packed codes, as the GEMV reads them)."""
     return k % blocksize == 0
-
-
-def _dispatch_status_triton(device: torch.device) -> bool:
-    return _dispatch.cached_status("triton", "cuda" if device.type == "cuda" else "cpu")
 
 
 def _check_matmul(x, packed, absmax, code, nested_absmax, nested_code, blocksize, n, k, transposed) -> None:

@@ -18,12 +18,12 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from ..dtypes import FLOAT_DTYPES
 from ..ops.adamw import adamw8bit_step_, adamw_step_
 from ..quant_maps import dynamic_map
 from ..reference.adamw import dequantize_blockwise, quantize_blockwise, unsigned_dynamic_map
 from .paging import Pager, Space, Unit
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Default page size: large enough that one copy reaches the PCIe/NVLink bandwidth, small enough
 #: that the two pages in flight are a small fraction of any sensible budget.
 DEFAULT_PAGE_BYTES = 16 * 2**20
@@ -153,7 +153,7 @@ class PagedAdamW(torch.optim.Optimizer):
             _hparams(group, where)
             devices = {p.device for g in self.param_groups for p in g["params"]}
             for i, p in enumerate(group["params"]):
-                if p.dtype not in SUPPORTED_DTYPES:
+                if p.dtype not in FLOAT_DTYPES:
                     raise TypeError(
                         f"PagedAdamW supports float32, float16 and bfloat16 params; got {p.dtype} (param {i}, {where})"
                     )

@@ -72,9 +72,16 @@ def dequantize_nf4(
     numel: int,
     dtype: torch.dtype,
     block_bytes: int = 1024,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launcher: flat ``[numel]`` tensor of ``dtype`` (arguments as the ``dequantize_nf4`` op)."""
-    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    """Launcher: flat ``[numel]`` tensor of ``dtype`` (arguments as the ``dequantize_nf4`` op), written
+    into ``out`` when given (contiguous, ``numel`` elements of ``dtype``: ``dequantize_nf4_into``)."""
+    if out is None:
+        out = torch.empty(numel, dtype=dtype, device=packed.device)
+    elif not out.is_contiguous() or out.numel() != numel or out.dtype != dtype:
+        raise ValueError(f"out must be a contiguous {dtype} tensor of {numel} elements; got {out.dtype} "
+                         f"{list(out.shape)}, contiguous={out.is_contiguous()}")
+    out = out.view(-1)
     nested = nested_absmax is not None
     packed, absmax, code = (t.contiguous() for t in (packed, absmax, code))
     if nested:
