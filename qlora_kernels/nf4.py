@@ -1,27 +1,25 @@
-"""NF4 weights: quantize, dequantize, and the bitsandbytes state-dict format.
+"""NF4 weights: quantize, dequantize, and their bitsandbytes state dict.
 
 ``quantize_nf4(w)`` returns an :class:`NF4Weight` whose bytes are those bitsandbytes 0.50.2 writes
 (``quantize_4bit(w, quant_type="nf4", compress_statistics=double_quant)`` on the CPU), and whose
-state dict uses bitsandbytes' keys, so checkpoints move both ways between the two libraries.
+state dict uses bitsandbytes' keys, so checkpoints move both ways between the two libraries
+(the format itself lives in :mod:`qlora_kernels.bnb_format`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers torch.ops.qlora_kernels)
-from .dtypes import DTYPE_NAMES, FLOAT_DTYPES, dtype_name
-from .quant_maps import ALLOWED_BLOCKSIZES, NESTED_BLOCKSIZE, dynamic_map, nf4_code
+from . import bnb_format, ops  # ops: registers torch.ops.qlora_kernels
+from .dtypes import FLOAT_DTYPES, dtype_name
+from .quant_maps import ALLOWED_BLOCKSIZES, dynamic_map, nf4_code
 from .reference.nf4 import quantize_absmax
 
 _QK = torch.ops.qlora_kernels
-_QS_SUFFIX_NF4 = "quant_state.bitsandbytes__nf4"
-_QS_SUFFIX_FP4 = "quant_state.bitsandbytes__fp4"
 
 
 @dataclass(eq=False)
@@ -109,121 +107,31 @@ class NF4Weight:
 
     def quant_state_json(self) -> dict:
         """The non-tensor quant state, as bitsandbytes packs it into ``quant_state.bitsandbytes__nf4``."""
-        state = {
-            "quant_type": "nf4",
-            "blocksize": self.blocksize,
-            "dtype": dtype_name(self.dtype),
-            "shape": list(self.shape),
-        }
-        if self.double_quant:
-            state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=self.offset)
-        return state
+        return bnb_format.quant_state_json(self.blocksize, self.dtype, self.shape,
+                                           self.offset if self.double_quant else None)
 
     def to_bnb_state_dict(self, prefix: str = "weight") -> dict[str, Tensor]:
-        """State dict entries exactly as ``bitsandbytes.nn.Linear4bit`` (and transformers) write them."""
-        sd = {prefix: self.packed, f"{prefix}.absmax": self.absmax, f"{prefix}.quant_map": self.code}
-        if self.double_quant:
-            sd[f"{prefix}.nested_absmax"] = self.nested_absmax
-            sd[f"{prefix}.nested_quant_map"] = self.nested_code
-        blob = json.dumps(self.quant_state_json()).encode("utf-8")
-        sd[f"{prefix}.{_QS_SUFFIX_NF4}"] = torch.tensor(list(blob), dtype=torch.uint8)
-        return sd
+        """State dict entries exactly as ``bitsandbytes.nn.Linear4bit`` (and transformers) write them
+        (see :mod:`qlora_kernels.bnb_format`)."""
+        return bnb_format.write_state_dict(prefix, self.packed, self.absmax, self.code, self.nested_absmax,
+                                           self.nested_code, self.quant_state_json())
 
     @classmethod
     def from_bnb_state_dict(cls, state_dict: dict[str, Tensor], prefix: str = "weight") -> NF4Weight:
-        """Read the entries under ``prefix`` of a bitsandbytes / transformers 4-bit state dict.
+        """Read the entries under ``prefix`` of a bitsandbytes / transformers 4-bit state dict
+        (see :mod:`qlora_kernels.bnb_format`).
 
         The quant-state blob is read as bitsandbytes reads it: the raw bytes of a uint8 (or int8) tensor of any
-        shape. Raises ValueError naming the key for missing keys, a corrupt quant-state blob, a quant type
-        other than nf4, or tensors whose shape or dtype do not match the recorded shape; TypeError naming the
-        key for an entry that is not a tensor (a list, Python bytes) or a blob of another dtype.
+        shape; packed codes in another storage dtype (``bnb_4bit_quant_storage``) are read as their bytes.
+        Raises ValueError naming the key for missing keys, a corrupt quant-state blob, a quant type other than
+        nf4, or tensors whose shape or dtype do not match the recorded shape; TypeError naming the key for an
+        entry that is not a tensor (a list, Python bytes) or a blob of another dtype.
         """
-        qs_key = f"{prefix}.{_QS_SUFFIX_NF4}"
-        if qs_key not in state_dict:
-            if f"{prefix}.{_QS_SUFFIX_FP4}" in state_dict:
-                raise ValueError(f"{prefix!r} is FP4-quantized; only NF4 weights are supported")
-            raise ValueError(f"state dict has no {qs_key!r}: not a bitsandbytes 4-bit weight under prefix {prefix!r}")
-        state = _read_quant_state_blob(state_dict[qs_key], qs_key)
-
-        def need(key: str, kind, where: str = qs_key):
-            if key not in state:
-                raise ValueError(f"{where!r} lacks {key!r}: {state}")
-            value = state[key]
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise ValueError(f"{where!r}: {key!r} must be {kind}; got {value!r}")
-            return value
-
-        if need("quant_type", str) != "nf4":
-            raise ValueError(f"{qs_key!r}: quant_type must be 'nf4'; got {state['quant_type']!r}")
-        blocksize = need("blocksize", int)
-        if blocksize not in ALLOWED_BLOCKSIZES:
-            raise ValueError(f"{qs_key!r}: blocksize must be one of {ALLOWED_BLOCKSIZES}; got {blocksize}")
-        dtype = need("dtype", str)
-        if dtype not in DTYPE_NAMES:
-            raise ValueError(f"{qs_key!r}: dtype must be one of {list(DTYPE_NAMES)}; got {dtype!r}")
-        shape = need("shape", list)
-        if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
-            raise ValueError(f"{qs_key!r}: shape must be a list of positive integers; got {shape!r}")
-
-        def tensor(suffix: str) -> Tensor:
-            key = f"{prefix}.{suffix}" if suffix else prefix
-            if key not in state_dict:
-                raise ValueError(f"state dict lacks {key!r} (needed by the 4-bit weight {prefix!r})")
-            value = state_dict[key]
-            if not isinstance(value, Tensor):
-                raise TypeError(f"{key!r} must be a torch.Tensor; got {type(value).__name__}")
-            return value
-
-        nested = "nested_offset" in state or "nested_blocksize" in state
-        kwargs = {}
-        if nested:
-            nested_bs = need("nested_blocksize", int)
-            if nested_bs != NESTED_BLOCKSIZE:
-                raise ValueError(f"{qs_key!r}: nested_blocksize must be {NESTED_BLOCKSIZE}; got {nested_bs}")
-            offset = need("nested_offset", (int, float))
-            if not math.isfinite(offset):
-                raise ValueError(f"{qs_key!r}: nested_offset must be finite; got {offset}")
-            kwargs = dict(
-                nested_absmax=tensor("nested_absmax"), nested_code=tensor("nested_quant_map"), offset=float(offset)
-            )
-        packed = tensor("")
-        if packed.dtype != torch.uint8 and packed.dtype.itemsize > 1 and packed.is_contiguous():
-            # bnb_4bit_quant_storage other than uint8 (e.g. bf16 for FSDP): the same bytes, another dtype.
-            packed = packed.view(torch.uint8).reshape(-1, 1)
+        fields = bnb_format.read_state_dict(state_dict, prefix)
         try:
-            return cls(
-                packed=packed,
-                absmax=tensor("absmax"),
-                shape=torch.Size(shape),
-                dtype=DTYPE_NAMES[dtype],
-                blocksize=blocksize,
-                code=tensor("quant_map"),
-                **kwargs,
-            )
+            return cls(**fields)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"4-bit weight {prefix!r}: {exc}") from None
-
-
-def _read_quant_state_blob(blob, key: str) -> dict:
-    """The JSON object packed in a ``quant_state.bitsandbytes__nf4`` entry.
-
-    bitsandbytes writes it as a 1-D uint8 tensor of UTF-8 JSON bytes and reads it back as the tensor's raw bytes
-    in memory order (``bytes(t.numpy())``), so any shape of a uint8 (or int8: the same bytes) tensor reads the
-    same; anything else (another dtype, Python bytes, a list) is an error naming ``key``.
-    """
-    if not isinstance(blob, Tensor):
-        raise TypeError(f"{key!r} must be a uint8 tensor of JSON bytes (as bitsandbytes writes it); "
-                        f"got {type(blob).__name__}")
-    if blob.dtype not in (torch.uint8, torch.int8):
-        raise TypeError(f"{key!r} must be a uint8 tensor of JSON bytes (as bitsandbytes writes it); got {blob.dtype}")
-    raw = bytes(blob.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).tolist())
-    try:
-        state = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{key!r} does not hold a JSON object: {exc}") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{key!r} must hold a JSON object; got {type(state).__name__}")
-    return state
 
 
 def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:

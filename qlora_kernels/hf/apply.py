@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from .. import bnb_format
 from ..dtypes import FLOAT_DTYPES
 from ..nf4 import quantize_nf4
 from ..nn import NF4Linear, QLoraLinear
@@ -81,19 +82,11 @@ def _select(model: nn.Module, target_modules, exclude_modules) -> list[tuple[str
     return chosen
 
 
-def _is_transformers_bnb4(model: nn.Module) -> bool:
-    """Whether ``model`` carries transformers' bitsandbytes 4-bit state (``from_pretrained(quantization_config=
-    BitsAndBytesConfig(load_in_4bit=True))``)."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    qc = getattr(quantizer, "quantization_config", None)
-    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(qc, "load_in_4bit", False))
-
-
 def adopt_bnb4_layout(model: nn.Module) -> bool:
     """On a transformers bitsandbytes 4-bit model, mark every dense linear layer as kept dense (transformers left
     it dense: ``llm_int8_skip_modules``, the output embedding, nn.Linear subclasses it does not convert such as
     FalconLinear). Returns whether the model is such a model."""
-    if not _is_transformers_bnb4(model):
+    if not bnb_format.is_transformers_bnb4(model):
         return False
     for _, module, kind in linear_modules(model):
         if kind in ("linear", "conv1d"):
@@ -108,19 +101,11 @@ def drop_bnb4_state(model: nn.Module) -> None:
     ``is_loaded_in_4bit``, ``config.quantization_config``), as after :func:`load_4bit_model`: the model holds this
     package's 4-bit layers, which transformers' Trainer trains like any model with trainable adapters."""
     for name, module, kind in list(linear_modules(model)):
-        if kind == "bnb4" and module.weight.quant_type == "nf4":
+        if kind == "bnb4" and bnb_format.linear4bit_quant_type(module) == "nf4":
             replace_module(model, name, NF4Linear.from_bnb(module))
-    if any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
-        return  # still quantized by bitsandbytes (8-bit or fp4 layers): the state stays true
-    for attr in ("hf_quantizer", "quantization_method", "is_loaded_in_4bit"):
-        if attr in vars(model):
-            delattr(model, attr)
-    if "is_quantized" in vars(model):
-        model.is_quantized = False
-    for config in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
-        for attr in ("quantization_config", "_is_quantized"):
-            with contextlib.suppress(AttributeError):
-                delattr(config, attr)
+    if not any(bnb_format.is_bnb_module(m) for m in model.modules()):
+        bnb_format.drop_transformers_quantization(model)
+    # else still quantized by bitsandbytes (8-bit or fp4 layers): the state stays true
 
 
 def apply_qlora(

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import bnb_format
 from ..dtypes import FLOAT_DTYPES
 from ..nn import NF4Linear, QLoraLinear
 from ..nn.lora_args import check_lora_args, lora_scaling
@@ -44,10 +45,6 @@ def is_conv1d(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
-def _is_bnb_linear4bit(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and hasattr(getattr(module, "weight", None), "quant_type")
-
-
 def layer_kind(module: nn.Module) -> str | None:
     """'qlora', 'lora' (:class:`DenseLoraLinear`), 'nf4', 'bnb4', 'linear', 'conv1d', 'other-linear' (an
     unsupported nn.Linear subclass) or None."""
@@ -57,11 +54,12 @@ def layer_kind(module: nn.Module) -> str | None:
         return "lora"
     if isinstance(module, NF4Linear):
         return "nf4"
-    if _is_bnb_linear4bit(module):
+    if bnb_format.linear4bit_quant_type(module) is not None:
         return "bnb4"
     if isinstance(module, nn.Linear):
         # other quantized / wrapped linears (bitsandbytes 8-bit, PEFT layers) cannot be converted
-        return "other-linear" if type(module).__module__.startswith(("bitsandbytes", "peft")) else "linear"
+        other = bnb_format.is_bnb_module(module) or type(module).__module__.startswith("peft")
+        return "other-linear" if other else "linear"
     if is_conv1d(module):
         return "conv1d"
     return None

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .. import bnb_format
 from ..dtypes import FLOAT_DTYPES
 from ..nf4 import NF4Weight, quantize_nf4
 from ..nn import NF4Linear
@@ -24,10 +25,6 @@ from .layers import KEEP_DENSE, check_spec, layer_kind, matches, output_embeddin
 
 logger = logging.getLogger(__name__)
 
-_QS_SUFFIX = ".weight.quant_state.bitsandbytes__nf4"
-# The entries bitsandbytes writes beside a 4-bit ``<layer>.weight`` (transformers' serialized names).
-_BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
-                 "quant_state.bitsandbytes__fp4")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,14 +98,6 @@ def _open_safetensors(file: Path):
         raise ValueError(f"{file} is not a readable safetensors file: {exc}") from None
 
 
-def _split_bnb_key(key: str) -> tuple[str, str]:
-    """``'<layer>.weight.absmax'`` -> (``'<layer>.weight'``, ``'.absmax'``); other keys -> (key, '')."""
-    for suffix in _BNB_SUFFIXES:
-        if key.endswith(".weight." + suffix):
-            return key[: -len(suffix) - 1], "." + suffix
-    return key, ""
-
-
 class _KeyPlan:
     """Which checkpoint tensors fill which tensors of the model, by transformers' own loading rules.
 
@@ -152,7 +141,7 @@ class _KeyPlan:
                 return renamed, pattern
 
         for key in ordered:
-            base, suffix = _split_bnb_key(key)
+            base, suffix = bnb_format.split_state_key(key)
             renamed, pattern = rename(base)
             if renamed not in expected:
                 self.unexpected.append(key)
@@ -203,21 +192,6 @@ def _check_unexpected(model: nn.Module, unexpected: list[str], path: Path, stric
     if strict:
         raise ValueError(msg + "; pass strict=False to load the rest anyway (with a warning listing them)")
     logger.warning("load_4bit_model: %s; ignored (strict=False)", msg)
-
-
-def _read_quant_config(config) -> dict | None:
-    qc = getattr(config, "quantization_config", None)
-    if qc is None:
-        return None
-    qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(qc)
-    method = qc.get("quant_method", "bitsandbytes")
-    if method != "bitsandbytes" or not qc.get("load_in_4bit", qc.get("_load_in_4bit", False)):
-        raise ValueError(f"config.json's quantization_config must be bitsandbytes 4-bit (quant_method 'bitsandbytes', "
-                         f"load_in_4bit true); got quant_method={method!r}, load_in_4bit={qc.get('load_in_4bit')!r}")
-    if qc.get("bnb_4bit_quant_type", "fp4") != "nf4":
-        got = qc.get("bnb_4bit_quant_type")
-        raise ValueError(f"quantization_config.bnb_4bit_quant_type must be 'nf4'; got {got!r}")
-    return qc
 
 
 def _checked_value(key: str, value: Tensor, target: Tensor) -> None:
@@ -301,7 +275,7 @@ def load_4bit_model(
     check_spec(skip_modules, "skip_modules", allow_none=True)
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
-    quant = _read_quant_config(config)
+    quant = bnb_format.read_quantization_config(config)
     if quant is not None:
         delattr(config, "quantization_config")
     ckpt = _Checkpoint(path)
@@ -345,7 +319,7 @@ def load_4bit_model(
 
     outputs = output_embedding_names(model)
     skip = list(skip_modules or [])
-    four_bit = quant is not None or any(k.endswith(_QS_SUFFIX) for k in plan.direct)
+    four_bit = quant is not None or any(bnb_format.is_nf4_quant_state_key(k) for k in plan.direct)
 
     # 1. linear layers -> NF4Linear (stored NF4, or quantized here), one at a time
     done: set[str] = set()
@@ -356,9 +330,8 @@ def load_4bit_model(
         conv = kind == "conv1d"
         out_f, in_f = (module.weight.shape[1], module.weight.shape[0]) if conv else tuple(module.weight.shape)
         wkey = f"{name}.weight"
-        if any(f"{wkey}.{suffix}" in plan.direct for suffix in _BNB_SUFFIXES[-2:]):  # a quant state: nf4 (or fp4)
-            parts = [wkey] + [f"{wkey}.{suffix}" for suffix in _BNB_SUFFIXES]
-            sd = {k: ckpt.get(plan.direct[k]) for k in parts if k in plan.direct}
+        if bnb_format.has_quant_state(plan.direct, wkey):  # nf4 (or fp4, refused by from_bnb_state_dict)
+            sd = {k: ckpt.get(plan.direct[k]) for k in bnb_format.state_keys(wkey) if k in plan.direct}
             ckpt_wkey = plan.direct.get(wkey, wkey)
             try:
                 qw = NF4Weight.from_bnb_state_dict(sd, wkey)

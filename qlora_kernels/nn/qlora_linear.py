@@ -15,6 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .. import bnb_format
 from ..dtypes import FLOAT_DTYPES, dtype_name
 from ..functional import _lora_linear, _nf4_linear
 from ..nf4 import NF4Weight, dequantize_nf4, quantize_nf4
@@ -347,7 +348,7 @@ def _copy_nf4(qw: NF4Weight, device: torch.device) -> NF4Weight:
 
 
 def _linear_weight(linear: nn.Module) -> tuple[Tensor, Tensor | None]:
-    if hasattr(getattr(linear, "weight", None), "quant_state"):
+    if bnb_format.linear4bit_quant_type(linear) is not None:
         raise TypeError(f"linear is a bitsandbytes {type(linear).__name__}: use from_bnb, which does not requantize")
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"linear must be a torch.nn.Linear; got {type(linear).__name__}")
@@ -362,56 +363,12 @@ def _linear_weight(linear: nn.Module) -> tuple[Tensor, Tensor | None]:
 def nf4_weight_from_bnb(module: nn.Module) -> NF4Weight:
     """The :class:`NF4Weight` of a ``bitsandbytes.nn.Linear4bit`` (quant_type nf4), sharing its tensors.
 
-    * A quantized layer: its packed codes and quant state (absmax, or the uint8 absmax codes with state2's
-      nested absmax / map and the offset) are taken as they are: no requantizing.
-    * A layer whose weight bitsandbytes has not quantized yet (it does so on the first move to a device):
-      quantized here as bitsandbytes would (its blocksize and compress_statistics).
-    * A layer bitsandbytes has repacked into its CPU inference layout (after an eval-mode, no-grad forward
-      on a CPU with AVX512-BF16: codes reordered in 32-row tiles, absmax rounded to bf16 and no longer
-      double-quantized): the codes are put back in the standard order and the bf16 absmax is used as fp32
-      absmax, so this layer computes exactly what bitsandbytes computes now. The original fp32 absmax is
-      gone from that module; to keep it, take the layer before such a forward (or load its state dict).
+    A quantized layer's packed codes and quant state are taken as they are, no requantizing (from bitsandbytes'
+    CPU inference layout too: see :func:`qlora_kernels.bnb_format.linear4bit_fields`); a layer whose weight
+    bitsandbytes has not quantized yet is quantized here as bitsandbytes would.
     """
-    w = getattr(module, "weight", None)
-    qs = getattr(w, "quant_state", None)
-    if w is None or not hasattr(w, "quant_type"):
-        raise TypeError(f"module must be a bitsandbytes Linear4bit; got {type(module).__name__}")
-    if w.quant_type != "nf4":
-        raise ValueError(f"module's quant_type must be 'nf4'; got {w.quant_type!r}")
-    if qs is None or not getattr(w, "bnb_quantized", True):
-        data = w.data
-        if data.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"module's weight is {data.dtype} but has no quant_state")
-        return quantize_nf4(data, blocksize=w.blocksize, double_quant=bool(w.compress_statistics))
-    packed = w.data if w.data.dtype == torch.uint8 else w.data.view(torch.uint8)  # quant_storage
-    shape = torch.Size(qs.shape)
-    if getattr(qs, "packing_format_for_cpu", False):
-        packed, absmax = _undo_bnb_cpu_layout(packed, qs.absmax, shape, qs.blocksize)
-        return NF4Weight(packed=packed, absmax=absmax, shape=shape, dtype=qs.original_dtype,
-                         blocksize=qs.blocksize, code=qs.code.float())
-    packed = packed.reshape(-1, 1)
-    if qs.nested:
-        return NF4Weight(packed=packed, absmax=qs.absmax, shape=shape, dtype=qs.dtype, blocksize=qs.blocksize,
-                         code=qs.code, nested_absmax=qs.state2.absmax, nested_code=qs.state2.code,
-                         offset=float(qs.offset))
-    return NF4Weight(packed=packed, absmax=qs.absmax.float(), shape=shape, dtype=qs.dtype, blocksize=qs.blocksize,
-                     code=qs.code)
-
-
-def _undo_bnb_cpu_layout(packed: Tensor, absmax: Tensor, shape: torch.Size, blocksize: int,
-                         tile: int = 32) -> tuple[Tensor, Tensor]:
-    """bitsandbytes' CPU inference layout back to the standard one.
-
-    That layout (for W [N, K], N a multiple of 32, K even) is a uint8 ``[N, K/2]`` holding, row-major, one
-    32-byte group per (32-row tile t, column pair j): byte i of it has in its low nibble the code of
-    ``W[32t + i//2, 2j + i%2]`` and in its high nibble that of ``W[32t + 16 + i//2, 2j + i%2]``; absmax is
-    bf16 ``[K/blocksize, N]`` (transposed). Returns the standard packed ``[N*K/2, 1]`` and fp32 absmax.
-    """
-    n, k = shape
-    groups = packed.reshape(n // tile, k // 2, tile)
-    # Low nibbles hold rows 0-15 of the tile, high nibbles rows 16-31, each as (row, column-of-pair) pairs:
-    # concatenated they are the tile's [32 rows, 2 columns] for column pair j.
-    nibbles = torch.cat([groups & 0xF, groups >> 4], dim=2).reshape(n // tile, k // 2, tile, 2)
-    codes = nibbles.permute(0, 2, 1, 3).reshape(-1)  # [tiles, 32 rows, K/2, 2] -> row-major [N*K]
-    standard = (codes[0::2] << 4) | codes[1::2]
-    return standard.reshape(-1, 1).contiguous(), absmax.t().reshape(-1).float().contiguous()
+    pending = bnb_format.linear4bit_float_weight(module)
+    if pending is not None:
+        weight, blocksize, double_quant = pending
+        return quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant)
+    return NF4Weight(**bnb_format.linear4bit_fields(module))
