@@ -1,11 +1,11 @@
 """AdamW step time and device memory: qlora_kernels.PagedAdamW vs torch's AdamW vs bitsandbytes' optimizers.
 
-    python benchmarks/bench_adamw.py --out bench_out/adamw            # GPU: the issue's two parameter sets
+    python benchmarks/bench_adamw.py --out bench_out/adamw            # GPU: the two parameter sets below
     python benchmarks/bench_adamw.py --quick --out bench_out/adamw    # CPU smoke run: small sets, seconds
 
 Parameter sets (fp32 params, random fresh grads):
 
-* ``lora_8B_r16``: the LoRA set of an 8B model at r = 16 as the issue counts it, 832 tensors and
+* ``lora_8B_r16``: the LoRA set of an 8B model at r = 16 (docs/PERFORMANCE.md), 832 tensors and
   67,108,864 params in Llama-3-8B dimensions: 416 pairs of A [16, 4096] and B [out, 16], with out
   = 4096 (256 pairs), 1024 (64) and 14336 (96);
 * ``dense_1B``: 16 tensors of 8192 x 8192 (1.07B params).
@@ -45,7 +45,7 @@ from _common import ResultFile, do_bench_us, environment, forced_backend, load_b
 import qlora_kernels as qk  # noqa: E402
 
 MiB = 2**20
-# The issue's targets on an H200 (ms) for ours, and bitsandbytes / torch there (shared/REFERENCE.md).
+# The targets on an H200 (ms) for ours, and bitsandbytes / torch measured there (docs/PERFORMANCE.md).
 TARGETS_H200 = {("lora_8B_r16", "ours"): 4.4, ("dense_1B", "ours"): 9.0, ("dense_1B", "ours_8bit"): 12.0}
 ANCHORS_H200 = {
     "lora_8B_r16": {"torch_fused": 4.41, "bnb_AdamW": 36.5, "bnb_PagedAdamW": 39.3, "bnb_AdamW8bit": 38.0,

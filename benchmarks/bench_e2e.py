@@ -8,7 +8,7 @@ bitsandbytes, same settings, in one run: tokens/s and peak device memory.
 The model is ``LlamaForCausalLM`` built from a config (random weights, seeded, the same bf16 weights for both
 providers, so their 4-bit codes are identical): ``1b`` has Llama-3.2-1B's shape (16 layers, width 2048, MLP
 8192, 32/8 heads), ``8b`` Llama-3-8B's (32 layers, 4096, 14336, 32/8), both with a 128,256-token vocabulary and
-untied embeddings (as the measured anchors in shared/REFERENCE.md). LoRA r = 16, alpha = 16, no dropout, on all
+untied embeddings (as the measurements in docs/PERFORMANCE.md). LoRA r = 16, alpha = 16, no dropout, on all
 seven projections (q, k, v, o, gate, up, down); gradient checkpointing (non-reentrant); batch 4 x 2048 random
 tokens, every token a target; bf16 autocast over bf16 frozen weights; gradient clipping at 1.0.
 
@@ -58,7 +58,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     "quick": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=512),
 }
-# transformers + PEFT + bitsandbytes on an H200 (shared/REFERENCE.md): tokens/s, peak GiB; and the targets
+# transformers + PEFT + bitsandbytes on an H200 (docs/PERFORMANCE.md): tokens/s, peak GiB; and the targets
 ANCHORS_H200 = {"1b": (26253, 14.0), "8b": (6367, 19.8)}
 TARGET_SPEEDUP, TARGET_MEMORY = 1.3, 0.7
 PROVIDERS = ("qlora_kernels", "hf_peft_bnb")

@@ -38,7 +38,7 @@ import qlora_kernels as qk  # noqa: E402
 
 FULL_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]  # N x K
 QUICK_SHAPES = [(256, 256), (64, 256), (896, 256), (256, 896), (512, 512), (1792, 512)]  # the same, / 16
-# bitsandbytes + LoRA and bf16 + LoRA on an H200 (ms), shared/REFERENCE.md, M = 8192, r = 16
+# bitsandbytes + LoRA and bf16 + LoRA on an H200 (ms), docs/PERFORMANCE.md, M = 8192, r = 16
 ANCHORS_H200 = {(4096, 4096): (1.15, 1.12), (1024, 4096): (1.00, 0.51), (14336, 4096): (3.60, 3.78),
                 (4096, 14336): (3.53, 3.80), (8192, 8192): (4.20, 4.14), (28672, 8192): (13.8, 12.7)}
 L2_BYTES = 50 * 2**20  # H100 / H200

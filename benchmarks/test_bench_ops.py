@@ -4,7 +4,7 @@ bf16 ``F.linear``, on whichever device is present, with one thread and with all 
     python -m pytest benchmarks/test_bench_ops.py --benchmark-json=bench_out/ops.json \
         --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 
-Weight 4096x4096 bf16, blocksize 64, double quantization (the issue's setting). Not part of the
+Weight 4096x4096 bf16, blocksize 64, double quantization (the setting of docs/PERFORMANCE.md). Not part of the
 test suite: timing never decides pass or fail.
 """
 

@@ -1,6 +1,6 @@
 """qlora_kernels: fast, lean QLoRA fine-tuning kernels (NF4 + double quant, fused LoRA, paged AdamW).
 
-Public API (the contract in DESIGN.md): quantize_nf4, dequantize_nf4, NF4Weight, nf4_linear,
+Public API (docs/ARCHITECTURE.md): quantize_nf4, dequantize_nf4, NF4Weight, nf4_linear,
 lora_linear, QLoraLinear, apply_qlora, load_4bit_model, save_adapter, load_adapter,
 merge_and_unload, backends, PagedAdamW (qlora_kernels.optim).
 """

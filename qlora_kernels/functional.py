@@ -45,26 +45,24 @@ def _autocast_off(device_type: str):
 class NF4LinearFunction(torch.autograd.Function):
     """``y = x @ deq(W)^T`` for x [M, K]; gradients for x only (W is frozen).
 
-    Saves nothing but the (already resident) packed weight: the backward ``dX = dY @ deq(W)``
+    Saves nothing but the (already resident) NF4 tensors: the backward ``dX = dY @ deq(W)``
     runs the same NF4 matmul machinery with ``transposed=True`` instead of keeping a
     dequantized copy of W alive between forward and backward.
     """
 
     @staticmethod
-    def forward(x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n, k):
+    def forward(ctx, x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n, k):
+        ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code)
+        ctx.offset, ctx.blocksize, ctx.n, ctx.k = offset, blocksize, n, k
         return _QK.nf4_matmul(x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n, k, False)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.weight = inputs[1:]
 
     @staticmethod
     def backward(ctx, dy):
         grad_x = None
         if ctx.needs_input_grad[0]:
-            *weight, n, k = ctx.weight
             with _autocast_off(dy.device.type):
-                grad_x = _QK.nf4_matmul(dy.contiguous(), *weight, n, k, True)
+                grad_x = _QK.nf4_matmul(dy.contiguous(), *ctx.saved_tensors, ctx.offset, ctx.blocksize, ctx.n, ctx.k,
+                                        True)
         return (grad_x,) + (None,) * 9
 
 

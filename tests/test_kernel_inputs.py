@@ -86,7 +86,7 @@ def test_autocast_backward_runs_in_the_forward_dtype(device):
 
 @pytest.mark.parametrize("nested", [False, True])
 def test_strided_weight_tensors_read_as_their_values(nested, device, monkeypatch):
-    # the repro: absmax taken as a column of a wider tensor (and the same for every tensor)
+    # absmax taken as a column of a wider tensor (and the same for every tensor): once read as dense
     qw = qk.quantize_nf4(torch.randn(64, 128, device=device), 64, nested)
     strided = qk.NF4Weight(_strided(qw.packed.reshape(-1)), _strided(qw.absmax), qw.shape, qw.dtype, qw.blocksize,
                            _strided(qw.code), _strided(qw.nested_absmax) if nested else None,

@@ -102,7 +102,7 @@ def test_every_backend_matmul_against_reference(shape, m, dtype, transposed, dev
 
 
 def test_matmul_relative_error_bf16_is_small(device):
-    # The bar: bf16 relative error <= 1e-2 against the fp32 reference on random data.
+    # The bar: bf16 relative error <= 1e-2 against the fp32 reference on random data.
     qw = _weight((256, 512), 64, True, device)
     x = torch.randn(16, 512, device=device, dtype=torch.bfloat16)
     expect = ref.nf4_matmul(x.float(), *qw.tensors(), 256, 512, False)

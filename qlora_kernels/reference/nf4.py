@@ -1,6 +1,6 @@
 """Reference NF4 quantize / dequantize / matmul and the double quantization of absmax.
 
-Formats (byte-compatible with bitsandbytes 0.50.2, see shared/REFERENCE.md):
+Formats (byte-compatible with bitsandbytes 0.50.2, see docs/FORMATS.md):
 
 * the weight is flattened row-major and cut into blocks of ``blocksize`` consecutive elements
   (the last one may be partial); ``absmax[b] = max |w|`` over block b, in fp32;
