@@ -262,7 +262,7 @@ def load_4bit_model(
             weight. TypeError naming the tensor: a non-float tensor where the model has a float one (an int8
             weight in a float checkpoint is not quantized as if it were one), a bad ``dtype``.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -279,6 +279,35 @@ def load_4bit_model(
     if quant is not None:
         delattr(config, "quantization_config")
     ckpt = _Checkpoint(path)
+    model = _build_on_meta(config, dtype, model_class, trust_remote_code)
+    plan = _KeyPlan(ckpt, model)
+    _check_unexpected(model, plan.unexpected, path, strict)
+    sources = _Sources(ckpt, plan, _convert(plan, model, path))
+    four_bit = quant is not None or any(bnb_format.is_nf4_quant_state_key(k) for k in plan.direct)
+
+    # 1. linear layers -> NF4Linear (stored NF4, or quantized here), one at a time
+    quantize = None if four_bit else dict(blocksize=blocksize, double_quant=double_quant,
+                                          keep_dense=output_embedding_names(model), skip=list(skip_modules or []))
+    done = _load_linear_layers(model, sources, path, dtype, device, quantize)
+    # 2. every other parameter and persistent buffer, in dtype; tied parameters stay tied
+    _load_other_tensors(model, sources, path, dtype, device)
+    # 3. computed buffers (rotary inv_freq, embed scales): let the model class initialise them
+    _init_computed_buffers(model, device)
+    model.eval()
+    if (path / "generation_config.json").is_file():
+        with contextlib.suppress(Exception):
+            model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+    with contextlib.suppress(AttributeError):
+        model.config._name_or_path = str(path)
+    logger.info("load_4bit_model: %d linear layers in NF4 (%s)", done,
+                "stored bitsandbytes 4-bit" if four_bit else "quantized while loading")
+    return model
+
+
+def _build_on_meta(config, dtype: torch.dtype, model_class, trust_remote_code: bool) -> nn.Module:
+    """The model of ``config`` on the meta device, in ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
     model_class = AutoModelForCausalLM if model_class is None else model_class
     # Auto classes build with from_config; concrete model classes with _from_config.
     auto = hasattr(model_class, "from_config")
@@ -286,13 +315,13 @@ def load_4bit_model(
     extra = {"trust_remote_code": trust_remote_code} if auto else {}
     with torch.device("meta"):
         try:
-            model = build(config, dtype=dtype, **extra)
+            return build(config, dtype=dtype, **extra)
         except TypeError:  # transformers < 5 spells it torch_dtype
-            model = build(config, torch_dtype=dtype, **extra)
-    plan = _KeyPlan(ckpt, model)
-    _check_unexpected(model, plan.unexpected, path, strict)
+            return build(config, torch_dtype=dtype, **extra)
 
-    # Tensors transformers builds from several checkpoint tensors (fused experts, ...), then one reader for all.
+
+def _convert(plan: _KeyPlan, model: nn.Module, path: Path) -> dict[str, Tensor]:
+    """The tensors transformers builds from several checkpoint tensors (fused experts, ...), by model key."""
     built: dict[str, Tensor] = {}
     expected = model.state_dict(keep_vars=True)
     for first, converter in plan.converters.items():
@@ -308,21 +337,44 @@ def load_4bit_model(
                 raise ValueError(f"transformers' conversion of checkpoint tensors into {first!r} made {key!r}, which "
                                  f"{type(model).__name__} does not have")
             built[key] = value
+    return built
 
-    def source(key: str) -> tuple[str, Tensor] | None:
+
+class _Sources:
+    """One reader for every model tensor: built by a conversion (handed out once) or read from the checkpoint."""
+
+    def __init__(self, ckpt: _Checkpoint, plan: _KeyPlan, built: dict[str, Tensor]) -> None:
+        self.ckpt, self.plan, self.built = ckpt, plan, built
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.plan.direct or key in self.built
+
+    def take(self, key: str) -> tuple[str, Tensor] | None:
         """(the checkpoint key to name in messages, the tensor) for a model key, or None when not stored."""
-        if key in built:
-            return key, built.pop(key)
-        if key in plan.direct:
-            return plan.direct[key], ckpt.get(plan.direct[key])
+        if key in self.built:
+            return key, self.built.pop(key)
+        if key in self.plan.direct:
+            return self.plan.direct[key], self.ckpt.get(self.plan.direct[key])
         return None
 
-    outputs = output_embedding_names(model)
-    skip = list(skip_modules or [])
-    four_bit = quant is not None or any(bnb_format.is_nf4_quant_state_key(k) for k in plan.direct)
+    def nf4_weight(self, wkey: str, path: Path) -> NF4Weight | None:
+        """The stored 4-bit weight ``wkey`` (a bitsandbytes quant state beside it), or None when stored otherwise."""
+        direct = self.plan.direct
+        if not bnb_format.has_quant_state(direct, wkey):
+            return None
+        sd = {k: self.ckpt.get(direct[k]) for k in bnb_format.state_keys(wkey) if k in direct}
+        try:
+            return NF4Weight.from_bnb_state_dict(sd, wkey)  # nf4 (fp4 is refused there)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"checkpoint {str(path)!r}, 4-bit weight {direct.get(wkey, wkey)!r}: {exc}") from None
 
-    # 1. linear layers -> NF4Linear (stored NF4, or quantized here), one at a time
-    done: set[str] = set()
+
+def _load_linear_layers(model: nn.Module, sources: _Sources, path: Path, dtype: torch.dtype, device: torch.device,
+                        quantize: dict | None) -> int:
+    """Put an :class:`NF4Linear` in place of every dense linear layer stored in 4 bits, and, when ``quantize``
+    (a float checkpoint: ``blocksize``, ``double_quant``, ``keep_dense`` names, ``skip`` specs) is given, of every
+    other stored one but those kept dense, quantized here; mark the rest kept dense. Returns how many."""
+    done = 0
     for name, module in list(model.named_modules()):
         kind = layer_kind(module)
         if kind not in ("linear", "conv1d"):
@@ -330,33 +382,30 @@ def load_4bit_model(
         conv = kind == "conv1d"
         out_f, in_f = (module.weight.shape[1], module.weight.shape[0]) if conv else tuple(module.weight.shape)
         wkey = f"{name}.weight"
-        if bnb_format.has_quant_state(plan.direct, wkey):  # nf4 (or fp4, refused by from_bnb_state_dict)
-            sd = {k: ckpt.get(plan.direct[k]) for k in bnb_format.state_keys(wkey) if k in plan.direct}
-            ckpt_wkey = plan.direct.get(wkey, wkey)
-            try:
-                qw = NF4Weight.from_bnb_state_dict(sd, wkey)
-            except (ValueError, TypeError) as exc:
-                raise type(exc)(f"checkpoint {str(path)!r}, 4-bit weight {ckpt_wkey!r}: {exc}") from None
+        qw = sources.nf4_weight(wkey, path)
+        if qw is not None:
             if tuple(qw.shape) != (out_f, in_f):
+                ckpt_wkey = sources.plan.direct.get(wkey, wkey)
                 raise ValueError(f"checkpoint's {ckpt_wkey!r} has shape {list(qw.shape)}; the model from config.json "
                                  f"expects {[out_f, in_f]} (out_features, in_features)")
             qw = qw.to(device)
-        elif not four_bit and name not in outputs and not (skip and matches(name, skip)) and (
-                wkey in plan.direct or wkey in built):
-            ckpt_wkey, w = source(wkey)
+        elif quantize is not None and name not in quantize["keep_dense"] and not (
+                quantize["skip"] and matches(name, quantize["skip"])) and wkey in sources:
+            ckpt_wkey, w = sources.take(wkey)
             _checked_value(ckpt_wkey, w, module.weight)
             w = w.to(device=device, dtype=dtype)
             try:
-                qw = quantize_nf4(w.t() if conv else w, blocksize=blocksize, double_quant=double_quant)
+                qw = quantize_nf4(w.t() if conv else w, blocksize=quantize["blocksize"],
+                                  double_quant=quantize["double_quant"])
             except ValueError as exc:
                 raise ValueError(f"checkpoint tensor {ckpt_wkey!r} (the weight of {name}): {exc}") from None
             del w
         else:
-            setattr(module, KEEP_DENSE, True)  # stays dense: loaded with the other tensors below
+            setattr(module, KEEP_DENSE, True)  # stays dense: loaded with the other tensors
             continue
         bias = None
         if module.bias is not None:
-            found = source(f"{name}.bias")
+            found = sources.take(f"{name}.bias")
             if found is None:
                 raise ValueError(f"checkpoint {str(path)!r} lacks {name}.bias")
             _checked_value(found[0], found[1], module.bias)
@@ -364,9 +413,14 @@ def load_4bit_model(
         layer = NF4Linear(qw, bias, fan_in_fan_out=conv)
         layer.compute_dtype = dtype
         replace_module(model, name, layer)
-        done.add(name)
+        done += 1
+    return done
 
-    # 2. every other parameter and persistent buffer, in dtype; tied parameters stay tied
+
+def _load_other_tensors(model: nn.Module, sources: _Sources, path: Path, dtype: torch.dtype,
+                        device: torch.device) -> None:
+    """Every parameter and persistent buffer still on the meta device, outside the NF4 layers: read in ``dtype``
+    (floating point only; the model class's fp32 modules in fp32); tied parameters stay tied."""
     keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
         getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     entries = []
@@ -381,7 +435,7 @@ def load_4bit_model(
     for _, full, _, t, is_param in entries:
         if id(t) in loaded:
             continue  # already read via a tied twin
-        found = source(full)
+        found = sources.take(full)
         if found is None:
             continue  # absent (a tied weight is filled in below from its twin)
         key, value = found
@@ -402,18 +456,6 @@ def load_4bit_model(
             module._buffers[tname] = loaded[id(t)]
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} lacks {len(missing)} tensors the model needs: {missing[:8]}")
-
-    # 3. computed buffers (rotary inv_freq, embed scales): let the model class initialise them
-    _init_computed_buffers(model, device)
-    model.eval()
-    if (path / "generation_config.json").is_file():
-        with contextlib.suppress(Exception):
-            model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
-    with contextlib.suppress(AttributeError):
-        model.config._name_or_path = str(path)
-    logger.info("load_4bit_model: %d linear layers in NF4 (%s)", len(done),
-                "stored bitsandbytes 4-bit" if four_bit else "quantized while loading")
-    return model
 
 
 def _init_computed_buffers(model: nn.Module, device: torch.device) -> None:
