@@ -111,7 +111,7 @@ def test_double_quant_is_exact_nearest_and_bnb_cpu_is_close():
     assert torch.equal(err, best)  # nothing nearer exists
     q_bnb, _ = F.quantize_blockwise(absmax - offset, code=table, blocksize=256)
     differ = float((q_bnb != codes).float().mean())
-    assert differ < 0.005, differ  # ~0.15% of the codes differ on these 16384 values (measured)
+    assert differ < 0.005, differ  # ~0.1% of the codes differ (0.07-0.13% over 5 seeds of these 16384 values)
     decoded = ref.decode_absmax(codes, nested_absmax, table, offset)
     # Error at most half the widest gap of the map (~0.014 near +-1), relative to the block scale.
     half_gap = float((table[1:] - table[:-1]).max()) / 2
