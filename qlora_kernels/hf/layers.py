@@ -38,6 +38,7 @@ KEEP_DENSE = "_qlora_kernels_keep_dense"
 
 
 def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear layer, weight ``[in, out]``)."""
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # pragma: no cover - transformers is an optional dependency
@@ -66,6 +67,8 @@ def layer_kind(module: nn.Module) -> str | None:
 
 
 def output_embedding_names(model: nn.Module) -> set[str]:
+    """The names of the output embedding (``get_output_embeddings()``, else an ``lm_head``), which "all-linear" and
+    :func:`~qlora_kernels.load_4bit_model` leave dense."""
     get = getattr(model, "get_output_embeddings", None)
     out = get() if callable(get) else None
     names = {name for name, m in model.named_modules() if out is not None and m is out}
@@ -100,7 +103,9 @@ def matches(name: str, spec: str | Sequence[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in spec)
 
 
-def check_spec(value, arg: str, allow_none: bool = False) -> None:
+def check_spec(value: object, arg: str, allow_none: bool = False) -> None:
+    """A module spec (``target_modules``, ``exclude_modules``, ``skip_modules``) must be a regex or a non-empty list
+    of names (or None, with ``allow_none``); ValueError / TypeError naming ``arg`` otherwise."""
     if value is None and allow_none:
         return
     if isinstance(value, str):
