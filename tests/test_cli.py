@@ -55,9 +55,9 @@ def test_train_refuses_a_used_output_dir_with_exit_2_naming_the_flags(tiny, caps
 
 
 def test_train_bad_config_fails_before_loading_anything(tiny, capsys, monkeypatch):
-    import qlora_kernels.train.sft as sft
+    import qlora_kernels.train.loop as loop
 
-    monkeypatch.setattr(sft, "build_model", lambda *a, **k: pytest.fail("model loaded for a bad config"))
+    monkeypatch.setattr(loop, "build_model", lambda *a, **k: pytest.fail("model loaded for a bad config"))
     assert cli.main(["train", str(tiny["config"]), "optimizer=sgd", "lora_rank=8"]) == 2
     err = capsys.readouterr().err
     assert "optimizer: 'sgd' is not allowed; allowed values: 'paged_adamw'" in err

@@ -9,8 +9,8 @@ from __future__ import annotations
 from .components import TrainingError, build_model
 from .config import ConfigError, DatasetConfig, QuantizationConfig, SFTConfig, load_config
 from .data import DataError
+from .loop import TrainResult, train
 from .loss import causal_lm_loss, chunked_cross_entropy
-from .sft import TrainResult, train
 
 __all__ = [
     "ConfigError", "DataError", "DatasetConfig", "QuantizationConfig", "SFTConfig", "TrainResult", "TrainingError",

@@ -194,6 +194,11 @@ class SFTConfig:
         return self.rl == "dpo" or self.trainer == "dpo"
 
     @property
+    def objective(self) -> str:
+        """What the run optimizes: ``"dpo"`` (``rl: dpo`` or ``trainer: dpo``), else ``"sft"``."""
+        return "dpo" if self.is_dpo else "sft"
+
+    @property
     def train_datasets(self) -> list[DatasetConfig]:
         return [d for d in self.datasets if d.split == "train"]
 

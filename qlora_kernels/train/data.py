@@ -477,6 +477,22 @@ def collate(examples: list[Example], pad_id: int, counted: bool = True) -> dict[
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def collate_pairs(pairs: list[PreferencePair], pad_id: int, counted: bool = True) -> dict[str, torch.Tensor]:
+    """One right-padded batch of ``2B`` rows: the B chosen sequences, then the B rejected ones.
+
+    Keys: ``input_ids``, ``attention_mask``, ``labels`` ``[2B, T]``; ``pair_weight`` ``[B]`` (1 for every
+    pair; 0 with ``counted=False``, a placeholder batch that must run but not count, see
+    :class:`MicroBatchStream`); and ``ref_logps`` ``[2B]`` when every pair carries precomputed reference
+    log-probs.
+    """
+    batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    batch["pair_weight"] = torch.full((len(pairs),), 1.0 if counted else 0.0)
+    if pairs and all(p.ref_chosen is not None and p.ref_rejected is not None for p in pairs):
+        batch["ref_logps"] = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs],
+                                          dtype=torch.float32)
+    return batch
+
+
 class MicroBatchStream:
     """An endless stream of shuffled micro-batches with a resumable position, split across ranks.
 
@@ -536,31 +552,3 @@ class MicroBatchStream:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.index, self._perm = int(state["epoch"]), int(state["index"]), None
-
-
-def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Eval examples in order, ``batch_size`` at a time."""
-    for s in range(0, len(examples), batch_size):
-        yield collate(examples[s:s + batch_size], pad_id)
-
-
-def collate_pairs(pairs: list[PreferencePair], pad_id: int, counted: bool = True) -> dict[str, torch.Tensor]:
-    """One right-padded batch of ``2B`` rows: the B chosen sequences, then the B rejected ones.
-
-    Keys: ``input_ids``, ``attention_mask``, ``labels`` ``[2B, T]``; ``pair_weight`` ``[B]`` (1 for every
-    pair; 0 with ``counted=False``, a placeholder batch that must run but not count, see
-    :class:`MicroBatchStream`); and ``ref_logps`` ``[2B]`` when every pair carries precomputed reference
-    log-probs.
-    """
-    batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
-    batch["pair_weight"] = torch.full((len(pairs),), 1.0 if counted else 0.0)
-    if pairs and all(p.ref_chosen is not None and p.ref_rejected is not None for p in pairs):
-        batch["ref_logps"] = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs],
-                                          dtype=torch.float32)
-    return batch
-
-
-def pair_batches(pairs: list[PreferencePair], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Pairs in order, ``batch_size`` at a time."""
-    for s in range(0, len(pairs), batch_size):
-        yield collate_pairs(pairs[s:s + batch_size], pad_id)

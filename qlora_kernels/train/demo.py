@@ -33,7 +33,7 @@ from .components import autocast_dtype, build_model, load_tokenizer
 from .config import load_config
 from .data import load_pairs, read_rows, write_jsonl
 from .dpo import DPOSettings, evaluate_dpo
-from .sft import train
+from .loop import train
 from .templates import alpaca_prompt
 
 DEMO_STEPS = 200

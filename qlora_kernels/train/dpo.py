@@ -47,10 +47,11 @@ from qlora_kernels.hf import adapters_disabled
 
 from .components import autocast
 from .config import DPO_LOSSES, SFTConfig
-from .data import MicroBatchStream, PreferencePair, collate_pairs, pair_batches
-from .distributed import SINGLE, DistContext, shard
+from .data import DataStats, PreferencePair, collate_pairs, load_pairs
+from .distributed import SINGLE, DistContext, all_reduce_sum, shard
 from .distributed import unwrap_model as _unwrap
 from .loss import IGNORE_INDEX, model_sequence_log_probs
+from .objective import Objective, evaluate
 
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                "logps/rejected")
@@ -99,15 +100,6 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-# --------------------------------------------------------------------------- the stream
-
-
-def pair_stream(pairs: list[PreferencePair], micro_batch_size: int, seed: int, pad_id: int,
-                ctx: DistContext = SINGLE) -> MicroBatchStream:
-    """The shuffled, resumable micro-batch stream of pairs (``micro_batch_size`` pairs per rank)."""
-    return MicroBatchStream(pairs, micro_batch_size, seed, pad_id, ctx, collate_fn=collate_pairs)
-
-
 # --------------------------------------------------------------------------- the step
 
 
@@ -122,8 +114,7 @@ class DPOSettings:
 
     @classmethod
     def from_config(cls, cfg: SFTConfig) -> DPOSettings:
-        return cls(getattr(cfg, "dpo_beta", 0.1), getattr(cfg, "dpo_loss", "sigmoid"),
-                   getattr(cfg, "dpo_label_smoothing", 0.0), cfg.loss_chunk_size)
+        return cls(cfg.dpo_beta, cfg.dpo_loss, cfg.dpo_label_smoothing, cfg.loss_chunk_size)
 
 
 def reference_log_probs(model: nn.Module, batch: dict[str, Tensor], chunk_size: int | None = None) -> Tensor:
@@ -161,57 +152,23 @@ def dpo_batch_loss(model: nn.Module, batch: dict[str, Tensor], settings: DPOSett
     return (losses * w).sum(), dict(zip((*METRIC_KEYS, "pairs"), sums))
 
 
-def finish_metrics(sums: dict[str, float], loss_sum: float, prefix: str = "") -> dict[str, float]:
-    """Means from sums (``loss`` and every metric over ``pairs``), keys prefixed (e.g. ``eval_``)."""
-    n = max(1.0, sums.get("pairs", 0.0))
-    out = {f"{prefix}loss": loss_sum / n}
-    out.update({f"{prefix}{k}": sums.get(k, 0.0) / n for k in METRIC_KEYS})
-    return out
-
-
-def add_sums(total: dict[str, float], sums: dict[str, float]) -> dict[str, float]:
-    """``total += sums`` key by key (returns ``total``)."""
-    for k, v in sums.items():
-        total[k] = total.get(k, 0.0) + v
-    return total
-
-
-@torch.no_grad()
-def dpo_sums(model: nn.Module, pairs: list[PreferencePair], batch_size: int, pad_id: int, device: torch.device,
-             amp: torch.dtype | None, settings: DPOSettings) -> tuple[float, dict[str, float]]:
-    """``(loss sum, metric sums)`` over ``pairs`` in eval mode (no dropout); for sharded evaluation."""
-    model = _unwrap(model)
-    was_training = model.training
-    model.eval()
-    loss_sum, sums = 0.0, dict.fromkeys((*METRIC_KEYS, "pairs"), 0.0)  # fixed keys: ranks all-reduce them in order
-    try:
-        for batch in pair_batches(pairs, batch_size, pad_id):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(device, amp):
-                s, m = dpo_batch_loss(model, batch, settings)
-            loss_sum += float(s)
-            add_sums(sums, m)
-    finally:
-        model.train(was_training)
-    return loss_sum, sums
-
-
 def evaluate_dpo(model: nn.Module, pairs: list[PreferencePair], batch_size: int, pad_id: int, device: torch.device,
                  amp: torch.dtype | None, settings: DPOSettings) -> dict[str, float]:
     """DPO loss and reward metrics over ``pairs``: ``{"eval_loss", "eval_rewards/accuracies", ...}``."""
-    loss_sum, sums = dpo_sums(model, pairs, batch_size, pad_id, device, amp, settings)
-    return finish_metrics(sums, loss_sum, "eval_")
+    objective = DPOObjective(settings)
+    loss_sum, _, sums = evaluate(objective, model, pairs, batch_size, pad_id, device, amp)
+    return {"eval_loss": loss_sum / max(1.0, sums["pairs"]),
+            **{f"eval_{k}": v for k, v in objective.metrics(sums).items()}}
 
 
 @torch.no_grad()
 def precompute_reference_log_probs(model: nn.Module, pairs: list[PreferencePair], batch_size: int, pad_id: int,
                                    device: torch.device, amp: torch.dtype | None, chunk_size: int | None = None,
-                                   ctx: DistContext = SINGLE,
-                                   all_reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+                                   ctx: DistContext = SINGLE) -> None:
     """Fill ``ref_chosen`` / ``ref_rejected`` of every pair: one no-grad pass with the adapters off, in eval mode.
 
-    Distributed, each rank computes its contiguous share of the pairs (:func:`.distributed.shard`) and
-    ``all_reduce`` (a sum over ranks) gives every rank all values.
+    Distributed, each rank computes its contiguous share of the pairs (:func:`.distributed.shard`) and a sum
+    over ranks gives every rank all values.
     """
     base = _unwrap(model)
     was_training = base.training
@@ -227,9 +184,62 @@ def precompute_reference_log_probs(model: nn.Module, pairs: list[PreferencePair]
             values[idx, 0], values[idx, 1] = ref[:len(idx)], ref[len(idx):]
     finally:
         base.train(was_training)
-    if all_reduce is not None:
-        values = all_reduce(values)
+    values = all_reduce_sum(values, ctx, device)
     for p, (c, r) in zip(pairs, values.tolist()):
         if not (math.isfinite(c) and math.isfinite(r)):
             raise ValueError(f"{p.source}: the reference log-probs are not finite ({c}, {r})")
         p.ref_chosen, p.ref_rejected = c, r
+
+
+# --------------------------------------------------------------------------- the objective
+
+
+class DPOObjective(Objective):
+    """DPO / IPO over preference pairs, normalized by the pairs of the step (:func:`dpo_batch_loss`)."""
+
+    name = "dpo"
+    count_key = "pairs"
+    item_noun = "pairs"
+    metric_keys = (*METRIC_KEYS, "pairs")
+
+    def __init__(self, settings: DPOSettings, precompute_ref_log_probs: bool = False) -> None:
+        self.settings = settings
+        self.precompute_ref_log_probs = precompute_ref_log_probs
+
+    @classmethod
+    def from_config(cls, cfg: SFTConfig) -> DPOObjective:
+        return cls(DPOSettings.from_config(cfg), cfg.precompute_ref_log_probs)
+
+    def load_data(self, cfg: SFTConfig, tokenizer: Any) -> tuple[list[PreferencePair], list[PreferencePair],
+                                                                 DataStats]:
+        return load_pairs(cfg, tokenizer)
+
+    def collate(self, items: list[PreferencePair], pad_id: int, counted: bool = True) -> dict[str, Tensor]:
+        return collate_pairs(items, pad_id, counted)
+
+    def count(self, batch: dict[str, Tensor]) -> int:
+        return int(batch["pair_weight"].sum())
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor],
+             run: Callable[..., Any] | None = None) -> tuple[Tensor, dict[str, float]]:
+        return dpo_batch_loss(model, batch, self.settings, run)
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """Each reward and log-prob sum over the pairs (``sums["pairs"]``, the summed pair weights)."""
+        n = max(1.0, sums.get("pairs", 0.0))
+        return {k: sums.get(k, 0.0) / n for k in METRIC_KEYS}
+
+    def setup(self, model: nn.Module, train_items: list[PreferencePair], eval_items: list[PreferencePair],
+              batch_size: int, pad_id: int, device: torch.device, amp: torch.dtype | None,
+              ctx: DistContext) -> str | None:
+        """With ``precompute_ref_log_probs``: the reference log-probs of every pair, once (then a step runs one
+        forward instead of two)."""
+        if not self.precompute_ref_log_probs:
+            return None
+        for pairs in (train_items, eval_items):
+            precompute_reference_log_probs(model, pairs, batch_size, pad_id, device, amp, self.settings.chunk_size,
+                                           ctx)
+        return f"reference log-probs precomputed for {len(train_items)} + {len(eval_items)} pairs"
+
+    def eval_note(self, record: dict[str, Any]) -> str:
+        return f", reward accuracy {record['eval_rewards/accuracies']:.3f}"

@@ -1,0 +1,101 @@
+"""What the training loop optimizes: the interface of an objective (SFT, DPO), and its evaluation.
+
+The loop (:mod:`.loop`) knows nothing of SFT or DPO; an :class:`Objective` tells it
+
+* what its items are and what a batch of them is: :meth:`~Objective.load_data`, :meth:`~Objective.collate`;
+* the normalization count of a batch: :meth:`~Objective.count` (target tokens, pairs). A step's loss is the
+  sum of its micro-batches' loss sums over the count of the whole accumulated (global) batch, so its
+  gradient is that of the mean loss, whatever the split into micro-batches and ranks;
+* the loss sum and metric sums of a micro-batch: :meth:`~Objective.loss`, and the means logged from
+  summed metrics: :meth:`~Objective.metrics`;
+* any one-time work before the first step: :meth:`~Objective.setup` (DPO's precomputed reference log-probs).
+
+Sums, not means, cross the boundary, so that the loop can add them over micro-batches and all-reduce
+them over ranks before it divides. :func:`evaluate` runs an objective's loss over items without gradients.
+The formulas are in docs/FORMATS.md (SFT and DPO losses); :mod:`.sft` and :mod:`.dpo` implement them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .components import autocast
+from .config import SFTConfig
+from .data import DataStats
+from .distributed import DistContext, unwrap_model
+
+
+class Objective(ABC):
+    """One training objective behind the loop. Subclasses set the class attributes and the methods below."""
+
+    name: ClassVar[str]  # "sft" | "dpo": the progress bar's label
+    count_key: ClassVar[str]  # the metrics key of a step's normalization count ("target_tokens" | "pairs")
+    item_noun: ClassVar[str]  # what one item is called in messages ("examples" | "pairs")
+    metric_keys: ClassVar[tuple[str, ...]] = ()  # the keys of loss()'s metric sums, always all of them, in order
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: SFTConfig) -> Objective:
+        """The objective with the settings a config gives it."""
+
+    @abstractmethod
+    def load_data(self, cfg: SFTConfig, tokenizer: Any) -> tuple[list[Any], list[Any], DataStats]:
+        """``(train items, eval items, stats)`` read and tokenized from the config's datasets."""
+
+    @abstractmethod
+    def collate(self, items: list[Any], pad_id: int, counted: bool = True) -> dict[str, Tensor]:
+        """One padded batch of ``items``; ``counted=False``: a placeholder that runs but counts for nothing."""
+
+    @abstractmethod
+    def count(self, batch: dict[str, Tensor]) -> int:
+        """The batch's normalization count (0 for a placeholder)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: dict[str, Tensor],
+             run: Callable[..., Any] | None = None) -> tuple[Tensor, dict[str, float]]:
+        """``(loss sum, metric sums)`` of one batch already on the device.
+
+        ``run(fn, *args)`` runs ``fn(model, *args)`` as the forward that DDP sees (training; see
+        :func:`.distributed.wrap_model`); None runs it on ``model`` directly (evaluation).
+        """
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """The means logged besides the loss, from metric sums added over batches (and ranks)."""
+        return {}
+
+    def setup(self, model: nn.Module, train_items: list[Any], eval_items: list[Any], batch_size: int, pad_id: int,
+              device: torch.device, amp: torch.dtype | None, ctx: DistContext) -> str | None:
+        """One-time work before the first step; returns what to report, or None (nothing done)."""
+        return None
+
+    def eval_note(self, record: dict[str, Any]) -> str:
+        """What the eval line adds after the eval loss, from the eval record (e.g. ``", reward accuracy 0.75"``)."""
+        return ""
+
+
+@torch.no_grad()
+def evaluate(objective: Objective, model: nn.Module, items: list[Any], batch_size: int, pad_id: int,
+             device: torch.device, amp: torch.dtype | None) -> tuple[float, float, dict[str, float]]:
+    """``(loss sum, count, metric sums)`` of ``objective`` over ``items`` in order, ``batch_size`` at a time, in eval
+    mode (no dropout) and without gradients; the sums of a shard, for the caller to add over ranks."""
+    model = unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    loss_sum, count, sums = 0.0, 0, dict.fromkeys(objective.metric_keys, 0.0)
+    try:
+        for s in range(0, len(items), batch_size):
+            batch = {k: v.to(device) for k, v in objective.collate(items[s:s + batch_size], pad_id).items()}
+            with autocast(device, amp):
+                loss, metric_sums = objective.loss(model, batch)
+            loss_sum += float(loss)
+            count += objective.count(batch)
+            for k, v in metric_sums.items():
+                sums[k] += v
+    finally:
+        model.train(was_training)
+    return loss_sum, count, sums
