@@ -84,19 +84,21 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 def _config_keys_help() -> str:
     import dataclasses
 
-    from .train.config import ALIAS_NOTES, ALIASES, SFTConfig
+    from .train.config import ALIAS_NOTES, ALIASES, KEY_GROUPS
 
-    lines = ["config keys (default):"]
-    for f in dataclasses.fields(SFTConfig):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            "required" if f.default_factory is dataclasses.MISSING else f.default_factory())
-        if dataclasses.is_dataclass(default):
-            default = dataclasses.asdict(default)
-        choices = f.metadata.get("choices")
-        allowed = f" [{' | '.join(map(str, choices))}]" if choices and len(choices) > 1 else ""
-        rng = f.metadata.get("range")
-        ranged = f"; allowed: {str(rng).removeprefix('in ')}" if rng else ""
-        lines.append(f"  {f.name} ({default}): {f.metadata.get('help', '')}{allowed}{ranged}")
+    lines = []
+    for heading, group in KEY_GROUPS:
+        lines.append(f"{heading}:")
+        for f in dataclasses.fields(group):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                "required" if f.default_factory is dataclasses.MISSING else f.default_factory())
+            if dataclasses.is_dataclass(default):
+                default = dataclasses.asdict(default)
+            choices = f.metadata.get("choices")
+            allowed = f" [{' | '.join(map(str, choices))}]" if choices and len(choices) > 1 else ""
+            rng = f.metadata.get("range")
+            ranged = f"; allowed: {str(rng).removeprefix('in ')}" if rng else ""
+            lines.append(f"  {f.name} ({default}): {f.metadata.get('help', '')}{allowed}{ranged}")
     lines.append("aliases (TRL / transformers / PEFT / Axolotl names, read as ours; not together with ours):")
     lines += [f"  {a} -> {k}" + (f" ({ALIAS_NOTES[a]})" if a in ALIAS_NOTES else "") for a, k in ALIASES.items()]
     return "\n".join(lines)

@@ -19,14 +19,14 @@ from torch import nn
 
 from qlora_kernels import PagedAdamW, apply_qlora, load_4bit_model, save_adapter
 
-from .config import SFTConfig
+from .config import TrainConfig
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, missing component, incompatible checkpoint)."""
 
 
-def resolve_device(cfg: SFTConfig) -> torch.device:
+def resolve_device(cfg: TrainConfig) -> torch.device:
     """The configured device (``auto``: CUDA if torch sees one, else the CPU)."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise TrainingError("device: 'cuda' was asked for but torch sees no CUDA device")
@@ -35,7 +35,7 @@ def resolve_device(cfg: SFTConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def autocast_dtype(cfg: SFTConfig, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype: bf16 on CUDA devices with bf16 (``bf16: auto``), fp16 if asked, else None (fp32).
 
     On a CPU ``auto`` means fp32: CPU bf16 matmuls are slower than fp32 on most CPUs. ``bf16: true``
@@ -61,7 +61,7 @@ def autocast(device: torch.device, amp: torch.dtype | None) -> contextlib.Abstra
     return torch.autocast(device_type=device.type, dtype=amp)
 
 
-def load_tokenizer(cfg: SFTConfig) -> Any:
+def load_tokenizer(cfg: TrainConfig) -> Any:
     """The tokenizer of ``tokenizer_config`` (default: ``base_model``), with a pad token."""
     from transformers import AutoTokenizer
 
@@ -72,7 +72,7 @@ def load_tokenizer(cfg: SFTConfig) -> Any:
     return tok
 
 
-def build_model(cfg: SFTConfig, device: torch.device | None = None) -> nn.Module:
+def build_model(cfg: TrainConfig, device: torch.device | None = None) -> nn.Module:
     """Load ``base_model`` with its linear layers in NF4 and add trainable LoRA adapters (``apply_qlora``).
 
     The frozen parts (embeddings, norms, lm_head) are kept in bf16/fp16 when training under that
@@ -91,7 +91,7 @@ def build_model(cfg: SFTConfig, device: torch.device | None = None) -> nn.Module
     return model.to(device)
 
 
-def build_optimizer(cfg: SFTConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW over ``params``: torch's (``adamw_torch``) or qlora_kernels' PagedAdamW (32- or 8-bit states)."""
     kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
               weight_decay=cfg.weight_decay)
@@ -118,21 +118,21 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def warmup_steps(cfg: SFTConfig, total_steps: int) -> int:
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     """``warmup_steps``, or ``warmup_ratio`` of the total rounded up (as transformers' TrainingArguments does)."""
     if cfg.warmup_steps is not None:
         return cfg.warmup_steps
     return math.ceil((cfg.warmup_ratio or 0.0) * total_steps)
 
 
-def build_scheduler(cfg: SFTConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
     """A ``LambdaLR`` over :func:`lr_factor` (warmup from :func:`warmup_steps`)."""
     warmup = warmup_steps(cfg, total_steps)
     kind = cfg.lr_scheduler
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, kind))
 
 
-def total_steps(cfg: SFTConfig, micro_batches_per_epoch: int) -> int:
+def total_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> int:
     """Optimizer steps of the run: ``max_steps``, else ``num_epochs`` of micro-batches over the accumulation."""
     if cfg.max_steps is not None:
         return cfg.max_steps

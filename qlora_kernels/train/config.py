@@ -1,4 +1,4 @@
-"""The SFT config: one YAML file with Axolotl-like keys, checked completely before any model loads.
+"""The training config: one YAML file with Axolotl-like keys, checked completely before any model loads.
 
 ``load_config(path, overrides)`` reads the YAML, applies ``key=value`` overrides (dotted keys,
 values parsed as YAML: ``quantization.blocksize=128``, ``datasets.0.path=x.jsonl``,
@@ -15,7 +15,8 @@ names what to set instead (:data:`FOREIGN_KEYS`).
 
 The dataclasses below are the schema: a field's type annotation is its type, its default the
 default, and ``metadata`` carries the allowed values (``choices``), path checks (``path``) and
-a one-line help.
+a one-line help. The keys are flat in the YAML and grouped here: :class:`CommonKeys` (every run),
+:class:`SFTKeys` and :class:`DPOKeys` (each objective's), joined in :class:`TrainConfig`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any, ClassVar, Literal, Union
 import yaml
 
 DATASET_TYPES = ("alpaca", "completion", "chat", "text", "preference", "hh-rlhf")
-PREFERENCE_TYPES = ("preference", "hh-rlhf")  # the row formats of DPO (see train/dpo.py)
+PREFERENCE_TYPES = ("preference", "hh-rlhf")  # the row formats of DPO (see train/data.py)
 DPO_LOSSES = ("sigmoid", "ipo")
 EVAL_SPLITS = ("eval", "validation", "test")
 PROMPT_TEMPLATES = ("alpaca", "chatml", "tokenizer_default")
@@ -111,8 +112,9 @@ class QuantizationConfig:
 
 
 @dataclass
-class SFTConfig:
-    """Fine-tuning with QLoRA: SFT, or DPO with ``rl: dpo``. See examples/sft_tiny.yaml and examples/dpo_tiny.yaml."""
+class CommonKeys:
+    """The keys of every run: model, data, adapter, optimization, evaluation, checkpoints, output."""
+
 
     base_model: str = _f(path="model_dir", help="local Hugging Face model directory (safetensors)")
     datasets: list[DatasetConfig] = _f(help="list of {path, type, split}")
@@ -121,11 +123,6 @@ class SFTConfig:
     trust_remote_code: bool = _f(False, help="allow custom model code from base_model (off by default)")
     rl: str | None = _f(None, choices=("dpo",), help="preference tuning instead of SFT: 'dpo' (Axolotl key)")
     trainer: str | None = _f(None, choices=("sft", "dpo"), help="'sft' or 'dpo' (default: sft, or dpo if rl: dpo)")
-    dpo_beta: float = _f(0.1, range=POSITIVE, help="DPO beta: strength of the pull towards the reference model")
-    dpo_loss: str = _f("sigmoid", choices=DPO_LOSSES, help="sigmoid (DPO) or ipo")
-    dpo_label_smoothing: float = _f(0.0, range=Range(0, 0.5, hi_open=True),
-                                    help="assumed share of flipped preference labels, in [0, 0.5) (sigmoid)")
-    precompute_ref_log_probs: bool = _f(False, help="compute the reference log-probs once before training")
     adapter: str = _f("qlora", choices=("qlora",), help="adapter kind (Axolotl key)")
     load_in_4bit: bool = _f(True, choices=(True,), help="Axolotl key; QLoRA always loads in 4 bits")
     quantization: QuantizationConfig = _f(factory=QuantizationConfig, help="{quant_type, double_quant, blocksize}")
@@ -134,9 +131,6 @@ class SFTConfig:
     lora_dropout: float = _f(0.0, range=UNIT, help="dropout on the LoRA input, in [0, 1)")
     lora_target_modules: Union[str, list[str]] = _f("all-linear", help="'all-linear' or a list of module names")
     peft_use_rslora: bool = _f(False, help="rank-stabilized scale alpha / sqrt(r)")
-    prompt_template: str | None = _f(None, choices=PROMPT_TEMPLATES, help="default: alpaca for alpaca rows, "
-                                     "chatml for chat rows")
-    train_on_inputs: bool = _f(False, help="also train on prompt tokens")
     sequence_len: int = _f(2048, range=AT_LEAST_1, help="tokens per example; longer ones are truncated and counted")
     skip_bad_rows: bool = _f(False, help="skip (and count) malformed rows instead of failing")
     val_set_size: float = _f(0.0, range=AT_LEAST_0,
@@ -182,6 +176,37 @@ class SFTConfig:
     resume_from_checkpoint: str | None = _f(None, path="checkpoint", help="checkpoint directory to resume from")
     progress_bar: bool = _f(True, help="show a tqdm progress bar")
 
+
+@dataclass
+class SFTKeys:
+    """The keys of the SFT objective (the default; :mod:`.sft`): how SFT rows become prompt and target tokens."""
+
+    prompt_template: str | None = _f(None, choices=PROMPT_TEMPLATES, help="default: alpaca for alpaca rows, "
+                                     "chatml for chat rows")
+    train_on_inputs: bool = _f(False, help="also train on prompt tokens")
+
+
+@dataclass
+class DPOKeys:
+    """The keys of the DPO objective (``rl: dpo`` or ``trainer: dpo``; :mod:`.dpo`)."""
+
+    dpo_beta: float = _f(0.1, range=POSITIVE, help="DPO beta: strength of the pull towards the reference model")
+    dpo_loss: str = _f("sigmoid", choices=DPO_LOSSES, help="sigmoid (DPO) or ipo")
+    dpo_label_smoothing: float = _f(0.0, range=Range(0, 0.5, hi_open=True),
+                                    help="assumed share of flipped preference labels, in [0, 0.5) (sigmoid)")
+    precompute_ref_log_probs: bool = _f(False, help="compute the reference log-probs once before training")
+
+
+@dataclass
+class TrainConfig(DPOKeys, SFTKeys, CommonKeys):
+    """Fine-tuning with QLoRA: SFT, or DPO with ``rl: dpo``. See examples/sft_tiny.yaml and examples/dpo_tiny.yaml.
+
+    One flat set of YAML keys: the common keys (:class:`CommonKeys`), then the SFT objective's
+    (:class:`SFTKeys`) and the DPO objective's (:class:`DPOKeys`); a run reads the common keys and those of
+    its objective (:attr:`objective`). Fields come in that order (a dataclass takes its bases' fields
+    from the last base to the first).
+    """
+
     aliases: ClassVar[dict[str, str]] = {}  # set per instance by validate(): {alias given: our key}
 
     def to_dict(self) -> dict[str, Any]:
@@ -205,6 +230,15 @@ class SFTConfig:
     @property
     def eval_datasets(self) -> list[DatasetConfig]:
         return [d for d in self.datasets if d.split != "train"] + list(self.test_datasets)
+
+
+SFTConfig = TrainConfig  # the name from before DPO joined; both name the same class
+# The key groups in the order of TrainConfig's fields, with the heading ``qlora-kernels train --help`` gives each.
+KEY_GROUPS: tuple[tuple[str, type], ...] = (
+    ("config keys (default), common to SFT and DPO", CommonKeys),
+    ("SFT keys (trainer: sft, the default)", SFTKeys),
+    ("DPO keys (rl: dpo or trainer: dpo)", DPOKeys),
+)
 
 
 # --------------------------------------------------------------------------- names other trainers use
@@ -451,7 +485,9 @@ def _check_ranges(obj: Any, prefix: str, errors: list[str]) -> None:
         errors.append(f"{prefix}{f.name}: must be {finite}{rng}{null}{note}; got {value}")
 
 
-def _check_rules(cfg: SFTConfig, errors: list[str]) -> None:
+def _check_rules(cfg: TrainConfig, errors: list[str]) -> None:
+    """The rules between keys: of the common keys, of the objective's keys (dpo_label_smoothing with dpo_loss),
+    and between the objective and its data (DPO reads preference rows, SFT the others; alpaca cannot format chat)."""
     if cfg.num_epochs <= 0 and cfg.max_steps is None:
         errors.append(f"num_epochs: must be > 0 (or set max_steps), got {cfg.num_epochs}")
     if cfg.warmup_steps is not None and cfg.warmup_ratio is not None:
@@ -490,7 +526,7 @@ def _check_rules(cfg: SFTConfig, errors: list[str]) -> None:
                               "allowed for chat: 'chatml', 'tokenizer_default'")
 
 
-def check_output_dir(cfg: SFTConfig) -> list[str]:
+def check_output_dir(cfg: TrainConfig) -> list[str]:
     """What stops this run from writing into ``cfg.output_dir`` (one run per directory), as error messages.
 
     The results of another run there (its adapter, a non-empty metrics.jsonl, checkpoints; see
@@ -525,8 +561,8 @@ def check_output_dir(cfg: SFTConfig) -> list[str]:
             "overwrite_output_dir: true to replace them, or choose another output_dir"]
 
 
-def validate(raw: dict[str, Any]) -> SFTConfig:
-    """Build an :class:`SFTConfig` from a plain mapping, or raise :class:`ConfigError` listing every problem.
+def validate(raw: dict[str, Any]) -> TrainConfig:
+    """Build an :class:`TrainConfig` from a plain mapping, or raise :class:`ConfigError` listing every problem.
 
     Aliases (:data:`ALIASES`) are read as our keys first; errors about them name the alias.
     ``output_dir`` is checked last (:func:`check_output_dir`), once everything else is valid.
@@ -536,11 +572,11 @@ def validate(raw: dict[str, Any]) -> SFTConfig:
     errors: list[str] = []
     raw, aliases = _canonical(raw, errors)
     build_errors: list[str] = []
-    cfg = _build(SFTConfig, raw, "", build_errors)
+    cfg = _build(TrainConfig, raw, "", build_errors)
     typed = not build_errors and not errors  # the cross-field rules below assume every value has its type
     if cfg is not None:
         _check_ranges(cfg, "", build_errors)
-        for f in dataclasses.fields(SFTConfig):
+        for f in dataclasses.fields(TrainConfig):
             if f.metadata.get("path"):
                 _check_path(f.name, getattr(cfg, f.name), f.metadata["path"], build_errors)
         for name in ("datasets", "test_datasets"):
@@ -621,7 +657,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                raw: dict[str, Any] | None = None) -> SFTConfig:
+                raw: dict[str, Any] | None = None) -> TrainConfig:
     """Read a YAML config (or take ``raw``), apply overrides and validate it. Loads no model.
 
     Raises:
@@ -651,7 +687,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return validate(apply_overrides(raw, list(overrides or [])))
 
 
-def dump_config(cfg: SFTConfig, path: str | os.PathLike) -> None:
+def dump_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Write the resolved config (every key, defaults included) as YAML, after a comment naming the aliases read."""
     with open(path, "w", encoding="utf-8") as f:
         if cfg.aliases:

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .config import PREFERENCE_TYPES, DatasetConfig, SFTConfig
+from .config import PREFERENCE_TYPES, DatasetConfig, TrainConfig
 from .distributed import SINGLE, DistContext, shard
 from .loss import IGNORE_INDEX
 from .templates import Segment, alpaca_segments, chat_segments
@@ -196,7 +196,7 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
                 yield f"{f}:row {i}", row
 
 
-def checked_rows(ds: DatasetConfig, cfg: SFTConfig, stats: DataStats,
+def checked_rows(ds: DatasetConfig, cfg: TrainConfig, stats: DataStats,
                  check: Callable[[Any, str], str | None]) -> Iterator[tuple[str, Any]]:
     """``(source, row)`` for each well-formed row of a dataset, counted in ``stats``. A malformed row
     (unreadable, or ``check(row, ds.type)`` names a problem) is an error naming file and line, or,
@@ -315,7 +315,7 @@ def tokenize_segments(segments: list[Segment], tokenizer: Any, add_eos: bool = T
     return ids, labels
 
 
-def load_dataset(ds: DatasetConfig, cfg: SFTConfig, tokenizer: Any, stats: DataStats) -> list[Example]:
+def load_dataset(ds: DatasetConfig, cfg: TrainConfig, tokenizer: Any, stats: DataStats) -> list[Example]:
     """Read, check, format and tokenize one dataset; updates ``stats``."""
     template = resolve_template(ds.type, cfg.prompt_template)
     out: list[Example] = []
@@ -395,7 +395,7 @@ def _tokenize_completion(prompt: str, completion: str, tokenizer: Any, sequence_
     return Example(ids, labels, source)
 
 
-def load_preference_dataset(ds: DatasetConfig, cfg: SFTConfig, tokenizer: Any, stats: DataStats) -> list[
+def load_preference_dataset(ds: DatasetConfig, cfg: TrainConfig, tokenizer: Any, stats: DataStats) -> list[
         PreferencePair]:
     """Read, check and tokenize one preference dataset; updates ``stats`` (``examples`` counts pairs).
 
@@ -424,7 +424,7 @@ def load_preference_dataset(ds: DatasetConfig, cfg: SFTConfig, tokenizer: Any, s
 
 
 def load_split(
-    cfg: SFTConfig, tokenizer: Any, load_one: Callable[..., list], noun: str
+    cfg: TrainConfig, tokenizer: Any, load_one: Callable[..., list], noun: str
 ) -> tuple[list, list, DataStats]:
     """Train and eval items for a config, each dataset read by ``load_one(ds, cfg, tokenizer, stats)``:
     eval from eval-split datasets, else ``val_set_size`` of train (a seeded random hold-out).
@@ -445,12 +445,12 @@ def load_split(
     return train, evals, stats
 
 
-def load_examples(cfg: SFTConfig, tokenizer: Any) -> tuple[list[Example], list[Example], DataStats]:
+def load_examples(cfg: TrainConfig, tokenizer: Any) -> tuple[list[Example], list[Example], DataStats]:
     """Train and eval examples for a config: eval from eval-split datasets, else ``val_set_size`` of train."""
     return load_split(cfg, tokenizer, load_dataset, "example")
 
 
-def load_pairs(cfg: SFTConfig, tokenizer: Any) -> tuple[list[PreferencePair], list[PreferencePair], DataStats]:
+def load_pairs(cfg: TrainConfig, tokenizer: Any) -> tuple[list[PreferencePair], list[PreferencePair], DataStats]:
     """Train and eval pairs for a config: eval from eval-split datasets, else ``val_set_size`` of train."""
     return load_split(cfg, tokenizer, load_preference_dataset, "pair")
 

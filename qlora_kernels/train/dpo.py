@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from qlora_kernels.hf import adapters_disabled
 
 from .components import autocast
-from .config import DPO_LOSSES, SFTConfig
+from .config import DPO_LOSSES, TrainConfig
 from .data import DataStats, PreferencePair, collate_pairs, load_pairs
 from .distributed import SINGLE, DistContext, all_reduce_sum, shard
 from .distributed import unwrap_model as _unwrap
@@ -113,7 +113,7 @@ class DPOSettings:
     chunk_size: int | None = None
 
     @classmethod
-    def from_config(cls, cfg: SFTConfig) -> DPOSettings:
+    def from_config(cls, cfg: TrainConfig) -> DPOSettings:
         return cls(cfg.dpo_beta, cfg.dpo_loss, cfg.dpo_label_smoothing, cfg.loss_chunk_size)
 
 
@@ -207,10 +207,10 @@ class DPOObjective(Objective):
         self.precompute_ref_log_probs = precompute_ref_log_probs
 
     @classmethod
-    def from_config(cls, cfg: SFTConfig) -> DPOObjective:
+    def from_config(cls, cfg: TrainConfig) -> DPOObjective:
         return cls(DPOSettings.from_config(cfg), cfg.precompute_ref_log_probs)
 
-    def load_data(self, cfg: SFTConfig, tokenizer: Any) -> tuple[list[PreferencePair], list[PreferencePair],
+    def load_data(self, cfg: TrainConfig, tokenizer: Any) -> tuple[list[PreferencePair], list[PreferencePair],
                                                                  DataStats]:
         return load_pairs(cfg, tokenizer)
 

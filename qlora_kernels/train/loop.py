@@ -63,14 +63,14 @@ from .components import (
     resolve_device,
     total_steps,
 )
-from .config import ConfigError, SFTConfig, check_output_dir, dump_config
+from .config import ConfigError, TrainConfig, check_output_dir, dump_config
 from .data import DataStats, MicroBatchStream
 from .dpo import DPOObjective
 from .metrics import MetricsLog, plot_losses
 from .objective import Objective, evaluate
 from .sft import SFTObjective
 
-OBJECTIVES: dict[str, type[Objective]] = {"sft": SFTObjective, "dpo": DPOObjective}  # by SFTConfig.objective
+OBJECTIVES: dict[str, type[Objective]] = {"sft": SFTObjective, "dpo": DPOObjective}  # by TrainConfig.objective
 
 
 @dataclass
@@ -87,7 +87,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def train(cfg: SFTConfig, model: nn.Module | None = None, tokenizer: Any = None,
+def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = None,
           on_step_end: Callable[[int, dict[str, Any]], None] | None = None, quiet: bool = False) -> TrainResult:
     """Run supervised fine-tuning (or DPO with ``rl: dpo``) as configured and return a :class:`TrainResult`.
 
@@ -131,7 +131,7 @@ def train(cfg: SFTConfig, model: nn.Module | None = None, tokenizer: Any = None,
 class Recipe:
     """One run of :func:`train`: :meth:`setup`, then :meth:`fit`, then :meth:`finish`, for any :class:`Objective`."""
 
-    def __init__(self, cfg: SFTConfig, objective: Objective, ctx: dp.DistContext, device: torch.device,
+    def __init__(self, cfg: TrainConfig, objective: Objective, ctx: dp.DistContext, device: torch.device,
                  quiet: bool) -> None:
         self.cfg, self.objective, self.ctx, self.device, self.quiet = cfg, objective, ctx, device, quiet
         self.out = Path(cfg.output_dir)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .components import autocast
-from .config import SFTConfig
+from .config import TrainConfig
 from .data import DataStats
 from .distributed import DistContext, unwrap_model
 
@@ -40,11 +40,11 @@ class Objective(ABC):
 
     @classmethod
     @abstractmethod
-    def from_config(cls, cfg: SFTConfig) -> Objective:
+    def from_config(cls, cfg: TrainConfig) -> Objective:
         """The objective with the settings a config gives it."""
 
     @abstractmethod
-    def load_data(self, cfg: SFTConfig, tokenizer: Any) -> tuple[list[Any], list[Any], DataStats]:
+    def load_data(self, cfg: TrainConfig, tokenizer: Any) -> tuple[list[Any], list[Any], DataStats]:
         """``(train items, eval items, stats)`` read and tokenized from the config's datasets."""
 
     @abstractmethod

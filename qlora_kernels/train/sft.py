@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .config import SFTConfig
+from .config import TrainConfig
 from .data import DataStats, Example, collate, load_examples
 from .loss import IGNORE_INDEX, model_loss
 from .objective import Objective
@@ -31,10 +31,10 @@ class SFTObjective(Objective):
         self.chunk_size = chunk_size  # tokens per chunk of the chunked cross-entropy (None: auto)
 
     @classmethod
-    def from_config(cls, cfg: SFTConfig) -> SFTObjective:
+    def from_config(cls, cfg: TrainConfig) -> SFTObjective:
         return cls(cfg.loss_chunk_size)
 
-    def load_data(self, cfg: SFTConfig, tokenizer: Any) -> tuple[list[Example], list[Example], DataStats]:
+    def load_data(self, cfg: TrainConfig, tokenizer: Any) -> tuple[list[Example], list[Example], DataStats]:
         return load_examples(cfg, tokenizer)
 
     def collate(self, items: list[Example], pad_id: int, counted: bool = True) -> dict[str, Tensor]:
