@@ -3,6 +3,8 @@
 * :func:`nf4_linear`: ``y = x @ deq(W)^T + b`` for a frozen NF4 weight W of shape [N, K].
 * :func:`lora_linear`: ``y = x @ deq(W)^T + b + s * dropout(x) @ A^T @ B^T``, the QLoRA layer, with
   one fused backward for x, A, B (and b).
+* :func:`nf4_grouped_linear`: the experts of a mixture-of-experts layer, ``y[i] = x[i] @ deq(W[e(i)])^T``
+  for rows of x grouped by expert.
 
 Autocast: both behave as ``nn.Linear`` does. Inside an autocast region x is cast to the autocast dtype
 (differentiably: the gradient comes back in x's own dtype), the Function runs with autocast off in
@@ -64,6 +66,50 @@ class NF4LinearFunction(torch.autograd.Function):
                 grad_x = _QK.nf4_matmul(dy.contiguous(), *ctx.saved_tensors, ctx.offset, ctx.blocksize, ctx.n, ctx.k,
                                         True)
         return (grad_x,) + (None,) * 9
+
+
+class NF4GroupedLinearFunction(torch.autograd.Function):
+    """``y[i] = x[i] @ deq(W[e(i)])^T`` for rows of x grouped by expert (``offsets``), W [E, N, K]
+    frozen; gradient for x only. Saves only the (resident) NF4 tensors and the offsets: the backward
+    ``dX[i] = dY[i] @ deq(W[e(i)])`` is the same grouped op, transposed."""
+
+    @staticmethod
+    def forward(ctx, x, offsets, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n, k):
+        ctx.save_for_backward(offsets, packed, absmax, code, nested_absmax, nested_code)
+        ctx.offset, ctx.blocksize, ctx.n, ctx.k = offset, blocksize, n, k
+        return _QK.nf4_grouped_matmul(x, offsets, packed, absmax, code, nested_absmax, nested_code, offset, blocksize,
+                                      n, k, False)
+
+    @staticmethod
+    def backward(ctx, dy):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            with _autocast_off(dy.device.type):
+                grad_x = _QK.nf4_grouped_matmul(dy.contiguous(), *ctx.saved_tensors, ctx.offset, ctx.blocksize, ctx.n,
+                                                ctx.k, True)
+        return (grad_x,) + (None,) * 10
+
+
+def nf4_grouped_linear(x: Tensor, offsets: Tensor, qw: NF4Weight) -> Tensor:
+    """Experts: ``y[i] = x[i] @ deq(W[e])^T`` for the rows ``offsets[e] : offsets[e + 1]`` of x (grouped by
+    expert), W the NF4 weight ``[E, N, K]`` (e.g. a fused ``experts.gate_up_proj``); gradients flow to x.
+
+    x: float32/float16/bfloat16 ``[T, K]``; offsets: int64 ``[E + 1]`` rising from 0 to T. The result is
+    ``[T, N]`` in the compute dtype (:func:`compute_dtype`), as :func:`nf4_linear`.
+    """
+    if not isinstance(qw, NF4Weight) or len(qw.shape) != 3:
+        got = list(qw.shape) if isinstance(qw, NF4Weight) else type(qw).__name__
+        raise ValueError(f"qw must be an NF4Weight of shape [experts, out_features, in_features]; got {got}")
+    _, n, k = qw.shape
+    _check_x(x, k)
+    return _nf4_grouped_linear(x, offsets, qw.tensors(), n, k)
+
+
+def _nf4_grouped_linear(x: Tensor, offsets: Tensor, weight: tuple, n: int, k: int) -> Tensor:
+    """:func:`nf4_grouped_linear` without the argument checks, on the op arguments of the weight (for modules)."""
+    dtype = compute_dtype(x)
+    with _autocast_off(x.device.type):
+        return NF4GroupedLinearFunction.apply(x.reshape(-1, k).to(dtype), offsets, *weight, n, k)
 
 
 def dropout_mask(x: Tensor, p: float) -> Tensor:

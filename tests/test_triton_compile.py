@@ -96,3 +96,23 @@ def test_fused_matmul_fp32_is_ieee_not_tf32(transposed):
     assert re.search(r"\b(mma|wgmma)\.", ptx_bf16)
     ptx_tf32 = _compile_matmul(90, transposed, 64, 16, x_type="*fp32", precision="tf32").asm["ptx"]
     assert "tf32" in ptx_tf32
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("x_type", ["*bf16", "*fp32"])
+def test_grouped_matmul_compiles(transposed, x_type):
+    from qlora_kernels.triton import nf4_grouped as tri_grouped
+
+    fn = tri_grouped._nf4_grouped_kernel
+    types = {"x_ptr": x_type, "packed_ptr": "*u8", "absmax_ptr": "*u8", "nested_absmax_ptr": "*fp32",
+             "nested_code_ptr": "*fp32", "pairs_ptr": "*i64", "y_ptr": x_type, "offset": "fp32",
+             "tile_expert_ptr": "*i32", "tile_row0_ptr": "*i64", "tile_row1_ptr": "*i64", "E": "i32", "N": "i32",
+             "K": "i32", "stride_xm": "i32", "stride_ym": "i32"}
+    sig = {name: types.get(name, "constexpr") for name in fn.arg_names}
+    block_m, block_out, block_red, warps, stages = tri_grouped._config(64, 8192)
+    consts = {"NESTED": True, "NESTED_BLOCK": NESTED_BLOCKSIZE, "DOT_FP32": False,
+              "PRECISION": "ieee" if x_type == "*fp32" else "tf32", "BLOCKSIZE": 64, "TRANSPOSED": transposed,
+              "BLOCK_M": block_m, "BLOCK_OUT": block_out, "BLOCK_RED": block_red}
+    k = _compile(fn, sig, consts, 90, num_warps=warps, num_stages=stages)
+    assert k.metadata.shared <= SMEM_LIMIT[90]
+    assert "tf32" not in k.asm["ptx"]

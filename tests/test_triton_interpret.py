@@ -57,6 +57,20 @@ SCRIPT = textwrap.dedent(
                 assert got.dtype == torch.float32 or dtype == torch.bfloat16
                 assert err < (1e-5 if dtype == torch.float32 else 1e-2), (transposed, dtype, split, err)
                 cases += 1
+    # The grouped (mixture-of-experts) kernel: tiles never straddle experts, empty groups, both directions.
+    from qlora_kernels.triton import nf4_grouped as trig
+    for (e, n, k), blocksize, nested, dtype in [((3, 48, 64), 64, True, torch.float32),
+                                                 ((4, 70, 128), 32, False, torch.bfloat16)]:
+        qw = qk.quantize_nf4(torch.randn(e, n, k), blocksize, nested)
+        counts = torch.tensor([0, 17, 1, 40][:e])
+        off = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        for transposed in (False, True):
+            x = torch.randn(int(off[-1]), n if transposed else k, dtype=dtype)
+            got = trig.nf4_grouped_matmul(x, off, *qw.tensors(), n, k, transposed).float()
+            want = ref.nf4_grouped_matmul(x, off, *qw.tensors(), n, k, transposed).float()
+            err = float((got - want).norm() / want.norm())
+            assert err < (1e-5 if dtype == torch.float32 else 1e-2), (e, n, k, transposed, err)
+            cases += 1
     # Strided inputs to the launchers themselves are read by value (they make them contiguous).
     q = qk.quantize_nf4(torch.randn(64, 128), 64, False)
     a = torch.stack([q.absmax, q.absmax * 0 - 3], 1)[:, 0]
@@ -103,4 +117,4 @@ def test_triton_dequantize_matches_reference_bitwise():
     env.pop("QLORA_KERNELS_BACKEND", None)
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "cases 114" in proc.stdout
+    assert "cases 118" in proc.stdout

@@ -412,17 +412,19 @@ def _(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocks
 _AUTOCAST_LIB = torch.library.Library("qlora_kernels", "IMPL")
 
 
-def _register_matmul_autocast(device_type: str) -> None:
-    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
+def cast_first_input_under_autocast(op, name: str) -> None:
+    """Register the autocast rule above for the custom op ``op`` (``qlora_kernels::<name>``), whose
+    first argument is its activation, on the CPU and CUDA."""
+    for device_type in ("cpu", "cuda"):
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
 
-    def kernel(_keyset, x, *rest):
-        dtype = torch.get_autocast_dtype(device_type)
-        with torch._C._ExcludeDispatchKeyGuard(keyset):
-            return nf4_matmul._opoverload(x.to(dtype) if x.is_floating_point() else x, *rest)
+        def kernel(_keyset, x, *rest, _device_type=device_type, _keyset_off=keyset):
+            dtype = torch.get_autocast_dtype(_device_type)
+            with torch._C._ExcludeDispatchKeyGuard(_keyset_off):
+                return op._opoverload(x.to(dtype) if x.is_floating_point() else x, *rest)
 
-    _AUTOCAST_LIB.impl("nf4_matmul", kernel, key_name, with_keyset=True)
+        _AUTOCAST_LIB.impl(name, kernel, key_name, with_keyset=True)
 
 
-for _device_type in ("cpu", "cuda"):
-    _register_matmul_autocast(_device_type)
+cast_first_input_under_autocast(nf4_matmul, "nf4_matmul")

@@ -131,3 +131,33 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
     # nested_absmax 0: any code decodes to the offset; bitsandbytes writes code 0 there.
     codes = torch.where(nested_absmax[:, None] == 0, torch.zeros_like(codes), codes)
     return codes.reshape(-1)[:nb].to(torch.uint8), nested_absmax, float(offset)
+
+
+def nf4_grouped_matmul(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    nested_offset: float,
+    blocksize: int,
+    n: int,
+    k: int,
+    transposed: bool,
+) -> torch.Tensor:
+    """Experts: W is ``[E, N, K]`` (one NF4 tensor, blocks in its flattened order) and the rows of x are
+    grouped by expert, rows ``offsets[e] : offsets[e + 1]`` belonging to expert e; row i of the result is
+    ``x[i] @ deq(W[e])^T`` ([T, K] -> [T, N]) or, transposed, ``x[i] @ deq(W[e])`` ([T, N] -> [T, K]).
+    Accumulated in fp32, returned in x's dtype."""
+    experts = packed.numel() * 2 // (n * k)
+    w = dequantize_nf4(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize,
+                       experts * n * k, torch.float32).view(experts, n, k)
+    y = torch.zeros(x.shape[0], k if transposed else n, dtype=torch.float32, device=x.device)
+    bounds = offsets.tolist()
+    for e in range(experts):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            y[lo:hi] = x[lo:hi].float() @ (w[e] if transposed else w[e].t())
+    return y.to(x.dtype)
