@@ -47,10 +47,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .train import demo
+    from .demo import run
 
     try:
-        return demo.main(args)
+        return run.main(args)
     except KeyboardInterrupt:
         return 130
 
@@ -105,7 +105,7 @@ def _config_keys_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import demo
+    from .demo import run as demo
 
     p = argparse.ArgumentParser(prog="qlora-kernels", description="QLoRA kernels: fine-tune, demo, benchmark.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

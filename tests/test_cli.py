@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from qlora_kernels import cli
-from qlora_kernels.train.synthetic import instruction_rows, make_languages, save_random_model
+from qlora_kernels.demo.synthetic import instruction_rows, make_languages, save_random_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -106,6 +106,9 @@ def test_demo_help_and_module_entry_points():
     r = subprocess.run([sys.executable, "-m", "qlora_kernels.train", "--help"], capture_output=True, text=True,
                        cwd=REPO, timeout=120)
     assert r.returncode == 0 and "key=value" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "qlora_kernels.demo", "--help"], capture_output=True, text=True,
+                       cwd=REPO, timeout=120)
+    assert r.returncode == 0 and "--steps" in r.stdout and "--rebuild-base" in r.stdout
 
 
 def test_usage_error():

@@ -15,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from qlora_kernels.demo.synthetic import instruction_rows, make_languages, save_random_model
 from qlora_kernels.train import load_config, train
 from qlora_kernels.train.data import Example, MicroBatchStream, write_jsonl
 from qlora_kernels.train.distributed import (
@@ -26,7 +27,6 @@ from qlora_kernels.train.distributed import (
     unwrap_model,
     wrap_model,
 )
-from qlora_kernels.train.synthetic import instruction_rows, make_languages, save_random_model
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 

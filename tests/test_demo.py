@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_kernels import cli
-from qlora_kernels.train import synthetic
+from qlora_kernels.demo import synthetic
+from qlora_kernels.demo.run import exact_match
 from qlora_kernels.train.data import read_rows
-from qlora_kernels.train.demo import exact_match
 
 EVAL_ROWS = 60
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qlora_kernels as qk
+from qlora_kernels.demo.synthetic import instruction_rows, make_languages, save_random_model
 from qlora_kernels.train import ConfigError, DataError, load_config, train
 from qlora_kernels.train.data import (
     DataStats,
@@ -33,7 +34,6 @@ from qlora_kernels.train.dpo import (
     reference_log_probs,
 )
 from qlora_kernels.train.loss import model_sequence_log_probs, sequence_log_probs, token_log_probs
-from qlora_kernels.train.synthetic import instruction_rows, make_languages, save_random_model
 
 # --------------------------------------------------------------------------- the loss against its formula
 
@@ -481,7 +481,7 @@ def test_preference_pair_source_names_the_row(assets, tokenizer):
 
 
 def test_demo_dpo_stage_teaches_the_house_style_and_keeps_the_translations(tmp_path):
-    from qlora_kernels.train.demo import DPO_STEPS, run_demo
+    from qlora_kernels.demo.run import DPO_STEPS, run_demo
 
     res = run_demo(tmp_path / "demo", eval_rows=20, quiet=True, progress_bar=False)  # the demo as shipped
     dpo = res["dpo"]

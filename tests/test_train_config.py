@@ -168,7 +168,7 @@ def test_yaml_file_round_trip(paths, tmp_path):
 
 
 def test_example_config_is_valid_and_matches_the_demo(monkeypatch, tmp_path):
-    from qlora_kernels.train.demo import demo_raw_config
+    from qlora_kernels.demo.run import demo_raw_config
 
     monkeypatch.chdir(REPO)
     assert yaml.safe_load((REPO / "examples" / "sft_tiny.yaml").read_text())["output_dir"] == "outputs/sft_tiny"

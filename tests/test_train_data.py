@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qlora_kernels.demo.synthetic import BASE_MODEL_DIR, EOS
 from qlora_kernels.train.config import load_config
 from qlora_kernels.train.data import (
     DataError,
@@ -21,7 +22,6 @@ from qlora_kernels.train.data import (
     tokenize_segments,
 )
 from qlora_kernels.train.loss import IGNORE_INDEX, causal_lm_loss, chunked_cross_entropy
-from qlora_kernels.train.synthetic import BASE_MODEL_DIR, EOS
 from qlora_kernels.train.templates import alpaca_prompt, chatml_segments, tokenizer_template_segments
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 import qlora_kernels as qk
+from qlora_kernels.demo.synthetic import instruction_rows, make_languages, save_random_model
 from qlora_kernels.train import TrainingError, load_config, train
-from qlora_kernels.train.synthetic import instruction_rows, make_languages, save_random_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qlora_kernels.demo.synthetic import instruction_rows, make_languages, save_random_model
 from qlora_kernels.train import ConfigError, TrainingError, load_config, train
 from qlora_kernels.train.checkpoint import CheckpointError, clean_stale_saves, prune_checkpoints, save_checkpoint
-from qlora_kernels.train.synthetic import instruction_rows, make_languages, save_random_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,6 +1,7 @@
-"""``qlora-kernels demo``: a complete QLoRA fine-tune on a CPU in a couple of minutes, nothing downloaded.
+"""``qlora-kernels demo`` (or ``python -m qlora_kernels.demo``): a complete QLoRA fine-tune on a CPU in a
+couple of minutes, nothing downloaded. It uses the trainer (:mod:`qlora_kernels.train`) as a user would.
 
-1. Load the tiny Llama shipped in ``qlora_kernels/train/data/tiny_llama`` (0.9 M parameters, built by
+1. Load the tiny Llama shipped in ``qlora_kernels/demo/data/tiny_llama`` (0.9 M parameters, built by
    :mod:`.synthetic`): it knows two made-up languages, Lumo and Zil, and translates between them
    when prompted with raw text ``"<sentence> ="``. It has never seen an instruction.
 2. Quantize its linear layers to NF4 and add LoRA adapters (``load_4bit_model`` + ``apply_qlora``).
@@ -27,14 +28,14 @@ from typing import Any
 import torch
 
 from qlora_kernels import merge_and_unload
+from qlora_kernels.train.components import autocast_dtype, build_model, load_tokenizer
+from qlora_kernels.train.config import load_config
+from qlora_kernels.train.data import load_pairs, read_rows, write_jsonl
+from qlora_kernels.train.dpo import DPOSettings, evaluate_dpo
+from qlora_kernels.train.loop import train
+from qlora_kernels.train.templates import alpaca_prompt
 
 from . import synthetic
-from .components import autocast_dtype, build_model, load_tokenizer
-from .config import load_config
-from .data import load_pairs, read_rows, write_jsonl
-from .dpo import DPOSettings, evaluate_dpo
-from .loop import train
-from .templates import alpaca_prompt
 
 DEMO_STEPS = 200
 DPO_STEPS = 80

@@ -7,13 +7,14 @@ bijection. The base model is pretrained on raw text in both languages and on par
 languages and how they map. It has never seen an instruction. The demo's fine-tune then teaches it
 to follow alpaca-style instructions ("Translate into Zil.") on sentences it has never seen.
 
-Everything is seeded and built in code: the shipped checkpoint under ``data/tiny_llama`` can be
-regenerated with ``python -m qlora_kernels.train.synthetic OUT_DIR`` (about 4 minutes on one core).
+Everything is seeded and built in code: the shipped data files and the checkpoint under ``data/tiny_llama``
+(``qlora_kernels/demo/data``) are regenerated with ``python -m qlora_kernels.demo.synthetic [OUT_DIR [STEPS]]``
+(the model goes to OUT_DIR, default ``data/tiny_llama``; about 4 minutes on one core), or with
+``qlora-kernels demo --rebuild-base``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import sys
@@ -23,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-from .templates import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
+from qlora_kernels.train.data import write_jsonl
+from qlora_kernels.train.loss import causal_lm_loss
+from qlora_kernels.train.templates import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BASE_MODEL_DIR = DATA_DIR / "tiny_llama"
@@ -207,8 +210,6 @@ def pretrain_base_model(out_dir: str | Path, steps: int = 3000, batch_size: int 
     """
     from transformers import LlamaForCausalLM
 
-    from .loss import causal_lm_loss
-
     out = Path(out_dir)
     torch.manual_seed(seed)
     langs = make_languages()
@@ -245,14 +246,11 @@ def pretrain_base_model(out_dir: str | Path, steps: int = 3000, batch_size: int 
 def write_sft_files(train_path: str | Path = TRAIN_FILE, eval_path: str | Path = EVAL_FILE) -> None:
     """Write the demo's instruction data as JSONL (what ``examples/sft_tiny.yaml`` trains on)."""
     train_rows, eval_rows = sft_splits()
-    for path, rows in ((train_path, train_rows), (eval_path, eval_rows)):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_jsonl(train_rows, train_path)
+    write_jsonl(eval_rows, eval_path)
 
 
-if __name__ == "__main__":  # regenerate the shipped files: python -m qlora_kernels.train.synthetic [OUT_DIR]
+if __name__ == "__main__":  # regenerate the shipped files: python -m qlora_kernels.demo.synthetic [OUT_DIR [STEPS]]
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else BASE_MODEL_DIR
     steps_arg = int(sys.argv[2]) if len(sys.argv) > 2 else 3000
     write_sft_files()
