@@ -13,12 +13,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-BENCH_ENTRIES = ("bench.py", "run.py", "run_all.py")
-
 
 def _benchmarks_dir() -> Path:
     """``benchmarks/`` of the source tree this package was imported from (it is not installed)."""
     return Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _bench_scripts(bench: Path) -> dict[str, Path]:
+    """The runnable scripts of ``benchmarks/`` by name: its ``*.py`` files but helpers (``_*.py``) and pytest
+    files (``test_*.py``, run them with pytest)."""
+    if not bench.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(bench.glob("*.py")) if not p.name.startswith(("_", "test_"))}
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -57,21 +63,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     bench = _benchmarks_dir()
-    scripts = sorted(p for p in bench.glob("*.py") if not p.name.startswith("_")) if bench.is_dir() else []
-    if not scripts:
+    by_name = _bench_scripts(bench)
+    if not by_name:
         print(f"error: no benchmark scripts found in {bench}; the benchmarks live in the source repository's "
               "benchmarks/ folder (run from a clone of the repository)", file=sys.stderr)
         return 2
     rest = list(args.args)
-    by_name = {p.stem: p for p in scripts}
-    if rest and rest[0].removesuffix(".py") in by_name:
-        script = by_name[rest.pop(0).removesuffix(".py")]
-    else:
-        script = next((bench / e for e in BENCH_ENTRIES if (bench / e).is_file()), None)
-        if script is None:
-            print("error: name a benchmark script: " + ", ".join(by_name), file=sys.stderr)
-            return 2
-    return subprocess.call([sys.executable, str(script), *rest])
+    if not rest or rest[0].removesuffix(".py") not in by_name:
+        print("error: name a benchmark script: " + ", ".join(by_name), file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(by_name[rest.pop(0).removesuffix(".py")]), *rest])
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:
@@ -127,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     b = sub.add_parser("bench", help="micro-benchmarks against bitsandbytes (scripts in benchmarks/)",
-                       description="Run a script from the repository's benchmarks/ folder: bench [SCRIPT] [ARGS...]")
-    b.add_argument("args", nargs="*", metavar="ARG", help="[SCRIPT] and its arguments, passed on unchanged")
+                       description="Run a script from the repository's benchmarks/ folder: bench SCRIPT [ARGS...]")
+    b.add_argument("args", nargs="*", metavar="ARG", help="SCRIPT and its arguments, passed on unchanged")
     b.set_defaults(func=_cmd_bench)
 
     k = sub.add_parser("backends", help="which kernel backends are live here, and why others are not")

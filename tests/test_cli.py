@@ -92,11 +92,17 @@ def test_bench_dispatches_to_a_script(capsys, monkeypatch, tmp_path):
     bench = tmp_path / "benchmarks"
     bench.mkdir()
     (bench / "bench_x.py").write_text("import sys\nprint('ran', sys.argv[1:])\nsys.exit(3)\n")
+    (bench / "test_bench_x.py").write_text("def test_x():\n    pass\n")  # a pytest file, not a script
+    (bench / "_common.py").write_text("")
     monkeypatch.setattr(cli, "_benchmarks_dir", lambda: bench)
-    assert cli.main(["bench"]) == 2 and "bench_x" in capsys.readouterr().err  # no default entry: names them
+    assert cli.main(["bench"]) == 2  # no default entry: names the scripts
+    err = capsys.readouterr().err
+    assert "bench_x" in err and "test_bench_x" not in err and "_common" not in err
     assert cli.main(["bench", "bench_x", "--quick"]) == 3
+    assert cli.main(["bench", "test_bench_x"]) == 2
     (bench / "bench.py").write_text("import sys\nsys.exit(0 if sys.argv[1:] == ['--m', '1'] else 5)\n")
-    assert cli.main(["bench", "--m", "1"]) == 0
+    assert cli.main(["bench", "bench", "--m", "1"]) == 0
+    assert cli.main(["bench", "--m", "1"]) == 2  # options without a script: no script is run
 
 
 def test_demo_help_and_module_entry_points():
