@@ -39,7 +39,7 @@ from qlora_kernels.train.loss import model_sequence_log_probs, sequence_log_prob
 
 
 def _direct_losses(pc, pr, rc, rr, beta, loss_type, eps, nc=None, nr=None):
-    """The formulas of REFERENCE.md / the IPO paper (log-ratios per completion token, as TRL computes it),
+    """The formulas of docs/FORMATS.md ("DPO") / the IPO paper (log-ratios per completion token, as TRL computes it),
     written element by element with math (float64)."""
     out = []
     nc = nc.tolist() if nc is not None else [1] * len(pc)

@@ -1,6 +1,6 @@
 """Direct Preference Optimization (DPO) for the thin trainer: the loss, the reference log-probs, the step.
 
-The method (REFERENCE.md, SFT and DPO). For a prompt x with a preferred completion y_w and a rejected
+The method (docs/FORMATS.md, "DPO"). For a prompt x with a preferred completion y_w and a rejected
 one y_l, with log-probabilities summed over the completion tokens,
 
     h = [log πθ(y_w|x) − log πref(y_w|x)] − [log πθ(y_l|x) − log πref(y_l|x)]

@@ -14,7 +14,7 @@ One optimizer step consumes ``gradient_accumulation_steps`` micro-batches. Their
 (target tokens for SFT, pairs for DPO: :meth:`.objective.Objective.count`) is added up over the step and
 over all ranks first, and each micro-batch contributes ``its loss sum / the step's count``, so the step's
 gradient is the gradient of the mean loss of the accumulated global batch, whatever its split into
-micro-batches and ranks (the loss formulas: docs/FORMATS.md).
+micro-batches and ranks (the loss formulas: docs/FORMATS.md, "SFT loss" and "DPO").
 
 What a checkpoint restores (see :mod:`.checkpoint`) is everything the next step depends on:
 trainable parameters, optimizer, scheduler, data position and every RNG, so a resumed run on a

@@ -12,7 +12,7 @@ The loop (:mod:`.loop`) knows nothing of SFT or DPO; an :class:`Objective` tells
 
 Sums, not means, cross the boundary, so that the loop can add them over micro-batches and all-reduce
 them over ranks before it divides. :func:`evaluate` runs an objective's loss over items without gradients.
-The formulas are in docs/FORMATS.md (SFT and DPO losses); :mod:`.sft` and :mod:`.dpo` implement them.
+The formulas are in docs/FORMATS.md ("SFT loss", "DPO"); :mod:`.sft` and :mod:`.dpo` implement them.
 """
 
 from __future__ import annotations

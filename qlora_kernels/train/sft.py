@@ -4,7 +4,7 @@ An item is a tokenized :class:`.data.Example` (prompt tokens and padding labelle
 the row types and templates). A micro-batch's loss is the sum of the cross-entropies of its target tokens
 (:func:`.loss.model_loss`: decoder forward, then the chunked output projection, no full-vocabulary logits)
 and its count is its number of target tokens, so a step optimizes the mean token loss of the whole
-accumulated batch (docs/FORMATS.md, the SFT loss).
+accumulated batch (docs/FORMATS.md, "SFT loss").
 """
 
 from __future__ import annotations
