@@ -195,6 +195,92 @@ class LoraLinearFunction(torch.autograd.Function):
         return (grad_x, grad_a, grad_b, grad_bias) + (None,) * 11
 
 
+class QLoraMLPFunction(torch.autograd.Function):
+    """The Llama-style MLP with all three projections QLoRA layers, as one Function:
+    ``y = down(silu(gate(x)) * up(x))`` where ``proj(z) = z deq(W)^T + s (z A^T) B^T``; gradients for x and
+    the six adapter matrices (no dropout, no bias: the module falls back to the unfused layers otherwise).
+
+    Saved for backward: x, g = gate(x) and u = up(x) (the [M, I] activations, kept once each) and the
+    rank-r intermediates ``x A_g^T``, ``x A_u^T``, ``h A_d^T``. Not saved: h = silu(g) * u (recomputed by
+    the SwiGLU backward kernel, which returns it with dg and du), and no dequantized weight. Unfused,
+    autograd keeps g, silu(g), u and h: about twice the activation memory of the MLP.
+
+    Backward: ``dh = dY deq(W_d) + s_d (dY B_d) A_d``; ``(dg, du, h) = swiglu_backward(dh, g, u)``;
+    ``dX = dg deq(W_g) + du deq(W_u) + s_g (dg B_g) A_g + s_u (du B_u) A_u``; each adapter's gradients as
+    in :class:`LoraLinearFunction`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a_g, b_g, a_u, b_u, a_d, b_d, spec):
+        (wg, sg), (wu, su), (wd, sd), (inter, hidden) = spec
+        dt = x.dtype
+        ag, bg, au, bu, ad, bd = (t.to(dt) for t in (a_g, b_g, a_u, b_u, a_d, b_d))
+        xag = x @ ag.t()
+        g = _QK.nf4_matmul(x, *wg, inter, hidden, False)
+        g.addmm_(xag, bg.t(), alpha=sg)
+        xau = x @ au.t()
+        u = _QK.nf4_matmul(x, *wu, inter, hidden, False)
+        u.addmm_(xau, bu.t(), alpha=su)
+        h = _QK.swiglu(g, u)
+        had = h @ ad.t()
+        y = _QK.nf4_matmul(h, *wd, hidden, inter, False)
+        y.addmm_(had, bd.t(), alpha=sd)
+        ctx.save_for_backward(x, g, u, xag, xau, had, a_g, b_g, a_u, b_u, a_d, b_d)
+        ctx.spec = spec
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        with _autocast_off(dy.device.type):
+            return QLoraMLPFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
+        x, g, u, xag, xau, had, a_g, b_g, a_u, b_u, a_d, b_d = ctx.saved_tensors
+        (wg, sg), (wu, su), (wd, sd), (inter, hidden) = ctx.spec
+        dy = dy.contiguous()
+        dt = dy.dtype
+        ag, bg, au, bu, ad, bd = (t.to(dt) for t in (a_g, b_g, a_u, b_u, a_d, b_d))
+        gd = (dy @ bd).mul_(sd)  # [M, r]
+        dh = _QK.nf4_matmul(dy, *wd, hidden, inter, True)
+        dh.addmm_(gd, ad)
+        dg, du, h = _QK.swiglu_backward(dh, g, u)
+        grad_ad = (gd.t() @ h).to(a_d.dtype)
+        grad_bd = (dy.t() @ had).mul_(sd).to(b_d.dtype)
+        del dh, h
+        gg = (dg @ bg).mul_(sg)
+        gu = (du @ bu).mul_(su)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _QK.nf4_matmul(dg, *wg, inter, hidden, True)
+            grad_x.add_(_QK.nf4_matmul(du, *wu, inter, hidden, True))
+            grad_x.addmm_(gg, ag).addmm_(gu, au)
+        grad_ag = (gg.t() @ x).to(a_g.dtype)
+        grad_bg = (dg.t() @ xag).mul_(sg).to(b_g.dtype)
+        grad_au = (gu.t() @ x).to(a_u.dtype)
+        grad_bu = (du.t() @ xau).mul_(su).to(b_u.dtype)
+        return grad_x, grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd, None
+
+
+def qlora_mlp(x: Tensor, gate: tuple, up: tuple, down: tuple) -> Tensor:
+    """``down(silu(gate(x)) * up(x))`` with the three projections QLoRA layers, one fused Function
+    (:class:`QLoraMLPFunction`). Each projection is ``(weight, n, k, lora_A, lora_B, scale)`` with
+    ``weight`` the op arguments of its NF4 weight (:meth:`NF4Weight.tensors`); gate and up are
+    ``[I, H]``, down ``[H, I]``. x: ``[..., H]``; the result has x's leading dims and the compute dtype.
+    """
+    (wg, ig, hg, ag, bg, sg), (wu, iu, hu, au, bu, su), (wd, hd, id_, ad, bd, sd) = gate, up, down
+    if not (ig == iu == id_ and hg == hu == hd):
+        raise ValueError(f"gate and up must be [I, H] and down [H, I]; got gate [{ig}, {hg}], up [{iu}, {hu}], "
+                         f"down [{hd}, {id_}]")
+    _check_x(x, hg)
+    lead = x.shape[:-1]
+    dtype = compute_dtype(x)
+    spec = ((tuple(wg), float(sg)), (tuple(wu), float(su)), (tuple(wd), float(sd)), (ig, hg))
+    with _autocast_off(x.device.type):
+        y = QLoraMLPFunction.apply(x.reshape(-1, hg).to(dtype), ag, bg, au, bu, ad, bd, spec)
+    return y.view(*lead, hd)
+
+
 def _check_x(x: Tensor, k: int) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")

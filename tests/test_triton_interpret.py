@@ -71,6 +71,15 @@ SCRIPT = textwrap.dedent(
             err = float((got - want).norm() / want.norm())
             assert err < (1e-5 if dtype == torch.float32 else 1e-2), (e, n, k, transposed, err)
             cases += 1
+    # SwiGLU forward and backward (the fused QLoRA MLP's elementwise kernels) against the reference.
+    from qlora_kernels.reference import swiglu as ref_sw
+    from qlora_kernels.triton import swiglu as tri_sw
+    for dtype in (torch.float32, torch.bfloat16):
+        g, u, dh = (torch.randn(3, 1500, dtype=dtype) for _ in range(3))
+        assert torch.allclose(tri_sw.swiglu(g, u).float(), ref_sw.swiglu(g, u).float(), atol=1e-2, rtol=1e-2)
+        for a, b in zip(tri_sw.swiglu_backward(dh, g, u), ref_sw.swiglu_backward(dh, g, u)):
+            assert torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2)
+        cases += 1
     # Strided inputs to the launchers themselves are read by value (they make them contiguous).
     q = qk.quantize_nf4(torch.randn(64, 128), 64, False)
     a = torch.stack([q.absmax, q.absmax * 0 - 3], 1)[:, 0]
@@ -117,4 +126,4 @@ def test_triton_dequantize_matches_reference_bitwise():
     env.pop("QLORA_KERNELS_BACKEND", None)
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "cases 118" in proc.stdout
+    assert "cases 120" in proc.stdout

@@ -1,0 +1,111 @@
+"""The fused QLoRA MLP equals the three QLoRA layers it replaces (output and every gradient), keeps
+their parameter names, saves less for backward, and falls back where the fusion does not apply; the
+SwiGLU ops against their reference (the Triton kernels under the interpreter: test_triton_interpret.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qlora_kernels.nn.fused_mlp import FusedQLoraMLP
+from qlora_kernels.nn.qlora_linear import QLoraLinear
+from qlora_kernels.reference import swiglu as ref_swiglu
+
+OPS = torch.ops.qlora_kernels
+transformers = pytest.importorskip("transformers")
+
+
+def _llama_mlp(device, h=64, i=96, r=4):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=h, intermediate_size=i)).to(device)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        layer = QLoraLinear.from_linear(getattr(mlp, name), r=r, lora_alpha=8)
+        nn.init.normal_(layer.lora_B.weight, std=0.1)
+        setattr(mlp, name, layer)
+    return mlp
+
+
+def _grads(mlp):
+    return [p.grad.clone() for _, p in sorted(mlp.named_parameters()) if p.requires_grad and p.grad is not None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_equals_the_three_layers(dtype, device):
+    mlp = _llama_mlp(device)
+    fused = FusedQLoraMLP.from_mlp(mlp)
+    assert fused is not None and fused.fusable()
+    assert sorted(n for n, _ in fused.named_parameters()) == sorted(n for n, _ in mlp.named_parameters())
+    for p in mlp.parameters():
+        p.requires_grad_(False)
+    for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        layer.lora_A.weight.requires_grad_(True)
+        layer.lora_B.weight.requires_grad_(True)
+    x = torch.randn(2, 5, 64, device=device, dtype=dtype)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    outs = []
+    for module in (mlp, fused):
+        xi = x.clone().requires_grad_(True)
+        y = module(xi)
+        y.float().square().sum().backward()
+        outs.append((y.detach(), xi.grad, _grads(mlp)))
+        mlp.zero_grad(set_to_none=True)
+    (y0, gx0, g0), (y1, gx1, g1) = outs
+    assert y1.dtype == dtype and len(g0) == len(g1) == 6
+    torch.testing.assert_close(y1.float(), y0.float(), **tol)
+    torch.testing.assert_close(gx1.float(), gx0.float(), **tol)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=tol["atol"] * 20, rtol=tol["rtol"])
+
+
+def test_fused_saves_less_for_backward():
+    mlp = _llama_mlp("cpu", h=64, i=256)
+    fused = FusedQLoraMLP.from_mlp(mlp)
+
+    def saved_bytes(module):
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size() if not isinstance(t, nn.Parameter) else 0)
+            return t
+
+        x = torch.randn(32, 64, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(x).sum().backward()
+        return sum(total)
+
+    unfused, ours = saved_bytes(mlp), saved_bytes(fused)
+    assert ours < 0.7 * unfused, (ours, unfused)
+
+
+def test_fallback_where_the_fusion_does_not_apply():
+    mlp = _llama_mlp("cpu")
+    fused = FusedQLoraMLP.from_mlp(mlp)
+    x = torch.randn(3, 64)
+    mlp.up_proj.disable_adapters = True
+    assert not fused.fusable()
+    torch.testing.assert_close(fused(x), mlp(x))
+    mlp.up_proj.disable_adapters = False
+    mlp.gate_proj.lora_dropout = 0.1
+    fused.train()
+    assert not fused.fusable()
+    fused.eval()
+    assert fused.fusable()
+    with pytest.raises(TypeError, match="gate_proj must be a QLoraLinear"):
+        FusedQLoraMLP(nn.Linear(64, 96), mlp.up_proj, mlp.down_proj)
+
+
+def test_swiglu_ops_match_the_reference(device):
+    g, u, dh = (torch.randn(7, 33, device=device) for _ in range(3))
+    torch.testing.assert_close(OPS.swiglu(g, u), ref_swiglu.swiglu(g, u))
+    gr, ur = g.clone().requires_grad_(True), u.clone().requires_grad_(True)
+    (nn.functional.silu(gr) * ur).backward(dh)
+    dg, du, h = OPS.swiglu_backward(dh, g, u)
+    torch.testing.assert_close(dg, gr.grad)
+    torch.testing.assert_close(du, ur.grad)
+    torch.testing.assert_close(h, nn.functional.silu(g) * u)
+    torch.library.opcheck(OPS.swiglu.default, (g, u))
+    torch.library.opcheck(OPS.swiglu_backward.default, (dh, g, u))
