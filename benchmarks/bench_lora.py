@@ -284,6 +284,73 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
+# Llama MLP shapes (hidden, intermediate) for --mlp: 1B and 8B
+MLP_SHAPES = {"1b": (2048, 8192), "8b": (4096, 14336)}
+QUICK_MLP_SHAPES = {"quick": (256, 640)}
+
+
+def run_mlp(args, out: Path) -> dict:
+    """The whole QLoRA MLP (gate, up, SwiGLU, down, LoRA on all three), forward + backward: the fused
+    Function vs the three QLoRA layers, time and peak memory (what the fusion is for)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from qlora_kernels.nn.fused_mlp import FusedQLoraMLP
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    quick = args.quick or device.type == "cpu"
+    m = args.m or (256 if quick else 8192)
+    dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+    env = environment(device)
+    env["quick"] = quick
+    results = ResultFile(out / "lora_mlp.json", env=env, rows=[])
+    for shape, (h, i) in (QUICK_MLP_SHAPES if quick else MLP_SHAPES).items():
+        torch.manual_seed(args.seed)
+        with torch.device(device):
+            mlp = LlamaMLP(LlamaConfig(hidden_size=h, intermediate_size=i)).to(dtype)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            layer = qk.QLoraLinear.from_linear(getattr(mlp, name), r=args.r, lora_alpha=args.r)
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.01)
+            setattr(mlp, name, layer)
+        fused = FusedQLoraMLP.from_mlp(mlp)
+        x = torch.randn(m, h, device=device, dtype=dtype, requires_grad=True)
+        dy = torch.randn(m, h, device=device, dtype=dtype)
+        for provider, module in (("unfused (three QLoraLinear)", mlp), ("fused (QLoraMLPFunction)", fused)):
+            def step(module=module):
+                module(x).backward(dy)
+
+            row = {"shape": shape, "hidden": h, "intermediate": i, "m": m, "provider": provider}
+            try:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    step()
+                    torch.cuda.synchronize()
+                    row["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                    row["ms"] = do_bench_us(step, args.warmup_ms, args.rep_ms, grad_to_none=[x]) / 1e3
+                else:
+                    row["ms"] = _time_cpu(step, warmup=1, reps=args.reps)
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            results.add("rows", row)
+            print(f"  {shape} {provider}: " + (f"{row['ms']:.3f} ms" if "ms" in row else row["error"]),
+                  file=sys.stderr, flush=True)
+            x.grad = None
+            mlp.zero_grad(set_to_none=True)
+    results.done()
+    return results.data
+
+
+def mlp_table(result: dict) -> str:
+    lines = [f"QLoRA MLP fwd+bwd on {result['env']['device']}: fused vs unfused"]
+    for r in result["rows"]:
+        mem = f", peak {r['peak_mib']:.0f} MiB" if "peak_mib" in r else ""
+        lines.append(f"  {r['shape']:5s} H={r['hidden']} I={r['intermediate']} M={r['m']} {r['provider']:28s} "
+                     + (f"{r['ms']:.3f} ms{mem}" if "ms" in r else r.get("error", "")))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_out/lora", help="directory for lora.json (and lora.png)")
@@ -299,8 +366,14 @@ def main(argv=None) -> int:
     p.add_argument("--warmup-ms", type=int, default=20, help="CUDA: do_bench warmup (ms)")
     p.add_argument("--rep-ms", type=int, default=100, help="CUDA: do_bench measuring time (ms)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mlp", action="store_true", help="the whole Llama MLP instead: fused vs unfused QLoRA layers")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.mlp:
+        result = run_mlp(args, out)
+        print(mlp_table(result))
+        print(f"wrote {out / 'lora_mlp.json'}")
+        return 0
     result = run(args, out)
     png = plot(result, out / "lora.png")
     print(table(result))

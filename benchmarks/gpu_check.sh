@@ -118,8 +118,10 @@ step bench_lora 60 "$PY" benchmarks/bench_lora.py --out "$WORK" "${quick[@]}"
 step bench_adamw 75 "$PY" benchmarks/bench_adamw.py --out "$WORK" "${quick[@]}"
 if [ "$REHEARSAL" = 1 ]; then
   step bench_e2e 90 "$PY" benchmarks/bench_e2e.py --out "$WORK" --quick
+  step bench_mlp 40 "$PY" benchmarks/bench_lora.py --mlp --quick --out "$WORK"
 else
   step bench_e2e 75 "$PY" benchmarks/bench_e2e.py --out "$WORK" --shapes 1b
+  step bench_mlp 40 "$PY" benchmarks/bench_lora.py --mlp --out "$WORK"  # the fused QLoRA MLP vs unfused
   # the 8B shape if the budget allows (its own file, merged below)
   if step bench_e2e_8b 90 "$PY" benchmarks/bench_e2e.py --out "$WORK/e2e_8b" --shapes 8b; then :; fi
   "$PY" - "$WORK" <<'EOF'
