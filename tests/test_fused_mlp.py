@@ -109,3 +109,27 @@ def test_swiglu_ops_match_the_reference(device):
     torch.testing.assert_close(h, nn.functional.silu(g) * u)
     torch.library.opcheck(OPS.swiglu.default, (g, u))
     torch.library.opcheck(OPS.swiglu_backward.default, (dh, g, u))
+
+
+def test_fuse_on_a_model_instance_keeps_names_and_outputs():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import qlora_kernels as qk
+    from qlora_kernels.nn.fused_mlp import fuse_qlora_mlps, unfuse_qlora_mlps
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+    qk.apply_qlora(model, r=4)
+    for layer in model.model.layers:
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            nn.init.normal_(getattr(layer.mlp, proj).lora_B.weight, std=0.1)
+    keys = list(model.state_dict())
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        before = model(ids).logits
+    assert fuse_qlora_mlps(model) == 2
+    assert type(model.model.layers[0].mlp).__name__ == "FusedQLoraMLP" and list(model.state_dict()) == keys
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=1e-5)
+    assert unfuse_qlora_mlps(model) == 2 and type(model.model.layers[0].mlp).__name__ == "LlamaMLP"

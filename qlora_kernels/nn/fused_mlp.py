@@ -79,3 +79,31 @@ class FusedQLoraMLP(nn.Module):
         if not all(isinstance(layer, QLoraLinear) for layer in layers):
             return None
         return cls(*layers, act_fn=mlp.act_fn)
+
+
+def fuse_qlora_mlps(model: nn.Module) -> int:
+    """Put a :class:`FusedQLoraMLP` in place of every fusable MLP of ``model`` (on the instance: each
+    parent's attribute is replaced; no class is changed). Returns how many were fused. The parameter
+    names, state dict and adapter files stay the same; :func:`unfuse_qlora_mlps` undoes it."""
+    fused = 0
+    for name, module in list(model.named_modules()):
+        new = FusedQLoraMLP.from_mlp(module) if name else None
+        if new is None:
+            continue
+        # the original MLP instance, for unfuse; kept out of _modules so it adds no second set of names
+        object.__setattr__(new, "_unfused", module)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        fused += 1
+    return fused
+
+
+def unfuse_qlora_mlps(model: nn.Module) -> int:
+    """Put the original MLPs back in place of every :class:`FusedQLoraMLP` of ``model``; returns how many."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FusedQLoraMLP) and "_unfused" in module.__dict__:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.__dict__["_unfused"])
+            count += 1
+    return count
