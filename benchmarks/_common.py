@@ -92,9 +92,10 @@ def gpu_batch_us(fn, batch: int = 64, repeats: int = 3) -> tuple[float, float]:
     return statistics.median(gpu), statistics.median(host)
 
 
-def cpu_us(fn, reps: int = 7) -> float:
-    """Median wall-clock microseconds per call on the CPU."""
-    fn()
+def cpu_us(fn, reps: int = 7, warmup: int = 1) -> float:
+    """Median wall-clock microseconds per call on the CPU (after ``warmup`` untimed calls)."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()

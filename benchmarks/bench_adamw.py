@@ -32,15 +32,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ResultFile, do_bench_us, environment, forced_backend, load_bnb  # noqa: E402
+from _common import ResultFile, cpu_us, do_bench_us, environment, forced_backend, load_bnb  # noqa: E402
 
 import qlora_kernels as qk  # noqa: E402
 
@@ -114,15 +112,6 @@ def providers(quick: bool, device: str, page_bytes: int) -> dict[str, tuple]:
     return out
 
 
-def time_cpu(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 def time_cuda(fn) -> float:
     return do_bench_us(fn, warmup_ms=10, rep_ms=60) / 1e3
 
@@ -189,7 +178,8 @@ def bench_one(set_name: str, params: list[torch.nn.Parameter], name: str, factor
             opt.step()
             row["bytes_in"] = pager.stats["bytes_in"] - before["bytes_in"]
             row["bytes_out"] = pager.stats["bytes_out"] - before["bytes_out"]
-        row["step_ms"] = time_cuda(opt.step) if device == "cuda" else time_cpu(opt.step, 5 if quick else 20)
+        reps = 5 if quick else 20
+        row["step_ms"] = time_cuda(opt.step) if device == "cuda" else cpu_us(opt.step, reps, warmup=0) / 1e3
         if device == "cuda" and row.get("bytes_in"):
             row["copy_ms"] = copy_time_ms(row["bytes_in"], row["bytes_out"], page_bytes, device)
             row["step_over_copy"] = row["step_ms"] / row["copy_ms"]

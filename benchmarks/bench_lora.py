@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ResultFile, do_bench_us, environment, forced_backend, load_bnb  # noqa: E402
+from _common import ResultFile, cpu_us, do_bench_us, environment, forced_backend, load_bnb  # noqa: E402
 
 import qlora_kernels as qk  # noqa: E402
 
@@ -110,17 +108,6 @@ class Case:
     def zero(self):
         for t in (self.x, self.a, self.b):
             t.grad = None
-
-
-def _time_cpu(fn, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def _check(case: Case, ref: Case) -> float:
@@ -207,7 +194,7 @@ def _measure(provider, n, k, m, args, dtype, device, quick) -> dict:
         out["ms"] = do_bench_us(case.step, args.warmup_ms, args.rep_ms, grad_to_none=[case.x, case.a, case.b]) / 1e3
         out["weight_copies"] = copies
     else:
-        out["ms"] = _time_cpu(lambda: (case.step(), case.zero()), warmup=2, reps=args.reps)
+        out["ms"] = cpu_us(lambda: (case.step(), case.zero()), args.reps, warmup=2) / 1e3
     anchor = ANCHORS_H200.get((n, k))
     if anchor and not quick and m == 8192 and args.r == 16:
         out["anchor_h200_bnb_ms"], out["anchor_h200_bf16_ms"] = anchor
@@ -330,7 +317,7 @@ def run_mlp(args, out: Path) -> dict:
                     row["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
                     row["ms"] = do_bench_us(step, args.warmup_ms, args.rep_ms, grad_to_none=[x]) / 1e3
                 else:
-                    row["ms"] = _time_cpu(step, warmup=1, reps=args.reps)
+                    row["ms"] = cpu_us(step, args.reps, warmup=1) / 1e3
             except Exception as exc:
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             results.add("rows", row)
