@@ -10,6 +10,8 @@
 * :func:`merge_and_unload` turns every adapted or 4-bit layer back into a plain dense layer (``nn.Linear``;
   ``Conv1D`` for GPT-2; the original class for a dense layer with LoRA).
 * :func:`save_adapter` / :func:`load_adapter` write and read adapters in PEFT's file format.
+* :class:`LoraConfig`, :func:`register_peft_layers`, :class:`NF4LoraLinear` (:mod:`.peft_backend`): PEFT's LoRA on the
+  NF4 layers runs the fused kernels (``peft.get_peft_model(model, LoraConfig(...))``).
 
 The modules, each depending only on those above it:
 
@@ -17,7 +19,8 @@ The modules, each depending only on those above it:
   name-matching rules, replacing a module by name;
 * :mod:`.apply`: :func:`apply_qlora`, :func:`adapters_disabled`, :func:`merge_and_unload`;
 * :mod:`.loading`: safetensors checkpoints and :func:`load_4bit_model`;
-* :mod:`.adapters`: PEFT adapter files.
+* :mod:`.adapters`: PEFT adapter files;
+* :mod:`.peft_backend` (needs PEFT), imported on first use of its names.
 """
 
 from __future__ import annotations
@@ -27,7 +30,24 @@ from .apply import adapters_disabled, apply_qlora, merge_and_unload
 from .layers import DenseLoraLinear, linear_layer_names
 from .loading import load_4bit_model
 
+# Names from the modules that need PEFT, imported when first asked for (``import qlora_kernels`` does not
+# import it).
+_LAZY = {
+    "LoraConfig": "peft_backend", "NF4LoraLinear": "peft_backend", "PEFT_LAYER_TYPES": "peft_backend",
+    "register_peft_layers": "peft_backend",
+}
+
 __all__ = [
     "DenseLoraLinear", "adapters_disabled", "apply_qlora", "linear_layer_names", "load_4bit_model", "load_adapter",
-    "merge_and_unload", "save_adapter",
+    "merge_and_unload", "save_adapter", *_LAZY,
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

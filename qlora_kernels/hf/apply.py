@@ -20,6 +20,7 @@ from .layers import (
     LORA_TYPES,
     DenseLoraLinear,
     check_spec,
+    dense_layer,
     linear_modules,
     matches,
     output_embedding_names,
@@ -218,15 +219,7 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         if isinstance(m, DenseLoraLinear):
             replace_module(model, name, m.merged_layer(dtype))
             continue
-        linear = m.to_linear(dtype)
-        if m.fan_in_fan_out:
-            from transformers.pytorch_utils import Conv1D
-
-            conv = Conv1D(m.out_features, m.in_features)
-            conv.weight = nn.Parameter(linear.weight.detach().t().contiguous())
-            conv.bias = nn.Parameter(linear.bias.detach()) if linear.bias is not None else None
-            linear = conv.to(linear.weight.device)
-        replace_module(model, name, linear)
+        replace_module(model, name, dense_layer(m, dtype))
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "quantization_config", None) is not None:
         with contextlib.suppress(AttributeError):

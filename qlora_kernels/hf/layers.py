@@ -121,6 +121,22 @@ def check_spec(value: object, arg: str, allow_none: bool = False) -> None:
         raise TypeError(f"{arg} must be 'all-linear', a regex string or a non-empty list of names; got {value!r}")
 
 
+def dense_layer(module: NF4Linear, dtype: torch.dtype | None = None, delta: Tensor | None = None) -> nn.Module:
+    """The dense layer an :class:`NF4Linear` (or :class:`QLoraLinear`, its adapter included) stands for: an
+    ``nn.Linear`` with weight ``deq(W) (+ delta)`` computed in fp32 and rounded once to ``dtype`` (default: the layer's
+    compute dtype, see :meth:`NF4Linear.to_linear`), or transformers' ``Conv1D`` (weight ``[in, out]``) for a layer
+    that replaced one, so that a state dict of the result has the model's own layout. ``delta`` is ``[out, in]``."""
+    linear = module.to_linear(dtype, delta)
+    if not module.fan_in_fan_out:
+        return linear
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(module.out_features, module.in_features)
+    conv.weight = nn.Parameter(linear.weight.detach().t().contiguous())
+    conv.bias = nn.Parameter(linear.bias.detach()) if linear.bias is not None else None
+    return conv.to(linear.weight.device)
+
+
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` in place of ``model``'s submodule ``name`` (``setattr`` on its parent; no class is patched)."""
     parent_name, _, child = name.rpartition(".")

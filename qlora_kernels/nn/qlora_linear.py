@@ -24,11 +24,15 @@ from .lora_args import check_lora_args, lora_scaling
 _NF4_BUFFERS = ("nf4_packed", "nf4_absmax", "nf4_code", "nf4_nested_absmax", "nf4_nested_code")
 
 
-class NF4Linear(nn.Module):
+class NF4Linear(nn.Linear):
     """A frozen linear layer whose weight is NF4: ``y = x @ deq(W)^T + bias``.
 
     What :func:`qlora_kernels.load_4bit_model` puts in place of each quantized linear layer, and the base of
     :class:`QLoraLinear`. Gradients flow to x (and to the bias if it requires grad); the weight is frozen.
+
+    It is an ``nn.Linear`` subclass (as bitsandbytes' ``Linear4bit`` is), so code that looks for linear layers by type
+    finds it: PEFT's ``target_modules="all-linear"``, its in/out-feature lookup, transformers' helpers. It never calls
+    ``nn.Linear.__init__`` (there is no dense weight), and :meth:`reset_parameters` leaves the frozen weight alone.
 
     Attributes:
         in_features, out_features: the layer's shape.
@@ -45,7 +49,7 @@ class NF4Linear(nn.Module):
     """
 
     def __init__(self, qweight: NF4Weight, bias: Tensor | None = None, fan_in_fan_out: bool = False) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear.__init__: no dense weight is allocated
         if not isinstance(qweight, NF4Weight):
             raise TypeError(f"qweight must be an NF4Weight; got {type(qweight).__name__}")
         if len(qweight.shape) != 2:
@@ -87,6 +91,9 @@ class NF4Linear(nn.Module):
     @property
     def weight(self) -> Tensor:
         return self.nf4_packed
+
+    def reset_parameters(self) -> None:
+        """Nothing to do: the NF4 weight is frozen data, not an initialisable parameter (``nn.Linear``'s hook)."""
 
     def _weight_args(self) -> tuple:
         return (self.nf4_packed, self.nf4_absmax, self.nf4_code, self.nf4_nested_absmax, self.nf4_nested_code,
@@ -160,17 +167,26 @@ class NF4Linear(nn.Module):
         """``deq(W)`` in fp32, [out, in]."""
         return dequantize_nf4(self.qweight, torch.float32)
 
-    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+    def to_linear(self, dtype: torch.dtype | None = None, delta: Tensor | None = None) -> nn.Linear:
         """A plain ``nn.Linear`` with the dequantized weight and this layer's bias, in ``dtype``; by default the
-        layer's :attr:`compute_dtype` (the model's dtype), else (unknown) the dtype the weight was quantized from."""
+        layer's :attr:`compute_dtype` (the model's dtype), else (unknown) the dtype the weight was quantized from.
+        ``delta`` (``[out_features, in_features]``, e.g. a LoRA update ``scaling * B @ A``) is added to the weight in
+        fp32 before the one rounding to ``dtype``."""
         if dtype is None:
             dtype = self.compute_dtype or self.nf4_dtype
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, float16 or bfloat16; got {dtype}")
+        want = (self.out_features, self.in_features)
+        if delta is not None and (not isinstance(delta, Tensor) or tuple(delta.shape) != want):
+            got = list(delta.shape) if isinstance(delta, Tensor) else type(delta).__name__
+            raise ValueError(f"delta must be a tensor of shape {list(want)} (out_features, in_features); got {got}")
         device = self.nf4_packed.device
         with torch.no_grad():
+            weight = self._dense_weight()
+            if delta is not None:
+                weight = weight + delta.detach().to(device=weight.device, dtype=torch.float32)
             linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-            linear.weight = nn.Parameter(self._dense_weight().to(device=device, dtype=dtype))
+            linear.weight = nn.Parameter(weight.to(device=device, dtype=dtype))
             if self.bias is not None:
                 linear.bias = nn.Parameter(self.bias.detach().to(dtype).clone())
         return linear
@@ -270,10 +286,10 @@ class QLoraLinear(NF4Linear):
         # The adapter is part of the layer whether or not it is disabled for the moment.
         return super()._dense_weight() + self.delta_weight()
 
-    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """A plain ``nn.Linear`` with weight ``deq(W) + scaling * B @ A`` (computed in fp32, then rounded to
-        ``dtype``, default as :meth:`NF4Linear.to_linear`) and this layer's bias."""
-        return super().to_linear(dtype)
+    def to_linear(self, dtype: torch.dtype | None = None, delta: Tensor | None = None) -> nn.Linear:
+        """A plain ``nn.Linear`` with weight ``deq(W) + scaling * B @ A`` (+ ``delta``; computed in fp32, then rounded
+        to ``dtype``, default as :meth:`NF4Linear.to_linear`) and this layer's bias."""
+        return super().to_linear(dtype, delta)
 
     def extra_repr(self) -> str:
         return (
@@ -348,6 +364,9 @@ def _copy_nf4(qw: NF4Weight, device: torch.device) -> NF4Weight:
 
 
 def _linear_weight(linear: nn.Module) -> tuple[Tensor, Tensor | None]:
+    if isinstance(linear, NF4Linear):
+        raise TypeError(f"linear is already 4-bit ({type(linear).__name__}): use QLoraLinear.from_nf4, which does not "
+                        f"requantize")
     if bnb_format.linear4bit_quant_type(linear) is not None:
         raise TypeError(f"linear is a bitsandbytes {type(linear).__name__}: use from_bnb, which does not requantize")
     if not isinstance(linear, nn.Linear):
