@@ -2,7 +2,8 @@
 
 Public API (docs/ARCHITECTURE.md): quantize_nf4, dequantize_nf4, NF4Weight, nf4_linear,
 lora_linear, QLoraLinear, apply_qlora, load_4bit_model, save_adapter, load_adapter,
-merge_and_unload, backends, PagedAdamW (qlora_kernels.optim).
+merge_and_unload, backends, PagedAdamW (qlora_kernels.optim); QLoraKernelsConfig (transformers'
+``from_pretrained(..., quantization_config=...)``, imported with transformers on first use).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "NF4Weight",
     "PagedAdamW",
+    "QLoraKernelsConfig",
     "QLoraLinear",
     "__version__",
     "apply_qlora",
@@ -34,3 +36,11 @@ __all__ = [
     "quantize_nf4",
     "save_adapter",
 ]
+
+
+def __getattr__(name: str):
+    if name == "QLoraKernelsConfig":  # needs transformers: imported (and registered with it) on first use
+        from .hf import QLoraKernelsConfig
+
+        return QLoraKernelsConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

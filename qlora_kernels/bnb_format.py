@@ -301,9 +301,9 @@ def is_transformers_bnb4(model: nn.Module) -> bool:
 
 
 def drop_transformers_quantization(model: nn.Module) -> None:
-    """Remove transformers' bitsandbytes quantization state from ``model`` (``hf_quantizer``, ``is_quantized``,
+    """Remove transformers' quantization state from ``model`` (``hf_quantizer``, ``is_quantized``,
     ``quantization_method``, ``is_loaded_in_4bit``, ``config.quantization_config``), for a model that holds no
-    bitsandbytes module any more."""
+    bitsandbytes module any more (bitsandbytes' state, or that of qlora_kernels' own quantizer)."""
     for attr in ("hf_quantizer", "quantization_method", "is_loaded_in_4bit"):
         if attr in vars(model):
             delattr(model, attr)

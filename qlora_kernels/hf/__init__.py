@@ -10,6 +10,8 @@
 * :func:`merge_and_unload` turns every adapted or 4-bit layer back into a plain dense layer (``nn.Linear``;
   ``Conv1D`` for GPT-2; the original class for a dense layer with LoRA).
 * :func:`save_adapter` / :func:`load_adapter` write and read adapters in PEFT's file format.
+* :class:`QLoraKernelsConfig` (:mod:`.quantizer`): ``from_pretrained(path, quantization_config=QLoraKernelsConfig())``,
+  transformers' own loader into NF4 (registered with transformers when first imported from here).
 * :class:`LoraConfig`, :func:`register_peft_layers`, :class:`NF4LoraLinear` (:mod:`.peft_backend`): PEFT's LoRA on the
   NF4 layers runs the fused kernels (``peft.get_peft_model(model, LoraConfig(...))``).
 
@@ -20,7 +22,7 @@ The modules, each depending only on those above it:
 * :mod:`.apply`: :func:`apply_qlora`, :func:`adapters_disabled`, :func:`merge_and_unload`;
 * :mod:`.loading`: safetensors checkpoints and :func:`load_4bit_model`;
 * :mod:`.adapters`: PEFT adapter files;
-* :mod:`.peft_backend` (needs PEFT), imported on first use of its names.
+* :mod:`.quantizer` (needs transformers) and :mod:`.peft_backend` (needs PEFT), imported on first use of their names.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ from .apply import adapters_disabled, apply_qlora, merge_and_unload
 from .layers import DenseLoraLinear, linear_layer_names
 from .loading import load_4bit_model
 
-# Names from the modules that need PEFT, imported when first asked for (``import qlora_kernels`` does not
-# import it).
+# Names from the modules that need transformers / PEFT, imported when first asked for (``import qlora_kernels`` does not
+# import either library).
 _LAZY = {
+    "QLoraKernelsConfig": "quantizer", "QLoraKernelsHfQuantizer": "quantizer", "bnb_free_config": "quantizer",
+    "bnb_quantization_config": "quantizer",
     "LoraConfig": "peft_backend", "NF4LoraLinear": "peft_backend", "PEFT_LAYER_TYPES": "peft_backend",
     "register_peft_layers": "peft_backend",
 }

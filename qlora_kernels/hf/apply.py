@@ -21,6 +21,7 @@ from .layers import (
     DenseLoraLinear,
     check_spec,
     dense_layer,
+    is_qlora_kernels_quantized,
     linear_modules,
     matches,
     output_embedding_names,
@@ -84,10 +85,10 @@ def _select(model: nn.Module, target_modules, exclude_modules) -> list[tuple[str
 
 
 def adopt_bnb4_layout(model: nn.Module) -> bool:
-    """On a transformers bitsandbytes 4-bit model, mark every dense linear layer as kept dense (transformers left
-    it dense: ``llm_int8_skip_modules``, the output embedding, nn.Linear subclasses it does not convert such as
-    FalconLinear). Returns whether the model is such a model."""
-    if not bnb_format.is_transformers_bnb4(model):
+    """On a transformers 4-bit model (bitsandbytes', or this package's ``QLoraKernelsConfig``), mark every dense linear
+    layer as kept dense (transformers left it dense: ``llm_int8_skip_modules``, the output embedding, nn.Linear
+    subclasses bitsandbytes does not convert such as FalconLinear). Returns whether the model is such a model."""
+    if not (bnb_format.is_transformers_bnb4(model) or is_qlora_kernels_quantized(model)):
         return False
     for _, module, kind in linear_modules(model):
         if kind in ("linear", "conv1d"):
@@ -131,7 +132,8 @@ def apply_qlora(
 
     On a transformers bitsandbytes 4-bit model (``from_pretrained(quantization_config=BitsAndBytesConfig(...))``)
     the untargeted nf4 ``Linear4bit`` layers become :class:`NF4Linear` on the same bytes (no adapters, nothing
-    requantized), and once no bitsandbytes layer is left the model's transformers quantization state
+    requantized), and once no bitsandbytes layer is left (at once for a ``QLoraKernelsConfig`` model, whose layers are
+    this package's) the model's transformers quantization state
     (``hf_quantizer``, ``is_quantized``, ``quantization_method``, ``is_loaded_in_4bit``,
     ``config.quantization_config``) is removed, as :func:`load_4bit_model` returns models: transformers' Trainer
     then trains it (it refuses models it believes are "purely quantized").
@@ -220,6 +222,8 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             replace_module(model, name, m.merged_layer(dtype))
             continue
         replace_module(model, name, dense_layer(m, dtype))
+    if is_qlora_kernels_quantized(model) and not any(isinstance(m, NF4Linear) for m in model.modules()):
+        bnb_format.drop_transformers_quantization(model)  # no 4-bit layer left: a plain model (hf_quantizer goes too)
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "quantization_config", None) is not None:
         with contextlib.suppress(AttributeError):

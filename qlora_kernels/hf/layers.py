@@ -66,6 +66,13 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
+def is_qlora_kernels_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` came from ``from_pretrained(quantization_config=QLoraKernelsConfig())`` and still carries that
+    quantization state (its ``hf_quantizer``)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    return getattr(getattr(quantizer, "quantization_config", None), "quant_method", None) == "qlora_kernels"
+
+
 def output_embedding_names(model: nn.Module) -> set[str]:
     """The names of the output embedding (``get_output_embeddings()``, else an ``lm_head``), which "all-linear" and
     :func:`~qlora_kernels.load_4bit_model` leave dense."""
