@@ -25,6 +25,10 @@ def tiny_config(arch: str = "llama"):
         return transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, eos_token_id=1,
                                        bos_token_id=1)
+    if arch == "mixtral":  # fused 3-D experts (transformers 5): not linear layers, they stay dense
+        return transformers.MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                          max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2)
     raise ValueError(arch)
 
 

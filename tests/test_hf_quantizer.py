@@ -35,16 +35,21 @@ def _same(a: nn.Module, b: nn.Module) -> None:
         m.compute_dtype for m in b.modules() if isinstance(m, NF4Linear)]
 
 
-@pytest.mark.parametrize("arch, dtype", [("llama", torch.float32), ("llama", torch.bfloat16), ("gpt2", torch.float32)])
+@pytest.mark.parametrize("arch, dtype", [("llama", torch.float32), ("llama", torch.bfloat16), ("gpt2", torch.float32),
+                                         ("mixtral", torch.float32)])
 def test_float_checkpoint_equals_load_4bit_model(arch, dtype, tmp_path):
     """Quantized layer by layer while transformers loads it: the same NF4 bytes, other tensors, module types and
-    logits as load_4bit_model (GPT-2's Conv1D weights transposed first, as there)."""
+    logits as load_4bit_model (GPT-2's Conv1D weights transposed first, as there; Mixtral's fused 3-D experts and its
+    router left dense, as there)."""
     write_tiny(tmp_path, arch)
     ours = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=QLoraKernelsConfig(), dtype=dtype)
     want = qk.load_4bit_model(tmp_path, dtype=dtype)
     _same(ours, want)
     layers = [m for m in ours.modules() if isinstance(m, NF4Linear)]
     assert len(layers) == (14 if arch == "llama" else 8) and {m.compute_dtype for m in layers} == {dtype}
+    if arch == "mixtral":
+        experts = ours.model.layers[0].mlp.experts
+        assert experts.gate_up_proj.dim() == 3 and experts.gate_up_proj.dtype == dtype
     assert all(m.fan_in_fan_out == (arch == "gpt2") for m in layers) and type(ours.lm_head) is nn.Linear
     assert ours.is_quantized and ours.hf_quantizer.is_trainable and ours.hf_quantizer.is_serializable()
     qc = ours.config.quantization_config
