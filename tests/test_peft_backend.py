@@ -81,8 +81,8 @@ def test_get_peft_model_runs_fused_layers_and_reproduces_on_bnb_peft(nf4_dir, tm
 
 
 def test_disable_adapter_set_adapter_and_named_adapters(nf4_dir, tmp_path):
-    """disable_adapter() is the NF4 base model exactly (DPO's reference); two named adapters switch with set_adapter and
-    save / reload in PEFT's layout (the second one in its own subdirectory)."""
+    """disable_adapter() is the NF4 base model exactly (DPO's reference); two named adapters switch with set_adapter,
+    run together or per row (adapter_names), and save / reload in PEFT's layout (the second in its own subdirectory)."""
     base = _ours(nf4_dir)
     x = ids()
     with torch.no_grad():
@@ -99,6 +99,15 @@ def test_disable_adapter_set_adapter_and_named_adapters(nf4_dir, tmp_path):
         y_other = model(input_ids=x).logits
     assert model.active_adapters == ["other"]
     assert not torch.allclose(y_default, y_other) and not torch.allclose(y_other, want_base)
+    with torch.no_grad():
+        model.base_model.set_adapter(["default", "other"])  # both active: the first fused, the second PEFT's plain term
+        y_both = model(input_ids=x).logits
+        model.set_adapter("default")
+        mixed = model(input_ids=x, adapter_names=["other", "__base__"]).logits  # PEFT's per-row adapters
+    torch.testing.assert_close(mixed[0], y_other[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], want_base[1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(y_both, y_default, atol=1e-4) and not torch.allclose(y_both, y_other, atol=1e-4)
+    model.set_adapter("other")
     model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "other" / "adapter_config.json").is_file()
 
