@@ -14,7 +14,7 @@ from torch import nn
 
 import qlora_kernels as qk
 
-from .hf_tiny import bnb_model, ids, write_bnb_checkpoint, write_tiny
+from .hf_tiny import bnb_model, ids, randomize_lora_b, write_bnb_checkpoint, write_tiny
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -121,6 +121,34 @@ def test_save_pretrained_writes_a_checkpoint_transformers_reloads(tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", config=bnb_free_config(tmp_path / "nf4"),
                                                  quantization_config=QLoraKernelsConfig(), dtype=torch.float32)
     _same(again, ours)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]])
+def test_save_pretrained_after_peft_merge_and_unload(targets, tmp_path):
+    """PEFT's merge_and_unload makes the adapted layers dense; save_pretrained then describes what is left: nothing
+    4-bit (all-linear: a plain checkpoint, no quantization_config) or the rest, with the merged layers listed as dense,
+    which transformers + bitsandbytes reloads to the merged model's logits."""
+    write_tiny(tmp_path / "fp32")
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(
+        tmp_path / "fp32", quantization_config=QLoraKernelsConfig(), dtype=torch.float32),
+        LoraConfig(r=4, target_modules=targets))
+    randomize_lora_b(model)
+    merged = model.merge_and_unload().eval()
+    x = ids()
+    with torch.no_grad():
+        want = merged(input_ids=x).logits
+    merged.save_pretrained(tmp_path / "merged")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    if targets == "all-linear":
+        assert "quantization_config" not in config
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    else:
+        pytest.importorskip("bitsandbytes")
+        assert "model.layers.1.self_attn.v_proj" in config["quantization_config"]["llm_int8_skip_modules"]
+        reloaded = bnb_model(tmp_path / "merged")
+        assert type(reloaded.model.layers[0].self_attn.q_proj) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=x).logits, want, atol=1e-5, rtol=1e-5)
 
 
 def _train_one_step(model, tmp_path):

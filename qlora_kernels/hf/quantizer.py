@@ -17,7 +17,8 @@ when transformers is installed). What the quantizer does, in transformers' loadi
    ``hf_quantizer`` (trainable, serializable), so ``Trainer`` accepts it once it carries PEFT adapters
    (``peft.get_peft_model(model, qlora_kernels.hf.LoraConfig(...))``), and ``model.config.quantization_config``
    becomes the :class:`transformers.BitsAndBytesConfig` that describes the stored bytes: ``save_pretrained`` writes
-   a bitsandbytes 4-bit checkpoint that transformers itself (with bitsandbytes) loads.
+   a bitsandbytes 4-bit checkpoint that transformers itself (with bitsandbytes) loads (the description is renewed at
+   each save, so that layers merged dense since, e.g. by PEFT's ``merge_and_unload``, are listed as dense).
 
 The result equals :func:`~qlora_kernels.load_4bit_model` of the same directory and dtype bit for bit.
 
@@ -28,6 +29,7 @@ A bitsandbytes checkpoint's ``config.json`` carries a bitsandbytes ``quantizatio
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +219,17 @@ class QLoraKernelsHfQuantizer(HfQuantizer):
             self._ckpt = self._plan = None  # closes the checkpoint files
         model.config.quantization_config = bnb_quantization_config(model)
         return model
+
+    def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[None, dict]:
+        """``save_pretrained`` asks this before it writes ``config.json``: the ``quantization_config`` it writes then
+        describes the NF4 layers the model has now (PEFT's ``merge_and_unload`` makes adapted layers dense), or is left
+        out once none is left (a plain dense checkpoint). The state dict is the model's own (bitsandbytes' keys)."""
+        if any(isinstance(m, NF4Linear) for m in model.modules()):
+            model.config.quantization_config = bnb_quantization_config(model)
+        else:
+            with contextlib.suppress(AttributeError):
+                delattr(model.config, "quantization_config")
+        return None, {}
 
     def _stored_weight(self, name: str, module: nn.Module) -> NF4Weight:
         wkey = f"{name}.weight"
