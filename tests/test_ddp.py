@@ -125,17 +125,20 @@ def _train_records(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("dpo", [False, True], ids=["sft", "dpo"])
-def test_two_gloo_processes_train_the_same_adapter_as_one(assets, tmp_path, dpo):
-    """2 ranks x micro-batch 2 == 1 process x micro-batch 4 (same global batch, 2 accumulation steps each)."""
+@pytest.mark.parametrize("dpo,packed", [(False, False), (True, False), (False, True)],
+                         ids=["sft", "dpo", "sft-packed"])
+def test_two_gloo_processes_train_the_same_adapter_as_one(assets, tmp_path, dpo, packed):
+    """2 ranks x micro-batch 2 == 1 process x micro-batch 4 (same global batch, 2 accumulation steps each); with
+    sample_packing the units split are the packed rows."""
     ddp_out = tmp_path / "ddp"
     cfg_path = tmp_path / "ddp.yaml"
-    cfg_path.write_text(yaml.safe_dump(raw_config(assets, ddp_out, dpo, micro_batch_size=2)))
+    kw = {"sample_packing": True} if packed else {}
+    cfg_path.write_text(yaml.safe_dump(raw_config(assets, ddp_out, dpo, micro_batch_size=2, **kw)))
     proc = run_torchrun(cfg_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("trained 3 steps") == 1  # only rank 0 reports
 
-    one = train(load_config(raw=raw_config(assets, tmp_path / "one", dpo)), quiet=True)
+    one = train(load_config(raw=raw_config(assets, tmp_path / "one", dpo, **kw)), quiet=True)
     a = load_file(str(ddp_out / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and any(v.abs().sum() > 0 for k, v in b.items() if "lora_B" in k)

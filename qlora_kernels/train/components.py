@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from qlora_kernels import PagedAdamW, apply_qlora, load_4bit_model, save_adapter
+from qlora_kernels.nn.fused_mlp import fuse_qlora_mlps
 
 from .config import TrainConfig
+from .offload import ActivationOffloader
 
 
 class TrainingError(RuntimeError):
@@ -89,6 +91,57 @@ def build_model(cfg: TrainConfig, device: torch.device | None = None) -> nn.Modu
                 target_modules=cfg.lora_target_modules, use_rslora=cfg.peft_use_rslora, blocksize=q.blocksize,
                 double_quant=q.double_quant)
     return model.to(device)
+
+
+def memory_mode(cfg: TrainConfig) -> tuple[bool, bool]:
+    """``(recompute, offload)`` of a config's ``gradient_checkpointing`` and ``activation_offloading``:
+
+    ============================  ======================  ==========  ==============================================
+    gradient_checkpointing        activation_offloading   recompute   moved to host memory (and back for backward)
+    ============================  ======================  ==========  ==============================================
+    false (default)               false (default)         no          nothing
+    true                          false                   each layer  nothing (the layer inputs stay on the device)
+    false                         true                    no          every activation the decoder saves
+    true, or offload              true, or either         each layer  the layer inputs (the checkpoints)
+    ============================  ======================  ==========  ==============================================
+    """
+    recompute = cfg.gradient_checkpointing in (True, "offload")
+    return recompute, cfg.gradient_checkpointing == "offload" or cfg.activation_offloading
+
+
+def prepare_model(cfg: TrainConfig, model: nn.Module, device: torch.device) -> tuple[
+        nn.Module, ActivationOffloader | None, list[str]]:
+    """Make a built (or given) QLoRA model ready to train: on ``device``; the fused MLPs (``fused_mlp``,
+    :func:`qlora_kernels.nn.fused_mlp.fuse_qlora_mlps`, on the instance); gradient checkpointing (non-reentrant) and
+    activation offloading as :func:`memory_mode` says (:class:`.offload.ActivationOffloader`); no KV cache.
+
+    Returns ``(model, the offloader or None, what to report)``.
+    """
+    notes: list[str] = []
+    model.to(device)
+    if cfg.fused_mlp:
+        n = fuse_qlora_mlps(model)
+        notes.append(f"fused_mlp: {n} MLPs run as one fused QLoRA Function" + (
+            " (they fall back to the three layers while lora_dropout > 0 trains)" if n and cfg.lora_dropout > 0 else "")
+            if n else "fused_mlp: no MLP of this model can be fused (Llama/Mistral/Qwen2/Qwen3 MLPs with SiLU and "
+            "QLoRA projections); it runs unfused")
+    recompute, offload = memory_mode(cfg)
+    if recompute:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    offloader = None
+    if offload:
+        offloader = ActivationOffloader(device).attach(model)
+        where = ("pinned host memory, copied on a side stream" if device.type == "cuda"
+                 else "a host store (on the CPU a second copy: the same code path, no memory saved)")
+        notes.append(f"activation offloading: {'the layer inputs (checkpoints)' if recompute else 'the activations'} "
+                     f"the decoder saves for backward go to {where} and come back for the backward"
+                     + ("; each layer is recomputed" if recompute else "; nothing is recomputed"))
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+    return model, offloader, notes
 
 
 def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:

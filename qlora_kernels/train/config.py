@@ -135,7 +135,10 @@ class CommonKeys:
     skip_bad_rows: bool = _f(False, help="skip (and count) malformed rows instead of failing")
     val_set_size: float = _f(0.0, range=AT_LEAST_0,
                              help="fraction (<1) or whole number (>=1) of train rows held out for eval")
-    micro_batch_size: int = _f(1, range=AT_LEAST_1, help="examples per forward pass")
+    sample_packing: bool = _f(False, help="pack examples into rows of sequence_len tokens (DPO: whole pairs into rows "
+                              "of 2 x sequence_len), each attending only to itself; micro_batch_size then counts rows "
+                              "(Axolotl key)")
+    micro_batch_size: int = _f(1, range=AT_LEAST_1, help="examples per forward pass (packed rows with sample_packing)")
     eval_batch_size: int | None = _f(None, range=AT_LEAST_1,
                                      help="examples per eval forward pass (default: micro_batch_size)")
     gradient_accumulation_steps: int = _f(1, range=AT_LEAST_1, help="micro-batches per optimizer step")
@@ -154,7 +157,16 @@ class CommonKeys:
     adam_epsilon: float = _f(1e-8, range=POSITIVE, help="AdamW epsilon")
     max_grad_norm: float | None = _f(1.0, range=Range(0, note="0 or null: no clipping"),
                                      help="gradient clipping norm (0 or null: no clipping, as in transformers)")
-    gradient_checkpointing: bool = _f(False, help="recompute activations in backward")
+    gradient_checkpointing: Union[bool, Literal["offload"]] = _f(
+        False, choices=(True, False, "offload"),
+        help="recompute each decoder layer in backward (true); offload: recompute, and keep the layer inputs in "
+             "host memory (= true with activation_offloading: true)")
+    activation_offloading: bool = _f(False, help="move the activations the decoder saves for backward to (pinned) host "
+                                     "memory and back instead of keeping them on the device; nothing is recomputed "
+                                     "unless gradient_checkpointing is on (Axolotl key)")
+    fused_mlp: bool = _f(False, help="run each Llama/Mistral/Qwen2/Qwen3 MLP as one fused QLoRA Function "
+                         "(nn.FusedQLoraMLP); off by default: it ships behind this flag, the GPU benchmark is ready "
+                         "(bench_lora.py --mlp), it could not be shown to win on the CPU")
     bf16: Union[bool, Literal["auto"]] = _f("auto", choices=(True, False, "auto"),
                                             help="bf16 autocast: auto = on for CUDA devices that support it")
     fp16: bool = _f(False, help="fp16 autocast with loss scaling (CUDA only)")
@@ -258,6 +270,8 @@ ALIASES: dict[str, str] = {
     "beta": "dpo_beta",  # TRL DPOConfig
     "loss_type": "dpo_loss",
     "label_smoothing": "dpo_label_smoothing",
+    "packing": "sample_packing",  # TRL SFTConfig (its bfd strategy: packed, position ids restart per example)
+    "enable_activation_offloading": "activation_offloading",  # torchtune
     "use_rslora": "peft_use_rslora",  # PEFT LoraConfig / TRL ModelConfig
     "target_modules": "lora_target_modules",  # PEFT LoraConfig
     "bnb_4bit_quant_type": "quantization.quant_type",  # transformers BitsAndBytesConfig
@@ -276,7 +290,8 @@ FOREIGN_KEYS: dict[str, str] = {
     "lora_target_linear": "set lora_target_modules: all-linear (the default)",
     "r": "set lora_r",
     "batch_size": "set micro_batch_size (examples per forward pass) and gradient_accumulation_steps",
-    "packing": "not supported: examples are padded to the longest of their micro-batch, never packed",
+    "padding_free": "set sample_packing: true (examples packed into rows of sequence_len tokens, each attending only "
+                    "to itself, no padding inside a row)",
     "max_prompt_length": "not supported: sequence_len bounds prompt and completion together (the end is cut)",
     "report_to": "not supported: metrics go to output_dir/metrics.jsonl and loss.png",
 }

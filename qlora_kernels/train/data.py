@@ -39,6 +39,7 @@ import torch
 from .config import PREFERENCE_TYPES, DatasetConfig, TrainConfig
 from .distributed import SINGLE, DistContext, shard
 from .loss import IGNORE_INDEX
+from .packing import collate_segments
 from .templates import Segment, alpaca_segments, chat_segments
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -493,6 +494,40 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int, counted: bool = True
     return batch
 
 
+def collate_packed(rows: list[list[Example]], pad_id: int, counted: bool = True) -> dict[str, torch.Tensor]:
+    """One packed batch of SFT examples (sample packing): row r holds the examples ``rows[r]``, each attending only to
+    itself; see :func:`.packing.collate_segments` for the keys."""
+    return collate_segments(rows, pad_id, counted)
+
+
+def collate_packed_pairs(rows: list[list[PreferencePair]], pad_id: int, counted: bool = True) -> dict[
+        str, torch.Tensor]:
+    """One packed batch of preference pairs: row r holds the pairs ``rows[r]``, the chosen and the rejected sequence of
+    each one its own segment (they never attend to each other), see :func:`.packing.collate_segments`.
+
+    The B pairs of the batch are numbered in row order; ``sequence_ids`` are ``j`` for pair j's chosen sequence and
+    ``B + j`` for its rejected one, so the log-probs per sequence come out as :func:`collate_pairs`' rows do (the B
+    chosen, then the B rejected). ``pair_weight`` and ``ref_logps`` as in :func:`collate_pairs`.
+    """
+    pairs = [p for row in rows for p in row]
+    B = len(pairs)
+    segments, numbers, j = [], [], 0
+    for row in rows:
+        segs, ids = [], []
+        for p in row:
+            segs += [p.chosen, p.rejected]
+            ids += [j, B + j]
+            j += 1
+        segments.append(segs)
+        numbers.append(ids)
+    batch = collate_segments(segments, pad_id, True, numbers)
+    batch["pair_weight"] = torch.full((B,), 1.0 if counted else 0.0)
+    if pairs and all(p.ref_chosen is not None and p.ref_rejected is not None for p in pairs):
+        batch["ref_logps"] = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs],
+                                          dtype=torch.float32)
+    return batch
+
+
 class MicroBatchStream:
     """An endless stream of shuffled micro-batches with a resumable position, split across ranks.
 
@@ -503,14 +538,20 @@ class MicroBatchStream:
     × N`` would see, step for step; with one process it is the plain shuffled stream. The position
     ``(epoch, index)`` is all the state there is, so resuming from it replays exactly the same micro-batches.
 
+    With ``rows`` (sample packing: lists of item indices, :func:`.packing.pack_bins`) the units drawn, shuffled
+    and split are the rows instead of the items: ``collate_fn`` gets a list of rows, each a list of items, and
+    ``next()`` returns the items of those rows.
+
     An empty part (the short last micro-batch of an epoch, on a high rank) gives a placeholder batch that
     must run, because every rank takes part in each all-reduce, but counts for nothing:
-    ``collate_fn(items[:1], pad_id, counted=False)``; ``next()`` returns no items with it.
+    ``collate_fn(units[:1], pad_id, counted=False)``; ``next()`` returns no items with it.
     """
 
     def __init__(self, items: list[Any], micro_batch_size: int, seed: int, pad_id: int, ctx: DistContext = SINGLE,
-                 collate_fn: Callable[..., dict[str, torch.Tensor]] = collate) -> None:
+                 collate_fn: Callable[..., dict[str, torch.Tensor]] = collate,
+                 rows: list[list[int]] | None = None) -> None:
         self.items = items
+        self.rows = rows
         self.micro_batch_size = micro_batch_size  # per rank
         self.global_batch = micro_batch_size * ctx.world_size
         self.seed = seed
@@ -522,8 +563,13 @@ class MicroBatchStream:
         self._perm: list[int] | None = None
 
     @property
+    def units(self) -> int:
+        """What an epoch draws from: the items, or the packed rows."""
+        return len(self.rows) if self.rows is not None else len(self.items)
+
+    @property
     def batches_per_epoch(self) -> int:
-        return math.ceil(len(self.items) / self.global_batch)
+        return math.ceil(self.units / self.global_batch)
 
     @property
     def epoch_progress(self) -> float:
@@ -532,20 +578,24 @@ class MicroBatchStream:
     def _order(self) -> list[int]:
         if self._perm is None:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
-            self._perm = torch.randperm(len(self.items), generator=g).tolist()
+            self._perm = torch.randperm(self.units, generator=g).tolist()
         return self._perm
 
     def next(self) -> tuple[dict[str, torch.Tensor], list[Any]]:
         """This rank's part of the next global micro-batch (collated) and its items."""
         start = self.index * self.global_batch
-        drawn = [self.items[i] for i in self._order()[start:start + self.global_batch]]
+        if self.rows is None:
+            drawn = [self.items[i] for i in self._order()[start:start + self.global_batch]]
+        else:
+            drawn = [[self.items[i] for i in self.rows[r]] for r in self._order()[start:start + self.global_batch]]
         self.index += 1
         if self.index >= self.batches_per_epoch:
             self.epoch, self.index, self._perm = self.epoch + 1, 0, None
         mine = shard(drawn, self.ctx)
         if not mine:
             return self.collate_fn(drawn[:1], self.pad_id, counted=False), []
-        return self.collate_fn(mine, self.pad_id), mine
+        items = mine if self.rows is None else [item for row in mine for item in row]
+        return self.collate_fn(mine, self.pad_id), items
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}

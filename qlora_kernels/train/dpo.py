@@ -29,6 +29,10 @@ chosen, the second half rejected). Log-probs are computed from the decoder's hid
 of tokens (:func:`.loss.sequence_log_probs`), so full-vocabulary logits never exist for the whole batch, and
 only completion positions are projected at all.
 
+With ``sample_packing`` whole pairs are packed into rows of ``2 × sequence_len`` tokens, the chosen and the
+rejected sequence of a pair each its own segment (:func:`.data.collate_packed_pairs`): they never attend to
+each other, and log-probs are summed per sequence (``sequence_ids``).
+
 Preference data (rows, pairs, batches) lives in :mod:`.data`.
 """
 
@@ -47,10 +51,10 @@ from qlora_kernels.hf import adapters_disabled
 
 from .components import autocast
 from .config import DPO_LOSSES, TrainConfig
-from .data import DataStats, PreferencePair, collate_pairs, load_pairs
+from .data import DataStats, PreferencePair, collate_packed_pairs, collate_pairs, load_pairs
 from .distributed import SINGLE, DistContext, all_reduce_sum, shard
 from .distributed import unwrap_model as _unwrap
-from .loss import IGNORE_INDEX, model_sequence_log_probs
+from .loss import model_sequence_log_probs, sequence_target_counts
 from .objective import Objective, evaluate
 
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -117,31 +121,42 @@ class DPOSettings:
         return cls(cfg.dpo_beta, cfg.dpo_loss, cfg.dpo_label_smoothing, cfg.loss_chunk_size)
 
 
-def reference_log_probs(model: nn.Module, batch: dict[str, Tensor], chunk_size: int | None = None) -> Tensor:
+def _log_prob_args(batch: dict[str, Tensor], chunk_size: int | None, layout: str | None) -> tuple:
+    """The arguments of :func:`.loss.model_sequence_log_probs` after the model, for a plain or a packed batch."""
+    args = (batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_size)
+    if "position_ids" in batch:
+        args += (batch["position_ids"], batch["sequence_ids"], layout)
+    return args
+
+
+def reference_log_probs(model: nn.Module, batch: dict[str, Tensor], chunk_size: int | None = None,
+                        layout: str | None = None) -> Tensor:
     """Sequence log-probs of the reference model: ``model`` with its adapters off, no grad."""
     model = _unwrap(model)
     with torch.no_grad(), adapters_disabled(model):
-        return model_sequence_log_probs(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                        chunk_size)
+        return model_sequence_log_probs(model, *_log_prob_args(batch, chunk_size, layout))
 
 
 def dpo_batch_loss(model: nn.Module, batch: dict[str, Tensor], settings: DPOSettings,
-                   runner: Callable[..., Any] | None = None) -> tuple[Tensor, dict[str, float]]:
+                   runner: Callable[..., Any] | None = None, layout: str | None = None) -> tuple[
+        Tensor, dict[str, float]]:
     """``(sum of weighted pair losses, metric sums)`` of one collated pair batch (already on the device).
 
     The reference log-probs come from ``batch["ref_logps"]`` when precomputed, else from a no-grad
     forward with the adapters off (run first, so its activations are gone before the policy's exist).
     The policy runs chosen and rejected in one forward, through ``runner(fn, *args)`` when given (the
-    DDP wrapper), else directly. Metric sums are weighted by ``pair_weight``; ``pairs`` is their count.
+    DDP wrapper), else directly. Metric sums are weighted by ``pair_weight``; ``pairs`` is their count. A packed
+    batch (:func:`.data.collate_packed_pairs`) runs in ``layout`` (:data:`.loss.PACKED_LAYOUTS`).
     """
     ref = batch.get("ref_logps")
     if ref is None:
-        ref = reference_log_probs(model, batch, settings.chunk_size)
-    args = (batch["input_ids"], batch["attention_mask"], batch["labels"], settings.chunk_size)
+        ref = reference_log_probs(model, batch, settings.chunk_size, layout)
+    args = _log_prob_args(batch, settings.chunk_size, layout)
     policy = runner(model_sequence_log_probs, *args) if runner is not None else model_sequence_log_probs(
         _unwrap(model), *args)
     B = policy.shape[0] // 2
-    n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).to(policy.device)  # completion tokens of each sequence
+    # completion tokens of each sequence
+    n = sequence_target_counts(batch["labels"], batch.get("sequence_ids")).to(policy.device)
     losses, rc, rr = dpo_loss(policy[:B], policy[B:], ref[:B].float(), ref[B:].float(), settings.beta,
                               settings.loss_type, settings.label_smoothing, chosen_tokens=n[:B],
                               rejected_tokens=n[B:])
@@ -217,12 +232,22 @@ class DPOObjective(Objective):
     def collate(self, items: list[PreferencePair], pad_id: int, counted: bool = True) -> dict[str, Tensor]:
         return collate_pairs(items, pad_id, counted)
 
+    def pack_length(self, item: PreferencePair) -> int:
+        return len(item.chosen.input_ids) + len(item.rejected.input_ids)
+
+    def pack_capacity(self, sequence_len: int) -> int:
+        return 2 * sequence_len  # a whole pair fits in a row (each side is at most sequence_len)
+
+    def collate_packed(self, rows: list[list[PreferencePair]], pad_id: int, counted: bool = True) -> dict[
+            str, Tensor]:
+        return collate_packed_pairs(rows, pad_id, counted)
+
     def count(self, batch: dict[str, Tensor]) -> int:
         return int(batch["pair_weight"].sum())
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor],
              run: Callable[..., Any] | None = None) -> tuple[Tensor, dict[str, float]]:
-        return dpo_batch_loss(model, batch, self.settings, run)
+        return dpo_batch_loss(model, batch, self.settings, run, self.packed_layout)
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """Each reward and log-prob sum over the pairs (``sums["pairs"]``, the summed pair weights)."""

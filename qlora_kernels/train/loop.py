@@ -4,8 +4,11 @@
 ``rl: dpo``; the interface is :class:`.objective.Objective`) and runs a :class:`Recipe`:
 
 1. :meth:`Recipe.setup`: output_dir (one run per directory), seeds, tokenizer, the objective's items, the
-   QLoRA model (:func:`.components.build_model`), the objective's one-time setup, optimizer, micro-batch
-   stream (:class:`.data.MicroBatchStream`), learning-rate schedule and, when resuming, the checkpoint;
+   QLoRA model (:func:`.components.build_model`, made ready by :func:`.components.prepare_model`: fused MLPs,
+   checkpointing, activation offloading), the objective's one-time setup, optimizer, micro-batch stream
+   (:class:`.data.MicroBatchStream`; with ``sample_packing`` over rows packed once, :mod:`.packing`, after
+   checking that the model keeps packed examples apart), learning-rate schedule and, when resuming, the
+   checkpoint;
 2. :meth:`Recipe.fit`: optimizer steps (:meth:`Recipe.step`), each followed by an eval every ``eval_steps``
    (and early stopping), a checkpoint every ``save_steps``, ``on_step_end`` and the Ctrl-C check;
 3. :meth:`Recipe.finish`: an eval if the last step had none, the adapter (PEFT format), ``loss.png``.
@@ -60,6 +63,7 @@ from .components import (
     build_optimizer,
     build_scheduler,
     load_tokenizer,
+    prepare_model,
     resolve_device,
     total_steps,
 )
@@ -68,6 +72,7 @@ from .data import DataStats, MicroBatchStream
 from .dpo import DPOObjective
 from .metrics import MetricsLog, plot_losses
 from .objective import Objective, evaluate
+from .packing import check_packed_attention, pack_bins, packing_stats
 from .sft import SFTObjective
 
 OBJECTIVES: dict[str, type[Objective]] = {"sft": SFTObjective, "dpo": DPOObjective}  # by TrainConfig.objective
@@ -183,8 +188,10 @@ class Recipe:
             self.say(note)
 
         self.optimizer = build_optimizer(cfg, self.params)
+        rows = self._pack() if cfg.sample_packing else None
         self.stream = MicroBatchStream(self.train_items, cfg.micro_batch_size, cfg.seed, self.pad_id, ctx,
-                                       collate_fn=objective.collate)
+                                       collate_fn=objective.collate_packed if rows is not None else objective.collate,
+                                       rows=rows)
         self.steps = total_steps(cfg, self.stream.batches_per_epoch)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp is torch.float16 else None
@@ -194,6 +201,8 @@ class Recipe:
                         "seed": cfg.seed, "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
         if ctx.enabled:
             self.run_key["world_size"] = ctx.world_size
+        if rows is not None:
+            self.run_key["packed_rows"] = len(rows)
 
         resume_step = self._resume() if cfg.resume_from_checkpoint else None
         self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step if resume_step is not None else -1,
@@ -218,15 +227,31 @@ class Recipe:
 
     def _prepare_model(self, model: nn.Module | None) -> nn.Module:
         model = model if model is not None else build_model(self.cfg, self.device)
-        model.to(self.device)
-        if self.cfg.gradient_checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if getattr(model, "config", None) is not None:
-            model.config.use_cache = False
+        model, self.offloader, notes = prepare_model(self.cfg, model, self.device)
+        for note in notes:
+            self.say(note)
         return model
+
+    def _pack(self) -> list[list[int]]:
+        """sample_packing: check that the model keeps packed items apart (its layout goes to the objective), then
+        pack the train items into rows once; reports the packing efficiency."""
+        cfg, objective = self.cfg, self.objective
+        try:
+            capacity = objective.pack_capacity(cfg.sequence_len)
+            lengths = [objective.pack_length(item) for item in self.train_items]
+        except NotImplementedError as e:
+            raise ConfigError(f"sample_packing: {e}") from None
+        try:
+            with autocast(self.device, self.amp):
+                objective.packed_layout = check_packed_attention(self.model)
+        except RuntimeError as e:
+            raise TrainingError(f"sample_packing: {e}; set sample_packing: false for this model") from None
+        rows = pack_bins(lengths, capacity, cfg.seed)
+        self.packing = packing_stats(lengths, rows, capacity, cfg.micro_batch_size * self.ctx.world_size, cfg.seed)
+        self.say(f"{self.packing.summary(objective.item_noun)}; attention kept apart by "
+                 + {"rows": "position ids", "flat": "position ids (rows flattened into one for flash attention)",
+                    "mask": "an explicit block-diagonal mask"}[objective.packed_layout])
+        return rows
 
     def _resume(self) -> int:
         """Load ``resume_from_checkpoint`` (checked to fit this run before anything changes); its step."""
@@ -310,7 +335,9 @@ class Recipe:
         # The step's loss is normalized by the count (target tokens, pairs) of the global accumulated batch.
         n_here = sum(objective.count(b) for b, _ in micro)
         n_tok_here = sum(int(b["attention_mask"].sum()) for b, _ in micro)
-        n, n_tok = (int(v) for v in dp.all_reduce_sum([n_here, n_tok_here], ctx, device).tolist())
+        slots_here = sum(b["input_ids"].numel() for b, _ in micro)
+        n, n_tok, slots = (int(v) for v in dp.all_reduce_sum([n_here, n_tok_here, slots_here], ctx, device).tolist())
+        offloaded_before = self.offloader.bytes if self.offloader is not None else 0
         loss_sum, sums = 0.0, dict.fromkeys(objective.metric_keys, 0.0)
         for i, (batch, items) in enumerate(micro):
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -355,6 +382,10 @@ class Recipe:
         rec = {"step": step, "epoch": round(self.stream.epoch_progress, 4), "loss": self.last_loss, "lr": lr,
                "grad_norm": grad_norm, objective.count_key: n, "tokens_per_s": round(n_tok / dt, 1),
                **objective.metrics(sums)}
+        if cfg.sample_packing:  # real tokens / token slots of the step's micro-batches (all ranks)
+            rec["packing_efficiency"] = round(n_tok / max(1, slots), 4)
+        if self.offloader is not None:  # this rank's bytes moved to host memory in the step's forwards
+            rec["offloaded_mib"] = round((self.offloader.bytes - offloaded_before) / 2**20, 3)
         if step % cfg.logging_steps == 0 or step == self.steps:
             self.metrics.write(rec)
         self.bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / dt:.0f}", refresh=False)

@@ -6,7 +6,8 @@ under ``softmax(h @ W^T + b)``; the SFT loss is minus their sum (:func:`chunked_
 models, and their count; the caller divides by the target-token count of the whole accumulated batch),
 and DPO uses the per-token values (:func:`token_log_probs`, summed per sequence by
 :func:`sequence_log_probs`). Both gather the same shifted target positions (:func:`target_rows`) from the
-hidden states of one decoder forward (:func:`decoder_forward`).
+hidden states of one decoder forward (:func:`decoder_forward`), whose batch may be packed (several
+sequences per row, each attending only to itself: :mod:`.packing`; then log-probs are summed per sequence).
 
 Memory: only target positions are gathered (prompt and padding cost nothing), and logits exist for
 ``chunk_size`` tokens at a time. The backward of each chunk is computed in the forward pass, while its
@@ -226,35 +227,104 @@ def causal_lm_loss(hidden: Tensor, head: Tensor | nn.Module, labels: Tensor, chu
 
 
 def sequence_log_probs(hidden: Tensor, head: Tensor | nn.Module, labels: Tensor, chunk_size: int | None = None,
-                       bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``(log-probs [B], target counts [B])``: per sequence, the sum of log p(label) over its target tokens.
+                       bias: Tensor | None = None, sequence_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(log-probs [S], target counts [S])``: per sequence, the sum of log p(label) over its target tokens.
 
     The same positions as :func:`causal_lm_loss` (:func:`target_rows`); only target positions are projected,
-    ``chunk_size`` rows at a time (:func:`token_log_probs`).
+    ``chunk_size`` rows at a time (:func:`token_log_probs`). A sequence is a row (S = B), or, given
+    ``sequence_ids`` ``[B, T]`` (a packed batch: the number of the sequence each token belongs to, -1 on
+    padding; see :mod:`.packing`), each number (S = the largest + 1); a target counts for its own sequence.
     """
     h, y, mask = target_rows(hidden, labels)
-    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[mask]
+    if sequence_ids is None:
+        n_seq = labels.shape[0]
+        rows = torch.arange(n_seq, device=labels.device)[:, None].expand_as(mask)[mask]
+    else:
+        n_seq = int(sequence_ids.max()) + 1 if sequence_ids.numel() else 0
+        rows = sequence_ids[:, 1:][mask]
     tok = token_log_probs(h, head, y, bias=bias, chunk_size=chunk_size)
-    out = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, tok)
+    out = torch.zeros(n_seq, dtype=torch.float32, device=hidden.device).index_add(0, rows, tok)
     if tok.numel() == 0:
         out = out + hidden.sum() * 0.0  # keep the graph connected (every rank of DDP must produce grads)
-    return out, mask.sum(1)
+    return out, sequence_target_counts(labels, sequence_ids)
 
 
-def decoder_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> tuple[
+def sequence_target_counts(labels: Tensor, sequence_ids: Tensor | None = None) -> Tensor:
+    """Target tokens of each sequence ``[S]`` (int64): of each row, or of each number in ``sequence_ids``."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    if sequence_ids is None:
+        return mask.sum(1)
+    n_seq = int(sequence_ids.max()) + 1 if sequence_ids.numel() else 0
+    return torch.bincount(sequence_ids[:, 1:][mask], minlength=n_seq)
+
+
+# --------------------------------------------------------------------------- the decoder, packed or not
+
+#: How a packed batch (:mod:`.packing`) goes through the decoder: ``"rows"``, its rows with their
+#: ``position_ids`` and no 2-D attention mask (transformers builds the block-diagonal causal mask from the
+#: position ids: sdpa, eager, flex); ``"flat"``, all rows as one row (the flash-attention paths detect packed
+#: sequences from the position ids of a single row only); ``"mask"``, the rows with an explicit 4-D
+#: block-diagonal causal mask (for a model that ignores the position ids when building its mask).
+PACKED_LAYOUTS = ("rows", "flat", "mask")
+
+
+def default_packed_layout(model: nn.Module) -> str:
+    """``"flat"`` for a flash-attention implementation, else ``"rows"``."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+    return "flat" if impl.startswith("flash") else "rows"
+
+
+def packed_attention_mask(position_ids: Tensor, dtype: torch.dtype, boolean: bool) -> Tensor:
+    """The 4-D block-diagonal causal mask ``[B, 1, T, T]`` of the segments that ``position_ids`` restart: True / 0
+    where a query may attend to a key (same segment, not later), False / the dtype's minimum elsewhere."""
+    step = torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1] - 1)
+    seg = (step != 1).cumsum(-1)
+    T = position_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (seg[:, :, None] == seg[:, None, :]) & causal
+    if boolean:
+        return allowed[:, None]
+    zero = torch.zeros((), dtype=dtype, device=position_ids.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
+
+
+def decoder_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
+                    position_ids: Tensor | None = None, layout: str | None = None) -> tuple[
         Tensor, Tensor | nn.Module, Tensor | None]:
     """``(hidden states, head, bias)`` of a Hugging Face causal LM: its decoder's output and its output projection
     (the weight and bias of a plain ``nn.Linear``, else the module itself, with bias None).
 
     Works for ``*ForCausalLM`` models (also wrapped in PEFT) whose logits are ``lm_head(hidden)``; models that
     rescale or soft-cap logits are refused rather than trained on a wrong loss.
+
+    ``position_ids`` given: a packed batch (:mod:`.packing`; ``attention_mask`` is then not passed to the model,
+    only its position ids), run in ``layout`` (:data:`PACKED_LAYOUTS`; default :func:`default_packed_layout`);
+    the hidden states come back ``[B, T, H]`` in every layout.
     """
     cfg = getattr(model, "config", None)
     for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
         if getattr(cfg, attr, None) not in (None, 1, 1.0):
             raise NotImplementedError(f"model config sets {attr}={getattr(cfg, attr)}: the chunked loss and "
                                       "log-probs do not apply it yet")
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+    decoder = model.get_decoder()
+    if position_ids is None:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+    else:
+        layout = layout or default_packed_layout(model)
+        if layout not in PACKED_LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(PACKED_LAYOUTS)}; got {layout!r}")
+        if layout == "flat":
+            B, T = input_ids.shape
+            hidden = decoder(input_ids=input_ids.reshape(1, B * T), position_ids=position_ids.reshape(1, B * T),
+                             attention_mask=None, use_cache=False)[0].reshape(B, T, -1)
+        else:
+            mask = None
+            if layout == "mask":
+                emb = model.get_input_embeddings().weight
+                dtype = torch.get_autocast_dtype(emb.device.type) if torch.is_autocast_enabled(
+                    emb.device.type) else emb.dtype
+                mask = packed_attention_mask(position_ids, dtype, getattr(cfg, "_attn_implementation", "") == "sdpa")
+            hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)[0]
     head = model.get_output_embeddings()
     if type(head) is nn.Linear:
         return hidden, head.weight, head.bias
@@ -262,16 +332,20 @@ def decoder_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor)
 
 
 def model_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-               chunk_size: int | None = None) -> tuple[Tensor, int]:
+               chunk_size: int | None = None, position_ids: Tensor | None = None,
+               layout: str | None = None) -> tuple[Tensor, int]:
     """Run a Hugging Face causal LM's decoder and :func:`causal_lm_loss` over its output projection
-    (:func:`decoder_forward`): ``(sum of CE over target tokens, number of target tokens)``."""
-    hidden, head, bias = decoder_forward(model, input_ids, attention_mask)
+    (:func:`decoder_forward`; ``position_ids`` / ``layout``: a packed batch): ``(sum of CE over target tokens,
+    number of target tokens)``."""
+    hidden, head, bias = decoder_forward(model, input_ids, attention_mask, position_ids, layout)
     return causal_lm_loss(hidden, head, labels, chunk_size, bias=bias)
 
 
 def model_sequence_log_probs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                             chunk_size: int | None = None) -> Tensor:
+                             chunk_size: int | None = None, position_ids: Tensor | None = None,
+                             sequence_ids: Tensor | None = None, layout: str | None = None) -> Tensor:
     """Run a Hugging Face causal LM's decoder and :func:`sequence_log_probs` over its output projection
-    (:func:`decoder_forward`): the log-probs ``[B]``."""
-    hidden, head, bias = decoder_forward(model, input_ids, attention_mask)
-    return sequence_log_probs(hidden, head, labels, chunk_size, bias=bias)[0]
+    (:func:`decoder_forward`; ``position_ids`` / ``sequence_ids`` / ``layout``: a packed batch): the log-probs
+    ``[S]``, one per row, or per sequence of a packed batch."""
+    hidden, head, bias = decoder_forward(model, input_ids, attention_mask, position_ids, layout)
+    return sequence_log_probs(hidden, head, labels, chunk_size, bias=bias, sequence_ids=sequence_ids)[0]

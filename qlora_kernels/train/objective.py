@@ -8,7 +8,10 @@ The loop (:mod:`.loop`) knows nothing of SFT or DPO; an :class:`Objective` tells
   gradient is that of the mean loss, whatever the split into micro-batches and ranks;
 * the loss sum and metric sums of a micro-batch: :meth:`~Objective.loss`, and the means logged from
   summed metrics: :meth:`~Objective.metrics`;
-* any one-time work before the first step: :meth:`~Objective.setup` (DPO's precomputed reference log-probs).
+* any one-time work before the first step: :meth:`~Objective.setup` (DPO's precomputed reference log-probs);
+* with ``sample_packing``, how its items pack into rows (:mod:`.packing`): :meth:`~Objective.pack_length`,
+  :meth:`~Objective.pack_capacity`, :meth:`~Objective.collate_packed`; its loss reads a packed batch (its
+  ``position_ids``) in :attr:`~Objective.packed_layout`, which the loop sets once it has checked the model.
 
 Sums, not means, cross the boundary, so that the loop can add them over micro-batches and all-reduce
 them over ranks before it divides. :func:`evaluate` runs an objective's loss over items without gradients.
@@ -37,6 +40,7 @@ class Objective(ABC):
     count_key: ClassVar[str]  # the metrics key of a step's normalization count ("target_tokens" | "pairs")
     item_noun: ClassVar[str]  # what one item is called in messages ("examples" | "pairs")
     metric_keys: ClassVar[tuple[str, ...]] = ()  # the keys of loss()'s metric sums, always all of them, in order
+    packed_layout: str | None = None  # how a packed batch runs (.loss.PACKED_LAYOUTS; None: the model's default)
 
     @classmethod
     @abstractmethod
@@ -63,6 +67,19 @@ class Objective(ABC):
         ``run(fn, *args)`` runs ``fn(model, *args)`` as the forward that DDP sees (training; see
         :func:`.distributed.wrap_model`); None runs it on ``model`` directly (evaluation).
         """
+
+    def pack_length(self, item: Any) -> int:
+        """Token slots ``item`` takes in a packed row (sample packing)."""
+        raise NotImplementedError(f"the {self.name} objective does not support sample_packing")
+
+    def pack_capacity(self, sequence_len: int) -> int:
+        """Token slots of a packed row, for ``sequence_len`` (at least the longest item's :meth:`pack_length`)."""
+        raise NotImplementedError(f"the {self.name} objective does not support sample_packing")
+
+    def collate_packed(self, rows: list[list[Any]], pad_id: int, counted: bool = True) -> dict[str, Tensor]:
+        """One packed batch: row r holds the items ``rows[r]``, each attending only to itself; ``counted`` as in
+        :meth:`collate`."""
+        raise NotImplementedError(f"the {self.name} objective does not support sample_packing")
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """The means logged besides the loss, from metric sums added over batches (and ranks)."""

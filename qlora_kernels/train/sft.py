@@ -4,7 +4,9 @@ An item is a tokenized :class:`.data.Example` (prompt tokens and padding labelle
 the row types and templates). A micro-batch's loss is the sum of the cross-entropies of its target tokens
 (:func:`.loss.model_loss`: decoder forward, then the chunked output projection, no full-vocabulary logits)
 and its count is its number of target tokens, so a step optimizes the mean token loss of the whole
-accumulated batch (docs/FORMATS.md, "SFT loss").
+accumulated batch (docs/FORMATS.md, "SFT loss"). With ``sample_packing`` the examples are packed into rows of
+``sequence_len`` tokens (:mod:`.packing`); the loss sum and count of a packed batch are those of its examples
+unpacked.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .config import TrainConfig
-from .data import DataStats, Example, collate, load_examples
+from .data import DataStats, Example, collate, collate_packed, load_examples
 from .loss import IGNORE_INDEX, model_loss
 from .objective import Objective
 
@@ -40,11 +42,22 @@ class SFTObjective(Objective):
     def collate(self, items: list[Example], pad_id: int, counted: bool = True) -> dict[str, Tensor]:
         return collate(items, pad_id, counted)
 
+    def pack_length(self, item: Example) -> int:
+        return len(item.input_ids)
+
+    def pack_capacity(self, sequence_len: int) -> int:
+        return sequence_len
+
+    def collate_packed(self, rows: list[list[Example]], pad_id: int, counted: bool = True) -> dict[str, Tensor]:
+        return collate_packed(rows, pad_id, counted)
+
     def count(self, batch: dict[str, Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor],
              run: Callable[..., Any] | None = None) -> tuple[Tensor, dict[str, float]]:
         args = (batch["input_ids"], batch["attention_mask"], batch["labels"], self.chunk_size)
+        if "position_ids" in batch:  # packed
+            args += (batch["position_ids"], self.packed_layout)
         loss_sum, _ = run(model_loss, *args) if run is not None else model_loss(model, *args)
         return loss_sum, {}
