@@ -54,14 +54,16 @@ def has_quant_state(keys: Container[str], prefix: str) -> bool:
 
 
 def is_nf4_quant_state_key(key: str) -> bool:
-    """Whether ``key`` is the nf4 quant state of a layer's weight (``<layer>.weight.quant_state.bitsandbytes__nf4``)."""
-    return key.endswith(f".weight.{QUANT_STATE_NF4}")
+    """Whether ``key`` is the nf4 quant state of a 4-bit tensor (``<layer>.weight.quant_state.bitsandbytes__nf4``,
+    or of another tensor name such as fused experts' ``<experts>.gate_up_proj.quant_state.bitsandbytes__nf4``)."""
+    return key.endswith(f".{QUANT_STATE_NF4}")
 
 
 def split_state_key(key: str) -> tuple[str, str]:
-    """``'<layer>.weight.absmax'`` -> (``'<layer>.weight'``, ``'.absmax'``); other keys -> (key, '')."""
+    """``'<layer>.weight.absmax'`` -> (``'<layer>.weight'``, ``'.absmax'``) (any tensor name, e.g. an experts'
+    ``gate_up_proj``); other keys -> (key, '')."""
     for suffix in STATE_SUFFIXES:
-        if key.endswith(".weight." + suffix):
+        if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], "." + suffix
     return key, ""
 

@@ -97,7 +97,7 @@ def test_float_checkpoint_loads_with_transformers_conversions(arch, tmp_path):
     legacy = {"gpt_neox": "embed_out.weight", "mixtral": "block_sparse_moe.experts.0.w1.weight",
               "qwen3_moe": "mlp.experts.0.gate_proj.weight"}[arch]
     assert any(k.endswith(legacy) for k in keys)  # the checkpoint really is in the old layout
-    ours = qk.load_4bit_model(tmp_path, dtype=torch.float32)
+    ours = qk.load_4bit_model(tmp_path, dtype=torch.float32, quantize_experts=False)  # the conversions, exactly
     ref = _nf4_round_trip_reference(tmp_path, ours)
     nf4 = {n for n, m in ours.named_modules() if isinstance(m, NF4Linear)}
     assert len(nf4) == 8  # the attention (and GPT-NeoX MLP) linears; lm_head stays dense, experts are 3-D
@@ -110,6 +110,24 @@ def test_float_checkpoint_loads_with_transformers_conversions(arch, tmp_path):
         assert experts.gate_up_proj.dim() == 3 and not isinstance(experts, NF4Linear)
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=_ids()).logits, ref(input_ids=_ids()).logits, atol=1e-5, rtol=1e-5)
+    if arch == "gpt_neox":
+        return
+    # by default the fused experts are NF4 too: the NF4 round trip of transformers' own fused tensors
+    from qlora_kernels.nn.experts import NF4Experts
+
+    quantized = qk.load_4bit_model(tmp_path, dtype=torch.float32)
+    experts = quantized.model.layers[0].mlp.experts
+    assert isinstance(experts, NF4Experts)
+    for proj in ("gate_up_proj", "down_proj"):
+        fused = getattr(ref.model.layers[0].mlp.experts, proj).detach()
+        want = qk.dequantize_nf4(qk.quantize_nf4(fused, blocksize=64, double_quant=True))
+        assert torch.equal(qk.dequantize_nf4(experts.qweight(proj)), want), proj
+    path2 = tmp_path / "saved"  # and a model with NF4 experts loads back its stored bytes (saved in transformers 5's
+    quantized.save_pretrained(path2, save_original_format=False)  # own layout: its legacy one splits experts)
+    again = qk.load_4bit_model(path2, dtype=torch.float32)
+    assert torch.equal(again.model.layers[0].mlp.experts.gate_up_proj_packed, experts.gate_up_proj_packed)
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=_ids()).logits, quantized(input_ids=_ids()).logits)
 
 
 @pytest.mark.parametrize("arch", ["gpt_neox", "mixtral"])
@@ -118,7 +136,7 @@ def test_bnb_checkpoint_loads_with_transformers_conversions(arch, tmp_path):
     and embed_out): ours loads it as stored and computes what transformers' bitsandbytes model computes."""
     _save_tiny(arch, tmp_path / "fp32")
     _bnb_model(tmp_path / "fp32", quantization_config=_bnb_config()).save_pretrained(tmp_path / "nf4")
-    ours = qk.load_4bit_model(tmp_path / "nf4", dtype=torch.float32)
+    ours = qk.load_4bit_model(tmp_path / "nf4", dtype=torch.float32, quantize_experts=False)
     stored = load_file(str(tmp_path / "nf4" / "model.safetensors"))
     layers = {n: m for n, m in ours.named_modules() if isinstance(m, NF4Linear)}
     assert len(layers) == 8

@@ -40,10 +40,11 @@ def _same(a: nn.Module, b: nn.Module) -> None:
 def test_float_checkpoint_equals_load_4bit_model(arch, dtype, tmp_path):
     """Quantized layer by layer while transformers loads it: the same NF4 bytes, other tensors, module types and
     logits as load_4bit_model (GPT-2's Conv1D weights transposed first, as there; Mixtral's fused 3-D experts and its
-    router left dense, as there)."""
+    router left dense, as there with quantize_experts=False: the quantizer keeps experts dense, so that
+    save_pretrained stays a checkpoint transformers + bitsandbytes reloads)."""
     write_tiny(tmp_path, arch)
     ours = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=QLoraKernelsConfig(), dtype=dtype)
-    want = qk.load_4bit_model(tmp_path, dtype=dtype)
+    want = qk.load_4bit_model(tmp_path, dtype=dtype, quantize_experts=False)
     _same(ours, want)
     layers = [m for m in ours.modules() if isinstance(m, NF4Linear)]
     assert len(layers) == (14 if arch == "llama" else 8) and {m.compute_dtype for m in layers} == {dtype}

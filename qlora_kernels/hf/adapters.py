@@ -4,7 +4,9 @@ Keys in the file are ``base_model.model.<module name>.lora_A.weight`` (``[r, in]
 (``[out, r]``), where ``<module name>`` is the layer's name in the transformers model (PEFT drops the adapter
 name, ``default``, from the keys it writes). ``peft.PeftModel.from_pretrained(base, dir)`` loads what
 :func:`save_adapter` writes, and :func:`load_adapter` loads what PEFT's ``save_pretrained`` writes for plain
-LoRA adapters (no DoRA, no trained biases, no ``modules_to_save``).
+LoRA adapters (no DoRA, no trained biases, no ``modules_to_save``). The LoRA of mixture-of-experts projections
+(:class:`~qlora_kernels.nn.experts.NF4Experts`) is written and read as PEFT's ``target_parameters`` adapters
+(the layout: :mod:`qlora_kernels.hf.experts`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from ..dtypes import FLOAT_DTYPES
+from ..nn.experts import NF4Experts
 from ..nn.lora_args import check_lora_args, is_lora_alpha, is_lora_rank, lora_scaling
+from . import experts as moe
 from .apply import adopt_bnb4_layout, drop_bnb4_state, freeze_all_but_lora, make_lora
 from .layers import LORA_TYPES, layer_kind, linear_layer_names, linear_modules, replace_module
 
@@ -55,7 +59,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     from safetensors.torch import save_file
 
     layers = _lora_layers(model)
-    if not layers:
+    experts = {n: m for n, m in model.named_modules() if isinstance(m, NF4Experts) and m.r > 0}
+    if not layers and not experts:
         raise ValueError(f"model ({type(model).__name__}) has no QLoraLinear / DenseLoraLinear layers: call "
                          f"apply_qlora first")
     names = list(layers)
@@ -63,12 +68,24 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     for name, m in layers.items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().to("cpu").contiguous()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().to("cpu").contiguous()
-    rslora = {m.use_rslora for m in layers.values()}
+    target_parameters = []
+    for name, m in experts.items():
+        for proj, prefix in moe.peft_keys(name, tuple(m.lora_A)).items():
+            a, b = moe.to_peft(m.lora_A[proj].detach(), m.lora_B[proj].detach())
+            tensors[f"{_PREFIX}{prefix}.lora_A.weight"] = a.to("cpu").contiguous()
+            tensors[f"{_PREFIX}{prefix}.lora_B.weight"] = b.to("cpu").contiguous()
+            target_parameters.append(f"{name}.{proj}")
+    every = [*layers.values(), *experts.values()]
+    rslora = {m.use_rslora for m in every}
     if len(rslora) > 1:
         raise ValueError("save_adapter needs one use_rslora setting for all layers; the model mixes True and False")
-    r = Counter(m.r for m in layers.values()).most_common(1)[0][0]
-    alpha = Counter(m.lora_alpha for m in layers.values()).most_common(1)[0][0]
-    dropout = Counter(m.lora_dropout for m in layers.values()).most_common(1)[0][0]
+    r = Counter(m.r for m in every).most_common(1)[0][0]
+    alpha = Counter(m.lora_alpha for m in every).most_common(1)[0][0]
+    dropout = Counter(m.lora_dropout for m in every).most_common(1)[0][0]
+    odd = [n for n, m in experts.items() if (m.r, m.lora_alpha) != (r, alpha)]
+    if odd:
+        raise ValueError(f"save_adapter writes experts LoRA with the adapter's r={r} and lora_alpha={alpha} (PEFT's "
+                         f"target_parameters take no per-module pattern here); {odd[:3]} have other values")
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or getattr(
             getattr(model, "config", None), "_name_or_path", None) or None
@@ -82,7 +99,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": dropout,
-        "target_modules": _target_modules(model, names),
+        "target_modules": _target_modules(model, names) if names else [],
+        "target_parameters": sorted(target_parameters) or None,
         "exclude_modules": None,
         "rank_pattern": {n: m.r for n, m in layers.items() if m.r != r},
         "alpha_pattern": {n: m.lora_alpha for n, m in layers.items() if m.lora_alpha != alpha},
@@ -171,7 +189,10 @@ def _read_config(path: Path) -> dict:
             if not check(value):
                 raise ValueError(f"{where}: {key}[{name!r}] must be one of {want}; got {value!r}")
         patterns[key] = pattern
-    return dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, **patterns)
+    targets = get("target_parameters", [])
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+        raise bad("target_parameters", "a list of parameter names")
+    return dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, target_parameters=targets, **patterns)
 
 
 def _read_adapter(in_dir: Path) -> tuple[dict, dict[str, tuple[Tensor, Tensor]]]:
@@ -222,6 +243,7 @@ def load_adapter(model: nn.Module, in_dir: str | Path, is_trainable: bool = True
     """
     in_dir = Path(in_dir)
     cfg, weights = _read_adapter(in_dir)
+    expert_plan = _experts_plan(model, cfg, weights, in_dir)  # takes the experts' tensors out of weights
     modules = {name: m for name, m, _ in linear_modules(model)}
     absent = [n for n in weights if n not in modules]
     if absent:
@@ -262,7 +284,44 @@ def load_adapter(model: nn.Module, in_dir: str | Path, is_trainable: bool = True
             module.lora_B.weight.copy_(b)
         module.lora_alpha, module.lora_dropout, module.use_rslora = alpha, dropout, rslora
         module.scaling = lora_scaling(r, alpha, rslora)
+    if expert_plan:
+        moe.quantize_experts(model)
+    for name, projections, factors in expert_plan:
+        module = model.get_submodule(name)
+        if module.r != cfg["r"] or tuple(module.lora_A) != projections:
+            module.add_lora(cfg["r"], cfg["lora_alpha"], dropout, rslora, torch.float32, projections)
+        with torch.no_grad():
+            for proj, (a, b) in factors.items():
+                module.lora_A[proj].copy_(a)
+                module.lora_B[proj].copy_(b)
+        module.lora_alpha, module.use_rslora = cfg["lora_alpha"], rslora
+        module.scaling = lora_scaling(cfg["r"], cfg["lora_alpha"], rslora)
     if bnb4:
         drop_bnb4_state(model)
     freeze_all_but_lora(model, trainable=is_trainable)
     return model
+
+
+def _experts_plan(model: nn.Module, cfg: dict, weights: dict, in_dir: Path) -> list:
+    """The experts LoRA of an adapter file (PEFT's ``target_parameters``): for each targeted experts module, its
+    projections and our factors, checked against the module's shapes. Their tensors leave ``weights``."""
+    if not cfg["target_parameters"]:
+        return []
+    plan = []
+    for name, projections in moe.targeted(model, cfg["target_parameters"]).items():
+        module = model.get_submodule(name)
+        factors = {}
+        for proj, prefix in moe.peft_keys(name, projections).items():
+            if prefix not in weights:
+                raise ValueError(f"adapter in {str(in_dir)!r}: target_parameters names {name}.{proj}, but the file "
+                                 f"has no {prefix}.lora_A / lora_B")
+            a, b = weights.pop(prefix)
+            shape = (module.qweight(proj).shape if isinstance(module, NF4Experts) else getattr(module, proj).shape)
+            e, out_f, in_f = shape
+            r = cfg["r"]
+            if tuple(a.shape) != (r * e, in_f) or tuple(b.shape) != (out_f, r * e):
+                raise ValueError(f"adapter {name}.{proj}: lora_A must be {[r * e, in_f]} and lora_B {[out_f, r * e]} "
+                                 f"(r={r}, {e} experts); got {list(a.shape)} and {list(b.shape)}")
+            factors[proj] = moe.from_peft(a, b, e)
+        plan.append((name, projections, factors))
+    return plan

@@ -14,7 +14,9 @@ from .. import bnb_format
 from ..dtypes import FLOAT_DTYPES
 from ..nf4 import quantize_nf4
 from ..nn import NF4Linear, QLoraLinear
+from ..nn.experts import NF4Experts
 from ..nn.lora_args import check_lora_args
+from . import experts as moe
 from .layers import (
     KEEP_DENSE,
     LORA_TYPES,
@@ -121,6 +123,8 @@ def apply_qlora(
     double_quant: bool = True,
     exclude_modules: str | Sequence[str] | None = None,
     lora_dtype: torch.dtype = torch.float32,
+    target_parameters: Sequence[str] | None = None,
+    quantize_experts: bool = True,
 ) -> nn.Module:
     """Replace the targeted linear layers of ``model`` by :class:`~qlora_kernels.nn.QLoraLinear`, in place.
 
@@ -147,6 +151,12 @@ def apply_qlora(
         blocksize, double_quant: NF4 settings for layers quantized here.
         exclude_modules: names (list, same rule) or a regex of layers to leave alone.
         lora_dtype: the adapters' dtype (fp32 by default, as PEFT keeps them under a bf16 base).
+        quantize_experts: put :class:`~qlora_kernels.nn.experts.NF4Experts` in place of the fused experts of a
+            mixture-of-experts model (transformers 5's ``experts.gate_up_proj`` / ``experts.down_proj``, most of its
+            weights; bitsandbytes leaves them dense), frozen; the routers stay dense.
+        target_parameters: PEFT's name for LoRA on parameters: expert projections to train (full names, or the
+            names' last components such as ``"mlp.experts.gate_up_proj"``), LoRA per expert with ``r`` and
+            ``lora_alpha``; saved in PEFT's ``target_parameters`` format by :func:`save_adapter`.
 
     Returns:
         ``model`` itself.
@@ -161,13 +171,27 @@ def apply_qlora(
     check_spec(exclude_modules, "exclude_modules", allow_none=True)
     if hasattr(model, "peft_config"):
         raise TypeError("model is a PEFT model; apply_qlora takes the plain transformers model")
+    if target_parameters is not None:
+        check_spec(list(target_parameters), "target_parameters")
     chosen = _select(model, target_modules, exclude_modules)
+    expert_targets = moe.targeted(model, target_parameters) if target_parameters is not None else {}
+    if target_parameters is not None and not expert_targets:
+        found = [f"{n}.{p}" for n, _ in moe.experts_modules(model) for p in moe.PROJECTIONS]
+        raise ValueError(f"target_parameters={list(target_parameters)!r} matched no experts parameter of "
+                         f"{type(model).__name__} (its experts parameters: {found[:4] or 'none'})")
+    if expert_targets and not quantize_experts:
+        raise ValueError("target_parameters needs quantize_experts=True: LoRA on experts runs on NF4Experts (for LoRA "
+                         "on dense experts use PEFT's target_parameters on the dense model)")
     bnb4 = adopt_bnb4_layout(model)
     for name, module, kind in chosen:
         layer = make_lora(module, kind, name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                           use_rslora=use_rslora, blocksize=blocksize, double_quant=double_quant,
                           lora_dtype=lora_dtype)
         replace_module(model, name, layer)
+    if quantize_experts:
+        moe.quantize_experts(model, blocksize=blocksize, double_quant=double_quant)
+    for name, projections in expert_targets.items():
+        model.get_submodule(name).add_lora(r, lora_alpha, lora_dropout, use_rslora, lora_dtype, projections)
     if bnb4:
         drop_bnb4_state(model)
     freeze_all_but_lora(model)
@@ -181,13 +205,16 @@ def freeze_all_but_lora(model: nn.Module, trainable: bool = True) -> None:
         if isinstance(m, LORA_TYPES):
             m.lora_A.weight.requires_grad_(trainable)
             m.lora_B.weight.requires_grad_(trainable)
+        elif isinstance(m, NF4Experts):
+            for p in [*m.lora_A.values(), *m.lora_B.values()]:
+                p.requires_grad_(trainable)
 
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, every adapted layer of ``model`` (:class:`QLoraLinear`, :class:`DenseLoraLinear`) computes
     its base layer only (e.g. DPO's reference model); the previous state is restored on exit."""
-    layers = [m for m in model.modules() if isinstance(m, LORA_TYPES)]
+    layers = [m for m in model.modules() if isinstance(m, (*LORA_TYPES, NF4Experts))]
     before = [m.disable_adapters for m in layers]
     try:
         for m in layers:
@@ -214,15 +241,19 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     """
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be None, float32, float16 or bfloat16; got {dtype}")
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (NF4Linear, DenseLoraLinear))]
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (NF4Linear, DenseLoraLinear,
+                                                                                NF4Experts))]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no QLoraLinear / DenseLoraLinear / NF4Linear layers to merge")
     for name, m in layers:
+        if isinstance(m, NF4Experts):
+            replace_module(model, name, moe.dense_experts(m, dtype))
+            continue
         if isinstance(m, DenseLoraLinear):
             replace_module(model, name, m.merged_layer(dtype))
             continue
         replace_module(model, name, dense_layer(m, dtype))
-    if is_qlora_kernels_quantized(model) and not any(isinstance(m, NF4Linear) for m in model.modules()):
+    if is_qlora_kernels_quantized(model) and not any(isinstance(m, (NF4Linear, NF4Experts)) for m in model.modules()):
         bnb_format.drop_transformers_quantization(model)  # no 4-bit layer left: a plain model (hf_quantizer goes too)
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "quantization_config", None) is not None:

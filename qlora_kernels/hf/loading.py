@@ -21,6 +21,7 @@ from .. import bnb_format
 from ..dtypes import FLOAT_DTYPES
 from ..nf4 import NF4Weight, quantize_nf4
 from ..nn import NF4Linear
+from . import experts as moe
 from .layers import KEEP_DENSE, check_spec, layer_kind, matches, output_embedding_names, replace_module
 
 logger = logging.getLogger(__name__)
@@ -215,6 +216,7 @@ def load_4bit_model(
     strict: bool = True,
     trust_remote_code: bool = False,
     model_class=None,
+    quantize_experts: bool = True,
 ) -> nn.Module:
     """Load a local Hugging Face model directory with its linear layers in NF4, never holding the
     full-precision model in memory.
@@ -251,6 +253,13 @@ def load_4bit_model(
             and logs a warning listing them (``torch.nn.Module.load_state_dict``'s convention).
         trust_remote_code: allow custom modelling code from the directory (off by default).
         model_class: the transformers class to build (default ``AutoModelForCausalLM``).
+        quantize_experts: the fused experts of a mixture-of-experts model (transformers 5's 3-D
+            ``experts.gate_up_proj`` / ``experts.down_proj``) become :class:`~qlora_kernels.nn.experts.NF4Experts`,
+            quantized module by module as they are read (``blocksize``, ``double_quant``; they are dense in float
+            and in bitsandbytes checkpoints alike), or taken as stored when the checkpoint holds them in NF4
+            (as a model with NF4Experts saves them: ``save_pretrained(dir, save_original_format=False)``, since
+            transformers 5's legacy layout splits fused experts into per-expert tensors); the routers stay dense.
+            False keeps them dense.
 
     Returns:
         The model, in eval mode, with ``model.config`` free of ``quantization_config``.
@@ -289,6 +298,9 @@ def load_4bit_model(
     quantize = None if four_bit else dict(blocksize=blocksize, double_quant=double_quant,
                                           keep_dense=output_embedding_names(model), skip=list(skip_modules or []))
     done = _load_linear_layers(model, sources, path, dtype, device, quantize)
+    # 1b. fused MoE experts -> NF4Experts (stored NF4, or quantized here), one module at a time
+    _load_experts(model, sources, path, dtype, device,
+                  dict(blocksize=blocksize, double_quant=double_quant) if quantize_experts else None)
     # 2. every other parameter and persistent buffer, in dtype; tied parameters stay tied
     _load_other_tensors(model, sources, path, dtype, device)
     # 3. computed buffers (rotary inv_freq, embed scales): let the model class initialise them
@@ -415,6 +427,41 @@ def _load_linear_layers(model: nn.Module, sources: _Sources, path: Path, dtype: 
         replace_module(model, name, layer)
         done += 1
     return done
+
+
+def _load_experts(model: nn.Module, sources: _Sources, path: Path, dtype: torch.dtype, device: torch.device,
+                  quantize: dict | None) -> int:
+    """Put an :class:`NF4Experts` in place of every fused-experts module whose two tensors are stored in NF4, and,
+    when ``quantize`` (``blocksize``, ``double_quant``) is given, of every other one, its tensors read, cast to
+    ``dtype`` and quantized one module at a time. Returns how many."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not moe.is_fused_experts(module):
+            continue
+        keys = [f"{name}.{p}" for p in moe.PROJECTIONS]
+        stored = [sources.nf4_weight(k, path) for k in keys]
+        if all(qw is not None for qw in stored):
+            for qw, key, proj in zip(stored, keys, moe.PROJECTIONS):
+                if tuple(qw.shape) != tuple(getattr(module, proj).shape):
+                    raise ValueError(f"checkpoint's 4-bit {sources.plan.direct.get(key, key)!r} has shape "
+                                     f"{list(qw.shape)}; the model expects {list(getattr(module, proj).shape)}")
+            weights = [qw.to(device) for qw in stored]
+        elif quantize is not None and all(k in sources for k in keys):
+            weights = []
+            for key, proj in zip(keys, moe.PROJECTIONS):
+                ckpt_key, w = sources.take(key)
+                _checked_value(ckpt_key, w, getattr(module, proj))
+                try:
+                    weights.append(quantize_nf4(w.to(device=device, dtype=dtype), blocksize=quantize["blocksize"],
+                                                double_quant=quantize["double_quant"]))
+                except ValueError as exc:
+                    raise ValueError(f"checkpoint tensor {ckpt_key!r} ({name}.{proj}): {exc}") from None
+                del w
+        else:
+            continue
+        replace_module(model, name, moe.nf4_experts(module, weights))
+        count += 1
+    return count
 
 
 def _load_other_tensors(model: nn.Module, sources: _Sources, path: Path, dtype: torch.dtype,

@@ -126,16 +126,21 @@ class NF4Experts(nn.Module):
     # -- LoRA ------------------------------------------------------------------------------------
 
     def add_lora(self, r: int, lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False,
-                 dtype: torch.dtype = torch.float32) -> None:
-        """Trainable LoRA on every expert of both projections (A Kaiming-uniform, B zeros: no change at init)."""
+                 dtype: torch.dtype = torch.float32, projections: tuple[str, ...] = _PROJECTIONS) -> None:
+        """Trainable LoRA on every expert of ``projections`` (default both; A Kaiming-uniform, B zeros: no
+        change at init)."""
         check_lora_args(r, lora_alpha, lora_dropout)
+        bad = [p for p in projections if p not in _PROJECTIONS] or ([] if projections else ["(none)"])
+        if bad:
+            raise ValueError(f"projections must be a non-empty subset of {_PROJECTIONS}; got {tuple(projections)}")
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, float16 or bfloat16; got {dtype}")
         self.r, self.scaling = int(r), lora_scaling(r, lora_alpha, use_rslora)
         self.lora_alpha, self.use_rslora = lora_alpha, bool(use_rslora)
         self.lora_dropout = _check_dropout(lora_dropout, "lora_dropout")
         device = self.gate_up_proj_packed.device
-        for name in _PROJECTIONS:
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
+        for name in projections:
             e, out_f, in_f = self._weights[name][0]
             a = torch.empty(e, self.r, in_f, device=device, dtype=dtype)
             for i in range(e):  # PEFT's init, expert by expert
@@ -175,12 +180,12 @@ class NF4Experts(nn.Module):
         bounds = offsets.tolist() if lora else None  # the LoRA rows are cut on the host
         x = hidden_states[token]
         gu = self._grouped("gate_up_proj", x, offsets)
-        if lora:
+        if lora and "gate_up_proj" in self.lora_A:
             gu = gu + self.scaling * self._lora_delta("gate_up_proj", x, bounds)
         gate, up = gu.chunk(2, dim=-1)
         h = self.act_fn(gate) * up
         out = self._grouped("down_proj", h, offsets)
-        if lora:
+        if lora and "down_proj" in self.lora_A:
             out = out + self.scaling * self._lora_delta("down_proj", h, bounds)
         out = out * top_k_weights.reshape(-1)[slots].unsqueeze(1).to(out.dtype)
         final = torch.zeros_like(hidden_states, dtype=out.dtype)
@@ -198,7 +203,7 @@ class NF4Experts(nn.Module):
         """``deq(W) (+ s B A per expert)`` of one projection, [E, out, in], in ``dtype`` (default: as quantized)."""
         qw = self.qweight(name)
         w = dequantize_nf4(qw, torch.float32)
-        if self.r > 0:
+        if self.r > 0 and name in self.lora_A:
             w = w + self.scaling * (self.lora_B[name].detach().float() @ self.lora_A[name].detach().float())
         return w.to(qw.dtype if dtype is None else dtype)
 

@@ -1,0 +1,124 @@
+"""Mixture-of-experts models: apply_qlora stores the fused experts in NF4 (NF4Experts, the router stays
+dense), trains LoRA on them (target_parameters), and the expert LoRA round-trips through PEFT's
+target_parameters files (PEFT on the dense model computes what ours computes on its NF4 round trip);
+load_4bit_model quantizes the experts of a float checkpoint too; merge_and_unload gives the dense model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import qlora_kernels as qk
+from qlora_kernels.nn.experts import NF4Experts
+
+from .hf_tiny import VOCAB, tiny_config
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def _mixtral(seed=0):
+    from transformers import MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(tiny_config("mixtral")).eval()
+
+
+def _randomize_lora(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, qk.QLoraLinear):
+                nn.init.normal_(m.lora_B.weight, std=0.1)
+            elif isinstance(m, NF4Experts):
+                for p in m.lora_B.values():
+                    p.normal_(0, 0.1)
+
+
+def _round_trip_dense(dense, ours):
+    """``dense`` with every weight ours stores in NF4 replaced by its NF4 round trip (the rest is shared)."""
+    ref = copy.deepcopy(dense)
+    with torch.no_grad():
+        for name, m in ours.named_modules():
+            if isinstance(m, qk.QLoraLinear):
+                ref.get_submodule(name).weight.copy_(qk.dequantize_nf4(m.qweight, torch.float32))
+            elif isinstance(m, NF4Experts):
+                for proj in ("gate_up_proj", "down_proj"):
+                    getattr(ref.get_submodule(name), proj).copy_(qk.dequantize_nf4(m.qweight(proj), torch.float32))
+    return ref
+
+
+def test_experts_in_nf4_with_lora_train_and_round_trip_through_peft(tmp_path):
+    dense = _mixtral()
+    ours = qk.apply_qlora(copy.deepcopy(dense), r=4, lora_alpha=8, target_parameters=TARGETS)
+    experts = [m for m in ours.modules() if isinstance(m, NF4Experts)]
+    assert len(experts) == 2 and all(tuple(m.lora_A) == ("gate_up_proj", "down_proj") for m in experts)
+    assert type(ours.model.layers[0].mlp.gate).__name__ == "MixtralTopKRouter"  # the router stays dense
+    ref = _round_trip_dense(dense, ours)  # before training: the base weights' NF4 round trip
+    # a few steps: the experts' adapters get gradients and the loss falls
+    ids = torch.randint(0, VOCAB, (2, 12))
+    params = [p for p in ours.parameters() if p.requires_grad]
+    assert any(p is m.lora_A["gate_up_proj"] for m in experts for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ours.train()
+    losses = []
+    for _ in range(4):
+        loss = ours(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    ours.eval()
+    _randomize_lora(ours)  # make sure every factor matters in the comparison
+    qk.save_adapter(ours, tmp_path / "adapter")
+    cfg = (tmp_path / "adapter" / "adapter_config.json").read_text()
+    assert "target_parameters" in cfg and "experts.gate_up_proj" in cfg
+    with torch.no_grad():
+        want = ours(ids).logits
+        got = peft.PeftModel.from_pretrained(ref, tmp_path / "adapter").eval()(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # and back into ours, from a plain dense model (load_adapter quantizes and adapts what the file names)
+    again = qk.load_adapter(copy.deepcopy(dense), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, want, atol=1e-5, rtol=1e-5)
+    # merge: the dense Mixtral with deq(W) + s B A per expert
+    merged = qk.merge_and_unload(ours)
+    assert not any(isinstance(m, NF4Experts) for m in merged.modules())
+    assert type(merged.model.layers[0].mlp.experts).__name__ == "MixtralExperts"
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_experts_quantized_frozen_by_default_and_errors_name_the_argument():
+    model = qk.apply_qlora(_mixtral(), r=4)
+    experts = [m for m in model.modules() if isinstance(m, NF4Experts)]
+    assert len(experts) == 2 and all(m.r == 0 for m in experts)
+    assert not any(p.requires_grad for m in experts for p in m.parameters())
+    with pytest.raises(ValueError, match="target_parameters=.* matched no experts parameter"):
+        qk.apply_qlora(_mixtral(), r=4, target_parameters=["mlp.experts.nothing"])
+    with pytest.raises(ValueError, match="target_parameters needs quantize_experts=True"):
+        qk.apply_qlora(_mixtral(), r=4, target_parameters=TARGETS, quantize_experts=False)
+    dense = qk.apply_qlora(_mixtral(), r=4, quantize_experts=False)
+    assert not any(isinstance(m, NF4Experts) for m in dense.modules())
+
+
+def test_adapters_disabled_turns_the_experts_lora_off_too():
+    model = qk.apply_qlora(_mixtral(), r=4, target_parameters=TARGETS)
+    _randomize_lora(model)
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        on = model(ids).logits
+        with qk.hf.adapters_disabled(model):
+            off = model(ids).logits
+        for m in model.modules():
+            if isinstance(m, (qk.QLoraLinear, NF4Experts)):
+                for p in ([m.lora_B.weight] if isinstance(m, qk.QLoraLinear) else m.lora_B.values()):
+                    p.zero_()
+        base = model(ids).logits
+    assert not torch.allclose(on, off)
+    torch.testing.assert_close(off, base)
