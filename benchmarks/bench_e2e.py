@@ -47,7 +47,9 @@ Providers:
   (full logits, upcast to fp32 by transformers; ``num_items_in_batch``: the step's target count), torch's
   fused AdamW (as the anchors were measured).
 
-Timing: a few warm-up steps (optimizer states allocated), then the median of ``--steps`` synchronized steps.
+Timing: a few warm-up steps (optimizer states allocated), then ``--steps`` synchronized steps: uniform data
+reports their median, ragged data (steps of different sizes, the same steps for every provider) the real
+tokens and the steps of all of them over their total time (each step's time is kept in the row).
 Peak memory: on a GPU ``torch.cuda.max_memory_allocated`` over those steps, counting the weights, adapters,
 optimizer states, activations and everything made on the way (``weights`` is what the model holds before the
 first step); on the CPU the peak resident set size over those steps (each provider in a process of its own,
@@ -395,8 +397,12 @@ def measure(provider: str, shape: str, data: str, args, device: torch.device) ->
             slots += sum(b["input_ids"].numel() for b in batches)
         losses.append(float(loss))
     step_s = statistics.median(times)
-    row.update(step_ms=step_s * 1e3, steps_per_s=1 / step_s, tokens_per_s=statistics.median(rates),
-               slot_efficiency=real / max(1, slots), first_loss=losses[0], last_loss=losses[-1])
+    if data == "ragged":  # steps of different sizes: the timed steps' real tokens over their total time
+        row.update(steps_per_s=len(times) / sum(times), tokens_per_s=real / sum(times),
+                   step_times_s=[round(t, 4) for t in times])
+    else:  # equal steps: the median step
+        row.update(steps_per_s=1 / step_s, tokens_per_s=statistics.median(rates))
+    row.update(step_ms=step_s * 1e3, slot_efficiency=real / max(1, slots), first_loss=losses[0], last_loss=losses[-1])
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     else:
