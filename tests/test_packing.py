@@ -13,7 +13,7 @@ from torch import nn
 
 import qlora_kernels as qk
 from qlora_kernels.demo.synthetic import instruction_rows, make_languages, save_random_model
-from qlora_kernels.train import ConfigError, load_config, train
+from qlora_kernels.train import ConfigError, TrainingError, load_config, train
 from qlora_kernels.train.data import (
     Example,
     MicroBatchStream,
@@ -294,3 +294,16 @@ def test_packing_logs_its_efficiency_and_reads_trls_key(assets, tmp_path, capsys
     assert cfg.sample_packing is True and cfg.aliases == {"packing": "sample_packing"}
     with pytest.raises(ConfigError, match="padding_free: unknown key; set sample_packing: true"):
         load_config(raw={**base, "padding_free": True})
+
+
+def test_a_packed_run_resumes_bit_identically_and_its_checkpoint_names_the_rows(assets, tmp_path):
+    kw = dict(sample_packing=True, micro_batch_size=2, max_steps=4, save_steps=2, lora_dropout=0.1)
+    full = run(assets, tmp_path / "full", **kw)
+    state = json.loads((tmp_path / "full" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["run_key"]["packed_rows"] >= 2
+    resumed = run(assets, tmp_path / "resumed", resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"), **kw)
+    assert [(r["loss"], r["grad_norm"]) for r in resumed.history] == [(r["loss"], r["grad_norm"])
+                                                                      for r in full.history if r["step"] > 2]
+    with pytest.raises(TrainingError, match="data position would not match"):  # not the same rows: refused
+        run(assets, tmp_path / "other", resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"),
+            **{**kw, "sample_packing": False})
