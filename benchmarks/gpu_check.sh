@@ -14,7 +14,7 @@
 # Every step's output is kept even if a later step is killed: after each step the work folder is
 # packed again into OUTDIR, which then holds at most 7 files (the device returns 8):
 #   summary.txt       the step status, the test counts and the target table (also printed last)
-#   results.json      every result merged (tests, steps, targets, nf4/lora/adamw/e2e rows)
+#   results.json      every result merged (tests, steps, targets, nf4/lora/adamw/e2e/e2e_ragged rows)
 #   gpu_check.tar.gz  everything: logs of every step, the raw JSON, the PNGs
 #   nf4_speedup.png, lora.png, adamw.png (when written)
 #
@@ -118,9 +118,12 @@ step bench_lora 60 "$PY" benchmarks/bench_lora.py --out "$WORK" "${quick[@]}"
 step bench_adamw 75 "$PY" benchmarks/bench_adamw.py --out "$WORK" "${quick[@]}"
 if [ "$REHEARSAL" = 1 ]; then
   step bench_e2e 90 "$PY" benchmarks/bench_e2e.py --out "$WORK" --quick
+  step bench_e2e_ragged 90 "$PY" benchmarks/bench_e2e.py --out "$WORK" --quick --data ragged
   step bench_mlp 40 "$PY" benchmarks/bench_lora.py --mlp --quick --out "$WORK"
 else
   step bench_e2e 75 "$PY" benchmarks/bench_e2e.py --out "$WORK" --shapes 1b
+  # ragged lengths, each provider its best batching (ours packed; theirs padded, and padding-free)
+  step bench_e2e_ragged 75 "$PY" benchmarks/bench_e2e.py --out "$WORK" --data ragged --shapes 1b
   step bench_mlp 40 "$PY" benchmarks/bench_lora.py --mlp --out "$WORK"  # the fused QLoRA MLP vs unfused
   # the 8B shape if the budget allows (its own file, merged below)
   if step bench_e2e_8b 90 "$PY" benchmarks/bench_e2e.py --out "$WORK/e2e_8b" --shapes 8b; then :; fi

@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_summary.py WORKDIR [--json OUT.json]
 
-WORKDIR is what benchmarks/gpu_check.sh fills: nf4.json, lora.json, adamw.json, e2e.json (any of
+WORKDIR is what benchmarks/gpu_check.sh fills: nf4.json, lora.json, adamw.json, e2e.json, e2e_ragged.json (any of
 them may be missing or partial: a step that timed out), tests.log and steps.tsv. Prints the step
 status, the test counts and the target table; ``--json`` also writes everything merged into one file.
 A target whose measurement is missing says "not measured"; none is ever guessed.
@@ -38,6 +38,7 @@ LORA_BNB_MS = {(4096, 4096): 1.15, (1024, 4096): 1.00, (14336, 4096): 3.60, (409
 ADAMW_TARGET = ("PagedAdamW, LoRA set of 8B r=16", "lora_8B_r16", "ours", 4.4, "torch fused 4.41 / bnb 36.5")
 E2E_ANCHORS = {"1b": (26253, 14.0), "8b": (6367, 19.8)}
 E2E_SPEEDUP, E2E_MEMORY = 1.3, 0.7
+RAGGED_SHAPE = "1b"  # e2e_ragged.json: ours packed vs theirs padded, the same goal as uniform data
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -114,6 +115,23 @@ def targets(work: Path) -> list[dict[str, Any]]:
         mem = have_mem and ours["peak_gib"] / theirs["peak_gib"]
         add(f"e2e {shape} peak memory vs HF+PEFT+bnb", mem, f"<= {E2E_MEMORY:g}x", f"bnb {gib:g} GiB",
             None if not have_mem else mem <= E2E_MEMORY, "x")
+
+    ragged = _load(work / "e2e_ragged.json") or {}  # ragged lengths, each its best: ours packed, theirs padded
+    if (ragged.get("env") or {}).get("quick"):
+        ragged = {}
+    for shape in E2E_ANCHORS:
+        ours = _row(ragged.get("rows"), shape=shape, provider="qlora_kernels")
+        theirs = _row(ragged.get("rows"), shape=shape, provider="hf_peft_bnb")
+        have = bool(ours and theirs and "tokens_per_s" in ours and "tokens_per_s" in theirs)
+        if not have and shape != RAGGED_SHAPE:
+            continue  # the GPU check runs the ragged data at RAGGED_SHAPE only
+        speed = have and ours["tokens_per_s"] / theirs["tokens_per_s"]
+        add(f"e2e ragged {shape} real tokens/s vs HF+PEFT+bnb padded", speed, f">= {E2E_SPEEDUP:g}x",
+            "bnb in the same run", None if not have else speed >= E2E_SPEEDUP, "x")
+        have_mem = have and "peak_gib" in ours and bool(theirs.get("peak_gib"))
+        mem = have_mem and ours["peak_gib"] / theirs["peak_gib"]
+        add(f"e2e ragged {shape} peak memory vs HF+PEFT+bnb padded", mem, f"<= {E2E_MEMORY:g}x",
+            "bnb in the same run", None if not have_mem else mem <= E2E_MEMORY, "x")
     return out
 
 
@@ -166,7 +184,7 @@ def report(work: Path) -> tuple[str, dict[str, Any]]:
     n_measured = sum(r["met"] is not None for r in rows)
     lines.append(f"== {n_met} of {n_measured} measured targets met ({len(rows) - n_measured} not measured)")
     merged = {"steps": st, "tests": counts, "targets": rows}
-    for name in ("nf4", "lora", "adamw", "e2e"):
+    for name in ("nf4", "lora", "adamw", "e2e", "e2e_ragged"):
         merged[name] = _load(work / f"{name}.json")
     return "\n".join(lines), merged
 

@@ -49,6 +49,9 @@ def test_summary_judges_each_target(tmp_path):
     _write(tmp_path, "e2e.json", {"env": {"quick": False}, "rows": [
         {"shape": "1b", "provider": "qlora_kernels", "tokens_per_s": 40000, "peak_gib": 8.0},
         {"shape": "1b", "provider": "hf_peft_bnb", "tokens_per_s": 26000, "peak_gib": 14.0}]})
+    _write(tmp_path, "e2e_ragged.json", {"env": {"quick": False}, "rows": [
+        {"shape": "1b", "provider": "qlora_kernels", "tokens_per_s": 30000, "peak_gib": 11.0},
+        {"shape": "1b", "provider": "hf_peft_bnb", "tokens_per_s": 20000, "peak_gib": 14.0}]})
     (tmp_path / "tests.log").write_text("...F.\n= 3 failed, 380 passed, 12 skipped, 500 deselected in 61.2s =\n")
     (tmp_path / "steps.tsv").write_text("build\t0\t88\t240\ntests\t1\t61\t120\nbench_nf4\t124\t90\t90\n")
     rows = {r["what"]: r for r in gpu_summary.targets(tmp_path)}
@@ -60,6 +63,9 @@ def test_summary_judges_each_target(tmp_path):
     assert rows["e2e 1b tokens/s vs HF+PEFT+bnb"]["met"] is True
     assert rows["e2e 1b peak memory vs HF+PEFT+bnb"]["met"] is True
     assert rows["e2e 8b tokens/s vs HF+PEFT+bnb"]["met"] is None  # not run: never guessed
+    assert rows["e2e ragged 1b real tokens/s vs HF+PEFT+bnb padded"]["met"] is True  # 1.5x
+    assert rows["e2e ragged 1b peak memory vs HF+PEFT+bnb padded"]["met"] is False  # 0.79x
+    assert "e2e ragged 8b real tokens/s vs HF+PEFT+bnb padded" not in rows  # not part of the check
     assert all(r["met"] is None for w, r in rows.items() if w.startswith("layer fwd+bwd"))  # no lora.json
     assert gpu_summary.test_counts(tmp_path) == {"passed": 380, "failed": 3, "errors": 0, "skipped": 12,
                                                  "deselected": 500}
