@@ -26,11 +26,12 @@ from ..dtypes import FLOAT_DTYPES
 from ..functional import _check_dropout, _nf4_grouped_linear
 from ..nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 from .lora_args import check_lora_args, lora_scaling
+from .nf4_storage import NF4TensorHolder
 
 _PROJECTIONS = ("gate_up_proj", "down_proj")
 
 
-class NF4Experts(nn.Module):
+class NF4Experts(NF4TensorHolder):
     """The experts of a MoE layer with NF4 weights: ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``.
 
     ``forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``, as
@@ -61,41 +62,40 @@ class NF4Experts(nn.Module):
         self.disable_adapters = False
 
     def _set_weight(self, name: str, qw: NF4Weight) -> None:
-        # buffers (non-persistent: the state dict gets the bitsandbytes keys, see _save_to_state_dict)
+        # buffers (non-persistent: the state dict gets the bitsandbytes keys, see _save_to_state_dict), or frozen
+        # parameters when this instance holds them so (nf4_storage)
         tensors = dict(packed=qw.packed, absmax=qw.absmax, code=qw.code, nested_absmax=qw.nested_absmax,
                        nested_code=qw.nested_code)
         for part, t in tensors.items():
-            self.register_buffer(f"{name}_{part}", t, persistent=False)
+            self._put_nf4(f"{name}_{part}", t)
         self._weights[name] = (tuple(qw.shape), qw.dtype, qw.blocksize, float(qw.offset))
 
     def qweight(self, name: str) -> NF4Weight:
-        """The NF4 weight of ``gate_up_proj`` or ``down_proj`` (sharing this module's buffers)."""
+        """The NF4 weight of ``gate_up_proj`` or ``down_proj`` (sharing this module's NF4 tensors; RuntimeError when
+        FSDP2 holds only this rank's shards of them, outside the unit's forward)."""
+        self._check_not_sharded()
         shape, dtype, blocksize, offset = self._weights[name]
         return NF4Weight(packed=getattr(self, f"{name}_packed"), absmax=getattr(self, f"{name}_absmax"),
                          shape=torch.Size(shape), dtype=dtype, blocksize=blocksize, code=getattr(self, f"{name}_code"),
                          nested_absmax=getattr(self, f"{name}_nested_absmax"),
                          nested_code=getattr(self, f"{name}_nested_code"), offset=offset)
 
-    def _nf4_buffer_names(self) -> list[str]:
-        return [f"{n}_{part}" for n in _PROJECTIONS for part in ("packed", "absmax", "code", "nested_absmax",
-                                                                   "nested_code")]
+    def _nf4_names(self) -> tuple[str, ...]:
+        return tuple(f"{n}_{part}" for n in _PROJECTIONS for part in ("packed", "absmax", "code", "nested_absmax",
+                                                                        "nested_code"))
 
     def _apply(self, fn, recurse: bool = True):
         # .to(dtype) / .half() must not cast the NF4 codes and fp32 constants: they only change device
         # (the device is what fn does to an empty probe on theirs: .to(), .cuda(), .cpu(), .to_empty()).
-        nf4 = {name: self._buffers.pop(name) for name in self._nf4_buffer_names()}
+        nf4 = self._pop_nf4()
         try:
             super()._apply(fn, recurse)
         finally:
-            for name, t in nf4.items():
-                if t is not None:
-                    device = fn(torch.empty(0, device=t.device)).device
-                    t = torch.empty_like(t, device=device) if t.is_meta else t.to(device)
-                self._buffers[name] = t
+            self._restore_nf4(nf4, fn)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+        self._save_without_nf4(destination, prefix, keep_vars)
         for name in _PROJECTIONS:  # bitsandbytes' keys of a 4-bit tensor, under the parameter's own name
             for key, t in self.qweight(name).to_bnb_state_dict(prefix + name).items():
                 destination[key] = t if keep_vars else t.detach()
@@ -117,8 +117,7 @@ class NF4Experts(nn.Module):
                 self._set_weight(name, qw.to(getattr(self, f"{name}_packed").device))
             except (ValueError, TypeError) as exc:
                 error_msgs.append(f"While loading the 4-bit experts tensor {key!r}: {exc}")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        self._load_without_nf4(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         for name in _PROJECTIONS:
             for k in [k for k in unexpected_keys if k == prefix + name or k.startswith(prefix + name + ".")]:
                 unexpected_keys.remove(k)

@@ -1,6 +1,7 @@
 """Modules: a frozen 4-bit linear (:class:`NF4Linear`) and the QLoRA layer on top of it (:class:`QLoraLinear`).
 
-Both keep the NF4 weight as (non-persistent) buffers, so ``.to()`` / ``.cuda()`` move it, and write it
+Both keep the NF4 weight as (non-persistent) buffers, so ``.to()`` / ``.cuda()`` move it (or, switched on the
+instance for FSDP2, as frozen parameters: :mod:`qlora_kernels.nn.nf4_storage`), and write it
 to the state dict under bitsandbytes' keys (``weight``, ``weight.absmax``, ``weight.quant_map``,
 ``weight.nested_absmax``, ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``), so a
 state dict moves both ways between these modules, ``bitsandbytes.nn.Linear4bit`` and transformers'
@@ -20,11 +21,12 @@ from ..dtypes import FLOAT_DTYPES, dtype_name
 from ..functional import _lora_linear, _nf4_linear
 from ..nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 from .lora_args import check_lora_args, lora_scaling
+from .nf4_storage import NF4TensorHolder
 
 _NF4_BUFFERS = ("nf4_packed", "nf4_absmax", "nf4_code", "nf4_nested_absmax", "nf4_nested_code")
 
 
-class NF4Linear(nn.Linear):
+class NF4Linear(NF4TensorHolder, nn.Linear):
     """A frozen linear layer whose weight is NF4: ``y = x @ deq(W)^T + bias``.
 
     What :func:`qlora_kernels.load_4bit_model` puts in place of each quantized linear layer, and the base of
@@ -70,18 +72,25 @@ class NF4Linear(nn.Linear):
 
     # -- the NF4 weight -------------------------------------------------------------------------
 
+    def _nf4_names(self) -> tuple[str, ...]:
+        return _NF4_BUFFERS
+
     def _set_qweight(self, qw: NF4Weight) -> None:
         tensors = (qw.packed, qw.absmax, qw.code, qw.nested_absmax, qw.nested_code)
         for name, t in zip(_NF4_BUFFERS, tensors):
-            # Non-persistent: the state dict gets them under bitsandbytes' keys instead (see below).
-            self.register_buffer(name, t, persistent=False)
+            # Buffers (non-persistent: the state dict gets them under bitsandbytes' keys instead, see below), or
+            # frozen parameters when this instance holds them so (nf4_storage).
+            self._put_nf4(name, t)
         self.nf4_offset = float(qw.offset)
         self.nf4_blocksize = int(qw.blocksize)
         self.nf4_dtype = qw.dtype
 
     @property
     def qweight(self) -> NF4Weight:
-        """The frozen base weight as an :class:`NF4Weight` (sharing this module's buffers)."""
+        """The frozen base weight as an :class:`NF4Weight` (sharing this module's NF4 tensors).
+
+        Raises RuntimeError when FSDP2 holds only this rank's shards of them (outside the unit's forward)."""
+        self._check_not_sharded()
         return NF4Weight(
             packed=self.nf4_packed, absmax=self.nf4_absmax, shape=torch.Size((self.out_features, self.in_features)),
             dtype=self.nf4_dtype, blocksize=self.nf4_blocksize, code=self.nf4_code,
@@ -103,7 +112,8 @@ class NF4Linear(nn.Linear):
         # Module.to(dtype) / .half() would cast the fp32 NF4 constants (code, absmax, nested maps) and
         # corrupt the weight; the NF4 buffers only ever change device. The device comes from what fn does
         # to an empty probe tensor on their device, which covers .to(), .cuda(), .cpu() and .to_empty().
-        nf4 = {name: self._buffers.pop(name) for name in _NF4_BUFFERS}
+        # (Buffers or frozen parameters alike: nf4_storage.)
+        nf4 = self._pop_nf4()
         try:
             super()._apply(fn, recurse)
             # A dtype cast of the module (.to(dtype), .half()) moves the model to another compute dtype.
@@ -111,18 +121,13 @@ class NF4Linear(nn.Linear):
             if probe.dtype in FLOAT_DTYPES:
                 self.compute_dtype = probe.dtype
         finally:
-            for name, t in nf4.items():
-                if t is not None:
-                    device = fn(torch.empty(0, device=t.device)).device
-                    # a meta tensor has no data to copy: materialise it empty (to_empty), dtype kept
-                    t = torch.empty_like(t, device=device) if t.is_meta else t.to(device)
-                self._buffers[name] = t
+            self._restore_nf4(nf4, fn)
         return self
 
     # -- state dict in bitsandbytes' keys ---------------------------------------------------------
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+        self._save_without_nf4(destination, prefix, keep_vars)
         for key, t in self.qweight.to_bnb_state_dict(prefix + "weight").items():
             destination[key] = t if keep_vars else t.detach()
 
@@ -144,8 +149,7 @@ class NF4Linear(nn.Linear):
                 error_msgs.append(f"While loading the 4-bit weight {wkey!r}: {exc}")
         elif strict:
             missing_keys.append(wkey)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        self._load_without_nf4(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         for key in ours:
             if key in unexpected_keys:
                 unexpected_keys.remove(key)
