@@ -6,6 +6,11 @@ maximize), computed in fp32 by ``torch.ops.qlora_kernels.adamw_step_`` / ``adamw
 States: fp32 ``exp_avg`` / ``exp_avg_sq``, or with ``state_bits=8`` blockwise 8-bit codes
 (blocks of 256, bitsandbytes' signed / unsigned dynamic maps) for params of at least
 ``min_8bit_size`` elements. Paging: see ``qlora_kernels.optim.paging``.
+
+Sharded params (``DTensor``, as ``torch.distributed.fsdp.fully_shard`` makes them): each rank keeps and
+updates the states of its local shards only (the kernels run on ``to_local()`` of the param and of its
+gradient, which FSDP2 has reduce-scattered); the state dict holds them as DTensors of the param's shape
+and placements, as ``torch.optim.AdamW`` does, so ``torch.distributed.checkpoint`` saves and reshards them.
 """
 
 from __future__ import annotations
@@ -35,6 +40,51 @@ MASTER_KEY = "master_param"
 _Q8_COMPONENTS = {"exp_avg": ("exp_avg", "absmax_m"), "exp_avg_sq": ("exp_avg_sq", "absmax_v")}
 
 ParamsT = Union[Iterable[Tensor], Iterable[dict[str, Any]]]
+
+
+def _dtensor_type() -> Optional[type]:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without torch.distributed
+        return None
+    return DTensor
+
+
+def _is_sharded(t: Any) -> bool:
+    """True for a ``DTensor`` (e.g. a param FSDP2 has sharded)."""
+    dt = _dtensor_type()
+    return dt is not None and isinstance(t, dt)
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (sharing its storage), or ``t`` itself."""
+    return t.to_local() if _is_sharded(t) else t
+
+
+def _like_param(local: Tensor, p: Tensor) -> Tensor:
+    """A state of the local shard of ``p`` as the state dict holds it: a DTensor of ``p``'s shape and placements
+    when ``p`` is one, else ``local`` viewed in ``p``'s shape."""
+    if not _is_sharded(p):
+        return local.view(p.shape)
+    shard = p.to_local()
+    return _dtensor_type().from_local(local.view(shard.shape), p.device_mesh, p.placements, shape=p.shape,
+                                      stride=p.stride(), run_check=False)
+
+
+def _local_values(value: Tensor, p: Tensor) -> Tensor:
+    """The part of a state-dict tensor for ``p`` that this rank keeps: the local shard of a DTensor, this rank's
+    slice of a whole (plain) tensor of a sharded ``p``'s shape, or ``value`` itself."""
+    if _is_sharded(value):
+        return value.to_local()
+    if _is_sharded(p) and value.numel() == p.numel() and value.numel() != p.to_local().numel():
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        whole = value.reshape(p.shape)
+        for dim, (n, start) in enumerate(zip(shape, offset)):
+            whole = whole.narrow(dim, start, n)
+        return whole
+    return value
 
 
 def _hparams(group: dict[str, Any], where: str) -> tuple[float, float, float, float, float]:
@@ -138,6 +188,8 @@ class PagedAdamW(torch.optim.Optimizer):
         self._pending: dict[Tensor, dict[str, Any]] = {}
         self._found_inf: Optional[Tensor] = None
         self._qmaps: dict[str, Tensor] = {}
+        self._keys: dict[int, Tensor] = {}  # id(DTensor param) -> its local shard, the pager's key (see _key)
+        self._param_of: dict[int, Tensor] = {}  # id(that key) -> the param
         super().__init__(params, defaults)
 
     # -- param groups ----------------------------------------------------------------------------
@@ -171,17 +223,34 @@ class PagedAdamW(torch.optim.Optimizer):
     # -- the pager -------------------------------------------------------------------------------
 
     def _kind(self, p: Tensor) -> str:
+        # p.numel() of a DTensor is the whole param's: every rank (and a single process) decides alike
         return "8bit" if self.state_bits == 8 and p.numel() >= self.min_8bit_size else "fp32"
+
+    def _key(self, p: Tensor) -> Tensor:
+        """What the pager holds the states of ``p`` under: ``p``, or for a DTensor its local shard (a view made once
+        when the pager is built; the kernels always get a fresh ``to_local()``)."""
+        if not _is_sharded(p):
+            return p
+        key = self._keys.get(id(p))
+        if key is None:
+            key = self._keys[id(p)] = p.to_local()
+            self._param_of[id(key)] = p
+        return key
+
+    def _param(self, key: Tensor) -> Tensor:
+        """The param whose states the pager holds under ``key``."""
+        return self._param_of.get(id(key), key)
 
     def _ensure_pager(self) -> Pager:
         if self._pager is not None:
             return self._pager
         params = [p for g in self.param_groups for p in g["params"]]
-        device = params[0].device if params else torch.device("cpu")
+        device = _local(params[0]).device if params else torch.device("cpu")
+        self._keys, self._param_of = {}, {}
         self._qmaps = {"m": dynamic_map(device), "v": unsigned_dynamic_map(device)}
         self._found_inf = torch.zeros(1, dtype=torch.float32, device=device)
         self._pager = Pager(
-            [g["params"] for g in self.param_groups],
+            [[self._key(p) for p in g["params"]] for g in self.param_groups],
             [[self._kind(p) for p in g["params"]] for g in self.param_groups],
             master=self.master_weights,
             page_bytes=self.page_bytes,
@@ -245,12 +314,12 @@ class PagedAdamW(torch.optim.Optimizer):
         pager = self._ensure_pager()
         steps = self._steps
         for p in stepped:
-            key = id(p)
+            key = id(self._key(p))
             steps[key] = steps.get(key, 0) + 1
         self._found_inf.zero_()
 
         def active(unit: Unit) -> bool:
-            return any(p.grad is not None for p in unit.params)
+            return any(self._param(k).grad is not None for k in unit.params)
 
         def launch(unit: Unit, bufs: dict[str, Tensor]) -> None:
             self._launch(unit, bufs, hparams[unit.space.group])
@@ -259,8 +328,11 @@ class PagedAdamW(torch.optim.Optimizer):
         return loss
 
     def _launch(self, unit: Unit, bufs: dict[str, Tensor], hp: tuple[float, float, float, float, float]) -> None:
-        params, chunks = unit.params, unit.chunks
-        grads = [p.grad for p in params]
+        keys, chunks = unit.params, unit.chunks
+        owners = [self._param(k) for k in keys]
+        # the local shards of sharded params and of their (reduce-scattered) gradients
+        params = [_local(p) for p in owners]
+        grads = [None if p.grad is None else _local(p.grad) for p in owners]
         if any(g is None for g in grads):  # drop the chunks of params without a gradient
             keep = [i for i, g in enumerate(grads) if g is not None]
             remap = torch.full((len(params),), -1, dtype=torch.int64)
@@ -268,9 +340,10 @@ class PagedAdamW(torch.optim.Optimizer):
             rows = chunks[remap[chunks[:, 0]] >= 0]
             chunks = torch.cat([remap[rows[:, 0]].unsqueeze(1), rows[:, 1:]], dim=1)
             params = [params[i] for i in keep]
+            keys = [keys[i] for i in keep]
             grads = [grads[i] for i in keep]
         grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
-        steps = [self._steps[id(p)] for p in params]
+        steps = [self._steps[id(k)] for k in keys]
         master = bufs.get("master")
         if unit.space.layout.kind == "8bit":
             adamw8bit_step_(params, grads, bufs["exp_avg"], bufs["exp_avg_sq"], bufs["absmax_m"], bufs["absmax_v"],
@@ -282,46 +355,55 @@ class PagedAdamW(torch.optim.Optimizer):
     # -- state dict ------------------------------------------------------------------------------
 
     def _state_device(self, p: Tensor) -> torch.device:
-        return p.device if self.gpu_budget_bytes is None else torch.device("cpu")
+        return _local(p).device if self.gpu_budget_bytes is None else torch.device("cpu")
 
     def _param_state(self, p: Tensor) -> dict[str, Any]:
-        """The state of one param as a state dict holds it (copies)."""
+        """The state of one param as a state dict holds it (copies; DTensors for a DTensor param)."""
         pager = self._ensure_pager()
         dev = self._state_device(p)
-        space, _ = pager.where[p]
-        out: dict[str, Any] = {"step": torch.tensor(float(self._steps[id(p)]), dtype=torch.float32)}
+        k = self._key(p)
+        space, _ = pager.where[k]
+        out: dict[str, Any] = {"step": torch.tensor(float(self._steps[id(k)]), dtype=torch.float32)}
         if space.layout.kind == "8bit":
             for key, (codes_name, absmax_name) in _Q8_COMPONENTS.items():
-                codes = pager.read(p, codes_name, dev)
-                absmax = pager.read(p, absmax_name, dev)
+                codes = pager.read(k, codes_name, dev)
+                absmax = pager.read(k, absmax_name, dev)
                 qmap = self._qmaps["m" if key == "exp_avg" else "v"].to(dev)
-                out[key] = dequantize_blockwise(codes, absmax, qmap).view(p.shape)
-                out[Q8_KEYS[key][0]] = codes
-                out[Q8_KEYS[key][1]] = absmax
+                out[key] = _like_param(dequantize_blockwise(codes, absmax, qmap), p)
+                if not _is_sharded(p):
+                    # Raw codes for an exact resume. A shard's blocks of 256 are its own (they depend on the
+                    # sharding), so a DTensor's state holds the fp32 values only, requantized when loaded.
+                    out[Q8_KEYS[key][0]] = codes
+                    out[Q8_KEYS[key][1]] = absmax
         else:
-            out["exp_avg"] = pager.read(p, "exp_avg", dev).view(p.shape)
-            out["exp_avg_sq"] = pager.read(p, "exp_avg_sq", dev).view(p.shape)
+            out["exp_avg"] = _like_param(pager.read(k, "exp_avg", dev), p)
+            out["exp_avg_sq"] = _like_param(pager.read(k, "exp_avg_sq", dev), p)
         if space.layout.master:
-            out[MASTER_KEY] = pager.read(p, "master", dev).view(p.shape)
+            out[MASTER_KEY] = _like_param(pager.read(k, "master", dev), p)
         return out
 
     def _export(self) -> dict[Tensor, dict[str, Any]]:
         if self._pager is None:
             return dict(self._pending)
-        return {p: self._param_state(p) for g in self.param_groups for p in g["params"] if id(p) in self._steps}
+        return {p: self._param_state(p) for g in self.param_groups for p in g["params"]
+                if id(self._key(p)) in self._steps}
 
     def _import(self, p: Tensor, st: dict[str, Any]) -> None:
-        """Write one param's state-dict entry into the pages (the pager exists)."""
+        """Write one param's state-dict entry into the pages (the pager exists). For a DTensor param, a DTensor
+        state gives its local shard and a whole plain tensor this rank's slice."""
         pager = self._pager
-        space, _ = pager.where[p]
+        k = self._key(p)
+        st = {name: _local_values(v, p) if isinstance(v, Tensor) and name != "step" and name not in (
+            *Q8_KEYS["exp_avg"], *Q8_KEYS["exp_avg_sq"]) else v for name, v in st.items()}
+        space, _ = pager.where[k]
         step = float(st["step"])
         if step != math.floor(step) or step < 0:
             raise ValueError(f"state 'step' must be a whole number >= 0; got {step}")
         for key in ("exp_avg", "exp_avg_sq"):
             if key not in st:
                 raise ValueError(f"state of a param of shape {list(p.shape)} has no {key!r}")
-            if st[key].numel() != p.numel():
-                raise ValueError(f"state {key!r} must have {p.numel()} elements (param shape {list(p.shape)}); "
+            if st[key].numel() != k.numel():
+                raise ValueError(f"state {key!r} must have {k.numel()} elements (param shape {list(k.shape)}); "
                                  f"got shape {list(st[key].shape)}")
         if space.layout.kind == "8bit":
             for key, (codes_name, absmax_name) in _Q8_COMPONENTS.items():
@@ -330,18 +412,18 @@ class PagedAdamW(torch.optim.Optimizer):
                 codes, absmax = self._raw_q8(st, key, values, qmap)
                 if codes is None:
                     codes, absmax = quantize_blockwise(values, qmap, signed=key == "exp_avg")
-                pager.write(p, codes_name, codes)
-                pager.write(p, absmax_name, absmax)
+                pager.write(k, codes_name, codes)
+                pager.write(k, absmax_name, absmax)
         else:
-            pager.write(p, "exp_avg", st["exp_avg"].detach().float())
-            pager.write(p, "exp_avg_sq", st["exp_avg_sq"].detach().float())
+            pager.write(k, "exp_avg", st["exp_avg"].detach().float())
+            pager.write(k, "exp_avg_sq", st["exp_avg_sq"].detach().float())
         if space.layout.master:
             master = st.get(MASTER_KEY)
-            pager.write(p, "master", (master if master is not None else p).detach().float())
+            pager.write(k, "master", (master if master is not None else _local(p)).detach().float())
         if step >= 1:
-            self._steps[id(p)] = int(step)
+            self._steps[id(k)] = int(step)
         else:
-            self._steps.pop(id(p), None)
+            self._steps.pop(id(k), None)
 
     @staticmethod
     def _raw_q8(
