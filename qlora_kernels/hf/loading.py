@@ -1,7 +1,9 @@
 """Loading a local Hugging Face model directory in 4 bits: :func:`load_4bit_model` builds the model on the meta
 device and fills it from its safetensors files one tensor at a time, with transformers' own key renaming and
 conversions (its checkpoint conversion mapping): bitsandbytes-4bit checkpoints are used as stored (no
-requantizing), full-precision ones are quantized layer by layer.
+requantizing), full-precision ones are quantized layer by layer. With a :class:`BlockHook` the model is filled
+block by block (each transformer block complete, then handed to the hook, e.g. to shard it across ranks),
+so that the whole 4-bit model need never exist in one process.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import copy
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +29,19 @@ from .layers import KEEP_DENSE, check_spec, layer_kind, matches, output_embeddin
 
 logger = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class BlockHook:
+    """How :func:`load_4bit_model` loads block by block: ``find(model)`` names the blocks (module names, e.g.
+    ``model.layers.0``; called once on the model still on the meta device, it may raise to refuse the model), and
+    ``done(name, module)`` is called with each block as soon as every tensor of it is loaded (its linear layers in
+    NF4, its other tensors, its computed buffers), before the next block is read. The hook may change the block in
+    place (add adapters, shard it: the trainer's FSDP2 setup does both). The tensors outside the blocks are loaded
+    after the last block.
+    """
+
+    find: Callable[[nn.Module], Sequence[str]]
+    done: Callable[[str, nn.Module], None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +233,7 @@ def load_4bit_model(
     trust_remote_code: bool = False,
     model_class=None,
     quantize_experts: bool = True,
+    block_hook: BlockHook | None = None,
 ) -> nn.Module:
     """Load a local Hugging Face model directory with its linear layers in NF4, never holding the
     full-precision model in memory.
@@ -260,6 +277,9 @@ def load_4bit_model(
             (as a model with NF4Experts saves them: ``save_pretrained(dir, save_original_format=False)``, since
             transformers 5's legacy layout splits fused experts into per-expert tensors); the routers stay dense.
             False keeps them dense.
+        block_hook: load block by block and hand each finished block to the hook (see :class:`BlockHook`): the
+            process then holds at most one block beyond what the hook keeps of the earlier ones (a float
+            checkpoint's fused experts are built per block too). The tensors are the same as without it.
 
     Returns:
         The model, in eval mode, with ``model.config`` free of ``quantization_config``.
@@ -291,20 +311,37 @@ def load_4bit_model(
     model = _build_on_meta(config, dtype, model_class, trust_remote_code)
     plan = _KeyPlan(ckpt, model)
     _check_unexpected(model, plan.unexpected, path, strict)
-    sources = _Sources(ckpt, plan, _convert(plan, model, path))
+    blocks = _blocks(model, block_hook)
+    sources = _Sources(ckpt, plan, model, path)
     four_bit = quant is not None or any(bnb_format.is_nf4_quant_state_key(k) for k in plan.direct)
-
-    # 1. linear layers -> NF4Linear (stored NF4, or quantized here), one at a time
     quantize = None if four_bit else dict(blocksize=blocksize, double_quant=double_quant,
                                           keep_dense=output_embedding_names(model), skip=list(skip_modules or []))
-    done = _load_linear_layers(model, sources, path, dtype, device, quantize)
-    # 1b. fused MoE experts -> NF4Experts (stored NF4, or quantized here), one module at a time
-    _load_experts(model, sources, path, dtype, device,
-                  dict(blocksize=blocksize, double_quant=double_quant) if quantize_experts else None)
-    # 2. every other parameter and persistent buffer, in dtype; tied parameters stay tied
-    _load_other_tensors(model, sources, path, dtype, device)
-    # 3. computed buffers (rotary inv_freq, embed scales): let the model class initialise them
-    _init_computed_buffers(model, device)
+    experts = dict(blocksize=blocksize, double_quant=double_quant) if quantize_experts else None
+    loaded: dict[int, Tensor] = {}  # tensors read so far by id of their meta stand-in (tied twins)
+
+    def load(modules: Callable[[], list[tuple[str, nn.Module]]], prefix: str | None) -> int:
+        # (modules(): the part's modules by full name, as they are now: each step replaces some)
+        # 0. the tensors transformers builds from several (fused experts, split qkv, ...) of this part
+        sources.convert(prefix)
+        # 1. linear layers -> NF4Linear (stored NF4, or quantized here), one at a time
+        n = _load_linear_layers(model, modules(), sources, path, dtype, device, quantize)
+        # 1b. fused MoE experts -> NF4Experts (stored NF4, or quantized here), one module at a time
+        _load_experts(model, modules(), sources, path, dtype, device, experts)
+        # 2. every other parameter and persistent buffer, in dtype; tied parameters stay tied
+        _load_other_tensors(model, modules(), sources, path, dtype, device, loaded)
+        # 3. computed buffers (rotary inv_freq, embed scales): let the model class initialise them
+        _init_computed_buffers(model, modules(), device)
+        return n
+
+    done = 0
+    for name in blocks:  # with a block hook: each block complete, then handed over
+        block = model.get_submodule(name)
+        done += load(lambda name=name, block=block: [(f"{name}.{n}" if n else name, m)
+                                                     for n, m in block.named_modules()], f"{name}.")
+        block_hook.done(name, block)
+    inside = tuple(f"{b}." for b in blocks)
+    done += load(lambda: [(n, m) for n, m in model.named_modules() if n not in blocks and not n.startswith(inside)],
+                 None)
     model.eval()
     if (path / "generation_config.json").is_file():
         with contextlib.suppress(Exception):
@@ -332,31 +369,55 @@ def _build_on_meta(config, dtype: torch.dtype, model_class, trust_remote_code: b
             return build(config, torch_dtype=dtype, **extra)
 
 
-def _convert(plan: _KeyPlan, model: nn.Module, path: Path) -> dict[str, Tensor]:
-    """The tensors transformers builds from several checkpoint tensors (fused experts, ...), by model key."""
-    built: dict[str, Tensor] = {}
-    expected = model.state_dict(keep_vars=True)
-    for first, converter in plan.converters.items():
+def _blocks(model: nn.Module, hook: BlockHook | None) -> list[str]:
+    """The block names ``hook.find`` gives for the meta model (none without a hook), checked: existing modules,
+    none inside another."""
+    if hook is None:
+        return []
+    names = list(hook.find(model))
+    modules = dict(model.named_modules())
+    unknown = [n for n in names if n not in modules or not n]
+    if unknown:
+        raise ValueError(f"block_hook.find named modules that {type(model).__name__} does not have: {unknown[:4]}")
+    nested = [n for n in names if any(n.startswith(o + ".") for o in names)]
+    if nested or len(set(names)) != len(names):
+        raise ValueError(f"block_hook.find named blocks inside other blocks (or twice): {(nested or names)[:4]}")
+    return names
+
+
+class _Sources:
+    """One reader for every model tensor: built by a conversion (handed out once) or read from the checkpoint.
+
+    The tensors transformers builds from several checkpoint tensors (fused experts, split qkv, ...) are built by
+    :meth:`convert`: all at once, or those of one block (by the name prefix) with the block."""
+
+    def __init__(self, ckpt: _Checkpoint, plan: _KeyPlan, model: nn.Module, path: Path) -> None:
+        self.ckpt, self.plan, self.model, self.path = ckpt, plan, model, path
+        self.built: dict[str, Tensor] = {}
+        self.pending = dict(plan.converters)  # model key -> converter not run yet
+        self.expected = set(model.state_dict(keep_vars=True)) if self.pending else set()
+
+    def convert(self, prefix: str | None = None) -> None:
+        """Run the conversions not run yet of the model keys under ``prefix`` (a block's ``"<name>."``; None: all;
+        a conversion's outputs lie in the block of its first key)."""
+        for first in [k for k in self.pending if prefix is None or k.startswith(prefix)]:
+            self._convert(first)
+
+    def _convert(self, first: str) -> None:
+        converter = self.pending.pop(first)
+        model = self.model
         try:
             out = converter.convert(first, model=model, config=model.config)
         except Exception as exc:  # an op of transformers' conversion: name the tensors it was given
             sources = sorted(converter.layer_targets.get(first, ()))
-            raise ValueError(f"checkpoint {str(path)!r}: transformers' conversion of {sources[:4]}"
+            raise ValueError(f"checkpoint {str(self.path)!r}: transformers' conversion of {sources[:4]}"
                              f"{' ...' if len(sources) > 4 else ''} into {first!r} failed: {exc}") from None
         for key, value in out.items():
             value = value[0] if isinstance(value, list) else value
-            if key not in expected:
+            if key not in self.expected:
                 raise ValueError(f"transformers' conversion of checkpoint tensors into {first!r} made {key!r}, which "
                                  f"{type(model).__name__} does not have")
-            built[key] = value
-    return built
-
-
-class _Sources:
-    """One reader for every model tensor: built by a conversion (handed out once) or read from the checkpoint."""
-
-    def __init__(self, ckpt: _Checkpoint, plan: _KeyPlan, built: dict[str, Tensor]) -> None:
-        self.ckpt, self.plan, self.built = ckpt, plan, built
+            self.built[key] = value
 
     def __contains__(self, key: str) -> bool:
         return key in self.plan.direct or key in self.built
@@ -381,13 +442,14 @@ class _Sources:
             raise type(exc)(f"checkpoint {str(path)!r}, 4-bit weight {direct.get(wkey, wkey)!r}: {exc}") from None
 
 
-def _load_linear_layers(model: nn.Module, sources: _Sources, path: Path, dtype: torch.dtype, device: torch.device,
-                        quantize: dict | None) -> int:
-    """Put an :class:`NF4Linear` in place of every dense linear layer stored in 4 bits, and, when ``quantize``
-    (a float checkpoint: ``blocksize``, ``double_quant``, ``keep_dense`` names, ``skip`` specs) is given, of every
-    other stored one but those kept dense, quantized here; mark the rest kept dense. Returns how many."""
+def _load_linear_layers(model: nn.Module, modules: list[tuple[str, nn.Module]], sources: _Sources, path: Path,
+                        dtype: torch.dtype, device: torch.device, quantize: dict | None) -> int:
+    """Of ``modules`` (full names in ``model``), put an :class:`NF4Linear` in place of every dense linear layer stored
+    in 4 bits, and, when ``quantize`` (a float checkpoint: ``blocksize``, ``double_quant``, ``keep_dense`` names,
+    ``skip`` specs) is given, of every other stored one but those kept dense, quantized here; mark the rest kept
+    dense. Returns how many."""
     done = 0
-    for name, module in list(model.named_modules()):
+    for name, module in modules:
         kind = layer_kind(module)
         if kind not in ("linear", "conv1d"):
             continue
@@ -429,13 +491,13 @@ def _load_linear_layers(model: nn.Module, sources: _Sources, path: Path, dtype: 
     return done
 
 
-def _load_experts(model: nn.Module, sources: _Sources, path: Path, dtype: torch.dtype, device: torch.device,
-                  quantize: dict | None) -> int:
-    """Put an :class:`NF4Experts` in place of every fused-experts module whose two tensors are stored in NF4, and,
-    when ``quantize`` (``blocksize``, ``double_quant``) is given, of every other one, its tensors read, cast to
-    ``dtype`` and quantized one module at a time. Returns how many."""
+def _load_experts(model: nn.Module, modules: list[tuple[str, nn.Module]], sources: _Sources, path: Path,
+                  dtype: torch.dtype, device: torch.device, quantize: dict | None) -> int:
+    """Of ``modules``, put an :class:`NF4Experts` in place of every fused-experts module whose two tensors are stored
+    in NF4, and, when ``quantize`` (``blocksize``, ``double_quant``) is given, of every other one, its tensors read,
+    cast to ``dtype`` and quantized one module at a time. Returns how many."""
     count = 0
-    for name, module in list(model.named_modules()):
+    for name, module in modules:
         if not moe.is_fused_experts(module):
             continue
         keys = [f"{name}.{p}" for p in moe.PROJECTIONS]
@@ -464,21 +526,21 @@ def _load_experts(model: nn.Module, sources: _Sources, path: Path, dtype: torch.
     return count
 
 
-def _load_other_tensors(model: nn.Module, sources: _Sources, path: Path, dtype: torch.dtype,
-                        device: torch.device) -> None:
-    """Every parameter and persistent buffer still on the meta device, outside the NF4 layers: read in ``dtype``
-    (floating point only; the model class's fp32 modules in fp32); tied parameters stay tied."""
+def _load_other_tensors(model: nn.Module, modules: list[tuple[str, nn.Module]], sources: _Sources, path: Path,
+                        dtype: torch.dtype, device: torch.device, loaded: dict[int, Tensor]) -> None:
+    """Every parameter and persistent buffer of ``modules`` still on the meta device, outside the NF4 layers: read in
+    ``dtype`` (floating point only; the model class's fp32 modules in fp32); tied parameters stay tied (``loaded``:
+    what earlier calls read, by id of the meta stand-in)."""
     keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
         getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     entries = []
-    for mname, module in model.named_modules():
+    for mname, module in modules:
         if isinstance(module, NF4Linear):
             continue
         own = [(n, t, True) for n, t in module._parameters.items() if t is not None]
         own += [(n, t, False) for n, t in module._buffers.items()
                 if t is not None and n not in module._non_persistent_buffers_set]
         entries += [(module, f"{mname}.{n}" if mname else n, n, t, p) for n, t, p in own if t.device.type == "meta"]
-    loaded: dict[int, Tensor] = {}
     for _, full, _, t, is_param in entries:
         if id(t) in loaded:
             continue  # already read via a tied twin
@@ -505,9 +567,11 @@ def _load_other_tensors(model: nn.Module, sources: _Sources, path: Path, dtype: 
         raise ValueError(f"checkpoint {str(path)!r} lacks {len(missing)} tensors the model needs: {missing[:8]}")
 
 
-def _init_computed_buffers(model: nn.Module, device: torch.device) -> None:
+def _init_computed_buffers(model: nn.Module, modules: list[tuple[str, nn.Module]], device: torch.device) -> None:
+    """The non-persistent buffers of ``modules`` still on the meta device (rotary inv_freq, embedding scales),
+    initialised by the model class (``_init_weights``) on ``device``."""
     owners = {}
-    for mname, module in model.named_modules():
+    for mname, module in modules:
         for bname, buf in module._buffers.items():
             if buf is not None and buf.device.type == "meta":
                 if bname not in module._non_persistent_buffers_set:
