@@ -104,22 +104,26 @@ def memory_mode(cfg: TrainConfig) -> tuple[bool, bool]:
     false                         true                    no          every activation the decoder saves
     true, or offload              true, or either         each layer  the layer inputs (the checkpoints)
     ============================  ======================  ==========  ==============================================
+
+    (``fsdp_config.activation_checkpointing: true`` counts as ``gradient_checkpointing: true``.)
     """
-    recompute = cfg.gradient_checkpointing in (True, "offload")
+    recompute = cfg.gradient_checkpointing in (True, "offload") or cfg.fsdp_config.activation_checkpointing
     return recompute, cfg.gradient_checkpointing == "offload" or cfg.activation_offloading
 
 
-def prepare_model(cfg: TrainConfig, model: nn.Module, device: torch.device) -> tuple[
+def prepare_model(cfg: TrainConfig, model: nn.Module, device: torch.device, sharded: bool = False) -> tuple[
         nn.Module, ActivationOffloader | None, list[str]]:
     """Make a built (or given) QLoRA model ready to train: on ``device``; the fused MLPs (``fused_mlp``,
     :func:`qlora_kernels.nn.fused_mlp.fuse_qlora_mlps`, on the instance); gradient checkpointing (non-reentrant) and
     activation offloading as :func:`memory_mode` says (:class:`.offload.ActivationOffloader`); no KV cache.
+    ``sharded``: a model sharded by :mod:`.fsdp`, already on its device with its MLPs fused block by block.
 
     Returns ``(model, the offloader or None, what to report)``.
     """
     notes: list[str] = []
-    model.to(device)
-    if cfg.fused_mlp:
+    if not sharded:
+        model.to(device)
+    if cfg.fused_mlp and not sharded:
         n = fuse_qlora_mlps(model)
         notes.append(f"fused_mlp: {n} MLPs run as one fused QLoRA Function" + (
             " (they fall back to the three layers while lora_dropout > 0 trains)" if n and cfg.lora_dropout > 0 else "")

@@ -112,6 +112,28 @@ class QuantizationConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """How ``fsdp: true`` shards the model (Axolotl's / accelerate's ``fsdp_config`` keys; their ``fsdp_`` prefix may be
+    given, as in ``fsdp_transformer_layer_cls_to_wrap``). See :mod:`.fsdp`."""
+
+    transformer_layer_cls_to_wrap: Union[str, list[str], None] = _f(
+        None, help="class name(s) of the transformer block, each block one FSDP unit (default: the model's "
+                   "_no_split_modules)")
+    reshard_after_forward: bool = _f(True, help="free each block's gathered weights after its forward and gather "
+                                     "them again for the backward (FULL_SHARD); false keeps them to the backward "
+                                     "(SHARD_GRAD_OP: less communication, more memory)")
+    activation_checkpointing: bool = _f(False, help="the same as gradient_checkpointing: true")
+    auto_wrap_policy: str = _f("TRANSFORMER_BASED_WRAP", choices=("TRANSFORMER_BASED_WRAP",),
+                               help="each transformer block one unit (the only policy)")
+    state_dict_type: str = _f("SHARDED_STATE_DICT", choices=("SHARDED_STATE_DICT",),
+                              help="trainer checkpoints are sharded (torch.distributed.checkpoint, safetensors); the "
+                                   "adapter is always saved whole, in PEFT's format")
+    cpu_ram_efficient_loading: bool = _f(True, choices=(True,), help="always: each rank reads the checkpoint block "
+                                         "by block and keeps only its shard")
+    offload_params: bool = _f(False, choices=(False,), help="CPU offload of the parameters: not supported")
+
+
+@dataclass
 class CommonKeys:
     """The keys of every run: model, data, adapter, optimization, evaluation, checkpoints, output."""
 
@@ -171,6 +193,13 @@ class CommonKeys:
                                             help="bf16 autocast: auto = on for CUDA devices that support it")
     fp16: bool = _f(False, help="fp16 autocast with loss scaling (CUDA only)")
     device: str = _f("auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available")
+    ddp: bool | None = _f(None, help="under torchrun: data parallel with DDP, the whole 4-bit model on every rank "
+                          "(null: yes unless fsdp)")
+    fsdp: bool = _f(False, help="under torchrun: FSDP2, the 4-bit model sharded across ranks, each transformer block "
+                    "one unit (also Axolotl's list form [full_shard, auto_wrap])")
+    fsdp_version: int = _f(2, choices=(2,), help="FSDP2 (torch's fully_shard) is the only version (Axolotl key)")
+    fsdp_config: FSDPConfig = _f(factory=FSDPConfig, help="{transformer_layer_cls_to_wrap, reshard_after_forward, "
+                                 "activation_checkpointing, ...} (Axolotl key)")
     eval_steps: int | None = _f(None, range=AT_LEAST_1, help="evaluate every N steps (and at the end)")
     early_stopping_patience: int | None = _f(None, range=AT_LEAST_1,
                                              help="stop after N evaluations without a better eval loss")
@@ -277,6 +306,7 @@ ALIASES: dict[str, str] = {
     "bnb_4bit_quant_type": "quantization.quant_type",  # transformers BitsAndBytesConfig
     "bnb_4bit_use_double_quant": "quantization.double_quant",
     "use_bnb_nested_quant": "quantization.double_quant",  # TRL ModelConfig
+    "fsdp_transformer_layer_cls_to_wrap": "fsdp_config.transformer_layer_cls_to_wrap",  # transformers / accelerate
 }
 
 ALIAS_NOTES = {"completion_only_loss": "negated", "lr_scheduler_type": "constant_with_warmup is our constant",
@@ -294,7 +324,12 @@ FOREIGN_KEYS: dict[str, str] = {
                     "to itself, no padding inside a row)",
     "max_prompt_length": "not supported: sequence_len bounds prompt and completion together (the end is cut)",
     "report_to": "not supported: metrics go to output_dir/metrics.jsonl and loss.png",
+    "deepspeed": "not supported: set fsdp: true (FSDP2) to shard the 4-bit model across ranks, or leave it off for "
+                 "DDP under torchrun",
 }
+# fsdp's list form (Axolotl's / transformers' fsdp: [full_shard, auto_wrap]): what each option means here
+FSDP_OPTIONS = {"full_shard": "", "auto_wrap": "", "shard_grad_op": "fsdp_config.reshard_after_forward: false",
+                "offload": None}
 
 _EVAL_WORDS = frozenset(("eval", "evaluation", "test", "val", "validation"))
 
@@ -340,11 +375,57 @@ def _canonical(raw: dict[str, Any], errors: list[str]) -> tuple[dict[str, Any], 
             continue
         node[leaf] = _alias_value(alias, value)
         used[alias] = key
+    _canonical_fsdp(out, used, errors)
     opt = out.get("optimizer")
     if isinstance(opt, str) and opt in OPTIMIZER_ALIASES and "optim" not in used:
         out["optimizer"] = OPTIMIZER_ALIASES[opt]
         used[f"optimizer: {opt}"] = f"optimizer: {out['optimizer']}"
     return out, used
+
+
+def _canonical_fsdp(out: dict[str, Any], used: dict[str, str], errors: list[str]) -> None:
+    """In place: ``fsdp: [full_shard, auto_wrap, ...]`` (Axolotl's / transformers' list form) read as ``fsdp: true``
+    (``shard_grad_op``: ``fsdp_config.reshard_after_forward: false``), and the ``fsdp_``-prefixed keys inside
+    ``fsdp_config`` (Axolotl's older names, accelerate's) read without the prefix (``fsdp_version`` as the top-level
+    key)."""
+    value = out.get("fsdp")
+    if isinstance(value, str):
+        value = value.split()
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        unknown = [v for v in value if v not in FSDP_OPTIONS]
+        if "offload" in value:
+            errors.append("fsdp: 'offload' (parameters in CPU memory) is not supported; the 4-bit shards stay on the "
+                          "device")
+            out.pop("fsdp")  # reported: no second error about its type
+        elif unknown or not value:
+            errors.append(f"fsdp: {value!r} is not allowed; set fsdp: true (or the list form with "
+                          f"{', '.join(o for o in FSDP_OPTIONS if o != 'offload')})")
+            out.pop("fsdp")
+        else:
+            out["fsdp"] = True
+            used[f"fsdp: {value}"] = "fsdp: true"
+            if "shard_grad_op" in value:
+                cfg = out["fsdp_config"] = dict(out.get("fsdp_config") or {})
+                cfg.setdefault("reshard_after_forward", False)
+                used["fsdp: shard_grad_op"] = FSDP_OPTIONS["shard_grad_op"]
+    inner = out.get("fsdp_config")
+    if not isinstance(inner, dict):
+        return
+    inner = out["fsdp_config"] = dict(inner)
+    for key in [k for k in inner if isinstance(k, str) and k.startswith("fsdp_")]:
+        plain = key[len("fsdp_"):]
+        if plain == "version":
+            if "fsdp_version" in out:
+                errors.append(f"fsdp_config.{key}: is read as fsdp_version, which is also given; set only one of them")
+            else:
+                out["fsdp_version"] = inner.pop(key)
+                used[f"fsdp_config.{key}"] = "fsdp_version"
+        elif plain in inner:
+            errors.append(f"fsdp_config.{key}: is read as fsdp_config.{plain}, which is also given; set only one of "
+                          "them")
+        else:
+            inner[plain] = inner.pop(key)
+            used[f"fsdp_config.{key}"] = f"fsdp_config.{plain}"
 
 
 def _unknown_key(key: Any, prefix: str, names: list[str]) -> str:
@@ -515,6 +596,14 @@ def _check_rules(cfg: TrainConfig, errors: list[str]) -> None:
         errors.append(f"dpo_label_smoothing: applies to dpo_loss 'sigmoid' only, not {cfg.dpo_loss!r}")
     if cfg.bf16 is True and cfg.fp16:
         errors.append("bf16, fp16: set at most one of them to true")
+    if cfg.fsdp and cfg.ddp:
+        errors.append("ddp, fsdp: set at most one of them to true: DDP keeps the whole 4-bit model on every rank, "
+                      "FSDP2 shards it across the ranks (README: 'DDP or FSDP2')")
+    if not cfg.fsdp and cfg.fsdp_config != FSDPConfig():
+        errors.append("fsdp_config: applies with fsdp: true only; set fsdp: true, or remove fsdp_config")
+    if cfg.fsdp and cfg.fp16:
+        errors.append("fp16, fsdp: fp16 loss scaling over sharded gradients is not supported; use bf16 (no loss "
+                      "scaling) with fsdp")
     if isinstance(cfg.lora_target_modules, str) and cfg.lora_target_modules != "all-linear":
         errors.append(f"lora_target_modules: {cfg.lora_target_modules!r} is not allowed; allowed values: "
                       "'all-linear' or a list of module names")

@@ -1,4 +1,5 @@
-"""Data parallelism for the trainer under ``torchrun`` (torch.distributed + DDP; nccl on GPUs, gloo on CPUs).
+"""Data parallelism for the trainer under ``torchrun`` (torch.distributed + DDP, or FSDP2 with ``fsdp: true``;
+nccl on GPUs, gloo on CPUs).
 
 ``torchrun --nproc_per_node=N -m qlora_kernels.train CONFIG.yaml`` starts N copies of the trainer; each
 reads ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (set by torchrun) in :func:`init_distributed`. Then:
@@ -21,6 +22,11 @@ reads ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (set by torchrun) in :func:`ini
 A rank whose share of a global micro-batch is empty (the last, smaller micro-batch of an epoch)
 still runs a forward and backward on a placeholder that counts for nothing (zero weight), because
 every rank must take part in each all-reduce.
+
+With ``fsdp: true`` (:mod:`.fsdp`) the data, normalization and output rules are the same; the model is sharded
+instead of replicated (FSDP2 reduce-scatters the gradients, averaged over ranks as DDP's are), so
+:func:`wrap_model` adds no DDP wrapper, :func:`no_sync` turns FSDP2's gradient sync off for the accumulation
+micro-batches and :func:`clip_grad_norm_` takes the norm over every rank's shards.
 """
 
 from __future__ import annotations
@@ -188,8 +194,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
-    """``ForwardRunner(model)``, inside DDP when distributed; call it as ``wrapped(fn, *args)``.
+def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device, fsdp: bool = False) -> nn.Module:
+    """``ForwardRunner(model)``, inside DDP when distributed (not with ``fsdp``: the model's FSDP2 units reduce their
+    own gradients); call it as ``wrapped(fn, *args)``.
 
     DDP: no buffer sync in forward (``broadcast_buffers=False``, spelled ``forward_sync_buffers=False`` in
     newer torch): the NF4 weights are buffers. DDP ignores the buffers and the frozen parameters
@@ -198,7 +205,9 @@ def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device) -> nn.M
     initialization.
     """
     runner = ForwardRunner(model)
-    if not ctx.enabled:
+    if fsdp and ctx.enabled:
+        runner.fsdp_units = root_units(model)  # (no_sync sets their gradient sync)
+    if not ctx.enabled or fsdp:
         return runner
     from torch.nn.parallel import DistributedDataParallel
 
@@ -216,7 +225,31 @@ def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device) -> nn.M
 
 
 def no_sync(wrapped: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-    """DDP's ``no_sync()`` unless ``sync`` (the last micro-batch of a step) or not under DDP."""
-    if sync or not hasattr(wrapped, "no_sync"):
-        return contextlib.nullcontext()
-    return wrapped.no_sync()
+    """DDP's ``no_sync()`` unless ``sync`` (the last micro-batch of a step) or not under DDP; for a model sharded by
+    FSDP2, its gradient sync set to ``sync`` (``set_requires_gradient_sync``: accumulated, then reduce-scattered
+    once in the last micro-batch's backward)."""
+    if hasattr(wrapped, "no_sync"):
+        return contextlib.nullcontext() if sync else wrapped.no_sync()
+    for unit in getattr(wrapped, "fsdp_units", ()):
+        unit.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def root_units(model: nn.Module) -> list[nn.Module]:
+    """The outermost FSDP2 units of ``model`` (its root; none when it is not sharded)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    found: list[tuple[str, nn.Module]] = []
+    for name, m in model.named_modules():
+        if isinstance(m, FSDPModule) and not any(n == "" or name.startswith(f"{n}.") for n, _ in found):
+            found.append((name, m))
+    return [m for _, m in found]
+
+
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_`` over ``params``; returns the total norm as a float. For DTensor parameters
+    (FSDP2's shards) torch computes the norm over all ranks' shards (a collective), the same on every rank."""
+    total = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(total, "full_tensor"):  # a DTensor (partial sums over the shards, reduced here)
+        total = total.full_tensor()
+    return float(total)

@@ -44,6 +44,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed as dp
+from . import fsdp
 from .checkpoint import (
     CheckpointError,
     clean_stale_saves,
@@ -116,7 +117,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         KeyboardInterrupt: after Ctrl-C, once the checkpoint is written.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the run is data-parallel (:mod:`.distributed`): each rank
-    trains on its share of every global micro-batch, and only rank 0 writes files and prints.
+    trains on its share of every global micro-batch, and only rank 0 writes files and prints. With ``fsdp: true``
+    the model is sharded across the ranks instead of replicated (:mod:`.fsdp`).
     """
     problems = check_output_dir(cfg)  # every rank, before any rank can write (init_distributed meets first)
     if problems:
@@ -148,6 +150,7 @@ class Recipe:
         self.last_eval: float | None = None
         self.stopped_early = False
         self.in_update = False  # between the first parameter change of a step and its end
+        self.sharded = cfg.fsdp and ctx.enabled  # FSDP2 over the ranks (fsdp: true with one process is a no-op)
 
     def say(self, msg: str) -> None:
         if not self.quiet:
@@ -158,6 +161,10 @@ class Recipe:
     def setup(self, model: nn.Module | None = None, tokenizer: Any = None) -> None:
         """Everything the first step needs, in this order (the RNG draws depend on it)."""
         cfg, objective, ctx, device = self.cfg, self.objective, self.ctx, self.device
+        if ctx.enabled and cfg.ddp is False and not cfg.fsdp:
+            raise ConfigError(f"ddp: false, but torchrun started {ctx.world_size} processes: set fsdp: true to shard "
+                              "the model across them, leave ddp unset (or true) for data parallelism, or run one "
+                              "process")
         self.out.mkdir(parents=True, exist_ok=True)
         if ctx.is_main:
             self._prepare_output_dir()
@@ -177,11 +184,15 @@ class Recipe:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise TrainingError("the model has no trainable parameters (did apply_qlora match any module?)")
-        parallel = f"; data-parallel over {ctx.world_size} processes ({ctx.backend})" if ctx.enabled else ""
+        parallel = (f"; {'fully sharded (FSDP2)' if self.sharded else 'data-parallel'} over {ctx.world_size} processes "
+                    f"({ctx.backend})" if ctx.enabled else "")
         self.say(f"model: {sum(p.numel() for p in self.params):,} trainable parameters in {len(self.params)} "
                  f"tensors; device {device}, autocast {self.amp or 'off (fp32)'}{parallel}")
-        self.runner = dp.wrap_model(self.model, ctx, device)  # call as runner(fn, *args): DDP sees the forward
+        # call as runner(fn, *args): DDP sees the forward (FSDP2 hooks the model's own units)
+        self.runner = dp.wrap_model(self.model, ctx, device, fsdp=self.sharded)
         self.eval_batch_size = cfg.eval_batch_size or cfg.micro_batch_size
+        if self.sharded:
+            fsdp.check_setup_forwards(objective, len(self.train_items), len(self.eval_items), self.eval_batch_size, ctx)
         note = objective.setup(self.model, self.train_items, self.eval_items, self.eval_batch_size, self.pad_id,
                                device, self.amp, ctx)
         if note:
@@ -196,11 +207,15 @@ class Recipe:
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp is torch.float16 else None
         self.save_adapter = adapter_saver(self.model)
+        if cfg.fsdp:  # gathered from the shards: every rank calls it, rank 0 writes
+            self.save_adapter = fsdp.adapter_saver(self.model, ctx, self.save_adapter)
         # What a checkpoint must share with the run resuming it, for the data position to mean the same.
         self.run_key = {"train_examples": len(self.train_items), "micro_batch_size": cfg.micro_batch_size,
                         "seed": cfg.seed, "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
         if ctx.enabled:
             self.run_key["world_size"] = ctx.world_size
+        if cfg.fsdp:
+            self.run_key["fsdp"] = True
         if rows is not None:
             self.run_key["packed_rows"] = len(rows)
 
@@ -226,8 +241,12 @@ class Recipe:
             self.say(f"config: read {alias} as {key}")
 
     def _prepare_model(self, model: nn.Module | None) -> nn.Module:
+        if self.cfg.fsdp:  # sharded as it loads (or as given); one process: built as without fsdp
+            model, _, notes = fsdp.build_model(self.cfg, self.device, self.ctx, model)
+            for note in notes:
+                self.say(note)
         model = model if model is not None else build_model(self.cfg, self.device)
-        model, self.offloader, notes = prepare_model(self.cfg, model, self.device)
+        model, self.offloader, notes = prepare_model(self.cfg, model, self.device, sharded=self.sharded)
         for note in notes:
             self.say(note)
         return model
@@ -261,13 +280,23 @@ class Recipe:
             missing = [k for k in ("loop", "scheduler", "data") if k not in saved]
             if missing:
                 raise CheckpointError(f"checkpoint {path}: trainer_state.json lacks {', '.join(missing)}")
-            if saved.get("run_key") != self.run_key:
+            if self.cfg.fsdp:  # another world size may resume it (resharded), with the same global micro-batch
+                problem = fsdp.run_key_problem(saved.get("run_key"), self.run_key)
+                if problem:
+                    raise CheckpointError(f"resume_from_checkpoint {path!r}: {problem}")
+            elif saved.get("run_key") != self.run_key:
                 raise CheckpointError(f"resume_from_checkpoint {path!r} was written by a run with "
                                       f"{saved.get('run_key')}; this run has {self.run_key}: the data position "
                                       "would not match")
 
         try:
-            saved, rng = load_checkpoint(path, self.model, self.optimizer, check=fits)
+            if self.cfg.fsdp:
+                saved, rng = fsdp.load_checkpoint(path, self.model, self.optimizer, self.ctx, check=fits)
+            elif fsdp.is_sharded_checkpoint(path):
+                raise CheckpointError(f"checkpoint {path} was written with fsdp: true (sharded); resume it with "
+                                      "fsdp: true (any world size)")
+            else:
+                saved, rng = load_checkpoint(path, self.model, self.optimizer, check=fits)
         except CheckpointError as e:
             raise TrainingError(str(e)) from None
         self.run_id = saved.get("run_id") or self.run_id
@@ -360,7 +389,7 @@ class Recipe:
         self.in_update = True
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf")))
+        grad_norm = dp.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))  # over all shards
         if not math.isfinite(grad_norm) and self.scaler is None:
             raise TrainingError(f"non-finite gradient norm at step {self.step_no + 1} (loss was finite); last good "
                                 f"checkpoint: {self.state['last_checkpoint'] or 'none (set save_steps)'}")
@@ -398,6 +427,9 @@ class Recipe:
         mine = dp.shard(self.eval_items, self.ctx)
         loss_sum, count, sums = evaluate(self.objective, self.model, mine, self.eval_batch_size, self.pad_id,
                                          self.device, self.amp)
+        if self.sharded:  # every forward of a sharded model is a collective: each rank runs as many
+            fsdp.run_placeholders(fsdp.eval_placeholders(len(self.eval_items), self.eval_batch_size, self.ctx),
+                                  self.objective, self.model, self.eval_items[0], self.pad_id, self.device, self.amp)
         totals = dp.all_reduce_sum([loss_sum, count, *sums.values()], self.ctx, self.device).tolist()
         loss = totals[0] / max(1, totals[1])
         means = self.objective.metrics(dict(zip(sums, totals[2:])))
@@ -426,7 +458,15 @@ class Recipe:
         trainer_state = {"loop": {**self.state, "last_checkpoint": str(path)}, "scheduler": self.scheduler.state_dict(),
                          "data": self.step_data, "run_key": self.run_key,
                          "scaler": self.scaler.state_dict() if self.scaler is not None else None, "run_id": self.run_id}
-        if self.ctx.is_main:
+        if self.cfg.fsdp:  # every rank writes its shards
+            try:
+                fsdp.save_checkpoint(path, self.model, self.optimizer, trainer_state, self.step_rng, self.ctx,
+                                     self.save_adapter)
+            except CheckpointError as e:
+                raise TrainingError(str(e)) from e
+            if self.ctx.is_main:
+                prune_checkpoints(self.out, self.cfg.save_total_limit, self.run_id)
+        elif self.ctx.is_main:
             try:
                 save_checkpoint(path, self.model, self.optimizer, trainer_state, self.step_rng, self.save_adapter)
             except CheckpointError as e:
@@ -441,8 +481,11 @@ class Recipe:
         """An eval if the last step had none, then the adapter and loss.png (rank 0); every rank returns together."""
         if self.eval_items and self.last_eval is None:
             self.last_eval = self.evaluate()
-        if self.ctx.is_main:
+        if self.cfg.fsdp:  # gathered: every rank takes part, rank 0 writes
             self.save_adapter(self.model, self.out)
+        if self.ctx.is_main:
+            if not self.cfg.fsdp:
+                self.save_adapter(self.model, self.out)
             plot_losses(self.metrics.history, self.out / "loss.png")
         dp.barrier(self.ctx)  # every rank leaves together, once rank 0 has written
         self.say(f"done: {self.step_no} steps; adapter saved to {self.out}")

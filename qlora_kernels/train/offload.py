@@ -74,7 +74,7 @@ class ActivationOffloader:
         """Offload what ``model``'s decoder saves, from now on (every forward with gradients)."""
         self.detach()
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-        self._keep = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+        self._keep = {_storage_ptr(t) for t in (*model.parameters(), *model.buffers())}
         self._handles.append(decoder.register_forward_pre_hook(self._begin))
         self._handles.append(decoder.register_forward_hook(self._end, always_call=True))
         # group 0: before the first layer (embeddings); i + 1: layer i; after layer i (the final norm): i + 2
@@ -168,6 +168,13 @@ class ActivationOffloader:
             saved = ref()
             if saved is not None and saved.device_copy is None:
                 self._reload(saved)
+
+
+def _storage_ptr(t: Tensor) -> int:
+    """Where ``t``'s storage starts; of a DTensor (a parameter FSDP2 sharded), its local shard's."""
+    if hasattr(t, "to_local"):
+        t = t.to_local()
+    return t.untyped_storage().data_ptr()
 
 
 def _dense(t: Tensor) -> bool:

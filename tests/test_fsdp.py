@@ -1,0 +1,396 @@
+"""FSDP2 (``fsdp: true``): ``torchrun --nproc_per_node=2 -m qlora_kernels.train`` on the CPU (gloo) with the 4-bit
+weights sharded across the ranks trains the adapters one process trains with the same global batch; each rank holds
+half the NF4 bytes, also while loading; a killed run resumes from its sharded checkpoint to the uninterrupted
+result, also on another world size; the adapter is PEFT's; plus the loader's block hook, the optimizer on shards,
+bitsandbytes-4bit checkpoints, and the errors of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from torch import nn
+
+import qlora_kernels as qk
+from qlora_kernels.demo.synthetic import instruction_rows, make_languages, save_random_model
+from qlora_kernels.hf.loading import BlockHook
+from qlora_kernels.nn.nf4_storage import resident_nf4_bytes
+from qlora_kernels.train import ConfigError, TrainingError, fsdp, load_config, train
+from qlora_kernels.train.distributed import DistContext
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("fsdp")
+    model = save_random_model(d / "model", hidden_size=64, num_layers=2)
+    rows = instruction_rows(make_languages(), 14, seed=4)
+    # 9 train examples: the last global micro-batch of 4 leaves rank 1 without one; 5 eval examples in batches of 2:
+    # rank 0 runs 2 eval batches, rank 1 one and a placeholder (each forward of a sharded model is a collective)
+    for name, part in (("sft.jsonl", rows[:9]), ("eval.jsonl", rows[9:])):
+        (d / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    return {"model": model, "root": d, "sft": d / "sft.jsonl", "eval": d / "eval.jsonl"}
+
+
+def raw_config(assets, out: Path, **kw) -> dict:
+    raw = {"base_model": str(assets["model"]), "output_dir": str(out),
+           "datasets": [{"path": str(assets["sft"]), "type": "alpaca"}],
+           "test_datasets": [{"path": str(assets["eval"]), "type": "alpaca"}],
+           "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "sequence_len": 64, "micro_batch_size": 2,
+           "gradient_accumulation_steps": 2, "max_steps": 4, "learning_rate": 1e-2, "warmup_steps": 0,
+           "optimizer": "paged_adamw", "max_grad_norm": 1.0, "eval_steps": 4, "save_steps": 2, "seed": 1,
+           "progress_bar": False, "fsdp": True}
+    raw.update(kw)
+    return raw
+
+
+# --------------------------------------------------------------------------- one process: the parts
+
+
+def _bnb_checkpoint(float_dir: Path, out: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kernels.hf import QLoraKernelsConfig
+
+    AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=QLoraKernelsConfig()).save_pretrained(out)
+    return out
+
+
+def _mixtral_checkpoint(out: Path) -> Path:
+    """A tiny Mixtral saved as transformers 5 saves it: per-expert tensors, fused into 3-D experts when loaded."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=96, num_local_experts=4, num_experts_per_tok=2)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["float", "bnb4", "mixtral"])
+def test_block_hook_loads_block_by_block_and_the_same_tensors(assets, tmp_path, kind):
+    path = {"float": lambda: assets["model"], "bnb4": lambda: _bnb_checkpoint(assets["model"], tmp_path / "nf4"),
+            "mixtral": lambda: _mixtral_checkpoint(tmp_path / "mixtral")}[kind]()
+    whole = qk.load_4bit_model(path, dtype=torch.float32)
+    seen = []
+
+    def done(name: str, block: nn.Module) -> None:
+        model = block_owner[0]
+        later = [b for b in blocks if b not in seen and b != name]
+        # this block complete, the later ones still on the meta device, the embeddings too
+        assert not any(t.is_meta for t in [*block.parameters(), *block.buffers()])
+        assert all(next(model.get_submodule(b).parameters()).is_meta for b in later)
+        assert model.get_input_embeddings().weight.is_meta
+        seen.append(name)
+
+    block_owner, blocks = [], []
+
+    def find(model: nn.Module) -> list[str]:
+        block_owner.append(model)
+        blocks.extend(fsdp.find_blocks(model))
+        return blocks
+
+    streamed = qk.load_4bit_model(path, dtype=torch.float32, block_hook=BlockHook(find, done))
+    assert seen == ["model.layers.0", "model.layers.1"]
+    a, b = whole.state_dict(), streamed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resident_nf4_bytes(whole) == resident_nf4_bytes(streamed) > 0
+
+
+def test_blocks_that_cannot_be_found_name_the_classes_and_the_key(assets):
+    model = qk.load_4bit_model(assets["model"], dtype=torch.float32)
+    assert fsdp.find_blocks(model) == ["model.layers.0", "model.layers.1"]  # _no_split_modules
+    assert fsdp.find_blocks(model, "LlamaDecoderLayer") == ["model.layers.0", "model.layers.1"]
+    with pytest.raises(ConfigError) as e:
+        fsdp.find_blocks(model, ["GPTBlock"])
+    msg = str(e.value)
+    for part in ("['GPTBlock']", "fsdp_config.transformer_layer_cls_to_wrap", "fsdp_transformer_layer_cls_to_wrap",
+                 "LlamaDecoderLayer (2x)"):
+        assert part in msg, msg
+    model._no_split_modules = None
+    with pytest.raises(ConfigError, match="LlamaForCausalLM._no_split_modules is not set"):
+        fsdp.find_blocks(model)
+
+
+def test_mixed_trainable_dtypes_in_a_unit_are_refused_before_training():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    qk.apply_qlora(block, r=4, lora_alpha=8, target_modules=["0", "1"])
+    fsdp.check_unit_dtypes("model.layers.0", block)  # fp32 adapters: fine
+    block[1].lora_A.to(torch.bfloat16)
+    with pytest.raises(TrainingError) as e:
+        fsdp.check_unit_dtypes("model.layers.0", block)
+    assert "model.layers.0" in str(e.value) and "float32" in str(e.value) and "bfloat16: 1.lora_A.weight" in str(
+        e.value)
+
+
+def test_fsdp_config_keys(assets, tmp_path):
+    base = raw_config(assets, tmp_path / "o")
+    cfg = load_config(raw={**base, "fsdp": ["full_shard", "auto_wrap"],
+                           "fsdp_config": {"fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+                                           "fsdp_version": 2, "reshard_after_forward": False}})
+    assert cfg.fsdp is True and cfg.fsdp_config.transformer_layer_cls_to_wrap == "LlamaDecoderLayer"
+    assert not cfg.fsdp_config.reshard_after_forward and cfg.fsdp_version == 2
+    assert cfg.aliases["fsdp_config.fsdp_transformer_layer_cls_to_wrap"] == "fsdp_config.transformer_layer_cls_to_wrap"
+    cfg = load_config(raw={**base, "fsdp_transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})  # transformers'
+    assert cfg.fsdp_config.transformer_layer_cls_to_wrap == ["LlamaDecoderLayer"]
+    assert load_config(raw={**base, "fsdp": ["shard_grad_op"]}).fsdp_config.reshard_after_forward is False
+    for extra, words in [({"ddp": True}, "ddp, fsdp: set at most one of them to true"),
+                         ({"fsdp": False, "fsdp_config": {"reshard_after_forward": False}}, "applies with fsdp: true"),
+                         ({"fsdp": ["full_shard", "offload"]}, "'offload'"),
+                         ({"fsdp_version": 1}, "fsdp_version: 1 is not allowed"),
+                         ({"fsdp_config": {"state_dict_type": "FULL_STATE_DICT"}}, "SHARDED_STATE_DICT"),
+                         ({"deepspeed": "zero3.json"}, "set fsdp: true"),
+                         ({"fp16": True}, "fp16, fsdp")]:
+        with pytest.raises(ConfigError) as e:
+            load_config(raw={**base, **extra})
+        assert words in str(e.value), str(e.value)
+
+
+def test_resume_keys_allow_another_world_size_with_the_same_global_micro_batch():
+    key = {"train_examples": 9, "micro_batch_size": 2, "seed": 1, "gradient_accumulation_steps": 2, "world_size": 2,
+           "fsdp": True}
+    one = {k: v for k, v in key.items() if k != "world_size"}
+    assert fsdp.run_key_problem(key, key) is None
+    assert fsdp.run_key_problem(key, {**one, "micro_batch_size": 4}) is None  # 1 x 4 == 2 x 2
+    msg = fsdp.run_key_problem(key, one)
+    assert "2 processes x micro_batch_size 2" in msg and "1 x 2 = 2" in msg and "stays 4" in msg
+    assert "data position" in fsdp.run_key_problem(key, {**key, "seed": 2})
+
+
+@pytest.mark.parametrize("n,world,bs", [(4, 2, 2), (5, 2, 2), (9, 4, 1), (1, 2, 3), (0, 2, 2)])
+def test_eval_placeholders_even_out_the_forwards(n, world, bs):
+    runs = []
+    for r in range(world):
+        extra = fsdp.eval_placeholders(n, bs, DistContext(r, world, r, "gloo"))
+        lo, hi = qk.train.distributed.shard_bounds(n, r, world)
+        runs.append(-(-(hi - lo) // bs) + extra)
+        assert extra >= 0
+    assert len(set(runs)) == 1
+
+
+# --------------------------------------------------------------------------- two processes under torchrun
+
+_KILLED_AFTER_STEP_2 = """
+import os, sys
+from qlora_kernels.train import load_config, train
+# a hard kill (no cleanup, no final save) right after step 2 and its checkpoint
+train(load_config(sys.argv[1], sys.argv[2:]), on_step_end=lambda step, rec: os._exit(17) if step == 2 else None)
+"""
+
+_UNITS = """
+import json, sys
+import torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+import qlora_kernels as qk
+from qlora_kernels.nn.nf4_storage import resident_nf4_bytes
+from qlora_kernels.train import TrainingError, load_config
+from qlora_kernels.train import distributed as dp, fsdp
+from qlora_kernels.train.components import build_model
+from qlora_kernels.train.loss import model_loss
+
+cfg_path, bnb_dir, out = sys.argv[1:4]
+ctx = dp.init_distributed("cpu")
+cpu, r, res = torch.device("cpu"), ctx.rank, {}
+ids = torch.randint(3, 600, (4, 12), generator=torch.Generator().manual_seed(0))
+mask = torch.ones_like(ids)
+
+# a bitsandbytes-4bit checkpoint, loaded block by block and sharded: the one-process loss, half the NF4 bytes
+cfg = load_config(cfg_path, [f"base_model={bnb_dir}", f"output_dir={out}/bnb"])
+model, report, _ = fsdp.build_model(cfg, cpu, ctx)
+with torch.no_grad():
+    part = model_loss(model, ids[2 * r:2 * r + 2], mask[:2], ids[2 * r:2 * r + 2])[0]
+    ref = build_model(cfg, cpu)
+    res["bnb_loss"] = [float(dp.all_reduce_sum(part.reshape(1), ctx)[0]), float(model_loss(ref, ids, mask, ids)[0])]
+res["bnb_bytes"] = [report.nf4_resident_bytes, resident_nf4_bytes(ref), report.load_peak_nf4_bytes,
+                    report.largest_block_nf4_bytes]
+
+# qweight of a sharded layer says so; between unshard() and reshard() it is the whole weight
+layer = model.model.layers[0].self_attn.q_proj
+try:
+    layer.qweight
+    res["qweight_error"] = None
+except RuntimeError as e:
+    res["qweight_error"] = str(e)
+model.model.layers[0].unshard()
+res["unsharded_weight_equal"] = torch.equal(layer.qweight.dequantize(),
+                                            ref.model.layers[0].self_attn.q_proj.qweight.dequantize())
+model.model.layers[0].reshard()
+
+# PagedAdamW, 8-bit states, on DTensor shards == the same optimizer on this rank's shard as a plain tensor
+mesh = init_device_mesh("cpu", (ctx.world_size,))
+g = torch.Generator().manual_seed(1)
+full, grads = torch.randn(64, 300, generator=g), [torch.randn(64, 300, generator=g) for _ in range(3)]
+p = nn.Parameter(distribute_tensor(full, mesh, [Shard(0)]))
+q = nn.Parameter(p.to_local().detach().clone())
+o_sharded = qk.PagedAdamW([p], lr=1e-2, weight_decay=0.1, state_bits=8, min_8bit_size=0)
+o_plain = qk.PagedAdamW([q], lr=1e-2, weight_decay=0.1, state_bits=8, min_8bit_size=0)
+for gr in grads:
+    p.grad = distribute_tensor(gr, mesh, [Shard(0)])
+    q.grad = p.grad.to_local().clone()
+    res["global_norm"] = [dp.clip_grad_norm_([p], 1e9), float(gr.norm())]
+    o_sharded.step()
+    o_plain.step()
+res["paged8_equal"] = torch.equal(p.to_local(), q)
+st = o_sharded.state_dict()["state"][0]
+res["paged8_state"] = [type(st["exp_avg"]).__name__, list(st["exp_avg"].shape),
+                       torch.equal(st["exp_avg"].to_local(), o_plain.state_dict()["state"][0]["exp_avg"])]
+
+# mixed trainable dtypes in a block: refused before any step, on every rank
+mixed = build_model(load_config(cfg_path, [f"output_dir={out}/mixed"]), cpu)
+mixed.model.layers[1].mlp.down_proj.lora_A.to(torch.bfloat16)
+try:
+    fsdp.build_model(cfg, cpu, ctx, mixed)
+    res["mixed"] = None
+except TrainingError as e:
+    res["mixed"] = str(e)
+if r == 0:
+    with open(f"{out}/units.json", "w") as f:
+        json.dump(res, f)
+dp.teardown(ctx)
+"""
+
+
+def run_torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH",
+                                                                                                       "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=str(REPO))
+
+
+def _records(out: Path, key: str = "loss") -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+@pytest.fixture(scope="module")
+def runs(assets, tmp_path_factory) -> dict[str, Path]:
+    """One process (micro-batch 4); two FSDP ranks (micro-batch 2 each) uninterrupted; the same killed after
+    step 2; that one resumed from its checkpoint-2 under torchrun."""
+    d = tmp_path_factory.mktemp("fsdp_runs")
+    cfg = d / "fsdp.yaml"
+    cfg.write_text(yaml.safe_dump(raw_config(assets, d / "full")))
+    one = train(load_config(raw=raw_config(assets, d / "one", micro_batch_size=4, fsdp=False)), quiet=True)
+    assert one.global_step == 4
+    full = run_torchrun(["-m", "qlora_kernels.train", str(cfg)])
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    assert full.stdout.count("trained 4 steps") == 1  # only rank 0 reports
+    (d / "killed.py").write_text(_KILLED_AFTER_STEP_2)
+    killed = run_torchrun([str(d / "killed.py"), str(cfg), f"output_dir={d / 'killed'}"])
+    assert killed.returncode != 0 and (d / "killed" / "checkpoint-2").is_dir(), killed.stderr[-3000:]
+    resumed = run_torchrun(["-m", "qlora_kernels.train", str(cfg), f"output_dir={d / 'resumed'}",
+                            f"resume_from_checkpoint={d / 'killed' / 'checkpoint-2'}"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    return {"root": d, "one": d / "one", "full": d / "full", "killed": d / "killed", "resumed": d / "resumed",
+            "full_stdout": full.stdout}
+
+
+def test_two_fsdp_ranks_train_the_adapters_of_one_process(runs):
+    a = load_file(str(runs["full"] / "adapter_model.safetensors"))
+    b = load_file(str(runs["one"] / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any(v.abs().sum() > 0 for k, v in b.items() if "lora_B" in k)
+    for k in a:  # fp32 summation order differs (shards, reduce-scatter); Adam amplifies ~1e-7 to ~1e-6
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    got, want = _records(runs["full"]), _records(runs["one"])
+    assert [r["step"] for r in got] == [1, 2, 3, 4] and [r["target_tokens"] for r in got] == [
+        r["target_tokens"] for r in want]
+    for x, y in zip(got, want):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["grad_norm"] == pytest.approx(y["grad_norm"],
+                                                                                                   rel=1e-4)
+    assert _records(runs["full"], "eval_loss")[0]["eval_loss"] == pytest.approx(
+        _records(runs["one"], "eval_loss")[0]["eval_loss"], rel=1e-5)
+    assert "fully sharded (FSDP2) over 2 processes" in runs["full_stdout"]
+
+
+def test_each_rank_holds_half_the_nf4_bytes_also_while_loading(runs):
+    rep = json.loads((runs["full"] / fsdp.FSDP_REPORT).read_text())
+    total, per_rank = rep["nf4_model_bytes"], rep["nf4_resident_bytes_per_rank"]
+    peaks = rep["load_peak_nf4_bytes_per_rank"]
+    assert rep["blocks"] == ["model.layers.0", "model.layers.1"] and total > 60_000
+    for held, peak in zip(per_rank, peaks):
+        assert abs(held - total / 2) <= 0.01 * total  # FSDP2 pads each tensor's shards to equal size
+        # while loading: the shards of the blocks before + one whole block (here: 1/4 + 1/2), never the whole model
+        assert peak <= total / 2 + rep["largest_block_nf4_bytes"] + 0.01 * total and peak <= 0.76 * total
+
+
+def test_a_killed_run_resumes_from_its_sharded_checkpoint_to_the_uninterrupted_result(runs):
+    ckpt = runs["killed"] / "checkpoint-2"
+    files = sorted(p.name for p in (ckpt / "sharded").iterdir())
+    assert files == ["shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
+    assert not (runs["killed"] / "adapter_model.safetensors").exists()  # killed: no final save
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["sharded"]["world_size"] == 2 and state["run_key"]["fsdp"] is True
+    full = [(r["step"], r["loss"], r["grad_norm"]) for r in _records(runs["full"])]
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in _records(runs["resumed"])] == full[2:]
+    a = load_file(str(runs["resumed"] / "adapter_model.safetensors"))
+    b = load_file(str(runs["full"] / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_another_world_size_resumes_with_the_same_global_micro_batch(assets, runs, capsys):
+    ckpt = runs["killed"] / "checkpoint-2"
+    out = runs["root"] / "one_resumed"
+    cfg = load_config(raw=raw_config(assets, out, micro_batch_size=4, resume_from_checkpoint=str(ckpt)))
+    res = train(cfg)
+    said = capsys.readouterr().out
+    assert "FSDP is a no-op" in said and f"resumed from {ckpt} at step 2" in said
+    full = _records(runs["full"])
+    for x, y in zip(_records(out), full[2:]):
+        assert x["step"] == y["step"] and x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    assert res.global_step == 4
+    with pytest.raises(TrainingError) as e:  # 1 x 2 is not the global micro-batch 2 x 2 it was written with
+        train(load_config(raw=raw_config(assets, runs["root"] / "refused", resume_from_checkpoint=str(ckpt))),
+              quiet=True)
+    assert "micro_batch_size x world_size stays 4" in str(e.value)
+
+
+def test_the_adapter_is_peft_s_and_loads_there(assets, runs):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32).eval()
+    with torch.no_grad():  # the base our adapters trained on: each linear layer's NF4 round trip
+        for name, m in base.named_modules():
+            if isinstance(m, nn.Linear) and name != "lm_head":
+                m.weight.copy_(qk.dequantize_nf4(qk.quantize_nf4(m.weight)))
+    ids = torch.randint(3, 600, (2, 16), generator=torch.Generator().manual_seed(2))
+    logits = {}
+    for run in ("full", "one"):
+        model = peft.PeftModel.from_pretrained(base, str(runs[run])).eval()
+        saved = load_file(str(runs[run] / "adapter_model.safetensors"))
+        loaded = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n}
+        assert len(loaded) == len(saved) and all(torch.equal(loaded[k], v) for k, v in saved.items())
+        with torch.no_grad():
+            logits[run] = model(ids).logits
+        base = model.unload()
+    assert json.loads((runs["full"] / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    torch.testing.assert_close(logits["full"], logits["one"], rtol=1e-4, atol=1e-4)
+
+
+def test_sharded_units_bnb4_checkpoint_optimizer_clipping_and_bad_dtypes(assets, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(raw_config(assets, tmp_path / "o")))
+    bnb = _bnb_checkpoint(assets["model"], tmp_path / "nf4")
+    (tmp_path / "units.py").write_text(_UNITS)
+    proc = run_torchrun([str(tmp_path / "units.py"), str(cfg), str(bnb), str(tmp_path)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "units.json").read_text())
+    sharded, whole = res["bnb_loss"]
+    assert sharded == pytest.approx(whole, rel=1e-6)
+    held, total, peak, block = res["bnb_bytes"]
+    assert abs(held - total / 2) <= 0.01 * total and peak <= total / 2 + block + 0.01 * total and peak <= 0.76 * total
+    assert "sharded by FSDP2" in res["qweight_error"] and res["unsharded_weight_equal"]
+    assert res["paged8_equal"] and res["paged8_state"] == ["DTensor", [64, 300], True]
+    assert res["global_norm"][0] == pytest.approx(res["global_norm"][1], rel=1e-5)
+    assert "model.layers.1" in res["mixed"] and "bfloat16" in res["mixed"] and "one dtype" in res["mixed"]
