@@ -6,6 +6,8 @@ bitsandbytes, same settings, in one run: tokens/s and peak memory, on uniform or
     python benchmarks/bench_e2e.py --data ragged --shapes 1b --out bench_out/e2e   # ragged lengths, each its best
     python benchmarks/bench_e2e.py --quick --data uniform,ragged --out bench_out/e2e  # CPU smoke run of both modes
     python benchmarks/bench_e2e.py --cpu --shapes small --data ragged --repeats 3 --out bench_out/e2e  # CPU numbers
+    python benchmarks/bench_e2e.py --multi-gpu --shapes 8b --out bench_out/e2e   # N GPUs: DDP vs FSDP2 per rank
+    python benchmarks/bench_e2e.py --multi-gpu --cpu --nproc 2 --out bench_out/e2e  # its CPU rehearsal (gloo)
 
 The model is ``LlamaForCausalLM`` built from a config (random weights, seeded, the same bf16 weights for both
 providers, so their 4-bit codes are identical): ``1b`` has Llama-3.2-1B's shape (16 layers, width 2048, MLP
@@ -56,6 +58,15 @@ first step); on the CPU the peak resident set size over those steps (each provid
 its peak reset after the model is built: Linux ``/proc/self/clear_refs``), ``weights`` its resident size then.
 ``--repeats N`` measures every provider N times, interleaved, and reports medians (a shared machine is noisy).
 Prints a table last; writes ``e2e.json`` / ``e2e_ragged.json`` to ``--out``. Timing never decides a test.
+
+N GPUs (``--multi-gpu``, ``e2e_multi_gpu.json``): the trainer's two ways over ``--nproc`` GPUs (default: all
+visible), each under ``torchrun``: ``ddp`` (the whole 4-bit model on every rank, gradients all-reduced) and
+``fsdp`` (``fsdp: true``: each block one FSDP2 unit, NF4 tensors and adapters sharded, :mod:`qlora_kernels.train.fsdp`),
+both ``apply_qlora`` as above, checkpointing, PagedAdamW and the trainer's step (the loss over the global target
+count, clipping over all shards), uniform data, ``--batch`` x ``--seq-len`` per rank. Per mode: tokens/s of the
+whole job (all ranks' tokens over the median step) and per GPU, and per rank the peak memory over the timed steps
+(``max_memory_allocated``), the memory after the build and the NF4 bytes held. With fewer than two GPUs it says
+that it needs more and measures nothing; ``--cpu`` rehearses the same code over gloo processes (quick shape).
 """
 
 from __future__ import annotations
@@ -338,6 +349,154 @@ def peak_rss_mib() -> float:
     return hwm / 1024
 
 
+# --------------------------------------------------------------------------- N GPUs: DDP vs FSDP2
+
+
+MULTI_MODES = ("ddp", "fsdp")
+MULTI_FILE = "e2e_multi_gpu.json"
+
+
+def dist_child_main(spec_json: str) -> int:
+    """One rank of a ``--multi-gpu`` measurement (under torchrun): build, warm up, time; rank 0 prints the row."""
+    from qlora_kernels.nn.nf4_storage import resident_nf4_bytes
+    from qlora_kernels.train import distributed as dp
+    from qlora_kernels.train import fsdp
+    from qlora_kernels.train.config import TrainConfig
+    from qlora_kernels.train.loss import model_loss
+
+    spec = json.loads(spec_json)
+    args = argparse.Namespace(**spec)
+    want = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    ctx = dp.init_distributed(want.type)
+    device = dp.rank_device(want, ctx)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    shape, mode, B, T = spec["shape"], spec["mode"], args.batch, args.seq_len
+    try:
+        t0 = time.perf_counter()
+        model = qk.apply_qlora(build_dense(shape, T, amp or torch.float32, device, args.seed), r=args.r,
+                               lora_alpha=args.r, lora_dropout=0.0, target_modules=PROJECTIONS, blocksize=64,
+                               double_quant=True)
+        if mode == "fsdp":  # the trainer's sharding of a given model (its blocks, NF4 as parameters, fully_shard)
+            cfg = TrainConfig(base_model="-", datasets=[], output_dir=str(Path(args.out) / f"fsdp_{shape}"),
+                              fsdp=True, lora_target_modules=PROJECTIONS)
+            model, _, _ = fsdp.build_model(cfg, device, ctx, model)
+        enable_checkpointing(model)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = qk.PagedAdamW(params, lr=2e-4)
+        runner = dp.wrap_model(model, ctx, device, fsdp=mode == "fsdp")
+        _free(device)
+        _sync(device)
+        build_s = time.perf_counter() - t0
+        weights = torch.cuda.memory_allocated(device) if device.type == "cuda" else (_status_kib("VmRSS") or 0) * 1024
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            reset_peak_rss()
+        batch = {k: v.to(device) for k, v in uniform_batches(B, T, SHAPES[shape]["vocab_size"],
+                                                             args.seed + ctx.rank)[0].items()}
+        n = int(dp.all_reduce_sum([targets([batch])], ctx, device)[0])
+        times, losses = [], []
+        for i in range(args.warmup + args.steps):
+            _sync(device)
+            t = time.perf_counter()
+            with _autocast(device, amp):
+                s, _ = runner(model_loss, batch["input_ids"], batch["attention_mask"], batch["labels"], None)
+            (s / n * ctx.world_size).backward()  # the trainer's normalization (DDP / FSDP2 average over ranks)
+            dp.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(dp.all_reduce_sum(s.detach().float().reshape(1), ctx, device)[0]) / n)
+            _sync(device)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_mib() * 2**20
+        mine = [peak, weights, resident_nf4_bytes(model)]
+        every = dp.all_reduce_sum([v if r == ctx.rank else 0.0 for v in mine for r in range(ctx.world_size)], ctx,
+                                  device).reshape(3, ctx.world_size).tolist()
+        step_s = statistics.median(times)
+        row = dict(mode=mode, shape=shape, world_size=ctx.world_size, backend=ctx.backend, batch_per_rank=B,
+                   seq_len=T, r=args.r, build_s=round(build_s, 2), step_ms=step_s * 1e3,
+                   tokens_per_s=ctx.world_size * B * T / step_s, tokens_per_s_per_rank=B * T / step_s,
+                   peak_gib_per_rank=[v / 2**30 for v in every[0]], weights_gib_per_rank=[v / 2**30 for v in every[1]],
+                   nf4_gib_per_rank=[v / 2**30 for v in every[2]], first_loss=losses[0], last_loss=losses[-1],
+                   peak_is="max_memory_allocated" if device.type == "cuda" else "rss")
+        if ctx.is_main:
+            print(json.dumps(row), flush=True)
+    finally:
+        dp.teardown(ctx)
+    return 0
+
+
+def multi_gpu_main(args, out: Path) -> int:
+    """``--multi-gpu``: DDP vs FSDP2 over N GPUs, each in its own torchrun; says so and measures nothing on < 2."""
+    cuda = torch.cuda.is_available() and not args.cpu
+    have = torch.cuda.device_count() if cuda else 0
+    nproc = args.nproc or (have if cuda else 2)
+    device = torch.device("cuda" if cuda else "cpu")
+    env = {**environment(device), "gpus_visible": have, "nproc": nproc, "rehearsal_on_cpu": not cuda}
+    res = ResultFile(out / MULTI_FILE, env=env, rows=[])
+    if not cuda and not args.cpu:
+        why = "the multi-GPU mode needs at least 2 GPUs; torch sees none (pass --cpu for a CPU rehearsal over gloo)"
+    elif cuda and (have < 2 or nproc < 2 or nproc > have):
+        why = (f"the multi-GPU mode needs at least 2 GPUs (and --nproc <= the GPUs visible); this machine has {have}"
+               f" visible, --nproc {nproc}: nothing measured")
+    else:
+        why = None
+    if why is not None:
+        res.set(skipped=why)
+        res.done()
+        print(why)
+        print(f"wrote {out / MULTI_FILE}")
+        return 0
+    quick = not cuda or args.quick
+    shapes = ["quick"] if quick else args.shapes.split(",")
+    batch, seq_len = args.batch or (2 if quick else 4), args.seq_len or (64 if quick else 2048)
+    steps, warmup = (min(args.steps, 3), 1) if quick else (args.steps, args.warmup)
+    for shape in shapes:
+        for mode in MULTI_MODES:
+            spec = {**vars(args), "shape": shape, "mode": mode, "batch": batch, "seq_len": seq_len, "steps": steps,
+                    "warmup": warmup, "out": str(out)}
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   str(Path(__file__).resolve()), "--dist-child", json.dumps(spec)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+            lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                row = dict(mode=mode, shape=shape, world_size=nproc,
+                           error=f"torchrun exited {proc.returncode}: {proc.stderr.strip()[-400:]}")
+            else:
+                row = json.loads(lines[-1])
+            res.add("rows", row)
+            print(f"  {shape:5s} {mode:5s} x{nproc} " + (f"{row['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in row
+                                                        else row["error"][:200]), file=sys.stderr, flush=True)
+    res.done()
+    print(multi_table(res.data))
+    print(f"wrote {out / MULTI_FILE}")
+    return 0 if all("error" not in r for r in res.data["rows"]) else 1
+
+
+def multi_table(result: dict[str, Any]) -> str:
+    """DDP vs FSDP2 per shape: the job's and each GPU's tokens/s, each rank's peak memory, FSDP2 relative to DDP."""
+    env = result["env"]
+    lines = [f"QLoRA over {env['nproc']} {'CPU processes (gloo rehearsal)' if env['rehearsal_on_cpu'] else 'GPUs'} "
+             f"({env['device']}, torch {env['torch']}): DDP replicates the 4-bit model, FSDP2 shards it",
+             f"{'shape':6s} {'mode':5s} {'tokens/s':>10s} {'per rank':>9s} {'peak GiB/rank (max)':>20s} "
+             f"{'at build':>9s} {'NF4 GiB/rank':>12s} {'loss@1':>8s} {'speed x':>8s} {'mem x':>6s}"]
+    ddp = {r["shape"]: r for r in result["rows"] if r.get("mode") == "ddp" and "tokens_per_s" in r}
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"{r['shape']:6s} {r['mode']:5s} error: {r['error'][:90]}")
+            continue
+        b = ddp.get(r["shape"])
+        peak = max(r["peak_gib_per_rank"])
+        speed = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}" if b else "-"
+        mem = f"{peak / max(b['peak_gib_per_rank']):.2f}" if b else "-"
+        lines.append(f"{r['shape']:6s} {r['mode']:5s} {r['tokens_per_s']:>10,.0f} {r['tokens_per_s_per_rank']:>9,.0f} "
+                     f"{peak:>20.3f} {max(r['weights_gib_per_rank']):>9.3f} {max(r['nf4_gib_per_rank']):>12.4f} "
+                     f"{r['first_loss']:>8.4f} {speed:>8s} {mem:>6s}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- measuring
 
 
@@ -570,11 +729,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="each measurement in a process of its own (default: on the CPU, for its peak RSS)")
     p.add_argument("--child-timeout", type=float, default=3600, help=argparse.SUPPRESS)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--multi-gpu", action="store_true", help=f"DDP vs FSDP2 over --nproc GPUs ({MULTI_FILE}; with "
+                   "--cpu: a rehearsal over gloo processes)")
+    p.add_argument("--nproc", type=int, default=None, help="--multi-gpu: processes / GPUs (default: all visible; 2 on "
+                   "the CPU)")
+    p.add_argument("--dist-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.child is not None:
         return child_main(args.child)
+    if args.dist_child is not None:
+        return dist_child_main(args.dist_child)
     out = Path(args.out)
+    if args.multi_gpu:
+        return multi_gpu_main(args, out)
     results = run(args, out)
     ok = True
     for data, result in results.items():

@@ -394,3 +394,15 @@ def test_sharded_units_bnb4_checkpoint_optimizer_clipping_and_bad_dtypes(assets,
     assert res["paged8_equal"] and res["paged8_state"] == ["DTensor", [64, 300], True]
     assert res["global_norm"][0] == pytest.approx(res["global_norm"][1], rel=1e-5)
     assert "model.layers.1" in res["mixed"] and "bfloat16" in res["mixed"] and "one dtype" in res["mixed"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="with 2 GPUs the benchmark would run for real")
+def test_the_multi_gpu_benchmark_says_it_needs_more_gpus(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_e2e
+    finally:
+        sys.path.pop(0)
+    assert bench_e2e.main(["--multi-gpu", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / bench_e2e.MULTI_FILE).read_text())
+    assert "needs at least 2 GPUs" in res["skipped"] and res["rows"] == [] and res["complete"]
