@@ -21,7 +21,10 @@ from qlora_kernels.train.data import Example, MicroBatchStream, write_jsonl
 from qlora_kernels.train.distributed import (
     SINGLE,
     DistContext,
+    ForwardRunner,
     all_reduce_sum,
+    clip_grad_norm_,
+    no_sync,
     shard,
     shard_bounds,
     unwrap_model,
@@ -72,6 +75,28 @@ def test_single_process_helpers_are_identities():
     model = torch.nn.Linear(2, 2)
     runner = wrap_model(model, SINGLE, torch.device("cpu"))
     assert unwrap_model(runner) is model and runner(lambda m, x: m(x), torch.ones(1, 2)).shape == (1, 2)
+
+
+def test_clipping_and_gradient_sync_helpers():
+    """clip_grad_norm_ is torch's (the norm as a float); under FSDP2 no_sync sets the units' gradient sync instead of
+    entering DDP's no_sync, and wrap_model adds no DDP wrapper."""
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad = torch.tensor([3.0, 4.0, 0.0])
+    assert clip_grad_norm_([w], 1.0) == pytest.approx(5.0) and torch.allclose(w.grad.norm(), torch.tensor(1.0))
+    model = torch.nn.Linear(2, 2)
+    runner = wrap_model(model, DistContext(0, 2, 0, "gloo"), torch.device("cpu"), fsdp=True)
+    assert type(runner) is ForwardRunner and unwrap_model(runner) is model and runner.fsdp_units == []
+    calls = []
+
+    class Unit:
+        def set_requires_gradient_sync(self, sync: bool) -> None:
+            calls.append(sync)
+
+    runner.fsdp_units = [Unit()]
+    for sync in (False, False, True):  # three accumulation micro-batches
+        with no_sync(runner, sync):
+            pass
+    assert calls == [False, False, True]
 
 
 # --------------------------------------------------------------------------- two processes under torchrun
