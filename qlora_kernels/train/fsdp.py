@@ -239,10 +239,10 @@ class _BlockSharder:
             raise ConfigError(f"fsdp: the transformer blocks of {type(model).__name__} ({blocks[:2]}) must lie inside "
                               "its decoder (get_decoder()), which every forward of the trainer goes through")
         hold_nf4_as_parameters(decoder)  # (NF4 layers outside the blocks, if any, are sharded with the root)
+        self.report.nf4_model_bytes += sum(resident_nf4_bytes(m) for m in _outside(model, blocks))  # whole, still
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         ignored = set(head.parameters()) if head is not None else set()  # read whole by the loss (tied: both)
         fully_shard(decoder, mesh=self.mesh, ignored_params=ignored or None)
-        self.report.nf4_model_bytes += sum(resident_nf4_bytes(m) for m in _outside(model, blocks))
         self.report.nf4_resident_bytes = resident_nf4_bytes(model)
         self.report.load_peak_nf4_bytes = max(self.report.load_peak_nf4_bytes, self.report.nf4_resident_bytes)
 
