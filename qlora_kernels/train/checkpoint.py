@@ -27,7 +27,7 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +117,8 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 hex digest of one file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -125,8 +126,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _manifest(d: Path) -> dict[str, dict[str, Any]]:
-    return {str(f.relative_to(d)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+def file_manifest(d: Path) -> dict[str, dict[str, Any]]:
+    """Every file under d but the trainer state: its size and SHA-256, by path relative to d."""
+    return {str(f.relative_to(d)): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
             for f in sorted(d.rglob("*")) if f.is_file() and f.name != TRAINER_STATE}
 
 
@@ -198,13 +200,19 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         save_state(rng, tmp / "rng.json", tmp / "rng.safetensors")
         if save_adapter_fn is not None:
             save_adapter_fn(model, tmp / "adapter")
-        state = {**trainer_state, "saved_at_ns": time.time_ns(), "files": _manifest(tmp)}
+        state = {**trainer_state, "saved_at_ns": time.time_ns(), "files": file_manifest(tmp)}
         (tmp / TRAINER_STATE).write_text(json.dumps(flatten_state(state, {}), indent=1))
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise CheckpointError(f"cannot write checkpoint {final}: {e}") from e
         raise
+    replace_dir(tmp, final)
+    return final
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put the finished folder tmp at final, replacing what was there; final is never half-written."""
     old = None
     if final.exists():
         old = final.parent / f".old-{final.name}-{os.getpid()}"
@@ -212,10 +220,22 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
-def _read(ckpt: Path, name: str, reader: Callable[[], Any]) -> Any:
+def verify_files(ckpt: Path, names: Iterable[str], manifest: dict[str, Any]) -> None:
+    """Each named file of the checkpoint exists and has the size and SHA-256 its manifest recorded."""
+    for name in names:
+        f = ckpt / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {ckpt}: {name} is missing")
+        want = manifest.get(name)
+        if want is not None and (f.stat().st_size != want["bytes"] or file_sha256(f) != want["sha256"]):
+            raise CheckpointError(f"checkpoint {ckpt}: {name} is damaged ({f.stat().st_size} bytes; its size or "
+                                  f"SHA-256 differs from what was written, {want['bytes']} bytes)")
+
+
+def read_part(ckpt: Path, name: str, reader: Callable[[], Any]) -> Any:
+    """reader(), with a missing or unreadable file reported as a CheckpointError naming it."""
     try:
         return reader()
     except FileNotFoundError:
@@ -224,7 +244,8 @@ def _read(ckpt: Path, name: str, reader: Callable[[], Any]) -> Any:
         raise CheckpointError(f"checkpoint {ckpt}: {name} cannot be read ({type(e).__name__}: {e})") from None
 
 
-def _rank_of(name: str, shape: torch.Size) -> int | None:
+def lora_rank_of(name: str, shape: torch.Size) -> int | None:
+    """The LoRA rank a lora_A / lora_B tensor of this shape has (None for other tensors)."""
     if "lora_A" in name and len(shape) == 2:
         return shape[0]
     if "lora_B" in name and len(shape) == 2:
@@ -246,23 +267,16 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
             does not fit the optimizer.
     """
     ckpt = Path(path)
-    trainer_state = _read(ckpt, TRAINER_STATE,
-                          lambda: unflatten_state(json.loads((ckpt / TRAINER_STATE).read_text()), {}))
+    trainer_state = read_part(ckpt, TRAINER_STATE,
+                              lambda: unflatten_state(json.loads((ckpt / TRAINER_STATE).read_text()), {}))
     if not isinstance(trainer_state, dict):
         raise CheckpointError(f"checkpoint {ckpt}: {TRAINER_STATE} is not a JSON object")
     manifest = trainer_state.get("files") or {}
-    for name in RESUME_FILES:
-        f = ckpt / name
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {ckpt}: {name} is missing")
-        want = manifest.get(name)
-        if want is not None and (f.stat().st_size != want["bytes"] or _sha256(f) != want["sha256"]):
-            raise CheckpointError(f"checkpoint {ckpt}: {name} is damaged ({f.stat().st_size} bytes; its size or "
-                                  f"SHA-256 differs from what was written, {want['bytes']} bytes)")
-    saved = _read(ckpt, "trainable.safetensors", lambda: load_file(str(ckpt / "trainable.safetensors")))
-    opt_state = _read(ckpt, "optimizer.json / optimizer.safetensors",
-                      lambda: load_state(ckpt / "optimizer.json", ckpt / "optimizer.safetensors"))
-    rng = _read(ckpt, "rng.json / rng.safetensors", lambda: load_state(ckpt / "rng.json", ckpt / "rng.safetensors"))
+    verify_files(ckpt, RESUME_FILES, manifest)
+    saved = read_part(ckpt, "trainable.safetensors", lambda: load_file(str(ckpt / "trainable.safetensors")))
+    opt_state = read_part(ckpt, "optimizer.json / optimizer.safetensors",
+                          lambda: load_state(ckpt / "optimizer.json", ckpt / "optimizer.safetensors"))
+    rng = read_part(ckpt, "rng.json / rng.safetensors", lambda: load_state(ckpt / "rng.json", ckpt / "rng.safetensors"))
     if check is not None:
         check(trainer_state)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -273,7 +287,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
                               "written with other lora_target_modules?)")
     for n, p in params.items():
         if saved[n].shape != p.shape:
-            r_ck, r_model = _rank_of(n, saved[n].shape), _rank_of(n, p.shape)
+            r_ck, r_model = lora_rank_of(n, saved[n].shape), lora_rank_of(n, p.shape)
             why = (f": the checkpoint was written with lora_r {r_ck}, this run has lora_r {r_model}"
                    if r_ck is not None and r_ck != r_model else "")
             raise CheckpointError(f"checkpoint {ckpt}: trainable.safetensors: tensor {n!r} is {list(saved[n].shape)} "

@@ -64,15 +64,16 @@ from . import distributed as dp
 from .checkpoint import (
     TRAINER_STATE,
     CheckpointError,
-    _manifest,
-    _rank_of,
-    _read,
-    _sha256,
     clean_stale_saves,
+    file_manifest,
     flatten_state,
     load_state,
+    lora_rank_of,
+    read_part,
+    replace_dir,
     save_state,
     unflatten_state,
+    verify_files,
 )
 from .components import TrainingError, autocast_dtype
 from .components import build_model as build_whole_model
@@ -485,7 +486,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
             (tmp / "optimizer.json").write_text(json.dumps(optim_json))
             save_state(rng, tmp / "rng.json", tmp / "rng.safetensors")
             sharded = {"world_size": ctx.world_size, "format": "torch.distributed.checkpoint, safetensors storage"}
-            state = {**trainer_state, "sharded": sharded, "saved_at_ns": time.time_ns(), "files": _manifest(tmp)}
+            state = {**trainer_state, "sharded": sharded, "saved_at_ns": time.time_ns(), "files": file_manifest(tmp)}
             (tmp / TRAINER_STATE).write_text(json.dumps(flatten_state(state, {}), indent=1))
     except Exception as e:  # noqa: BLE001 - reported on every rank below
         error = e
@@ -498,27 +499,14 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
             raise error
         raise CheckpointError(f"cannot write checkpoint {final}: another rank failed to write its part")
     if ctx.is_main:
-        old = None
-        if final.exists():
-            old = final.parent / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, final)
     dp.barrier(ctx)
     return final
 
 
 def _check_files(ckpt: Path, manifest: dict[str, Any]) -> None:
     required = ["optimizer.json", "rng.json", "rng.safetensors"]
-    for name in required + [n for n in manifest if n.startswith(f"{SHARDED_DIR}/")]:
-        f = ckpt / name
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {ckpt}: {name} is missing")
-        want = manifest.get(name)
-        if want is not None and (f.stat().st_size != want["bytes"] or _sha256(f) != want["sha256"]):
-            raise CheckpointError(f"checkpoint {ckpt}: {name} is damaged ({f.stat().st_size} bytes; its size or "
-                                  f"SHA-256 differs from what was written, {want['bytes']} bytes)")
+    verify_files(ckpt, required + [n for n in manifest if n.startswith(f"{SHARDED_DIR}/")], manifest)
     if not any(n.startswith(f"{SHARDED_DIR}/") for n in manifest):
         raise CheckpointError(f"checkpoint {ckpt}: trainer_state.json lists no {SHARDED_DIR}/ files")
 
@@ -540,20 +528,20 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     ckpt = Path(path)
-    trainer_state = _read(ckpt, TRAINER_STATE, lambda: unflatten_state(json.loads((ckpt / TRAINER_STATE).read_text()),
-                                                                       {}))
+    trainer_state = read_part(ckpt, TRAINER_STATE,
+                              lambda: unflatten_state(json.loads((ckpt / TRAINER_STATE).read_text()), {}))
     if not isinstance(trainer_state, dict):
         raise CheckpointError(f"checkpoint {ckpt}: {TRAINER_STATE} is not a JSON object")
     if "sharded" not in trainer_state or not is_sharded_checkpoint(ckpt):
         raise CheckpointError(f"checkpoint {ckpt} was written without fsdp (whole tensors, by one process or DDP); "
                               "resume it with fsdp: false")
     _check_files(ckpt, trainer_state.get("files") or {})
-    optim_json = _read(ckpt, "optimizer.json", lambda: json.loads((ckpt / "optimizer.json").read_text()))
-    rng = _read(ckpt, "rng.json / rng.safetensors", lambda: load_state(ckpt / "rng.json", ckpt / "rng.safetensors"))
+    optim_json = read_part(ckpt, "optimizer.json", lambda: json.loads((ckpt / "optimizer.json").read_text()))
+    rng = read_part(ckpt, "rng.json / rng.safetensors", lambda: load_state(ckpt / "rng.json", ckpt / "rng.safetensors"))
     if check is not None:
         check(trainer_state)
     reader = HuggingFaceStorageReader(str(ckpt / SHARDED_DIR))
-    meta = _read(ckpt, SHARDED_DIR, reader.read_metadata).state_dict_metadata
+    meta = read_part(ckpt, SHARDED_DIR, reader.read_metadata).state_dict_metadata
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = {k.removeprefix("model."): v for k, v in meta.items() if k.startswith("model.")}
     missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
@@ -564,7 +552,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     for n, p in params.items():
         shape = torch.Size(saved[n].size)
         if shape != p.shape:
-            r_ck, r_model = _rank_of(n, shape), _rank_of(n, p.shape)
+            r_ck, r_model = lora_rank_of(n, shape), lora_rank_of(n, p.shape)
             why = (f": the checkpoint was written with lora_r {r_ck}, this run has lora_r {r_model}"
                    if r_ck is not None and r_ck != r_model else "")
             raise CheckpointError(f"checkpoint {ckpt}: {SHARDED_DIR}/: tensor {n!r} is {list(shape)} but "
