@@ -253,6 +253,24 @@ def lora_rank_of(name: str, shape: torch.Size) -> int | None:
     return None
 
 
+def check_trainables(ckpt: Path, where: str, params: dict[str, torch.Tensor], saved: dict[str, torch.Size]) -> None:
+    """The checkpoint's tensors (``saved``: name -> shape, read from ``where``) are the model's trainable
+    parameters by name and shape; else a CheckpointError names the tensor (and both lora_r when the rank differs)."""
+    missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    if missing or extra:
+        raise CheckpointError(f"checkpoint {ckpt} does not match the model's trainable parameters: missing "
+                              f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]} (was it "
+                              "written with other lora_target_modules?)")
+    for n, p in params.items():
+        shape = saved[n]
+        if shape != p.shape:
+            r_ck, r_model = lora_rank_of(n, shape), lora_rank_of(n, p.shape)
+            why = (f": the checkpoint was written with lora_r {r_ck}, this run has lora_r {r_model}"
+                   if r_ck is not None and r_ck != r_model else "")
+            raise CheckpointError(f"checkpoint {ckpt}: {where}: tensor {n!r} is {list(shape)} but {list(p.shape)} in "
+                                  f"this model{why}; resume with the settings it was written with")
+
+
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     check: Callable[[dict[str, Any]], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore trainable parameters and optimizer state in place; return (trainer_state, rng state).
@@ -280,19 +298,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     if check is not None:
         check(trainer_state)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-    if missing or extra:
-        raise CheckpointError(f"checkpoint {ckpt} does not match the model's trainable parameters: missing "
-                              f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]} (was it "
-                              "written with other lora_target_modules?)")
-    for n, p in params.items():
-        if saved[n].shape != p.shape:
-            r_ck, r_model = lora_rank_of(n, saved[n].shape), lora_rank_of(n, p.shape)
-            why = (f": the checkpoint was written with lora_r {r_ck}, this run has lora_r {r_model}"
-                   if r_ck is not None and r_ck != r_model else "")
-            raise CheckpointError(f"checkpoint {ckpt}: trainable.safetensors: tensor {n!r} is {list(saved[n].shape)} "
-                                  f"but {list(p.shape)} in this model{why}; resume with the settings it was "
-                                  "written with")
+    check_trainables(ckpt, "trainable.safetensors", params, {n: t.shape for n, t in saved.items()})
     try:
         optimizer.load_state_dict(opt_state)
     except (ValueError, KeyError, RuntimeError, TypeError) as e:

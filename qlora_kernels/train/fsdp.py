@@ -64,11 +64,11 @@ from . import distributed as dp
 from .checkpoint import (
     TRAINER_STATE,
     CheckpointError,
+    check_trainables,
     clean_stale_saves,
     file_manifest,
     flatten_state,
     load_state,
-    lora_rank_of,
     read_part,
     replace_dir,
     save_state,
@@ -544,19 +544,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     meta = read_part(ckpt, SHARDED_DIR, reader.read_metadata).state_dict_metadata
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = {k.removeprefix("model."): v for k, v in meta.items() if k.startswith("model.")}
-    missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-    if missing or extra:
-        raise CheckpointError(f"checkpoint {ckpt} does not match the model's trainable parameters: missing "
-                              f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]} (was it "
-                              "written with other lora_target_modules?)")
-    for n, p in params.items():
-        shape = torch.Size(saved[n].size)
-        if shape != p.shape:
-            r_ck, r_model = lora_rank_of(n, shape), lora_rank_of(n, p.shape)
-            why = (f": the checkpoint was written with lora_r {r_ck}, this run has lora_r {r_model}"
-                   if r_ck is not None and r_ck != r_model else "")
-            raise CheckpointError(f"checkpoint {ckpt}: {SHARDED_DIR}/: tensor {n!r} is {list(shape)} but "
-                                  f"{list(p.shape)} in this model{why}; resume with the settings it was written with")
+    check_trainables(ckpt, f"{SHARDED_DIR}/", params, {n: torch.Size(v.size) for n, v in saved.items()})
     names = _names(model, optimizer)
     if optim_json.get("param_names") != names:
         raise CheckpointError(f"checkpoint {ckpt}: optimizer.json holds the states of other parameters (or in another "
