@@ -171,7 +171,7 @@ def _fmt(v, unit: str) -> str:
 def report(work: Path) -> tuple[str, dict[str, Any]]:
     rows, counts, st = targets(work), test_counts(work), steps(work)
     lines = ["== steps (rc 124 = timed out)"]
-    lines += [f"  {s['step']:<14} rc={s['rc']:<4} {s['seconds']:>4d} s (limit {s['timeout']} s)"
+    lines += [f"  {s['step']:<16} rc={s['rc']:<4} {s['seconds']:>4d} s (limit {s['timeout']} s)"
               for s in st] or ["  none"]
     lines.append("== GPU tests: " + (", ".join(f"{v} {k}" for k, v in counts.items() if v) if counts else "no result"))
     lines.append("== targets (H200): ours | target | anchor | met")

@@ -70,7 +70,7 @@ def test_summary_judges_each_target(tmp_path):
     assert gpu_summary.test_counts(tmp_path) == {"passed": 380, "failed": 3, "errors": 0, "skipped": 12,
                                                  "deselected": 500}
     text, merged = gpu_summary.report(tmp_path)
-    assert "bench_nf4      rc=124" in text and "380 passed, 3 failed, 12 skipped" in text
+    assert "bench_nf4        rc=124" in text and "380 passed, 3 failed, 12 skipped" in text
     assert merged["tests"]["failed"] == 3 and len(merged["steps"]) == 3
 
 
