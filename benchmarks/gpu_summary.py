@@ -52,21 +52,34 @@ def _row(rows, **match) -> dict | None:
     return next((r for r in rows or [] if all(r.get(k) == v for k, v in match.items())), None)
 
 
-def targets(work: Path) -> list[dict[str, Any]]:
-    """One record per target: what, ours, target, anchor, met (True / False / None = not measured)."""
+RESULT_FILES = ("nf4", "lora", "adamw", "e2e", "e2e_ragged")  # <name>.json in the work folder
+
+
+def _is_quick(data: dict) -> bool:
+    """A --quick (CPU) run: each benchmark records it in its own place (top level, env or meta)."""
+    return bool(data.get("quick") or (data.get("env") or {}).get("quick") or (data.get("meta") or {}).get("quick"))
+
+
+def load_results(work: Path) -> dict[str, dict | None]:
+    """Every benchmark's JSON of the work folder by name (None where missing or unreadable)."""
+    return {name: _load(work / f"{name}.json") for name in RESULT_FILES}
+
+
+def targets(work: Path, results: dict[str, dict | None] | None = None) -> list[dict[str, Any]]:
+    """One record per target: what, ours, target, anchor, met (True / False / None = not measured).
+    A quick (CPU) run is never held against a target."""
+    results = load_results(work) if results is None else results
+    nf4, lora, adamw, e2e, ragged = ({} if not d or _is_quick(d) else d for d in (results[n] for n in RESULT_FILES))
     out: list[dict[str, Any]] = []
 
     def add(what, ours, target, anchor, met, unit):
         out.append(dict(what=what, ours=ours, target=target, anchor=anchor, met=met, unit=unit))
 
-    nf4 = _load(work / "nf4.json") or {}
-    if nf4.get("quick"):
-        nf4 = {}  # a CPU rehearsal: not the GPU shapes
-    for label, n, k, target_us in ((t[0], t[1], t[2], t[3]) for t in DEQUANT_TARGETS):
+    for label, n, k, target_us, _, anchor in DEQUANT_TARGETS:
         r = _row(nf4.get("dequantize"), n=n, k=k)
         ours = r and r["ours_us"]
-        add(f"{label} {n}x{k}", ours, f"<= {target_us:g}", f"bnb {DEQUANT_TARGETS[0][5]:g}",
-            None if r is None else ours <= target_us, "us")
+        add(f"{label} {n}x{k}", ours, f"<= {target_us:g}", f"bnb {anchor:g}", None if r is None else ours <= target_us,
+            "us")
     for label, n, k, m, target_us, _, anchor in MATMUL_TARGETS:
         r = _row(nf4.get("matmul"), n=n, k=k, m=m)
         ours = r and r["ours_us"]
@@ -79,9 +92,6 @@ def targets(work: Path) -> list[dict[str, Any]]:
         add(f"nf4_linear M={LARGE_M} {n}x{k}", ours, f"<= bf16 x {LARGE_M_SLACK:g}" + (f" = {bound:.0f}" if r else ""),
             f"bnb {bnb_us:g}", None if r is None else ours <= bound, "us")
 
-    lora = _load(work / "lora.json") or {}
-    if (lora.get("env") or {}).get("quick"):
-        lora = {}
     rows = lora.get("rows") or []
     for (n, k), bnb_ms in LORA_BNB_MS.items():
         ours_rows = [r for r in rows if r.get("n") == n and r.get("k") == k and r["provider"].startswith("qlora")
@@ -92,46 +102,32 @@ def targets(work: Path) -> list[dict[str, Any]]:
         add(f"layer fwd+bwd M=8192 r=16 {n}x{k}", ours,
             "<= bf16+LoRA" + (f" = {bf16['ms']:.2f}" if bf16 and "ms" in bf16 else ""), f"bnb {bnb_ms:g}", ok, "ms")
 
-    adamw = _load(work / "adamw.json") or {}
-    if (adamw.get("meta") or {}).get("quick"):
-        adamw = {}
     label, set_name, provider, target_ms, anchor = ADAMW_TARGET
     r = _row(adamw.get("rows"), set=set_name, provider=provider)
     ours = r.get("step_ms") if r else None
     add(label, ours, f"<= {target_ms:g}", anchor, None if ours is None else ours <= target_ms, "ms")
 
-    e2e = _load(work / "e2e.json") or {}
-    if (e2e.get("env") or {}).get("quick"):
-        e2e = {}
-    rows = e2e.get("rows") or []
-    for shape, (tps, gib) in E2E_ANCHORS.items():
-        ours = _row(rows, shape=shape, provider="qlora_kernels")
-        theirs = _row(rows, shape=shape, provider="hf_peft_bnb")
-        have = ours and theirs and "tokens_per_s" in ours and "tokens_per_s" in theirs
-        speed = have and ours["tokens_per_s"] / theirs["tokens_per_s"]
-        add(f"e2e {shape} tokens/s vs HF+PEFT+bnb", speed, f">= {E2E_SPEEDUP:g}x", f"bnb {tps:,} tok/s",
-            None if not have else speed >= E2E_SPEEDUP, "x")
-        have_mem = have and "peak_gib" in ours and "peak_gib" in theirs
-        mem = have_mem and ours["peak_gib"] / theirs["peak_gib"]
-        add(f"e2e {shape} peak memory vs HF+PEFT+bnb", mem, f"<= {E2E_MEMORY:g}x", f"bnb {gib:g} GiB",
-            None if not have_mem else mem <= E2E_MEMORY, "x")
-
-    ragged = _load(work / "e2e_ragged.json") or {}  # ragged lengths, each its best: ours packed, theirs padded
-    if (ragged.get("env") or {}).get("quick"):
-        ragged = {}
-    for shape in E2E_ANCHORS:
-        ours = _row(ragged.get("rows"), shape=shape, provider="qlora_kernels")
-        theirs = _row(ragged.get("rows"), shape=shape, provider="hf_peft_bnb")
-        have = bool(ours and theirs and "tokens_per_s" in ours and "tokens_per_s" in theirs)
-        if not have and shape != RAGGED_SHAPE:
-            continue  # the GPU check runs the ragged data at RAGGED_SHAPE only
-        speed = have and ours["tokens_per_s"] / theirs["tokens_per_s"]
-        add(f"e2e ragged {shape} real tokens/s vs HF+PEFT+bnb padded", speed, f">= {E2E_SPEEDUP:g}x",
-            "bnb in the same run", None if not have else speed >= E2E_SPEEDUP, "x")
-        have_mem = have and "peak_gib" in ours and bool(theirs.get("peak_gib"))
-        mem = have_mem and ours["peak_gib"] / theirs["peak_gib"]
-        add(f"e2e ragged {shape} peak memory vs HF+PEFT+bnb padded", mem, f"<= {E2E_MEMORY:g}x",
-            "bnb in the same run", None if not have_mem else mem <= E2E_MEMORY, "x")
+    # uniform data (e2e.json, against the anchors) and ragged lengths (e2e_ragged.json: each its best, ours
+    # packed vs theirs padded; run at RAGGED_SHAPE only): the same goal
+    for data, what, shapes in ((e2e, "e2e {}", E2E_ANCHORS), (ragged, "e2e ragged {}", E2E_ANCHORS)):
+        for shape in shapes:
+            ours = _row(data.get("rows"), shape=shape, provider="qlora_kernels")
+            theirs = _row(data.get("rows"), shape=shape, provider="hf_peft_bnb")
+            have = bool(ours and theirs and "tokens_per_s" in ours and "tokens_per_s" in theirs)
+            if data is ragged and not have and shape != RAGGED_SHAPE:
+                continue
+            tps, gib = E2E_ANCHORS[shape]
+            anchors = ((f"bnb {tps:,} tok/s", f"bnb {gib:g} GiB") if data is e2e
+                       else ("bnb in the same run", "bnb in the same run"))
+            name = what.format(shape) + (" real tokens/s vs HF+PEFT+bnb padded" if data is ragged
+                                         else " tokens/s vs HF+PEFT+bnb")
+            speed = have and ours["tokens_per_s"] / theirs["tokens_per_s"]
+            add(name, speed, f">= {E2E_SPEEDUP:g}x", anchors[0], None if not have else speed >= E2E_SPEEDUP, "x")
+            have_mem = have and "peak_gib" in ours and bool(theirs.get("peak_gib"))
+            mem = have_mem and ours["peak_gib"] / theirs["peak_gib"]
+            name = what.format(shape) + (" peak memory vs HF+PEFT+bnb padded" if data is ragged
+                                         else " peak memory vs HF+PEFT+bnb")
+            add(name, mem, f"<= {E2E_MEMORY:g}x", anchors[1], None if not have_mem else mem <= E2E_MEMORY, "x")
     return out
 
 
@@ -169,7 +165,8 @@ def _fmt(v, unit: str) -> str:
 
 
 def report(work: Path) -> tuple[str, dict[str, Any]]:
-    rows, counts, st = targets(work), test_counts(work), steps(work)
+    results = load_results(work)
+    rows, counts, st = targets(work, results), test_counts(work), steps(work)
     lines = ["== steps (rc 124 = timed out)"]
     lines += [f"  {s['step']:<16} rc={s['rc']:<4} {s['seconds']:>4d} s (limit {s['timeout']} s)"
               for s in st] or ["  none"]
@@ -183,9 +180,7 @@ def report(work: Path) -> tuple[str, dict[str, Any]]:
     n_met = sum(r["met"] is True for r in rows)
     n_measured = sum(r["met"] is not None for r in rows)
     lines.append(f"== {n_met} of {n_measured} measured targets met ({len(rows) - n_measured} not measured)")
-    merged = {"steps": st, "tests": counts, "targets": rows}
-    for name in ("nf4", "lora", "adamw", "e2e", "e2e_ragged"):
-        merged[name] = _load(work / f"{name}.json")
+    merged = {"steps": st, "tests": counts, "targets": rows, **results}
     return "\n".join(lines), merged
 
 
