@@ -14,6 +14,7 @@ Timers (GPU):
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -50,7 +51,12 @@ def forced_backend(name: str | None):
 def load_bnb(device: str | torch.device) -> tuple[Any, str | None]:
     """``(bitsandbytes, None)`` if bitsandbytes imports *and* runs a 4-bit round trip and matmul on
     ``device``, else ``(None, reason)``. (It imports fine where its CUDA library does not load; the
-    failure then comes at the first call.)"""
+    failure then comes at the first call.) Probed once per device and process."""
+    return _probe_bnb(str(device))
+
+
+@functools.cache
+def _probe_bnb(device: str) -> tuple[Any, str | None]:
     try:
         import bitsandbytes as bnb
         import bitsandbytes.functional as bnbf

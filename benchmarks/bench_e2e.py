@@ -72,7 +72,6 @@ that it needs more and measures nothing; ``--cpu`` rehearses the same code over 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import statistics
@@ -85,11 +84,11 @@ from typing import Any
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import qlora_kernels as qk  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ResultFile, environment, load_bnb  # noqa: E402
+from _common import ResultFile, environment, load_bnb  # noqa: E402  (puts the repository on sys.path too)
+
+import qlora_kernels as qk  # noqa: E402
+from qlora_kernels.train.components import autocast  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES: dict[str, dict[str, Any]] = {
@@ -238,7 +237,7 @@ class Ours:
         total = 0.0
         for b in batches:
             extra = (b["position_ids"],) if "position_ids" in b else ()
-            with _autocast(b["input_ids"].device, self.amp):
+            with autocast(b["input_ids"].device, self.amp):
                 s, _ = self.loss_fn(self.model, b["input_ids"], b["attention_mask"], b["labels"], None, *extra)
             loss = s / max(1, n)
             loss.backward()
@@ -286,7 +285,7 @@ class HFPeftBnb:
         for b in batches:
             kw = ({"position_ids": b["position_ids"]} if "position_ids" in b  # padding-free: no 2-D mask
                   else {"attention_mask": b["attention_mask"]})
-            with _autocast(b["input_ids"].device, self.amp):
+            with autocast(b["input_ids"].device, self.amp):
                 loss = self.model(input_ids=b["input_ids"], labels=b["labels"], use_cache=False,
                                   num_items_in_batch=n, **kw).loss
             loss.backward()
@@ -299,10 +298,6 @@ class HFPeftBnb:
 
 RUNNERS = {"qlora_kernels": Ours, "qlora_kernels_padded": Ours, "hf_peft_bnb": HFPeftBnb,
            "hf_peft_bnb_padfree": HFPeftBnb}
-
-
-def _autocast(device: torch.device, amp: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext() if amp is None else torch.autocast(device_type=device.type, dtype=amp)
 
 
 def _sync(device: torch.device) -> None:
@@ -400,7 +395,7 @@ def dist_child_main(spec_json: str) -> int:
         for i in range(args.warmup + args.steps):
             _sync(device)
             t = time.perf_counter()
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 s, _ = runner(model_loss, batch["input_ids"], batch["attention_mask"], batch["labels"], None)
             (s / n * ctx.world_size).backward()  # the trainer's normalization (DDP / FSDP2 average over ranks)
             dp.clip_grad_norm_(params, 1.0)

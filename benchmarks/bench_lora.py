@@ -42,15 +42,9 @@ ANCHORS_H200 = {(4096, 4096): (1.15, 1.12), (1024, 4096): (1.00, 0.51), (14336, 
 L2_BYTES = 50 * 2**20  # H100 / H200
 
 
-_BNB: dict = {}
-
-
 def _bnb(device):
-    """(bitsandbytes, bitsandbytes.functional) if it runs on ``device``, else raises with the reason."""
-    key = str(device)
-    if key not in _BNB:
-        _BNB[key] = load_bnb(device)
-    bnb, why = _BNB[key]
+    """(bitsandbytes, bitsandbytes.functional); run() has checked that it runs on ``device``."""
+    bnb, why = load_bnb(device)  # probed once per device
     if bnb is None:
         raise RuntimeError(f"bitsandbytes unavailable: {why}")
     import bitsandbytes.functional as bnbf
