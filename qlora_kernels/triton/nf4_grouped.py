@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ..quant_maps import NESTED_BLOCKSIZE
-from .nf4_matmul import _decode_tile, code_pairs, on_device
+from .nf4_matmul import _config, _decode_tile, code_pairs, on_device
 
 
 @triton.jit
@@ -95,13 +95,6 @@ def tile_table(offsets: torch.Tensor, rows: int, block_m: int) -> tuple[torch.Te
     return expert.to(torch.int32), row0, offsets[e + 1]
 
 
-def _config(rows_per_expert: float, n_out: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_OUT, BLOCK_RED, num_warps, num_stages) from the mean rows per expert."""
-    block_m = 16 if rows_per_expert <= 16 else (32 if rows_per_expert <= 32 else 64)
-    block_out = 64 if n_out <= 4096 else 128
-    return block_m, block_out, 64, 4, 2
-
-
 def nf4_grouped_matmul(
     x: torch.Tensor,
     offsets: torch.Tensor,
@@ -132,6 +125,7 @@ def nf4_grouped_matmul(
     y = torch.empty(rows, out_cols, dtype=x.dtype, device=x.device)
     if rows == 0:
         return y
+    # the dense kernel's tile config, from the mean rows per expert
     block_m, block_out, block_red, warps, stages = block or _config(rows / experts, out_cols)
     expert, row0, row1 = tile_table(offsets, rows, block_m)
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"

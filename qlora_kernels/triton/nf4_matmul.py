@@ -189,8 +189,9 @@ def supports(n: int, k: int, blocksize: int) -> bool:
     return k % blocksize == 0
 
 
-def _config(m: int, n_out: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_OUT, BLOCK_RED, num_warps, num_stages): small M gets a 16-row tile (the
+def _config(m: float, n_out: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_OUT, BLOCK_RED, num_warps, num_stages) for ``m`` rows (the grouped kernel,
+    triton/nf4_grouped.py, passes the mean rows per expert): small M gets a 16-row tile (the
     smallest tl.dot shape); wide output tiles keep each weight byte read once per M tile; two
     pipeline stages keep shared memory near 27-66 KiB (sm_90, checked offline)."""
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
