@@ -120,8 +120,6 @@ cudaError_t launch_t(const void* x, int m, const uint8_t* packed, NF4Scales scal
 
 }  // namespace
 
-int nf4_gemv_rows_per_warp() { return kRows; }
-
 cudaError_t launch_nf4_gemv(const void* x, OutDtype x_dtype, int m, const uint8_t* packed, NF4Scales scales,
                             const float* code, int64_t n, int64_t k, int blocksize, int splits, void* y,
                             cudaStream_t stream) {

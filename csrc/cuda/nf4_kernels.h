@@ -31,9 +31,6 @@ cudaError_t launch_dequantize_nf4(const uint8_t* packed, NF4Scales scales, const
 // is nf4_gemv_core.cuh. With splits == 1, y is [M, N] in x_dtype; with
 // splits > 1, y is an fp32 workspace [splits, M, N] of partial sums over K / splits each (the
 // caller sums over the first dim): split-K for when N alone cannot fill the GPU.
-// Rows of W one warp of the GEMV computes (the grid has ceil(N / this) warps per K split).
-int nf4_gemv_rows_per_warp();
-
 cudaError_t launch_nf4_gemv(const void* x, OutDtype x_dtype, int m, const uint8_t* packed, NF4Scales scales,
                             const float* code, int64_t n, int64_t k, int blocksize, int splits, void* y,
                             cudaStream_t stream);
