@@ -52,7 +52,7 @@ struct GemvGeometry {
   int64_t k_per_split;
 };
 
-QK_HD GemvGeometry gemv_geometry(int64_t n, int64_t k, int splits) {
+QK_HD GemvGeometry gemv_geometry(int64_t n, int64_t k, int64_t splits) {
   int64_t k_per_split = (k + splits - 1) / splits;
   k_per_split = (k_per_split + kGemvWarpElems - 1) / kGemvWarpElems * kGemvWarpElems;
   const int64_t rows_per_block = static_cast<int64_t>(kGemvWarps) * kGemvRows;
@@ -68,7 +68,7 @@ QK_HD int gemv_splits(int64_t n, int64_t k, int sm_count) {
   int64_t splits = (target_warps + warps - 1) / warps;
   if (splits > k / kGemvWarpElems) splits = k / kGemvWarpElems;
   if (splits < 1) splits = 1;
-  const int64_t per_split = ((k + splits - 1) / splits + kGemvWarpElems - 1) / kGemvWarpElems * kGemvWarpElems;
+  const int64_t per_split = gemv_geometry(n, k, splits).k_per_split;
   return static_cast<int>((k + per_split - 1) / per_split);
 }
 
