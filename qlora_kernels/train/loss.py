@@ -214,8 +214,8 @@ def causal_lm_loss(hidden: Tensor, head: Tensor | nn.Module, labels: Tensor, chu
     [n, H] -> [n, V] (e.g. a quantized lm_head): a module runs chunk by chunk under activation
     checkpointing, so its logits are recomputed per chunk in backward instead of being kept.
     """
-    h, y, mask = target_rows(hidden, labels)
-    n = int(mask.sum())
+    h, y, _ = target_rows(hidden, labels)
+    n = y.numel()  # the target tokens: y holds one entry per True of the mask
     if n == 0:
         return hidden.sum() * 0.0, 0
     if isinstance(head, Tensor):
