@@ -135,16 +135,13 @@ def _cached_status(backend: str, device_type: str, interpret: bool) -> tuple[boo
     return status(backend, device_type)
 
 
-def cached_status(backend: str, device_type: str) -> bool:
-    """Whether ``backend`` is live for ``device_type`` (cached per process)."""
-    return _cached_status(backend, device_type, triton_interpret())[0]
-
-
 def device_type(device: torch.device) -> str:
     return "cuda" if device.type == "cuda" else "cpu"
 
 
 def _live(row: Kernel, dtype_: str) -> bool:
+    """Whether ``row``'s backend is live on ``dtype_`` (cached per process and TRITON_INTERPRET) and
+    the extension kernel it calls is registered there."""
     return _cached_status(row.backend, dtype_, triton_interpret())[0] and row.registered(dtype_)
 
 
