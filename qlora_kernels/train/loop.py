@@ -373,14 +373,15 @@ class Recipe:
             with dp.no_sync(self.runner, sync=i == G - 1):  # DDP all-reduces in the last micro-batch's backward
                 with autocast(device, self.amp):
                     s, metric_sums = objective.loss(self.model, batch, self.runner)
-                if not torch.isfinite(s.detach()):
+                value = float(s.detach())  # the one host sync of the micro-batch's loss
+                if not math.isfinite(value):
                     raise TrainingError(
-                        f"non-finite loss ({float(s.detach())}) at step {self.step_no + 1}, micro-batch {i + 1}/{G} "
+                        f"non-finite loss ({value}) at step {self.step_no + 1}, micro-batch {i + 1}/{G} "
                         f"(examples {', '.join(e.source for e in items[:4])}{', ...' if len(items) > 4 else ''}); "
                         f"last good checkpoint: {self.state['last_checkpoint'] or 'none (set save_steps)'}")
                 scaled = s / max(1, n) * ctx.world_size  # DDP averages over ranks: undo it
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            loss_sum += float(s.detach())
+            loss_sum += value
             for k, v in metric_sums.items():
                 sums[k] += v
         totals = dp.all_reduce_sum([loss_sum, *sums.values()], ctx, device).tolist()
