@@ -28,8 +28,7 @@ def backends(device_type: str | None = None) -> dict[str, BackendStatus]:
     for name in BACKENDS:
         dev = device_type or ("cpu" if name in ("reference", "cpp") else "cuda")
         live, reason = status(name, dev)
-        kernels = tuple(f"{k.op}: {k.name}" + ("" if k.rule == "any shape" else f" ({k.rule})")
-                        for k in kernels_of(name, dev))
+        kernels = tuple(f"{k.op}: {k.label}" for k in kernels_of(name, dev))
         out[name] = BackendStatus(name, live, reason, dev, kernels)
     return out
 

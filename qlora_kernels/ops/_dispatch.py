@@ -30,6 +30,8 @@ from .. import _extension
 ENV_VAR = "QLORA_KERNELS_BACKEND"
 BACKENDS = ("reference", "cpp", "cuda", "triton")
 DEVICE_TYPES = ("cpu", "cuda")
+#: The rule of a kernel that takes every call (its label is then just its name).
+ANY_SHAPE = "any shape"
 
 
 @dataclass(frozen=True)
@@ -41,11 +43,16 @@ class Kernel:
     backend: str
     device: str
     name: str
-    rule: str = "any shape"
+    rule: str = ANY_SHAPE
     accepts: Callable[..., bool] | None = None
     default: bool = True
     needs: str | None = None  # the extension kernel it calls (it must be registered for the device)
     run: Callable[..., Any] | None = field(default=None, compare=False, repr=False)  # the implementation
+
+    @property
+    def label(self) -> str:
+        """``name (rule)``, or the name alone for a kernel of every shape (README table, ``qk.backends()``)."""
+        return self.name if self.rule == ANY_SHAPE else f"{self.name} ({self.rule})"
 
     def on(self, device_type: str) -> bool:
         return self.device in ("any", device_type)
@@ -186,6 +193,6 @@ def markdown_table() -> str:
         cells = []
         for backend, dev in columns:
             mine = [r for r in rows if r.backend == backend and (dev == "any" or r.on(dev))]
-            cells.append("; ".join(r.name if r.rule == "any shape" else f"{r.name} ({r.rule})" for r in mine) or "—")
+            cells.append("; ".join(r.label for r in mine) or "—")
         lines.append(f"| `{op}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
