@@ -33,13 +33,9 @@ def backends(device_type: str | None = None) -> dict[str, BackendStatus]:
     return out
 
 
-def backends_report(verbose: bool = False) -> str:
-    """The status lines (``qlora-kernels backends``); ``verbose`` adds each backend's kernels."""
-    lines = []
-    for s in backends().values():
-        lines.append(str(s))
-        if verbose:
-            lines += [f"    {k}" for k in s.kernels]
+def backends_report() -> str:
+    """The status lines (``qlora-kernels backends``)."""
+    lines = [str(s) for s in backends().values()]
     forced = forced_backend()
     lines.append(f"{ENV_VAR}={forced}" if forced else f"{ENV_VAR} unset: fastest live backend per op and device")
     return "\n".join(lines)
