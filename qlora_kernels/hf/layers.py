@@ -16,7 +16,6 @@ transformers + bitsandbytes model.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterator, Sequence
 
@@ -27,7 +26,7 @@ from torch import Tensor, nn
 from .. import bnb_format
 from ..dtypes import FLOAT_DTYPES
 from ..nn import NF4Linear, QLoraLinear
-from ..nn.lora_args import check_lora_args, lora_scaling
+from ..nn.lora_adapter import LoraAdapterMixin
 
 # Set on a dense linear module that a 4-bit loader kept dense: apply_qlora gives it plain LoRA, never NF4.
 KEEP_DENSE = "_qlora_kernels_keep_dense"
@@ -154,7 +153,7 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
 # plain LoRA on a dense layer
 
 
-class DenseLoraLinear(nn.Module):
+class DenseLoraLinear(LoraAdapterMixin, nn.Module):
     """Plain LoRA on a frozen dense layer: ``y = base(x) + scaling * dropout(x) @ A^T @ B^T``, as PEFT's LoRA layer
     computes it.
 
@@ -179,9 +178,7 @@ class DenseLoraLinear(nn.Module):
         kind = layer_kind(base_layer)
         if kind not in ("linear", "conv1d"):
             raise TypeError(f"base_layer must be a dense nn.Linear or Conv1D; got {type(base_layer).__name__}")
-        r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout)
-        if lora_dtype not in FLOAT_DTYPES:
-            raise TypeError(f"lora_dtype must be float32, float16 or bfloat16; got {lora_dtype}")
+        r, lora_alpha, lora_dropout = self._check_lora_args(r, lora_alpha, lora_dropout, lora_dtype)
         weight = base_layer.weight
         if weight.dtype not in FLOAT_DTYPES:
             raise TypeError(f"base_layer.weight must be float32, float16 or bfloat16; got {weight.dtype}")
@@ -191,15 +188,7 @@ class DenseLoraLinear(nn.Module):
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.base_layer = base_layer
-        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, lora_alpha, lora_dropout, bool(use_rslora)
-        self.scaling = lora_scaling(r, lora_alpha, self.use_rslora)
-        device = weight.device
-        self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=device, dtype=lora_dtype)
-        self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=lora_dtype)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-        self.merged = False
-        self.disable_adapters = False
+        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, lora_dtype, weight.device)
 
     @property
     def weight(self) -> Tensor:
@@ -221,18 +210,6 @@ class DenseLoraLinear(nn.Module):
             h = F.dropout(h, self.lora_dropout, training=True)
         return (y + F.linear(F.linear(h, a), b) * self.scaling).to(y.dtype)
 
-    def merge(self) -> None:
-        """Freeze the adapter into the layer: same output, no gradients to lora_A / lora_B, no dropout."""
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """Undo :meth:`merge`: the adapter trains again."""
-        self.merged = False
-
-    def delta_weight(self) -> Tensor:
-        """``scaling * B @ A`` in fp32, [out, in]."""
-        return self.scaling * (self.lora_B.weight.detach().float() @ self.lora_A.weight.detach().float())
-
     def merged_layer(self, dtype: torch.dtype | None = None) -> nn.Module:
         """The base layer with weight ``W + scaling * B @ A`` (computed in fp32, rounded to ``dtype``, default the
         base weight's dtype; the bias is cast to ``dtype`` too). Reuses the base layer: call it once, when unloading."""
@@ -249,8 +226,7 @@ class DenseLoraLinear(nn.Module):
         return base
 
     def extra_repr(self) -> str:
-        return (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
-                f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}, merged={self.merged}")
+        return self._lora_repr()
 
 
 LORA_TYPES = (QLoraLinear, DenseLoraLinear)

@@ -11,8 +11,6 @@ state dict moves both ways between these modules, ``bitsandbytes.nn.Linear4bit``
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -20,7 +18,7 @@ from .. import bnb_format
 from ..dtypes import FLOAT_DTYPES, dtype_name
 from ..functional import _lora_linear, _nf4_linear
 from ..nf4 import NF4Weight, dequantize_nf4, quantize_nf4
-from .lora_args import check_lora_args, lora_scaling
+from .lora_adapter import LoraAdapterMixin
 from .nf4_storage import NF4TensorHolder
 
 _NF4_BUFFERS = ("nf4_packed", "nf4_absmax", "nf4_code", "nf4_nested_absmax", "nf4_nested_code")
@@ -214,7 +212,7 @@ class NF4Linear(NF4TensorHolder, nn.Linear):
         return cls(nf4_weight_from_bnb(module), module.bias)
 
 
-class QLoraLinear(NF4Linear):
+class QLoraLinear(LoraAdapterMixin, NF4Linear):
     """The QLoRA layer: ``y = x @ deq(W)^T + bias + scaling * dropout(x) @ A^T @ B^T``.
 
     W is a frozen NF4 weight (as in :class:`NF4Linear`); ``lora_A`` (``nn.Linear(in, r)``, weight ``[r, in]``)
@@ -245,22 +243,8 @@ class QLoraLinear(NF4Linear):
         fan_in_fan_out: bool = False,
     ) -> None:
         super().__init__(qweight, bias, fan_in_fan_out)
-        self.r, self.lora_alpha, self.lora_dropout = check_lora_args(r, lora_alpha, lora_dropout)
-        if lora_dtype not in FLOAT_DTYPES:
-            raise TypeError(f"lora_dtype must be float32, float16 or bfloat16; got {lora_dtype}")
-        self.use_rslora = bool(use_rslora)
-        self.scaling = lora_scaling(self.r, self.lora_alpha, self.use_rslora)
-        device = qweight.device
-        self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=device, dtype=lora_dtype)
-        self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=lora_dtype)
-        self.reset_lora_parameters()
-        self.merged = False
-        self.disable_adapters = False
-
-    def reset_lora_parameters(self) -> None:
-        """PEFT's default init: A kaiming-uniform (a=√5), B zeros."""
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        r, lora_alpha, lora_dropout = self._check_lora_args(r, lora_alpha, lora_dropout, lora_dtype)
+        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, lora_dtype, qweight.device)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
@@ -273,19 +257,6 @@ class QLoraLinear(NF4Linear):
         p = self.lora_dropout if (self.training and not self.merged) else 0.0
         return _lora_linear(x, self._weight_args(), n, k, a, b, self.scaling, self.bias, p)
 
-    def merge(self) -> None:
-        """Freeze the adapter into the layer (exact; see the class docstring): same output, no gradients
-        to lora_A / lora_B, no dropout."""
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """Undo :meth:`merge`: the adapter trains again."""
-        self.merged = False
-
-    def delta_weight(self) -> Tensor:
-        """``scaling * B @ A`` in fp32, [out, in]."""
-        return self.scaling * (self.lora_B.weight.detach().float() @ self.lora_A.weight.detach().float())
-
     def _dense_weight(self) -> Tensor:
         # The adapter is part of the layer whether or not it is disabled for the moment.
         return super()._dense_weight() + self.delta_weight()
@@ -296,10 +267,7 @@ class QLoraLinear(NF4Linear):
         return super().to_linear(dtype, delta)
 
     def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
-            f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}, merged={self.merged}"
-        )
+        return f"{super().extra_repr()}, {self._lora_repr()}"
 
     @classmethod
     def from_linear(
