@@ -315,6 +315,14 @@ def _triton_fused(x: Tensor, weight: tuple, n: int, k: int, transposed: bool) ->
     return _triton("nf4_matmul", "nf4_matmul")(x, *weight, n, k, transposed)
 
 
+def fused_shape_ok(k: int, blocksize: int, **_) -> bool:
+    """The shape rule of every fused NF4 matmul kernel (CUDA GEMV, Triton): K % blocksize == 0, so that
+    no absmax block spans two rows of W (every allowed blocksize is a multiple of 32, so a row is then
+    also whole 16-byte chunks of packed codes, as the GEMV reads them). Also the ``accepts`` of the
+    kernel rows whose rule is just this one (it ignores the call's other facts)."""
+    return k % blocksize == 0
+
+
 def _fused_small_m(m, k, blocksize, fused_max_m, **_) -> bool:
     return m <= fused_max_m and fused_shape_ok(k, blocksize)
 
@@ -341,7 +349,7 @@ MATMUL = declare(
            run=_dequantize_then_matmul),
     Kernel("nf4_matmul", "triton", "cuda", "dequantize + cuBLAS", run=_dequantize_then_matmul),
     Kernel("nf4_matmul", "triton", "cpu", "fused (interpreter)", "K % blocksize == 0", default=False,
-           accepts=lambda k, blocksize, **_: fused_shape_ok(k, blocksize), run=_triton_fused),
+           accepts=fused_shape_ok, run=_triton_fused),
     Kernel("nf4_matmul", "triton", "cpu", "dequantize + BLAS (interpreter)", default=False,
            run=_dequantize_then_matmul),
     Kernel("nf4_matmul", "reference", "any", "the fp32 formula",
@@ -375,13 +383,6 @@ def nf4_matmul(
     kernel = choose("nf4_matmul", x.device, m=m, k=k, blocksize=blocksize, transposed=transposed,
                     gemv_max_m=gemv_max_m, fused_max_m=fused_max_m)
     return kernel.run(x, weight, n, k, transposed)
-
-
-def fused_shape_ok(k: int, blocksize: int) -> bool:
-    """The shape rule of every fused NF4 matmul kernel (CUDA GEMV, Triton): K % blocksize == 0, so that
-    no absmax block spans two rows of W (every allowed blocksize is a multiple of 32, so a row is then
-    also whole 16-byte chunks of packed codes, as the GEMV reads them)."""
-    return k % blocksize == 0
 
 
 def _check_matmul(x, packed, absmax, code, nested_absmax, nested_code, blocksize, n, k, transposed) -> None:

@@ -80,7 +80,7 @@ def _triton_grouped(x, offsets, weight, experts, n, k, transposed):
 
 def _per_expert_kernel(backend: str, device: str) -> Kernel:
     return Kernel("nf4_grouped_matmul", backend, device, "per-expert nf4_matmul", "K % blocksize == 0",
-                  accepts=lambda k, blocksize, **_: fused_shape_ok(k, blocksize), run=_per_expert)
+                  accepts=fused_shape_ok, run=_per_expert)
 
 
 def _reference(x, offsets, weight, experts, n, k, transposed):
@@ -92,11 +92,11 @@ def _reference(x, offsets, weight, experts, n, k, transposed):
 GROUPED = declare(
     "nf4_grouped_matmul",
     Kernel("nf4_grouped_matmul", "triton", "cuda", "grouped fused", "K % blocksize == 0",
-           accepts=lambda k, blocksize, **_: fused_shape_ok(k, blocksize), run=_triton_grouped),
+           accepts=fused_shape_ok, run=_triton_grouped),
     _per_expert_kernel("cpp", "cpu"),
     _per_expert_kernel("cuda", "cuda"),
     Kernel("nf4_grouped_matmul", "triton", "cpu", "grouped fused (interpreter)", "K % blocksize == 0", default=False,
-           accepts=lambda k, blocksize, **_: fused_shape_ok(k, blocksize), run=_triton_grouped),
+           accepts=fused_shape_ok, run=_triton_grouped),
     Kernel("nf4_grouped_matmul", "reference", "any", "the fp32 formula", run=_reference),
 )
 
