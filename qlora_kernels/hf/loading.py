@@ -130,13 +130,14 @@ class _KeyPlan:
             suffix (``'<layer>.weight.absmax'``).
         converters: model key -> the converter (a copy of transformers') that builds it, its sources collected.
         unexpected: checkpoint keys the model does not take.
+        expected: the model's state-dict keys (as dict keys, in order), as the plan was made.
     """
 
     def __init__(self, ckpt: _Checkpoint, model: nn.Module) -> None:
         self.direct: dict[str, str] = {}
         self.converters: dict = {}
         self.unexpected: list[str] = []
-        expected = {k: True for k in model.state_dict(keep_vars=True)}
+        self.expected = expected = {k: True for k in model.state_dict(keep_vars=True)}
         prefix = getattr(model, "base_model_prefix", "") or ""
         try:
             from transformers.conversion_mapping import get_model_conversion_mapping
@@ -395,7 +396,6 @@ class _Sources:
         self.ckpt, self.plan, self.model, self.path = ckpt, plan, model, path
         self.built: dict[str, Tensor] = {}
         self.pending = dict(plan.converters)  # model key -> converter not run yet
-        self.expected = set(model.state_dict(keep_vars=True)) if self.pending else set()
 
     def convert(self, prefix: str | None = None) -> None:
         """Run the conversions not run yet of the model keys under ``prefix`` (a block's ``"<name>."``; None: all;
@@ -414,7 +414,7 @@ class _Sources:
                              f"{' ...' if len(sources) > 4 else ''} into {first!r} failed: {exc}") from None
         for key, value in out.items():
             value = value[0] if isinstance(value, list) else value
-            if key not in self.expected:
+            if key not in self.plan.expected:
                 raise ValueError(f"transformers' conversion of checkpoint tensors into {first!r} made {key!r}, which "
                                  f"{type(model).__name__} does not have")
             self.built[key] = value
@@ -430,7 +430,7 @@ class _Sources:
             return self.plan.direct[key], self.ckpt.get(self.plan.direct[key])
         return None
 
-    def nf4_weight(self, wkey: str, path: Path) -> NF4Weight | None:
+    def nf4_weight(self, wkey: str) -> NF4Weight | None:
         """The stored 4-bit weight ``wkey`` (a bitsandbytes quant state beside it), or None when stored otherwise."""
         direct = self.plan.direct
         if not bnb_format.has_quant_state(direct, wkey):
@@ -439,7 +439,7 @@ class _Sources:
         try:
             return NF4Weight.from_bnb_state_dict(sd, wkey)  # nf4 (fp4 is refused there)
         except (ValueError, TypeError) as exc:
-            raise type(exc)(f"checkpoint {str(path)!r}, 4-bit weight {direct.get(wkey, wkey)!r}: {exc}") from None
+            raise type(exc)(f"checkpoint {str(self.path)!r}, 4-bit weight {direct.get(wkey, wkey)!r}: {exc}") from None
 
 
 def _load_linear_layers(model: nn.Module, modules: list[tuple[str, nn.Module]], sources: _Sources, path: Path,
@@ -456,7 +456,7 @@ def _load_linear_layers(model: nn.Module, modules: list[tuple[str, nn.Module]], 
         conv = kind == "conv1d"
         out_f, in_f = (module.weight.shape[1], module.weight.shape[0]) if conv else tuple(module.weight.shape)
         wkey = f"{name}.weight"
-        qw = sources.nf4_weight(wkey, path)
+        qw = sources.nf4_weight(wkey)
         if qw is not None:
             if tuple(qw.shape) != (out_f, in_f):
                 ckpt_wkey = sources.plan.direct.get(wkey, wkey)
@@ -501,7 +501,7 @@ def _load_experts(model: nn.Module, modules: list[tuple[str, nn.Module]], source
         if not moe.is_fused_experts(module):
             continue
         keys = [f"{name}.{p}" for p in moe.PROJECTIONS]
-        stored = [sources.nf4_weight(k, path) for k in keys]
+        stored = [sources.nf4_weight(k) for k in keys]
         if all(qw is not None for qw in stored):
             for qw, key, proj in zip(stored, keys, moe.PROJECTIONS):
                 if tuple(qw.shape) != tuple(getattr(module, proj).shape):
