@@ -155,11 +155,12 @@ def dpo_batch_loss(model: nn.Module, batch: dict[str, Tensor], settings: DPOSett
     policy = runner(model_sequence_log_probs, *args) if runner is not None else model_sequence_log_probs(
         _unwrap(model), *args)
     B = policy.shape[0] // 2
-    # completion tokens of each sequence
-    n = sequence_target_counts(batch["labels"], batch.get("sequence_ids")).to(policy.device)
+    counts: dict[str, Tensor] = {}
+    if settings.loss_type == "ipo":  # averages over the completion tokens of each sequence; sigmoid ignores them
+        n = sequence_target_counts(batch["labels"], batch.get("sequence_ids")).to(policy.device)
+        counts = {"chosen_tokens": n[:B], "rejected_tokens": n[B:]}
     losses, rc, rr = dpo_loss(policy[:B], policy[B:], ref[:B].float(), ref[B:].float(), settings.beta,
-                              settings.loss_type, settings.label_smoothing, chosen_tokens=n[:B],
-                              rejected_tokens=n[B:])
+                              settings.loss_type, settings.label_smoothing, **counts)
     w = batch["pair_weight"].to(losses.device)
     pc, pr = policy[:B].detach(), policy[B:].detach()
     sums = torch.stack([(rc * w).sum(), (rr * w).sum(), ((rc - rr) * w).sum(), ((rc > rr).float() * w).sum(),

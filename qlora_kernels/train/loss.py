@@ -235,6 +235,13 @@ def sequence_log_probs(hidden: Tensor, head: Tensor | nn.Module, labels: Tensor,
     ``sequence_ids`` ``[B, T]`` (a packed batch: the number of the sequence each token belongs to, -1 on
     padding; see :mod:`.packing`), each number (S = the largest + 1); a target counts for its own sequence.
     """
+    return (_summed_log_probs(hidden, head, labels, chunk_size, bias, sequence_ids),
+            sequence_target_counts(labels, sequence_ids))
+
+
+def _summed_log_probs(hidden: Tensor, head: Tensor | nn.Module, labels: Tensor, chunk_size: int | None,
+                      bias: Tensor | None, sequence_ids: Tensor | None) -> Tensor:
+    """The log-probs ``[S]`` of :func:`sequence_log_probs`, without the target counts."""
     h, y, mask = target_rows(hidden, labels)
     if sequence_ids is None:
         n_seq = labels.shape[0]
@@ -246,7 +253,7 @@ def sequence_log_probs(hidden: Tensor, head: Tensor | nn.Module, labels: Tensor,
     out = torch.zeros(n_seq, dtype=torch.float32, device=hidden.device).index_add(0, rows, tok)
     if tok.numel() == 0:
         out = out + hidden.sum() * 0.0  # keep the graph connected (every rank of DDP must produce grads)
-    return out, sequence_target_counts(labels, sequence_ids)
+    return out
 
 
 def sequence_target_counts(labels: Tensor, sequence_ids: Tensor | None = None) -> Tensor:
@@ -348,4 +355,4 @@ def model_sequence_log_probs(model: nn.Module, input_ids: Tensor, attention_mask
     (:func:`decoder_forward`; ``position_ids`` / ``sequence_ids`` / ``layout``: a packed batch): the log-probs
     ``[S]``, one per row, or per sequence of a packed batch."""
     hidden, head, bias = decoder_forward(model, input_ids, attention_mask, position_ids, layout)
-    return sequence_log_probs(hidden, head, labels, chunk_size, bias=bias, sequence_ids=sequence_ids)[0]
+    return _summed_log_probs(hidden, head, labels, chunk_size, bias, sequence_ids)
