@@ -85,8 +85,9 @@ class _Checkpoint:
     def get(self, key: str) -> Tensor:
         return self._handles[self.where[key]].get_tensor(key)
 
-    def shape(self, key: str) -> list[int]:
-        return list(self._handles[self.where[key]].get_slice(key).get_shape())
+    def slice(self, key: str):
+        """safetensors' lazy slice of ``key``: its ``get_shape()`` / ``get_dtype()`` without reading the tensor."""
+        return self._handles[self.where[key]].get_slice(key)
 
 
 def _read_index(index: Path) -> dict[str, str]:

@@ -172,7 +172,7 @@ class QLoraKernelsHfQuantizer(HfQuantizer):
                 continue
             if name in stored:
                 key = self._plan.direct[f"{name}.weight"]
-                handle = self._ckpt._handles[self._ckpt.where[key]].get_slice(key)
+                handle = self._ckpt.slice(key)
                 want = _SAFETENSORS_DTYPES.get(handle.get_dtype(), torch.uint8)
                 # the meta weight takes the stored codes' shape and dtype, so transformers reads them uncast
                 module.weight = nn.Parameter(torch.empty(handle.get_shape(), dtype=want, device="meta"),
