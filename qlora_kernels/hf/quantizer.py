@@ -30,6 +30,7 @@ A bitsandbytes checkpoint's ``config.json`` carries a bitsandbytes ``quantizatio
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ QUANT_METHOD = "qlora_kernels"
 # Set on a module while it loads: "quantize" (a float weight, quantized as it arrives) or "stored" (bitsandbytes 4-bit).
 _PLAN = "_qlora_kernels_nf4"
 # The stored 4-bit weight's companions in a bitsandbytes checkpoint (read by the quantizer, not by transformers).
-_COMPANIONS = r"\.weight\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.bitsandbytes__(nf4|fp4))$"
+_COMPANIONS = rf"\.weight\.({'|'.join(re.escape(s) for s in bnb_format.STATE_SUFFIXES)})$"
 _SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "BF16": torch.bfloat16, "F16": torch.float16,
                        "F32": torch.float32, "F64": torch.float64, "I32": torch.int32, "I64": torch.int64}
 
