@@ -433,14 +433,25 @@ class _Sources:
 
     def nf4_weight(self, wkey: str) -> NF4Weight | None:
         """The stored 4-bit weight ``wkey`` (a bitsandbytes quant state beside it), or None when stored otherwise."""
-        direct = self.plan.direct
-        if not bnb_format.has_quant_state(direct, wkey):
+        if not bnb_format.has_quant_state(self.plan.direct, wkey):
             return None
-        sd = {k: self.ckpt.get(direct[k]) for k in bnb_format.state_keys(wkey) if k in direct}
-        try:
-            return NF4Weight.from_bnb_state_dict(sd, wkey)  # nf4 (fp4 is refused there)
-        except (ValueError, TypeError) as exc:
-            raise type(exc)(f"checkpoint {str(self.path)!r}, 4-bit weight {direct.get(wkey, wkey)!r}: {exc}") from None
+        return _read_nf4_weight(self.ckpt, self.plan.direct, wkey, f"checkpoint {str(self.path)!r},")
+
+
+def _read_nf4_weight(ckpt: _Checkpoint, direct: dict[str, str], wkey: str, context: str,
+                     packed: Tensor | None = None) -> NF4Weight:
+    """The 4-bit weight of model key ``wkey`` from its bitsandbytes entries in ``ckpt`` (``direct``: model key ->
+    checkpoint key); ``packed``: its codes when already read, the other entries then go to their device. A bad
+    weight is a ValueError / TypeError naming its checkpoint key after ``context``."""
+    keys = [k for k in bnb_format.state_keys(wkey) if k in direct]
+    if packed is None:
+        sd = {k: ckpt.get(direct[k]) for k in keys}
+    else:
+        sd = {k: packed if k == wkey else ckpt.get(direct[k]).to(packed.device) for k in keys}
+    try:
+        return NF4Weight.from_bnb_state_dict(sd, wkey)  # nf4 (fp4 is refused there)
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"{context} 4-bit weight {direct.get(wkey, wkey)!r}: {exc}") from None
 
 
 def _load_linear_layers(model: nn.Module, modules: list[tuple[str, nn.Module]], sources: _Sources, path: Path,

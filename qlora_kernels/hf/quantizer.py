@@ -48,7 +48,7 @@ from ..nf4 import NF4Weight, quantize_nf4
 from ..nn import NF4Linear
 from ..quant_maps import ALLOWED_BLOCKSIZES
 from .layers import KEEP_DENSE, check_spec, layer_kind, linear_modules, matches, output_embedding_names, replace_module
-from .loading import _Checkpoint, _KeyPlan
+from .loading import _Checkpoint, _KeyPlan, _read_nf4_weight
 
 QUANT_METHOD = "qlora_kernels"
 # Set on a module while it loads: "quantize" (a float weight, quantized as it arrives) or "stored" (bitsandbytes 4-bit).
@@ -233,15 +233,8 @@ class QLoraKernelsHfQuantizer(HfQuantizer):
         return None, {}
 
     def _stored_weight(self, name: str, module: nn.Module) -> NF4Weight:
-        wkey = f"{name}.weight"
-        direct = self._plan.direct
-        packed = module.weight.detach()
-        sd = {k: (packed if k == wkey else self._ckpt.get(direct[k]).to(packed.device))
-              for k in bnb_format.state_keys(wkey) if k in direct}
-        try:
-            return NF4Weight.from_bnb_state_dict(sd, wkey)
-        except (ValueError, TypeError) as exc:
-            raise type(exc)(f"checkpoint 4-bit weight {direct.get(wkey, wkey)!r}: {exc}") from None
+        # the packed codes transformers read into the meta weight, the quant state from the checkpoint
+        return _read_nf4_weight(self._ckpt, self._plan.direct, f"{name}.weight", "checkpoint", module.weight.detach())
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         from .layers import dense_layer
