@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qlora_kernels import PagedAdamW, apply_qlora, load_4bit_model, save_adapter
+from qlora_kernels.hf.loading import BlockHook
 from qlora_kernels.nn.fused_mlp import fuse_qlora_mlps
 
 from .config import TrainConfig
@@ -74,22 +75,34 @@ def load_tokenizer(cfg: TrainConfig) -> Any:
     return tok
 
 
-def build_model(cfg: TrainConfig, device: torch.device | None = None) -> nn.Module:
-    """Load ``base_model`` with its linear layers in NF4 and add trainable LoRA adapters (``apply_qlora``).
+def load_base_model(cfg: TrainConfig, device: torch.device, block_hook: BlockHook | None = None) -> nn.Module:
+    """``base_model`` with its linear layers in NF4 (``load_4bit_model``; ``block_hook``: see
+    :class:`~qlora_kernels.hf.loading.BlockHook`), no adapters yet.
 
     The frozen parts (embeddings, norms, lm_head) are kept in bf16/fp16 when training under that
-    autocast dtype, else fp32; the adapters are fp32. Seeds torch with ``cfg.seed`` first, so the
-    adapters' initialization is reproducible.
+    autocast dtype, else fp32. Seeds torch with ``cfg.seed`` first, so the adapters added next
+    (:func:`lora_kwargs`) initialize reproducibly.
     """
     torch.manual_seed(cfg.seed)
-    device = device or resolve_device(cfg)
     amp = autocast_dtype(cfg, device)
     q = cfg.quantization
-    model = load_4bit_model(cfg.base_model, dtype=amp or torch.float32, device=device, blocksize=q.blocksize,
-                            double_quant=q.double_quant, trust_remote_code=cfg.trust_remote_code)
-    apply_qlora(model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                target_modules=cfg.lora_target_modules, use_rslora=cfg.peft_use_rslora, blocksize=q.blocksize,
-                double_quant=q.double_quant)
+    return load_4bit_model(cfg.base_model, dtype=amp or torch.float32, device=device, blocksize=q.blocksize,
+                           double_quant=q.double_quant, trust_remote_code=cfg.trust_remote_code, block_hook=block_hook)
+
+
+def lora_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """The keywords of ``apply_qlora`` a config sets, all but ``target_modules``."""
+    q = cfg.quantization
+    return dict(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, use_rslora=cfg.peft_use_rslora,
+                blocksize=q.blocksize, double_quant=q.double_quant)
+
+
+def build_model(cfg: TrainConfig, device: torch.device | None = None) -> nn.Module:
+    """Load ``base_model`` with its linear layers in NF4 (:func:`load_base_model`) and add trainable LoRA
+    adapters (``apply_qlora``, fp32)."""
+    device = device or resolve_device(cfg)
+    model = load_base_model(cfg, device)
+    apply_qlora(model, target_modules=cfg.lora_target_modules, **lora_kwargs(cfg))
     return model.to(device)
 
 

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qlora_kernels import apply_qlora, load_4bit_model
+from qlora_kernels import apply_qlora
 from qlora_kernels.hf.layers import linear_modules, matches, output_embedding_names
 from qlora_kernels.hf.loading import BlockHook
 from qlora_kernels.nn.fused_mlp import fuse_qlora_mlps
@@ -75,7 +75,7 @@ from .checkpoint import (
     unflatten_state,
     verify_files,
 )
-from .components import TrainingError, autocast_dtype
+from .components import TrainingError, load_base_model, lora_kwargs
 from .components import build_model as build_whole_model
 from .config import ConfigError, TrainConfig
 
@@ -194,9 +194,7 @@ class _BlockSharder:
             targets = [rel for rel, _, _ in linear_modules(block)
                        if cfg.lora_target_modules == "all-linear" or matches(f"{name}.{rel}", cfg.lora_target_modules)]
             if targets:  # exactly the layers apply_qlora on the whole model would adapt, in the same order
-                apply_qlora(block, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                            target_modules=targets, use_rslora=cfg.peft_use_rslora,
-                            blocksize=cfg.quantization.blocksize, double_quant=cfg.quantization.double_quant)
+                apply_qlora(block, target_modules=targets, **lora_kwargs(cfg))
             else:
                 for p in block.parameters():
                     p.requires_grad_(False)
@@ -276,12 +274,7 @@ def build_model(cfg: TrainConfig, device: torch.device, ctx: dp.DistContext,
     mesh = init_device_mesh(device.type, (ctx.world_size,))
     sharder = _BlockSharder(cfg, mesh, add_lora=model is None)
     if model is None:
-        torch.manual_seed(cfg.seed)  # as components.build_model: the adapters' initialization
-        amp = autocast_dtype(cfg, device)
-        q = cfg.quantization
-        model = load_4bit_model(cfg.base_model, dtype=amp or torch.float32, device=device, blocksize=q.blocksize,
-                                double_quant=q.double_quant, trust_remote_code=cfg.trust_remote_code,
-                                block_hook=BlockHook(sharder.find, sharder.done))
+        model = load_base_model(cfg, device, block_hook=BlockHook(sharder.find, sharder.done))
     else:
         for name in sharder.find(model):
             sharder.done(name, model.get_submodule(name))
