@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..dtypes import FLOAT_DTYPES
-from ..functional import _check_dropout, _nf4_grouped_linear
+from ..functional import _nf4_grouped_linear
 from ..nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 from .lora_args import check_lora_args, lora_scaling
 from .nf4_storage import NF4TensorHolder
@@ -128,15 +128,14 @@ class NF4Experts(NF4TensorHolder):
                  dtype: torch.dtype = torch.float32, projections: tuple[str, ...] = _PROJECTIONS) -> None:
         """Trainable LoRA on every expert of ``projections`` (default both; A Kaiming-uniform, B zeros: no
         change at init)."""
-        check_lora_args(r, lora_alpha, lora_dropout)
+        r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout)
         bad = [p for p in projections if p not in _PROJECTIONS] or ([] if projections else ["(none)"])
         if bad:
             raise ValueError(f"projections must be a non-empty subset of {_PROJECTIONS}; got {tuple(projections)}")
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, float16 or bfloat16; got {dtype}")
-        self.r, self.scaling = int(r), lora_scaling(r, lora_alpha, use_rslora)
-        self.lora_alpha, self.use_rslora = lora_alpha, bool(use_rslora)
-        self.lora_dropout = _check_dropout(lora_dropout, "lora_dropout")
+        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, lora_alpha, lora_dropout, bool(use_rslora)
+        self.scaling = lora_scaling(r, lora_alpha, self.use_rslora)
         device = self.gate_up_proj_packed.device
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
         for name in projections:
