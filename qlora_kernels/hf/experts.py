@@ -20,10 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from ..nf4 import NF4Weight
-from ..nn.experts import NF4Experts
+from ..nn.experts import PROJECTIONS, NF4Experts
 from .layers import matches, replace_module
-
-PROJECTIONS = ("gate_up_proj", "down_proj")
 
 
 def is_fused_experts(module: nn.Module) -> bool:

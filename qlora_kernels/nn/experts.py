@@ -28,7 +28,8 @@ from ..nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 from .lora_args import check_lora_args, lora_scaling
 from .nf4_storage import NF4TensorHolder
 
-_PROJECTIONS = ("gate_up_proj", "down_proj")
+# The two 3-D parameters of a fused-experts module, by transformers' names.
+PROJECTIONS = ("gate_up_proj", "down_proj")
 
 
 class NF4Experts(NF4TensorHolder):
@@ -81,7 +82,7 @@ class NF4Experts(NF4TensorHolder):
                          nested_code=getattr(self, f"{name}_nested_code"), offset=offset)
 
     def _nf4_names(self) -> tuple[str, ...]:
-        return tuple(f"{n}_{part}" for n in _PROJECTIONS for part in ("packed", "absmax", "code", "nested_absmax",
+        return tuple(f"{n}_{part}" for n in PROJECTIONS for part in ("packed", "absmax", "code", "nested_absmax",
                                                                         "nested_code"))
 
     def _apply(self, fn, recurse: bool = True):
@@ -96,13 +97,13 @@ class NF4Experts(NF4TensorHolder):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self._save_without_nf4(destination, prefix, keep_vars)
-        for name in _PROJECTIONS:  # bitsandbytes' keys of a 4-bit tensor, under the parameter's own name
+        for name in PROJECTIONS:  # bitsandbytes' keys of a 4-bit tensor, under the parameter's own name
             for key, t in self.qweight(name).to_bnb_state_dict(prefix + name).items():
                 destination[key] = t if keep_vars else t.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        for name in _PROJECTIONS:
+        for name in PROJECTIONS:
             key = prefix + name
             ours = [k for k in state_dict if k == key or k.startswith(key + ".")]
             if not ours:
@@ -118,20 +119,20 @@ class NF4Experts(NF4TensorHolder):
             except (ValueError, TypeError) as exc:
                 error_msgs.append(f"While loading the 4-bit experts tensor {key!r}: {exc}")
         self._load_without_nf4(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        for name in _PROJECTIONS:
+        for name in PROJECTIONS:
             for k in [k for k in unexpected_keys if k == prefix + name or k.startswith(prefix + name + ".")]:
                 unexpected_keys.remove(k)
 
     # -- LoRA ------------------------------------------------------------------------------------
 
     def add_lora(self, r: int, lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False,
-                 dtype: torch.dtype = torch.float32, projections: tuple[str, ...] = _PROJECTIONS) -> None:
+                 dtype: torch.dtype = torch.float32, projections: tuple[str, ...] = PROJECTIONS) -> None:
         """Trainable LoRA on every expert of ``projections`` (default both; A Kaiming-uniform, B zeros: no
         change at init)."""
         r, lora_alpha, lora_dropout = check_lora_args(r, lora_alpha, lora_dropout)
-        bad = [p for p in projections if p not in _PROJECTIONS] or ([] if projections else ["(none)"])
+        bad = [p for p in projections if p not in PROJECTIONS] or ([] if projections else ["(none)"])
         if bad:
-            raise ValueError(f"projections must be a non-empty subset of {_PROJECTIONS}; got {tuple(projections)}")
+            raise ValueError(f"projections must be a non-empty subset of {PROJECTIONS}; got {tuple(projections)}")
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, float16 or bfloat16; got {dtype}")
         self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, lora_alpha, lora_dropout, bool(use_rslora)
@@ -214,7 +215,7 @@ class NF4Experts(NF4TensorHolder):
     def from_experts(cls, module: nn.Module, blocksize: int = 64, double_quant: bool = True) -> NF4Experts:
         """Quantize a transformers experts module (``gate_up_proj``, ``down_proj`` 3-D parameters and ``act_fn``)."""
         weights = []
-        for name in _PROJECTIONS:
+        for name in PROJECTIONS:
             w = getattr(module, name, None)
             if not isinstance(w, Tensor) or w.dim() != 3:
                 raise TypeError(f"module must hold a 3-D {name} (transformers' fused experts); "
