@@ -15,6 +15,7 @@ and placements, as ``torch.optim.AdamW`` does, so ``torch.distributed.checkpoint
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -42,6 +43,7 @@ _Q8_COMPONENTS = {"exp_avg": ("exp_avg", "absmax_m"), "exp_avg_sq": ("exp_avg_sq
 ParamsT = Union[Iterable[Tensor], Iterable[dict[str, Any]]]
 
 
+@functools.cache  # resolved on first use (importing this module imports no torch.distributed), then kept
 def _dtensor_type() -> Optional[type]:
     try:
         from torch.distributed.tensor import DTensor
