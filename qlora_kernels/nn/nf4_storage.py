@@ -79,8 +79,7 @@ class NF4TensorHolder(nn.Module):
         for name, t in tensors.items():
             if t is not None and fn is not None:
                 device = fn(torch.empty(0, device=t.device)).device
-                moved = torch.empty_like(t, device=device) if t.is_meta else t.to(device)
-                t = t if moved is t else moved
+                t = torch.empty_like(t, device=device) if t.is_meta else t.to(device)
             self._put_nf4(name, t)
 
     def _save_without_nf4(self, destination, prefix, keep_vars) -> None:
