@@ -197,11 +197,10 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         tmp.mkdir()
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         save_state(optimizer.state_dict(), tmp / "optimizer.json", tmp / "optimizer.safetensors")
-        save_state(rng, tmp / "rng.json", tmp / "rng.safetensors")
+        write_rng(tmp, rng)
         if save_adapter_fn is not None:
             save_adapter_fn(model, tmp / "adapter")
-        state = {**trainer_state, "saved_at_ns": time.time_ns(), "files": file_manifest(tmp)}
-        (tmp / TRAINER_STATE).write_text(json.dumps(flatten_state(state, {}), indent=1))
+        write_trainer_state(tmp, trainer_state)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
@@ -209,6 +208,18 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         raise
     replace_dir(tmp, final)
     return final
+
+
+def write_rng(d: Path, rng: dict[str, Any]) -> None:
+    """The RNG state (:func:`rng_state`) as ``rng.json`` + ``rng.safetensors`` in the checkpoint folder d."""
+    save_state(rng, d / "rng.json", d / "rng.safetensors")
+
+
+def write_trainer_state(d: Path, trainer_state: dict[str, Any]) -> None:
+    """``trainer_state.json`` in the checkpoint folder d, last: ``trainer_state`` with ``saved_at_ns`` and the
+    manifest of every other file (:func:`file_manifest`) added."""
+    state = {**trainer_state, "saved_at_ns": time.time_ns(), "files": file_manifest(d)}
+    (d / TRAINER_STATE).write_text(json.dumps(flatten_state(state, {}), indent=1))
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -242,6 +253,20 @@ def read_part(ckpt: Path, name: str, reader: Callable[[], Any]) -> Any:
         raise CheckpointError(f"checkpoint {ckpt}: {name} is missing") from None
     except Exception as e:  # noqa: BLE001 - any parse error of a damaged file
         raise CheckpointError(f"checkpoint {ckpt}: {name} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's ``trainer_state.json``; missing, unreadable or not a JSON object: a CheckpointError."""
+    state = read_part(ckpt, TRAINER_STATE, lambda: unflatten_state(json.loads((ckpt / TRAINER_STATE).read_text()), {}))
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {ckpt}: {TRAINER_STATE} is not a JSON object")
+    return state
+
+
+def read_rng(ckpt: Path) -> dict[str, Any]:
+    """The RNG state :func:`write_rng` wrote; a missing or unreadable file is a CheckpointError naming it."""
+    return read_part(ckpt, "rng.json / rng.safetensors",
+                     lambda: load_state(ckpt / "rng.json", ckpt / "rng.safetensors"))
 
 
 def lora_rank_of(name: str, shape: torch.Size) -> int | None:
@@ -285,16 +310,13 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
             does not fit the optimizer.
     """
     ckpt = Path(path)
-    trainer_state = read_part(ckpt, TRAINER_STATE,
-                              lambda: unflatten_state(json.loads((ckpt / TRAINER_STATE).read_text()), {}))
-    if not isinstance(trainer_state, dict):
-        raise CheckpointError(f"checkpoint {ckpt}: {TRAINER_STATE} is not a JSON object")
+    trainer_state = read_trainer_state(ckpt)
     manifest = trainer_state.get("files") or {}
     verify_files(ckpt, RESUME_FILES, manifest)
     saved = read_part(ckpt, "trainable.safetensors", lambda: load_file(str(ckpt / "trainable.safetensors")))
     opt_state = read_part(ckpt, "optimizer.json / optimizer.safetensors",
                           lambda: load_state(ckpt / "optimizer.json", ckpt / "optimizer.safetensors"))
-    rng = read_part(ckpt, "rng.json / rng.safetensors", lambda: load_state(ckpt / "rng.json", ckpt / "rng.safetensors"))
+    rng = read_rng(ckpt)
     if check is not None:
         check(trainer_state)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -43,7 +43,6 @@ import json
 import math
 import os
 import shutil
-import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -62,18 +61,18 @@ from qlora_kernels.nn.nf4_storage import hold_nf4_as_parameters, resident_nf4_by
 
 from . import distributed as dp
 from .checkpoint import (
-    TRAINER_STATE,
     CheckpointError,
     check_trainables,
     clean_stale_saves,
-    file_manifest,
     flatten_state,
-    load_state,
     read_part,
+    read_rng,
+    read_trainer_state,
     replace_dir,
-    save_state,
     unflatten_state,
     verify_files,
+    write_rng,
+    write_trainer_state,
 )
 from .components import TrainingError, load_base_model, lora_kwargs
 from .components import build_model as build_whole_model
@@ -477,10 +476,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
             save_adapter_fn(model, tmp / "adapter")  # every rank (gathers); rank 0 writes
         if ctx.is_main:
             (tmp / "optimizer.json").write_text(json.dumps(optim_json))
-            save_state(rng, tmp / "rng.json", tmp / "rng.safetensors")
+            write_rng(tmp, rng)
             sharded = {"world_size": ctx.world_size, "format": "torch.distributed.checkpoint, safetensors storage"}
-            state = {**trainer_state, "sharded": sharded, "saved_at_ns": time.time_ns(), "files": file_manifest(tmp)}
-            (tmp / TRAINER_STATE).write_text(json.dumps(flatten_state(state, {}), indent=1))
+            write_trainer_state(tmp, {**trainer_state, "sharded": sharded})
     except Exception as e:  # noqa: BLE001 - reported on every rank below
         error = e
     if dp.any_rank(error is not None, ctx):
@@ -521,16 +519,13 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     ckpt = Path(path)
-    trainer_state = read_part(ckpt, TRAINER_STATE,
-                              lambda: unflatten_state(json.loads((ckpt / TRAINER_STATE).read_text()), {}))
-    if not isinstance(trainer_state, dict):
-        raise CheckpointError(f"checkpoint {ckpt}: {TRAINER_STATE} is not a JSON object")
+    trainer_state = read_trainer_state(ckpt)
     if "sharded" not in trainer_state or not is_sharded_checkpoint(ckpt):
         raise CheckpointError(f"checkpoint {ckpt} was written without fsdp (whole tensors, by one process or DDP); "
                               "resume it with fsdp: false")
     _check_files(ckpt, trainer_state.get("files") or {})
     optim_json = read_part(ckpt, "optimizer.json", lambda: json.loads((ckpt / "optimizer.json").read_text()))
-    rng = read_part(ckpt, "rng.json / rng.safetensors", lambda: load_state(ckpt / "rng.json", ckpt / "rng.safetensors"))
+    rng = read_rng(ckpt)
     if check is not None:
         check(trainer_state)
     reader = HuggingFaceStorageReader(str(ckpt / SHARDED_DIR))
