@@ -459,19 +459,15 @@ class Recipe:
         trainer_state = {"loop": {**self.state, "last_checkpoint": str(path)}, "scheduler": self.scheduler.state_dict(),
                          "data": self.step_data, "run_key": self.run_key,
                          "scaler": self.scaler.state_dict() if self.scaler is not None else None, "run_id": self.run_id}
-        if self.cfg.fsdp:  # every rank writes its shards
-            try:
+        try:
+            if self.cfg.fsdp:  # every rank writes its shards
                 fsdp.save_checkpoint(path, self.model, self.optimizer, trainer_state, self.step_rng, self.ctx,
                                      self.save_adapter)
-            except CheckpointError as e:
-                raise TrainingError(str(e)) from e
-            if self.ctx.is_main:
-                prune_checkpoints(self.out, self.cfg.save_total_limit, self.run_id)
-        elif self.ctx.is_main:
-            try:
+            elif self.ctx.is_main:
                 save_checkpoint(path, self.model, self.optimizer, trainer_state, self.step_rng, self.save_adapter)
-            except CheckpointError as e:
-                raise TrainingError(str(e)) from e
+        except CheckpointError as e:
+            raise TrainingError(str(e)) from e
+        if self.ctx.is_main:
             prune_checkpoints(self.out, self.cfg.save_total_limit, self.run_id)
         self.state["last_checkpoint"] = str(path)
         return path
