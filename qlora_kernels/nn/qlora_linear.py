@@ -173,7 +173,8 @@ class NF4Linear(NF4TensorHolder, nn.Linear):
         """A plain ``nn.Linear`` with the dequantized weight and this layer's bias, in ``dtype``; by default the
         layer's :attr:`compute_dtype` (the model's dtype), else (unknown) the dtype the weight was quantized from.
         ``delta`` (``[out_features, in_features]``, e.g. a LoRA update ``scaling * B @ A``) is added to the weight in
-        fp32 before the one rounding to ``dtype``."""
+        fp32 before the one rounding to ``dtype``. A :class:`QLoraLinear`'s weight includes its adapter:
+        ``deq(W) + scaling * B @ A`` (+ ``delta``)."""
         if dtype is None:
             dtype = self.compute_dtype or self.nf4_dtype
         if dtype not in FLOAT_DTYPES:
@@ -260,11 +261,6 @@ class QLoraLinear(LoraAdapterMixin, NF4Linear):
     def _dense_weight(self) -> Tensor:
         # The adapter is part of the layer whether or not it is disabled for the moment.
         return super()._dense_weight() + self.delta_weight()
-
-    def to_linear(self, dtype: torch.dtype | None = None, delta: Tensor | None = None) -> nn.Linear:
-        """A plain ``nn.Linear`` with weight ``deq(W) + scaling * B @ A`` (+ ``delta``; computed in fp32, then rounded
-        to ``dtype``, default as :meth:`NF4Linear.to_linear`) and this layer's bias."""
-        return super().to_linear(dtype, delta)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._lora_repr()}"
