@@ -186,8 +186,3 @@ def _dense(t: Tensor) -> bool:
             return False
         expected *= size
     return True
-
-
-def enable_activation_offloading(model: nn.Module, device: torch.device, min_bytes: int = 1024) -> ActivationOffloader:
-    """An :class:`ActivationOffloader` attached to ``model`` (call ``.detach()`` to turn it off)."""
-    return ActivationOffloader(device, min_bytes).attach(model)
