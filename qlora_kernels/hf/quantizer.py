@@ -47,7 +47,16 @@ from .. import bnb_format
 from ..nf4 import NF4Weight, quantize_nf4
 from ..nn import NF4Linear
 from ..quant_maps import ALLOWED_BLOCKSIZES
-from .layers import KEEP_DENSE, check_spec, layer_kind, linear_modules, matches, output_embedding_names, replace_module
+from .layers import (
+    KEEP_DENSE,
+    check_spec,
+    dense_layer,
+    layer_kind,
+    linear_modules,
+    matches,
+    output_embedding_names,
+    replace_module,
+)
 from .loading import _Checkpoint, _KeyPlan, _read_nf4_weight
 
 QUANT_METHOD = "qlora_kernels"
@@ -237,8 +246,6 @@ class QLoraKernelsHfQuantizer(HfQuantizer):
         return _read_nf4_weight(self._ckpt, self._plan.direct, f"{name}.weight", "checkpoint", module.weight.detach())
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-        from .layers import dense_layer
-
         for name, module in list(model.named_modules()):
             if type(module) is NF4Linear:
                 replace_module(model, name, dense_layer(module, dtype))
