@@ -57,7 +57,7 @@ from qlora_kernels import apply_qlora
 from qlora_kernels.hf.layers import linear_modules, matches, output_embedding_names
 from qlora_kernels.hf.loading import BlockHook
 from qlora_kernels.nn.fused_mlp import fuse_qlora_mlps
-from qlora_kernels.nn.nf4_storage import hold_nf4_as_parameters, resident_nf4_bytes
+from qlora_kernels.nn.nf4_storage import NF4TensorHolder, hold_nf4_as_parameters, resident_nf4_bytes
 
 from . import distributed as dp
 from .checkpoint import (
@@ -74,7 +74,7 @@ from .checkpoint import (
     write_rng,
     write_trainer_state,
 )
-from .components import TrainingError, load_base_model, lora_kwargs
+from .components import TrainingError, autocast, load_base_model, lora_kwargs
 from .components import build_model as build_whole_model
 from .config import ConfigError, TrainConfig
 
@@ -247,8 +247,6 @@ class _BlockSharder:
 
 def _outside(model: nn.Module, blocks: list[str]) -> list[nn.Module]:
     """The direct modules holding NF4 tensors outside the blocks (their bytes are not in the blocks' count)."""
-    from qlora_kernels.nn.nf4_storage import NF4TensorHolder
-
     inside = tuple(f"{b}." for b in blocks)
     return [m for n, m in model.named_modules() if isinstance(m, NF4TensorHolder) and not n.startswith(inside)]
 
@@ -340,8 +338,6 @@ def check_setup_forwards(objective: Any, n_train: int, n_eval: int, batch_size: 
 def run_placeholders(n: int, objective: Any, model: nn.Module, item: Any, pad_id: int, device: torch.device,
                      amp: torch.dtype | None) -> None:
     """``n`` no-grad forwards of a placeholder batch (``item``, counted for nothing) in eval mode; results dropped."""
-    from .components import autocast
-
     if n <= 0:
         return
     was = model.training
@@ -382,8 +378,7 @@ def gathered_trainables(model: nn.Module, ctx: dp.DistContext) -> Iterator[bool]
             module._parameters[pname] = p
 
 
-def adapter_saver(model: nn.Module, ctx: dp.DistContext,
-                  save: Callable[[nn.Module, Path], None]) -> Callable[[nn.Module, Path], None]:
+def adapter_saver(ctx: dp.DistContext, save: Callable[[nn.Module, Path], None]) -> Callable[[nn.Module, Path], None]:
     """``save(model, dir)`` of the adapter, gathered: call it on every rank; rank 0 writes PEFT's files."""
 
     def save_gathered(m: nn.Module, out_dir: Path) -> None:

@@ -208,7 +208,7 @@ class Recipe:
         self.scaler = torch.amp.GradScaler(device.type) if self.amp is torch.float16 else None
         self.save_adapter = adapter_saver(self.model)
         if cfg.fsdp:  # gathered from the shards: every rank calls it, rank 0 writes
-            self.save_adapter = fsdp.adapter_saver(self.model, ctx, self.save_adapter)
+            self.save_adapter = fsdp.adapter_saver(ctx, self.save_adapter)
         # What a checkpoint must share with the run resuming it, for the data position to mean the same.
         self.run_key = {"train_examples": len(self.train_items), "micro_batch_size": cfg.micro_batch_size,
                         "seed": cfg.seed, "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
