@@ -24,7 +24,7 @@ from ..nn.experts import NF4Experts
 from ..nn.lora_args import check_lora_args, is_lora_alpha, is_lora_rank, lora_scaling
 from . import experts as moe
 from .apply import adopt_bnb4_layout, drop_bnb4_state, freeze_all_but_lora, make_lora
-from .layers import LORA_TYPES, layer_kind, linear_layer_names, linear_modules, replace_module
+from .layers import LORA_TYPES, linear_layer_names, linear_modules, replace_module
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -244,7 +244,7 @@ def load_adapter(model: nn.Module, in_dir: str | Path, is_trainable: bool = True
     in_dir = Path(in_dir)
     cfg, weights = _read_adapter(in_dir)
     expert_plan = _experts_plan(model, cfg, weights, in_dir)  # takes the experts' tensors out of weights
-    modules = {name: m for name, m, _ in linear_modules(model)}
+    modules = {name: (m, kind) for name, m, kind in linear_modules(model)}
     absent = [n for n in weights if n not in modules]
     if absent:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_layer_names(model)})
@@ -256,10 +256,10 @@ def load_adapter(model: nn.Module, in_dir: str | Path, is_trainable: bool = True
     base_r, base_alpha, dropout, rslora = cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["use_rslora"]
     plan = []  # check everything before changing the model
     for name, (a, b) in weights.items():
-        module = modules[name]
+        module, kind = modules[name]
         r = _pattern_value(cfg["rank_pattern"], name, base_r)
         alpha = _pattern_value(cfg["alpha_pattern"], name, base_alpha)
-        if layer_kind(module) == "conv1d":
+        if kind == "conv1d":
             in_f, out_f = module.weight.shape
         else:
             out_f, in_f = module.out_features, module.in_features
@@ -269,14 +269,14 @@ def load_adapter(model: nn.Module, in_dir: str | Path, is_trainable: bool = True
                              f"in={in_f}, out={out_f}); got {list(a.shape)} and {list(b.shape)}")
         if isinstance(module, LORA_TYPES) and module.r != r:
             raise ValueError(f"adapter {name}: the layer has r={module.r}; the file has r={r}")
-        if layer_kind(module) == "other-linear":
+        if kind == "other-linear":
             raise TypeError(f"adapter {name}: the layer is a {type(module).__module__}.{type(module).__name__}, which "
                             f"load_adapter cannot convert (supported: nn.Linear, Conv1D, Linear4bit nf4, NF4Linear)")
-        plan.append((name, module, a, b, r, alpha))
+        plan.append((name, module, kind, a, b, r, alpha))
     bnb4 = adopt_bnb4_layout(model)
-    for name, module, a, b, r, alpha in plan:
+    for name, module, kind, a, b, r, alpha in plan:
         if not isinstance(module, LORA_TYPES):
-            module = make_lora(module, layer_kind(module), name, r=r, lora_alpha=alpha, lora_dropout=dropout,
+            module = make_lora(module, kind, name, r=r, lora_alpha=alpha, lora_dropout=dropout,
                                use_rslora=rslora, blocksize=64, double_quant=True, lora_dtype=torch.float32)
             replace_module(model, name, module)
         with torch.no_grad():
