@@ -552,8 +552,7 @@ class MicroBatchStream:
                  rows: list[list[int]] | None = None) -> None:
         self.items = items
         self.rows = rows
-        self.micro_batch_size = micro_batch_size  # per rank
-        self.global_batch = micro_batch_size * ctx.world_size
+        self.global_batch = micro_batch_size * ctx.world_size  # micro_batch_size is per rank
         self.seed = seed
         self.pad_id = pad_id
         self.ctx = ctx
