@@ -487,6 +487,13 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int, counted: bool = True
     log-probs.
     """
     batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    return _with_pair_keys(batch, pairs, counted)
+
+
+def _with_pair_keys(batch: dict[str, torch.Tensor], pairs: list[PreferencePair], counted: bool) -> dict[
+        str, torch.Tensor]:
+    """``batch`` with the keys of the pairs themselves added: ``pair_weight`` ``[B]`` (1 each, 0 when not
+    ``counted``) and, when every pair carries them, ``ref_logps`` ``[2B]`` (the B chosen, then the B rejected)."""
     batch["pair_weight"] = torch.full((len(pairs),), 1.0 if counted else 0.0)
     if pairs and all(p.ref_chosen is not None and p.ref_rejected is not None for p in pairs):
         batch["ref_logps"] = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs],
@@ -520,12 +527,7 @@ def collate_packed_pairs(rows: list[list[PreferencePair]], pad_id: int, counted:
             j += 1
         segments.append(segs)
         numbers.append(ids)
-    batch = collate_segments(segments, pad_id, True, numbers)
-    batch["pair_weight"] = torch.full((B,), 1.0 if counted else 0.0)
-    if pairs and all(p.ref_chosen is not None and p.ref_rejected is not None for p in pairs):
-        batch["ref_logps"] = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs],
-                                          dtype=torch.float32)
-    return batch
+    return _with_pair_keys(collate_segments(segments, pad_id, True, numbers), pairs, counted)
 
 
 class MicroBatchStream:
