@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from qlora_kernels import merge_and_unload
-from qlora_kernels.train.components import autocast_dtype, build_model, load_tokenizer
+from qlora_kernels.train.components import autocast_dtype, build_model, eval_mode, load_tokenizer
 from qlora_kernels.train.config import load_config
 from qlora_kernels.train.data import load_pairs, read_rows, write_jsonl
 from qlora_kernels.train.dpo import DPOSettings, evaluate_dpo
@@ -174,23 +174,21 @@ def demo_dpo_raw_config(output_dir: str | Path, train_file: str | Path, eval_fil
 def exact_match(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str, str]], batch_size: int = 50,
                 max_new_tokens: int = 24) -> tuple[float, list[str]]:
     """Share of alpaca ``rows`` whose greedy completion equals ``output`` exactly (after stripping)."""
-    was_training = model.training
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     answers: list[str] = []
-    try:
-        for s in range(0, len(rows), batch_size):
-            chunk = rows[s:s + batch_size]
-            prompts = [alpaca_prompt(r["instruction"], r.get("input") or "") for r in chunk]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True)
-            enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
+    with eval_mode(model):
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            for s in range(0, len(rows), batch_size):
+                chunk = rows[s:s + batch_size]
+                prompts = [alpaca_prompt(r["instruction"], r.get("input") or "") for r in chunk]
+                enc = tokenizer(prompts, return_tensors="pt", padding=True)
+                enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        finally:
+            tokenizer.padding_side = side
     hits = sum(a.strip() == r["output"].strip() for a, r in zip(answers, rows))
     return hits / max(1, len(rows)), answers
 

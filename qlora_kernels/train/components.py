@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,17 @@ def autocast(device: torch.device, amp: torch.dtype | None) -> contextlib.Abstra
     if amp is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode (no dropout) inside the block; its training mode comes back after, also on an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def load_tokenizer(cfg: TrainConfig) -> Any:

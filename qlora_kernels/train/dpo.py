@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from qlora_kernels.hf import adapters_disabled
 
-from .components import autocast
+from .components import autocast, eval_mode
 from .config import DPO_LOSSES, TrainConfig
 from .data import DataStats, PreferencePair, collate_packed_pairs, collate_pairs, load_pairs
 from .distributed import SINGLE, DistContext, all_reduce_sum, shard
@@ -187,19 +187,15 @@ def precompute_reference_log_probs(model: nn.Module, pairs: list[PreferencePair]
     over ranks gives every rank all values.
     """
     base = _unwrap(model)
-    was_training = base.training
-    base.eval()
     values = torch.zeros(len(pairs), 2, dtype=torch.float64)
     mine = shard(range(len(pairs)), ctx)
-    try:
+    with eval_mode(base):
         for s in range(0, len(mine), batch_size):
             idx = mine[s:s + batch_size]
             batch = {k: v.to(device) for k, v in collate_pairs([pairs[i] for i in idx], pad_id).items()}
             with autocast(device, amp):
                 ref = reference_log_probs(base, batch, chunk_size).double().cpu()
             values[idx, 0], values[idx, 1] = ref[:len(idx)], ref[len(idx):]
-    finally:
-        base.train(was_training)
     values = all_reduce_sum(values, ctx, device)
     for p, (c, r) in zip(pairs, values.tolist()):
         if not (math.isfinite(c) and math.isfinite(r)):

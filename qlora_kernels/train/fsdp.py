@@ -74,7 +74,7 @@ from .checkpoint import (
     write_rng,
     write_trainer_state,
 )
-from .components import TrainingError, autocast, load_base_model, lora_kwargs
+from .components import TrainingError, autocast, eval_mode, load_base_model, lora_kwargs
 from .components import build_model as build_whole_model
 from .config import ConfigError, TrainConfig
 
@@ -340,15 +340,11 @@ def run_placeholders(n: int, objective: Any, model: nn.Module, item: Any, pad_id
     """``n`` no-grad forwards of a placeholder batch (``item``, counted for nothing) in eval mode; results dropped."""
     if n <= 0:
         return
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         batch = {k: v.to(device) for k, v in objective.collate([item], pad_id, counted=False).items()}
         for _ in range(n):
             with autocast(device, amp):
                 objective.loss(model, batch)
-    finally:
-        model.train(was)
 
 
 # --------------------------------------------------------------------------- the adapter, gathered

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .components import autocast
+from .components import autocast, eval_mode
 from .config import TrainConfig
 from .data import DataStats
 from .distributed import DistContext, unwrap_model
@@ -101,10 +101,8 @@ def evaluate(objective: Objective, model: nn.Module, items: list[Any], batch_siz
     """``(loss sum, count, metric sums)`` of ``objective`` over ``items`` in order, ``batch_size`` at a time, in eval
     mode (no dropout) and without gradients; the sums of a shard, for the caller to add over ranks."""
     model = unwrap_model(model)
-    was_training = model.training
-    model.eval()
     loss_sum, count, sums = 0.0, 0, dict.fromkeys(objective.metric_keys, 0.0)
-    try:
+    with eval_mode(model):
         for s in range(0, len(items), batch_size):
             batch = {k: v.to(device) for k, v in objective.collate(items[s:s + batch_size], pad_id).items()}
             with autocast(device, amp):
@@ -113,6 +111,4 @@ def evaluate(objective: Objective, model: nn.Module, items: list[Any], batch_siz
             count += objective.count(batch)
             for k, v in metric_sums.items():
                 sums[k] += v
-    finally:
-        model.train(was_training)
     return loss_sum, count, sums

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .components import eval_mode
 from .loss import IGNORE_INDEX, decoder_forward, default_packed_layout
 
 
@@ -162,9 +163,7 @@ def check_packed_attention(model: nn.Module, layout: str | None = None) -> str:
     Raises:
         RuntimeError: neither keeps the segments apart (the caller names ``sample_packing``).
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         emb = model.get_input_embeddings()
         vocab = getattr(emb, "num_embeddings", None) or emb.weight.shape[0]
         device = emb.weight.device
@@ -196,7 +195,5 @@ def check_packed_attention(model: nn.Module, layout: str | None = None) -> str:
                 return lay
             tried.append(f"{lay!r}: a change in one segment moved its neighbour's hidden states by {change:.3g} "
                          f"(scale {scale:.3g})")
-    finally:
-        model.train(was_training)
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     raise RuntimeError(f"packed examples are not kept apart by this model's attention ({impl}): " + "; ".join(tried))
