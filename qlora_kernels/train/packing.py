@@ -174,8 +174,7 @@ def check_packed_attention(model: nn.Module, layout: str | None = None) -> str:
 
         def rows(first: Tensor) -> tuple[Tensor, Tensor]:
             r0 = torch.cat([first, b, pad])
-            r1 = torch.cat([b, first, pad[:0]])
-            r1 = torch.cat([r1, torch.zeros(r0.numel() - r1.numel(), dtype=torch.long)])
+            r1 = torch.cat([b, first, pad])
             p0 = torch.cat([torch.arange(na), torch.arange(nb), torch.arange(3)])
             p1 = torch.cat([torch.arange(nb), torch.arange(na), torch.arange(3)])
             return torch.stack([r0, r1]).to(device), torch.stack([p0, p1]).to(device)
