@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import warnings
 from collections.abc import Container, Mapping
 
 import torch
@@ -37,6 +38,8 @@ QUANT_STATE_NF4 = "quant_state.bitsandbytes__nf4"
 QUANT_STATE_FP4 = "quant_state.bitsandbytes__fp4"
 # The entries bitsandbytes writes beside a 4-bit ``<layer>.weight`` (transformers' serialized names).
 STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", QUANT_STATE_NF4, QUANT_STATE_FP4)
+# The first quant-state blob read that was not 1-D (it is warned about once per process).
+_warned_blob_shape: list[str] = []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,13 +165,20 @@ def _read_quant_state_blob(blob: object, key: str) -> dict:
 
     bitsandbytes writes it as a 1-D uint8 tensor of UTF-8 JSON bytes and reads it back as the tensor's raw bytes
     in memory order (``bytes(t.numpy())``), so any shape of a uint8 (or int8: the same bytes) tensor reads the
-    same; anything else (another dtype, Python bytes, a list) is an error naming ``key``.
+    same; a blob that is not 1-D is read so too, with a warning naming the key and the shape (once per process:
+    one converter usually wrote every layer's blob so). Anything else (another dtype, Python bytes, a list) is an
+    error naming ``key``.
     """
     if not isinstance(blob, Tensor):
         raise TypeError(f"{key!r} must be a uint8 tensor of JSON bytes (as bitsandbytes writes it); "
                         f"got {type(blob).__name__}")
     if blob.dtype not in (torch.uint8, torch.int8):
         raise TypeError(f"{key!r} must be a uint8 tensor of JSON bytes (as bitsandbytes writes it); got {blob.dtype}")
+    if blob.dim() != 1 and not _warned_blob_shape:
+        _warned_blob_shape.append(key)
+        warnings.warn(f"{key!r} is stored with shape {list(blob.shape)}, not 1-D as bitsandbytes writes it: read as "
+                      f"bitsandbytes reads it, its {blob.numel()} bytes in memory order (other blobs stored so are read "
+                      f"the same way without a further warning)", UserWarning, stacklevel=3)
     raw = bytes(packed_as_uint8(blob.detach().to("cpu").contiguous()).reshape(-1).tolist())
     try:
         state = json.loads(raw.decode("utf-8"))

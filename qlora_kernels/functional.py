@@ -20,6 +20,7 @@ The NF4 weight enters every Function as the op arguments of :meth:`NF4Weight.ten
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import torch
@@ -33,14 +34,17 @@ _QK = torch.ops.qlora_kernels
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype a linear layer computes in for input x: the autocast dtype inside an autocast region
-    of x's device type, else x's dtype (the rule of ``nn.Linear``)."""
+    of x's device type, else x's dtype (the rule of ``nn.Linear``). Device types without autocast
+    (``meta``) compute in x's dtype."""
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
 
 
 def _autocast_off(device_type: str):
+    if not torch.amp.is_autocast_available(device_type):  # meta: shapes only, nothing to switch off
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, enabled=False)
 
 

@@ -139,3 +139,20 @@ def test_empty_batch_gives_empty_results(dtype, device, monkeypatch):
         y.sum().backward()
         assert x.grad.shape == x.shape and float(layer.lora_A.weight.grad.abs().sum()) == 0.0, backend
         assert qk.nf4_linear(x.detach(), qw).shape == (2, 0, 48)
+
+
+def test_meta_inputs_give_shapes_and_a_mixed_call_names_both_devices():
+    """On the meta device (shape inference, as ``nn.Linear`` on meta) the layers and functions return meta outputs
+    of the right shape and dtype, inside an autocast region too; an x on meta with a weight on the CPU is the op's
+    device error (both used to fail inside autocast with "unknown device type")."""
+    qw = qk.quantize_nf4(torch.randn(32, 64))
+    x = torch.randn(3, 5, 64, device="meta")
+    with pytest.raises(ValueError, match="x and the weight must be on one device; got x on meta, weight on cpu"):
+        qk.nf4_linear(x, qw)
+    layer = qk.QLoraLinear(qw, torch.randn(32), r=4).to("meta")
+    for fn in (layer, lambda t: qk.nf4_linear(t, layer.qweight, layer.bias),
+               lambda t: qk.lora_linear(t, layer.qweight, layer.lora_A.weight, layer.lora_B.weight, 2.0)):
+        y = fn(x)
+        assert y.device.type == "meta" and y.shape == (3, 5, 32) and y.dtype == torch.float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert fn(x).shape == (3, 5, 32)

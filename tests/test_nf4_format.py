@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 
 import pytest
 import torch
 
 import qlora_kernels as qk
+from qlora_kernels import bnb_format
 from qlora_kernels.quant_maps import ALLOWED_BLOCKSIZES, NF4_CODE, dynamic_map, nf4_code
 from qlora_kernels.reference import nf4 as ref
 
@@ -209,10 +211,20 @@ def test_from_bnb_state_dict_blob_layouts_and_bad_entries():
     blob_key = "w.quant_state.bitsandbytes__nf4"
     blob = sd[blob_key]
     want = qk.dequantize_nf4(qk.NF4Weight.from_bnb_state_dict(sd, "w"))
+    bnb_format._warned_blob_shape.clear()
     for layout in (blob.reshape(-1, 1), blob.reshape(1, -1), blob.view(torch.int8)):
         other = dict(sd, **{blob_key: layout})
         F.QuantState.from_dict({k[2:]: v for k, v in other.items() if k != "w"}, "cpu")  # bnb reads it too
-        assert torch.equal(qk.dequantize_nf4(qk.NF4Weight.from_bnb_state_dict(other, "w")), want)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            assert torch.equal(qk.dequantize_nf4(qk.NF4Weight.from_bnb_state_dict(other, "w")), want)
+        if layout.dim() == 2 and layout.shape[1] == 1:  # the first blob that is not 1-D: said once, with its shape
+            assert [str(w.message) for w in said] == [
+                f"'{blob_key}' is stored with shape {list(layout.shape)}, not 1-D as bitsandbytes writes it: read as "
+                f"bitsandbytes reads it, its {blob.numel()} bytes in memory order (other blobs stored so are read the "
+                f"same way without a further warning)"]
+        else:
+            assert not said
     not_bytes = r"'w.quant_state.bitsandbytes__nf4' must be a uint8 tensor of JSON bytes .*got "
     bad = [
         (blob_key, bytes(blob.tolist()), TypeError, not_bytes + "bytes"),

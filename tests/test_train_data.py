@@ -193,6 +193,11 @@ def test_parquet(tok, model_dir, tmp_path):
     pq.write_table(pa.Table.from_pylist([{"text": "su ."}, {"text": "re ."}]), p)
     train, _, _ = load_examples(make_cfg(model_dir, p, "text"), tok)
     assert len(train) == 2
+    bad = tmp_path / "bad.parquet"  # parquet's magic bytes, then garbage: pyarrow raises ArrowInvalid
+    bad.write_bytes(b"PAR1" + b"not a parquet file" * 8 + b"PAR1")
+    with pytest.raises(DataError) as e:
+        load_examples(make_cfg(model_dir, bad, "text"), tok)
+    assert f"{bad}: not a readable parquet file (ArrowInvalid" in str(e.value)
 
 
 def test_eval_split_and_val_set_size(tok, model_dir, tmp_path):

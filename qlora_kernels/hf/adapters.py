@@ -133,7 +133,9 @@ def _read_config(path: Path) -> dict:
 
     Returns ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``rank_pattern`` and ``alpha_pattern``, with
     PEFT's defaults for absent keys (r 8, alpha 8, dropout 0.0, rslora false, no patterns). ``null`` reads as the
-    default. Raises ValueError naming the file and the key for anything else: not JSON, not a JSON object, a value
+    default where PEFT writes it (``modules_to_save``, ``target_parameters``, the patterns, ...), but ``r``,
+    ``lora_alpha`` and ``lora_dropout`` set numbers of the layer, and PEFT itself fails on a ``null`` there: a
+    ``null`` one is an error (it would otherwise load silently with another scaling). Raises ValueError naming the file and the key for anything else: not JSON, not a JSON object, a value
     of the wrong type or range (``use_rslora: "false"`` is an error, not True), a pattern that is not a regex, or
     a feature this package does not support (DoRA, trained biases, modules_to_save, another peft_type).
     """
@@ -168,6 +170,11 @@ def _read_config(path: Path) -> dict:
     if get("modules_to_save", []) not in ([], ()):
         got = cfg["modules_to_save"]
         raise ValueError(f"{where}: modules_to_save must be empty (not supported); got {got!r}")
+    for key in ("r", "lora_alpha", "lora_dropout"):
+        if key in cfg and cfg[key] is None:
+            raise ValueError(f"{where}: {key} is null; it must be a number (PEFT's default when the key is absent "
+                             f"is {dict(r=8, lora_alpha=8, lora_dropout=0.0)[key]}, but a null value is refused, "
+                             f"as PEFT refuses it)")
     try:
         r, alpha, dropout = check_lora_args(get("r", 8), get("lora_alpha", 8), get("lora_dropout", 0.0))
     except ValueError as exc:

@@ -193,7 +193,11 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
                 import pyarrow.parquet as pq
             except ImportError:
                 raise DataError(f"{f}: reading parquet needs pyarrow (pip install pyarrow)") from None
-            for i, row in enumerate(pq.read_table(f).to_pylist()):
+            try:
+                rows = pq.read_table(f).to_pylist()
+            except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid / ArrowIOError derive from these
+                raise DataError(f"{f}: not a readable parquet file ({type(e).__name__}: {e})") from None
+            for i, row in enumerate(rows):
                 yield f"{f}:row {i}", row
 
 
