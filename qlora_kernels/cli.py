@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +27,12 @@ def _bench_scripts(bench: Path) -> dict[str, Path]:
     if not bench.is_dir():
         return {}
     return {p.stem: p for p in sorted(bench.glob("*.py")) if not p.name.startswith(("_", "test_"))}
+
+
+def _ignore_sigint() -> None:
+    """After a run stopped by Ctrl-C (its checkpoint written): ignore further Ctrl-C while the process exits."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -44,6 +52,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        # The run has stopped and its checkpoint is written: a further Ctrl-C while the process exits would
+        # only turn exit status 130 into death by the signal.
+        _ignore_sigint()
         return 130
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
@@ -58,6 +69,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         return run.main(args)
     except KeyboardInterrupt:
+        _ignore_sigint()
         return 130
 
 

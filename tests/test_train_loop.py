@@ -150,6 +150,72 @@ def test_resume_after_ctrl_c_is_bit_identical(assets, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_second_ctrl_c_is_held_inside_a_critical_section_and_stops_after_it():
+    from qlora_kernels.train.loop import _SigintLatch
+
+    with _SigintLatch() as latch:
+        os.kill(os.getpid(), signal.SIGINT)  # the first: a request, no exception
+        assert latch.requested and not latch.stop
+        with pytest.raises(KeyboardInterrupt):
+            with latch.critical():
+                os.kill(os.getpid(), signal.SIGINT)  # the second, inside: held
+                os.kill(os.getpid(), signal.SIGINT)
+                assert latch.stop
+                done = True  # the block ran to its end
+        assert done
+        with latch.critical(reraise=False):  # the fit loop's own saves: it stops by itself afterwards
+            pass
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # outside any section: at once
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_ctrl_c_between_steps_still_writes_the_checkpoint(assets, tmp_path):
+    def press_ctrl_c_twice(step, rec):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # "stop at once": the step boundary is still saved
+
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train(config(assets, out), on_step_end=press_ctrl_c_twice, quiet=True)
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["loop"]["global_step"] == 2
+
+
+def test_cli_exits_130_with_a_checkpoint_after_two_ctrl_c(assets, tmp_path):
+    """The command line, as a user presses Ctrl-C twice in a row: exit status 130 (not death by the signal)
+    and a complete checkpoint, wherever the second press lands (the step, the update, the save, the exit)."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "cli"
+    cfg = {"base_model": str(assets["model"]), "output_dir": str(out),
+           "datasets": [{"path": str(assets["train"]), "type": "alpaca"}], "lora_r": 4, "sequence_len": 96,
+           "micro_batch_size": 4, "max_steps": 100000, "save_steps": 1000, "optimizer": "adamw_torch",
+           "progress_bar": False}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))  # YAML is a superset of JSON
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_kernels", "train", str(tmp_path / "cfg.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[0]
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, output
+    saved = sorted(out.glob("checkpoint-*"))
+    assert len(saved) == 1 and (saved[0] / "trainer_state.json").is_file(), (saved, output)
+    assert "saved to" in output
+
+
 def test_resume_from_periodic_checkpoint_and_raw_interrupt(assets, tmp_path):
     full = train(config(assets, tmp_path / "full", max_steps=5, save_steps=2), quiet=True)
 

@@ -27,6 +27,7 @@ a checkpoint and raises ``KeyboardInterrupt``; a second Ctrl-C interrupts at onc
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import signal
@@ -34,7 +35,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,7 @@ class Recipe:
         self.last_eval: float | None = None
         self.stopped_early = False
         self.in_update = False  # between the first parameter change of a step and its end
+        self.latch = _SigintLatch()  # Ctrl-C handling; installed by fit
         self.sharded = cfg.fsdp and ctx.enabled  # FSDP2 over the ranks (fsdp: true with one process is a no-op)
 
     def say(self, msg: str) -> None:
@@ -317,37 +319,44 @@ class Recipe:
         self.bar = tqdm(total=self.steps, initial=self.state["global_step"], disable=self.quiet or not cfg.progress_bar,
                         desc=self.objective.name, unit="step", dynamic_ncols=True)
         self.model.train()
-        try:
-            with _SigintLatch() as latch:
+        latch = self.latch
+        with latch:
+            try:
                 while self.state["global_step"] < self.steps:
                     rec = self.step()
                     step = self.state["global_step"]
+                    if latch.stop:  # a second Ctrl-C came during the update: no eval, save and stop
+                        raise KeyboardInterrupt
                     if self.eval_items and cfg.eval_steps and (step % cfg.eval_steps == 0 or step == self.steps):
                         self.last_eval = self.evaluate()
                         self._track_eval(self.last_eval)
                     if cfg.save_steps and step % cfg.save_steps == 0:
-                        self.checkpoint()
+                        with latch.critical():
+                            self.checkpoint()
                     if on_step_end is not None:
                         on_step_end(step, rec)
                     if dp.any_rank(latch.requested, self.ctx, self.device):
                         saved_now = self.state["last_checkpoint"] == str(self.out / f"checkpoint-{step}")
-                        path = Path(self.state["last_checkpoint"]) if saved_now else self.checkpoint()
+                        with latch.critical(reraise=False):
+                            path = Path(self.state["last_checkpoint"]) if saved_now else self.checkpoint()
                         tqdm.write(f"interrupted at step {step}; checkpoint saved to {path} "
                                    f"(resume with resume_from_checkpoint={path})")
                         raise KeyboardInterrupt
                     if self.stopped_early:
                         break
-        except KeyboardInterrupt:
-            self.bar.close()
-            if not self.in_update and self.state["last_checkpoint"] != str(self.out / f"checkpoint-{self.step_no}"):
-                # Interrupted while accumulating, evaluating or between steps: model and optimizer are at
-                # the last step boundary, whose RNG and data position were kept for this.
-                path = self.checkpoint()
-                print(f"interrupted; checkpoint of step {self.step_no} saved to {path}", file=sys.stderr)
-            elif self.in_update:
-                print("interrupted inside the optimizer update: no checkpoint written (last good one: "
-                      f"{self.state['last_checkpoint'] or 'none'})", file=sys.stderr)
-            raise
+            except KeyboardInterrupt:
+                self.bar.close()
+                if not self.in_update and self.state["last_checkpoint"] != str(self.out / f"checkpoint-{self.step_no}"):
+                    # Interrupted while accumulating, evaluating or between steps: model and optimizer are at
+                    # the last step boundary, whose RNG and data position were kept for this. A further
+                    # Ctrl-C waits for the checkpoint.
+                    with latch.critical(reraise=False):
+                        path = self.checkpoint()
+                    print(f"interrupted; checkpoint of step {self.step_no} saved to {path}", file=sys.stderr)
+                elif self.in_update:  # outside the main thread nothing holds Ctrl-C back
+                    print("interrupted inside the optimizer update: no checkpoint written (last good one: "
+                          f"{self.state['last_checkpoint'] or 'none'})", file=sys.stderr)
+                raise
         self.bar.close()
 
     @property
@@ -387,25 +396,27 @@ class Recipe:
         totals = dp.all_reduce_sum([loss_sum, *sums.values()], ctx, device).tolist()
         loss_sum, sums = totals[0], dict(zip(sums, totals[1:]))
 
-        self.in_update = True
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = dp.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))  # over all shards
-        if not math.isfinite(grad_norm) and self.scaler is None:
-            raise TrainingError(f"non-finite gradient norm at step {self.step_no + 1} (loss was finite); last good "
-                                f"checkpoint: {self.state['last_checkpoint'] or 'none (set save_steps)'}")
-        lr = self.optimizer.param_groups[0]["lr"]
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.in_update = False
-        self.step_rng, self.step_data = rng_state(), self.stream.state_dict()  # the new step boundary
-        self.state["global_step"] += 1
-        self.state["tokens_seen"] += n_tok
+        # A second Ctrl-C waits for the update (never half a step); fit then saves this step and stops.
+        with self.latch.critical(reraise=False):
+            self.in_update = True
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            grad_norm = dp.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))  # over all shards
+            if not math.isfinite(grad_norm) and self.scaler is None:
+                raise TrainingError(f"non-finite gradient norm at step {self.step_no + 1} (loss was finite); last good "
+                                    f"checkpoint: {self.state['last_checkpoint'] or 'none (set save_steps)'}")
+            lr = self.optimizer.param_groups[0]["lr"]
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.in_update = False
+            self.step_rng, self.step_data = rng_state(), self.stream.state_dict()  # the new step boundary
+            self.state["global_step"] += 1
+            self.state["tokens_seen"] += n_tok
 
         step, dt = self.step_no, time.perf_counter() - t0
         self.last_loss = loss_sum / max(1, n)
@@ -491,10 +502,15 @@ class Recipe:
 
 
 class _SigintLatch:
-    """First Ctrl-C sets a flag (the loop checkpoints at the end of the step); the second interrupts."""
+    """Ctrl-C during :meth:`Recipe.fit`. The first sets :attr:`requested` (the loop finishes the step, saves a
+    checkpoint and stops); the second stops at once, except inside a :meth:`critical` section (the optimizer
+    update, a checkpoint being written), where it is held until the section ends, so that a step is never left
+    half applied nor a checkpoint half written. Outside the main thread it installs nothing."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.stop = False  # a second Ctrl-C arrived inside a critical section
+        self._depth = 0
         self._previous: Any = None
 
     def __enter__(self) -> _SigintLatch:
@@ -503,11 +519,27 @@ class _SigintLatch:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
+        if not self.requested:
+            self.requested = True
+            print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+        elif self._depth:
+            if not self.stop:
+                print("\nCtrl-C: stopping as soon as this update or checkpoint is complete", file=sys.stderr, flush=True)
+            self.stop = True
+        else:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
-              file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def critical(self, reraise: bool = True) -> Iterator[None]:
+        """Hold a second Ctrl-C until the block ends; then (``reraise``) stop with KeyboardInterrupt."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        if reraise and self.stop and not self._depth:
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
