@@ -176,9 +176,9 @@ def _read_quant_state_blob(blob: object, key: str) -> dict:
         raise TypeError(f"{key!r} must be a uint8 tensor of JSON bytes (as bitsandbytes writes it); got {blob.dtype}")
     if blob.dim() != 1 and not _warned_blob_shape:
         _warned_blob_shape.append(key)
-        warnings.warn(f"{key!r} is stored with shape {list(blob.shape)}, not 1-D as bitsandbytes writes it: read as "
-                      f"bitsandbytes reads it, its {blob.numel()} bytes in memory order (other blobs stored so are read "
-                      f"the same way without a further warning)", UserWarning, stacklevel=3)
+        warnings.warn(f"{key!r} is stored with shape {list(blob.shape)}, not 1-D as bitsandbytes writes it: read "
+                      f"as bitsandbytes reads it, its {blob.numel()} bytes in memory order (other blobs stored so are "
+                      f"read the same way without a further warning)", UserWarning, stacklevel=3)
     raw = bytes(packed_as_uint8(blob.detach().to("cpu").contiguous()).reshape(-1).tolist())
     try:
         state = json.loads(raw.decode("utf-8"))

@@ -31,6 +31,8 @@ from qlora_kernels.train.distributed import (
     wrap_model,
 )
 
+from . import bounds
+
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,11 +169,6 @@ def test_two_gloo_processes_train_the_same_adapter_as_one(assets, tmp_path, dpo,
     a = load_file(str(ddp_out / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and any(v.abs().sum() > 0 for k, v in b.items() if "lora_B" in k)
-    # fp32 summation order differs (per-rank partial sums, then the all-reduce); Adam turns a gradient
-    # difference of ~1e-7 on a near-zero gradient into a ~1e-6 step difference, against weights of ~1e-2.
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
-
     # rank 0 alone wrote: one record per step (not two), the global loss, eval and checkpoints
     recs = _train_records(ddp_out)
     steps = [r for r in recs if "loss" in r]
@@ -179,11 +176,18 @@ def test_two_gloo_processes_train_the_same_adapter_as_one(assets, tmp_path, dpo,
     assert [r["step"] for r in steps] == [1, 2, 3]
     count = "pairs" if dpo else "target_tokens"
     assert [r[count] for r in steps] == [r[count] for r in want]
-    for x, y in zip(steps, want):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["grad_norm"] == pytest.approx(y["grad_norm"],
-                                                                                                   rel=1e-4)
+    # fp32 summation order differs (per-rank partial sums, then the all-reduce): the longest reduction is a global
+    # batch's tokens (2 x 4 rows of <= 64; DPO: twice as many sequences), the model has 2 layers
+    reduce_len = 1024 if dpo else 512
+    dpo_scale = (lambda r: 0.5 * 2 * (abs(r["logps/chosen"]) + abs(r["logps/rejected"]))) if dpo else None
+    weight_bound = bounds.assert_same_training(steps, want, a, b, num_layers=2, reduce_len=reduce_len,
+                                               loss_scale=dpo_scale)
     evals = [r for r in recs if "eval_loss" in r]
-    assert len(evals) == 1 and evals[0]["eval_loss"] == pytest.approx(one.eval_loss, rel=1e-5)
+    assert len(evals) == 1
+    bound, why = bounds.loss_after_training(one.eval_loss if dpo_scale is None else dpo_scale(want[-1]), 2,
+                                            reduce_len, want[-1]["grad_norm"], sum(v.numel() for v in b.values()),
+                                            weight_bound)
+    bounds.assert_within("eval_loss", evals[0]["eval_loss"], one.eval_loss, bound, why=why)
     if dpo:
         assert evals[0]["eval_rewards/accuracies"] == [r for r in one.history if "eval_loss" in r][0][
             "eval_rewards/accuracies"]

@@ -25,6 +25,8 @@ from qlora_kernels.nn.nf4_storage import resident_nf4_bytes
 from qlora_kernels.train import ConfigError, TrainingError, fsdp, load_config, train
 from qlora_kernels.train.distributed import DistContext
 
+from . import bounds
+
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -300,16 +302,16 @@ def test_two_fsdp_ranks_train_the_adapters_of_one_process(runs):
     a = load_file(str(runs["full"] / "adapter_model.safetensors"))
     b = load_file(str(runs["one"] / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and any(v.abs().sum() > 0 for k, v in b.items() if "lora_B" in k)
-    for k in a:  # fp32 summation order differs (shards, reduce-scatter); Adam amplifies ~1e-7 to ~1e-6
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     got, want = _records(runs["full"]), _records(runs["one"])
     assert [r["step"] for r in got] == [1, 2, 3, 4] and [r["target_tokens"] for r in got] == [
         r["target_tokens"] for r in want]
-    for x, y in zip(got, want):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["grad_norm"] == pytest.approx(y["grad_norm"],
-                                                                                                   rel=1e-4)
-    assert _records(runs["full"], "eval_loss")[0]["eval_loss"] == pytest.approx(
-        _records(runs["one"], "eval_loss")[0]["eval_loss"], rel=1e-5)
+    # fp32 summation order differs (shards, reduce-scatter, micro-batch 2 x 2 ranks vs 4): the longest reduction
+    # is a global batch's tokens (2 x 2 x 2 rows of <= 64), the model has 2 layers
+    weight_bound = bounds.assert_same_training(got, want, a, b, num_layers=2, reduce_len=512)
+    (e_got,), (e_want,) = _records(runs["full"], "eval_loss"), _records(runs["one"], "eval_loss")
+    bound, why = bounds.loss_after_training(e_want["eval_loss"], 2, 512, want[-1]["grad_norm"],
+                                            sum(v.numel() for v in b.values()), weight_bound)
+    bounds.assert_within("eval_loss", e_got["eval_loss"], e_want["eval_loss"], bound, why=why)
     assert "fully sharded (FSDP2) over 2 processes" in runs["full_stdout"]
 
 
@@ -365,17 +367,25 @@ def test_the_adapter_is_peft_s_and_loads_there(assets, runs):
             if isinstance(m, nn.Linear) and name != "lm_head":
                 m.weight.copy_(qk.dequantize_nf4(qk.quantize_nf4(m.weight)))
     ids = torch.randint(3, 600, (2, 16), generator=torch.Generator().manual_seed(2))
-    logits = {}
+    # Each run's adapter on PEFT's dense layers gives what it gives on ours (the two runs' adapters are compared
+    # with each other, within their bound, in test_two_fsdp_ranks_train_the_adapters_of_one_process).
     for run in ("full", "one"):
         model = peft.PeftModel.from_pretrained(base, str(runs[run])).eval()
         saved = load_file(str(runs[run] / "adapter_model.safetensors"))
         loaded = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n}
         assert len(loaded) == len(saved) and all(torch.equal(loaded[k], v) for k, v in saved.items())
+        ours = qk.hf.load_adapter(qk.hf.load_4bit_model(assets["model"], dtype=torch.float32), runs[run]).eval()
         with torch.no_grad():
-            logits[run] = model(ids).logits
+            got = ours(ids).logits
+            out = model(ids, output_hidden_states=True)
+        # two 2-layer forwards that round differently (fused LoRA on NF4 vs PEFT's dense layers), on the scale
+        # of the last reduction's terms, |h| @ |W_lm|^T
+        rho = bounds.training_rounding(2, 128)[0]
+        scale = bounds.abs_matmul(out.hidden_states[-1], model.get_output_embeddings().weight)
+        bounds.assert_within(f"{run}: logits, ours vs PEFT", got, out.logits, rho * scale,
+                             why=f"rho_forward {rho:.3g} x |h| @ |W_lm|^T")
         base = model.unload()
     assert json.loads((runs["full"] / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    torch.testing.assert_close(logits["full"], logits["one"], rtol=1e-4, atol=1e-4)
 
 
 def test_sharded_units_bnb4_checkpoint_optimizer_clipping_and_bad_dtypes(assets, tmp_path):

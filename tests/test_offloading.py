@@ -20,6 +20,8 @@ from qlora_kernels.train.data import Example, collate, write_jsonl
 from qlora_kernels.train.loss import causal_lm_loss, decoder_forward
 from qlora_kernels.train.offload import ActivationOffloader
 
+from . import bounds
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 LAYERS, HIDDEN = 3, 32
 
@@ -114,8 +116,7 @@ def test_with_checkpointing_only_the_layer_inputs_leave():
     loss, _ = causal_lm_loss(hidden, head, b["labels"], bias=bias)
     loss.backward()
     got = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+    bounds.assert_same_gradients(got, want, num_layers=LAYERS, reduce_len=b["input_ids"].numel() + HIDDEN)
 
 
 def test_memory_mode_rules_and_config_keys(tmp_path):
@@ -168,7 +169,7 @@ def test_trainer_with_offloading_reproduces_the_losses(assets, tmp_path):
     offloaded = run(assets, tmp_path / "off", activation_offloading=True)
     assert curve(offloaded) == curve(plain)
     both = run(assets, tmp_path / "both", gradient_checkpointing="offload")
-    assert curve(both) == pytest.approx(curve(plain), rel=1e-6)
+    bounds.assert_same_training(both.history, plain.history, {}, {}, num_layers=2, reduce_len=8 * 96)
     small = [r["offloaded_mib"] for r in both.history]
     big = [r["offloaded_mib"] for r in offloaded.history]
     assert all(0 < s < b / 5 for s, b in zip(small, big))  # checkpoints only: a small part of the activations
@@ -185,4 +186,4 @@ def test_fused_mlp_key_fuses_on_the_instance_and_trains_the_same(assets, tmp_pat
                                    "progress_bar": False, "fused_mlp": True,
                                    "datasets": [{"path": str(assets["train"]), "type": "alpaca"}]}))
     assert "fused_mlp: 2 MLPs run as one fused QLoRA Function" in capsys.readouterr().out
-    assert curve(fused) == pytest.approx(curve(plain), rel=1e-4)
+    bounds.assert_same_training(fused.history, plain.history, {}, {}, num_layers=2, reduce_len=8 * 96)

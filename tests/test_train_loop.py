@@ -16,6 +16,8 @@ import qlora_kernels as qk
 from qlora_kernels.demo.synthetic import instruction_rows, make_languages, save_random_model
 from qlora_kernels.train import TrainingError, load_config, train
 
+from . import bounds
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -122,12 +124,10 @@ def test_accumulated_steps_equal_one_big_batch(assets, tmp_path):
     kw = dict(max_steps=3, lora_dropout=0.0, eval_steps=None, save_steps=None)
     a = train(config(assets, tmp_path / "a", micro_batch_size=2, gradient_accumulation_steps=2, **kw), quiet=True)
     b = train(config(assets, tmp_path / "b", micro_batch_size=4, gradient_accumulation_steps=1, **kw), quiet=True)
-    for x, y in zip(losses(a.history), losses(b.history), strict=True):
-        assert x[1] == pytest.approx(y[1], rel=1e-5) and x[3] == pytest.approx(y[3], rel=1e-4)
     sa = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     sb = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
-    for k in sa:
-        torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-6)
+    # 2 layers; the longest reduction: a step's tokens (4 rows of <= 96); weight decay 0.01
+    bounds.assert_same_training(a.history, b.history, sa, sb, num_layers=2, reduce_len=4 * 96, weight_decay=0.01)
 
 
 def test_resume_after_ctrl_c_is_bit_identical(assets, tmp_path):
@@ -282,8 +282,8 @@ def test_gradient_checkpointing_gives_the_same_losses(assets, tmp_path):
     model = build_model(cfg)
     b = train(cfg, model=model, quiet=True)
     assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
-    for x, y in zip(losses(a.history), losses(b.history)):
-        assert x[1] == pytest.approx(y[1], rel=1e-5, abs=1e-6)
+    # the recomputed forward is the same arithmetic, the gradients accumulate in another order
+    bounds.assert_same_training(b.history, a.history, {}, {}, num_layers=2, reduce_len=8 * 96)
 
 
 @pytest.mark.parametrize("opt", ["paged_adamw", "paged_adamw_8bit"])

@@ -135,9 +135,10 @@ def _read_config(path: Path) -> dict:
     PEFT's defaults for absent keys (r 8, alpha 8, dropout 0.0, rslora false, no patterns). ``null`` reads as the
     default where PEFT writes it (``modules_to_save``, ``target_parameters``, the patterns, ...), but ``r``,
     ``lora_alpha`` and ``lora_dropout`` set numbers of the layer, and PEFT itself fails on a ``null`` there: a
-    ``null`` one is an error (it would otherwise load silently with another scaling). Raises ValueError naming the file and the key for anything else: not JSON, not a JSON object, a value
-    of the wrong type or range (``use_rslora: "false"`` is an error, not True), a pattern that is not a regex, or
-    a feature this package does not support (DoRA, trained biases, modules_to_save, another peft_type).
+    ``null`` one is an error (it would otherwise load silently with another scaling). Raises ValueError naming the
+    file and the key for anything else: not JSON, not a JSON object, a value of the wrong type or range
+    (``use_rslora: "false"`` is an error, not True), a pattern that is not a regex, or a feature this package does
+    not support (DoRA, trained biases, modules_to_save, another peft_type).
     """
     where = str(path)
     try:

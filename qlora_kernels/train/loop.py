@@ -525,7 +525,8 @@ class _SigintLatch:
                   file=sys.stderr, flush=True)
         elif self._depth:
             if not self.stop:
-                print("\nCtrl-C: stopping as soon as this update or checkpoint is complete", file=sys.stderr, flush=True)
+                print("\nCtrl-C: stopping as soon as this update or checkpoint is complete", file=sys.stderr,
+                      flush=True)
             self.stop = True
         else:
             raise KeyboardInterrupt

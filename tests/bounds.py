@@ -1,0 +1,247 @@
+"""Tolerances derived from the arithmetic, and one assertion that explains a failure.
+
+Two computations of the same quantity that round differently (ranks vs one process, packed vs unpacked,
+fused vs unfused, a kernel vs its reference, accumulated vs whole batch) are compared against a bound
+built here from what the arithmetic does: the reduction length, the unit roundoff of each dtype, the
+magnitudes involved, and for trained weights the steps and learning rates. A tolerance tuned to one
+machine's rounding is not one of them: the CPU model, its vector width (``ATEN_CPU_CAPABILITY``) and the
+thread count change the summation order, and the bounds hold for every order.
+
+The model (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., ch. 2-3):
+
+- ``u`` is the unit roundoff of a dtype: 2^-24 (fp32), 2^-11 (fp16), 2^-8 (bf16), 2^-53 (fp64).
+  Rounding a value v to it errs by at most ``u |v|``.
+- A sum or dot product of ``n`` terms, in any order, with or without fused multiply-adds, errs by at most
+  ``gamma_n * sum |terms|``, ``gamma_n = n u / (1 - n u)`` (Higham, (3.5)). Two such evaluations differ by at
+  most twice that. This is rigorous for one reduction.
+- A network is a chain of reductions. Along a chain of ``depth`` reductions of length at most ``n``, the
+  relative rounding error of the result is taken as ``depth * 2 gamma_n`` (:func:`network`): the first-order
+  forward error when no layer amplifies a relative perturbation of its input. The test models are a few
+  layers of a randomly initialised Llama with adapters near their initial value, for which that holds; it is
+  an assumption, and each test that uses it says so.
+- AdamW moves an element by at most ``lr_t c_t`` in step t, ``c_t`` from :func:`adam_step_limit` (by
+  Cauchy-Schwarz on the moment sums; 1 at the first step). Two trajectories from the same start, whose
+  gradients differ by a relative ``rho`` in each element, differ after the steps by at most
+  ``sum_t lr_t c_t min(2, 2 rho)`` (:func:`adam_trajectory`): the first moment by ``rho`` of its bound, the
+  second moment's root by ``rho`` of itself, and never more than two full steps apart.
+
+:func:`assert_within` compares and, on failure, names the tensor, gives the largest absolute and relative
+difference, where it is, the two values and the bound there, how many elements are beyond it, and why
+the bound is what it is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11,
+                 torch.bfloat16: 2.0**-8}
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """``u`` of a floating dtype: half the distance from 1 to the next representable number."""
+    if dtype not in UNIT_ROUNDOFF:
+        raise ValueError(f"dtype: expected one of {sorted(map(str, UNIT_ROUNDOFF))}, got {dtype}")
+    return UNIT_ROUNDOFF[dtype]
+
+
+def gamma(n: int, dtype: torch.dtype = torch.float32) -> float:
+    """``gamma_n = n u / (1 - n u)``: the relative error bound of an n-term sum or dot product (any order)."""
+    nu = max(int(n), 1) * unit_roundoff(dtype)
+    if nu >= 1:
+        raise ValueError(f"n: a reduction of {n} terms in {dtype} has no error bound (n u >= 1)")
+    return nu / (1 - nu)
+
+
+def abs_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``|x| @ |w|^T`` in fp64 (x ``[..., K]``, w ``[N, K]``): the sum of |terms| of every output element."""
+    k = x.shape[-1]
+    mag = x.detach().reshape(-1, k).abs().double().cpu() @ w.detach().abs().double().cpu().T
+    return mag.reshape(*x.shape[:-1], w.shape[0])
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor, *, acc: torch.dtype = torch.float32, inputs: torch.dtype | None = None,
+           out: torch.dtype | None = None, ref: torch.Tensor | None = None, paths: int = 2) -> torch.Tensor:
+    """Elementwise bound on the difference of ``paths`` evaluations of ``x @ w^T`` (x ``[..., K]``, w ``[N, K]``).
+
+    ``acc``: the dtype the products are summed in (each evaluation within ``gamma_K`` of the exact sum).
+    ``inputs``: one evaluation first rounds x and w to this dtype (``2 u`` per product, since both factors
+    round). ``out``: the evaluations round their result to this dtype (``u |y|`` each, with ``ref`` the
+    value, or the magnitude bound when no ``ref`` is given).
+    """
+    mag = abs_matmul(x, w)
+    bound = paths * gamma(x.shape[-1], acc) * mag
+    if inputs is not None:
+        bound = bound + 2 * unit_roundoff(inputs) * mag
+    if out is not None:
+        y = mag if ref is None else ref.detach().abs().double().cpu().reshape(mag.shape)
+        bound = bound + paths * unit_roundoff(out) * (y + bound)
+    return bound
+
+
+def reduction(abs_sum: float | torch.Tensor, n: int, dtype: torch.dtype = torch.float32,
+              paths: int = 2) -> float | torch.Tensor:
+    """Bound on the difference of ``paths`` evaluations of an n-term sum whose |terms| add up to ``abs_sum``."""
+    return paths * gamma(n, dtype) * abs_sum
+
+
+def network(depth: int, n: int, dtype: torch.dtype = torch.float32) -> float:
+    """Relative rounding bound of a result at the end of ``depth`` chained reductions of length <= ``n``,
+    evaluated twice in different orders (first order; see the module docstring for the assumption)."""
+    return depth * 2 * gamma(n, dtype)
+
+
+def llama_depth(num_layers: int, backward: bool = False) -> int:
+    """The reductions on one path through a Llama decoder: per layer q/k/v projection, QK^T, attention x V,
+    o_proj, gate/up projection, down_proj (6), then the output projection and the loss's sum (2); the
+    backward pass the same again."""
+    fwd = 6 * num_layers + 2
+    return 2 * fwd if backward else fwd
+
+
+def adam_step_limit(step: int, betas: tuple[float, float] = (0.9, 0.999)) -> float:
+    """``c_t``: the largest ``|m_hat_t| / sqrt(v_hat_t)`` AdamW can reach at step t (1-based), any gradients.
+
+    ``m_t = (1-b1) sum_i b1^(t-i) g_i``, ``v_t = (1-b2) sum_i b2^(t-i) g_i^2``; by Cauchy-Schwarz
+    ``|m_t| <= (1-b1)/sqrt(1-b2) sqrt(v_t) sqrt(sum_j (b1^2/b2)^j)``, and the bias corrections divide by
+    ``1-b1^t`` and ``sqrt(1-b2^t)``.
+    """
+    b1, b2 = betas
+    if step < 1:
+        raise ValueError(f"step: expected >= 1, got {step}")
+    r = b1 * b1 / b2
+    geo = sum(r**j for j in range(step))
+    return (1 - b1) * math.sqrt(1 - b2**step) / ((1 - b1**step) * math.sqrt(1 - b2)) * math.sqrt(geo)
+
+
+def adam_trajectory(lrs: Iterable[float], rho: float, betas: tuple[float, float] = (0.9, 0.999),
+                    weight: float = 0.0, weight_decay: float = 0.0) -> float:
+    """Elementwise bound on the distance of two AdamW trajectories from the same start whose gradients differ
+    by a relative ``rho``: ``sum_t lr_t (c_t min(2, 2 rho) + weight_decay * weight * 2 rho)``.
+
+    ``lrs``: the learning rate of each step taken; ``weight``: the largest |element| (for decoupled weight
+    decay, which moves both trajectories alike up to their difference)."""
+    total = 0.0
+    for t, lr in enumerate(lrs, start=1):
+        total += lr * (adam_step_limit(t, betas) * min(2.0, 2 * rho) + weight_decay * weight * 2 * rho)
+    return total
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def assert_within(name: str, got: torch.Tensor | float, want: torch.Tensor | float,
+                  bound: torch.Tensor | float, why: str = "") -> None:
+    """Assert ``|got - want| <= bound`` elementwise (bound broadcast to the shape), NaN never within.
+
+    The failure message names the tensor, gives the largest absolute and relative difference, the index of
+    the worst element (the largest ratio of difference to bound) with both values and the bound there, the
+    number of elements beyond their bound, and ``why`` (how the bound was derived)."""
+    g = torch.as_tensor(got).detach().double().cpu()
+    w = torch.as_tensor(want).detach().double().cpu()
+    if g.shape != w.shape:
+        raise AssertionError(f"{name}: shapes differ: got {tuple(g.shape)}, want {tuple(w.shape)}")
+    b = torch.as_tensor(bound).detach().double().cpu().expand(g.shape)
+    diff = (g - w).abs()
+    same_inf = torch.isinf(g) & (g == w)
+    diff = torch.where(same_inf, torch.zeros_like(diff), diff)
+    bad = ~(diff <= b)  # NaN compares False: a NaN is never within
+    if not bool(bad.any()):
+        return
+    ratio = torch.where(torch.isnan(diff), torch.full_like(diff, math.inf), diff / b.clamp_min(1e-300))
+    flat = int(torch.argmax(torch.where(bad, ratio, torch.full_like(ratio, -1.0)).reshape(-1)))
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), g.shape)) if g.dim() else ()
+    rel = diff / w.abs().clamp_min(1e-300)
+    finite = diff[~torch.isnan(diff)]
+    max_abs = float(finite.max()) if finite.numel() else math.nan
+    max_rel = float(rel[~torch.isnan(rel)].max()) if finite.numel() else math.nan
+    where = f"at {list(idx)}" if idx else "(a scalar)"
+    msg = (f"{name}: {int(bad.sum())} of {g.numel()} elements beyond the bound; max abs diff {_fmt(max_abs)}, "
+           f"max rel diff {_fmt(max_rel)}; worst {where}: got {_fmt(float(g.reshape(-1)[flat]))}, want "
+           f"{_fmt(float(w.reshape(-1)[flat]))}, diff {_fmt(float(diff.reshape(-1)[flat]))}, bound "
+           f"{_fmt(float(b.reshape(-1)[flat]))}")
+    if why:
+        msg += f"\n  bound: {why}"
+    raise AssertionError(msg)
+
+
+# --------------------------------------------------------------------------- training runs compared
+
+
+def training_rounding(num_layers: int, reduce_len: int) -> tuple[float, float]:
+    """``(rho_forward, rho_gradient)``: the relative rounding bounds of a loss and of the gradients of a
+    ``num_layers`` Llama whose longest reduction (hidden width, or the tokens of a batch the gradients sum
+    over) has ``reduce_len`` terms, for two runs that sum in different orders (:func:`network`)."""
+    return (network(llama_depth(num_layers), reduce_len),
+            network(llama_depth(num_layers, backward=True), reduce_len))
+
+
+def trained_weights(lrs: Iterable[float], num_layers: int, reduce_len: int, betas: tuple[float, float] = (0.9, 0.999),
+                    weight_decay: float = 0.0, weight: float = 0.0) -> tuple[float, str]:
+    """The bound on trained weights of two runs (:func:`adam_trajectory` with the gradients' ``rho``) and
+    the sentence that says how it was derived."""
+    lrs = list(lrs)
+    rho = training_rounding(num_layers, reduce_len)[1]
+    b = adam_trajectory(lrs, rho, betas, weight, weight_decay)
+    return b, (f"AdamW trajectories: sum over {len(lrs)} steps of lr_t c_t min(2, 2 rho) = {_fmt(b)}, gradients' "
+               f"rho = {llama_depth(num_layers, True)} chained reductions x 2 gamma_{reduce_len}(fp32) = {_fmt(rho)}")
+
+
+def loss_after_training(scale: float, num_layers: int, reduce_len: int, grad_norm: float, numel: int,
+                        weight_bound: float) -> tuple[float, str]:
+    """Bound on a loss evaluated on the trained weights of two runs: its own rounding (``rho_forward |loss|``)
+    plus, to first order, the weights' difference: ``|dL| <= ||grad||_1 max|d theta| <= sqrt(numel) ||grad||_2
+    weight_bound``, with the gradient norm of the last training step standing in for the loss's own."""
+    rho = training_rounding(num_layers, reduce_len)[0]
+    b = rho * abs(scale) + math.sqrt(numel) * grad_norm * weight_bound
+    return b, (f"rho_forward x {_fmt(scale)} + sqrt({numel}) x grad norm {_fmt(grad_norm)} x weight bound "
+               f"{_fmt(weight_bound)} = {_fmt(b)}")
+
+
+def assert_same_training(got: list[dict], want: list[dict], got_weights: dict[str, torch.Tensor],
+                         want_weights: dict[str, torch.Tensor], num_layers: int, reduce_len: int,
+                         betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
+                         loss_scale: Callable[[dict], float] | None = None) -> float:
+    """Two runs of the same training that round differently (ranks, packing, accumulation): every step's loss
+    and gradient norm (records with ``loss``, ``grad_norm`` and ``lr``, as metrics.jsonl writes them) and the
+    trained weights, each within its bound. ``loss_scale(record)``: the magnitude of the terms the loss is
+    computed from (default ``|loss|``: a cross-entropy is a mean of positive terms; DPO's is beta times its
+    log-probability sums). Returns the trained weights' bound."""
+    got, want = [r for r in got if "loss" in r], [r for r in want if "loss" in r]
+    assert [r["step"] for r in got] == [r["step"] for r in want], "the two runs logged different steps"
+    rho_f, rho_g = training_rounding(num_layers, reduce_len)
+    lrs = [r["lr"] for r in want]
+    for i, (x, y) in enumerate(zip(got, want)):
+        # step 1 sees the same weights; later steps also the weights' difference so far (first order)
+        w_bound = adam_trajectory(lrs[:i], rho_g, betas, weight_decay=weight_decay)
+        numel = sum(v.numel() for v in want_weights.values())
+        drift = math.sqrt(numel) * y["grad_norm"] * w_bound
+        scale = abs(y["loss"]) if loss_scale is None else loss_scale(y)
+        assert_within(f"step {y['step']} loss", x["loss"], y["loss"], rho_f * scale + drift,
+                      why=f"rho_forward {_fmt(rho_f)} x loss scale {_fmt(scale)} + sqrt(numel) x grad norm x "
+                          f"weight bound {_fmt(w_bound)}")
+        assert_within(f"step {y['step']} grad_norm", x["grad_norm"], y["grad_norm"],
+                      (rho_g + gamma(numel)) * y["grad_norm"] + drift / max(abs(y["loss"]), 1e-30) * y["grad_norm"],
+                      why=f"(rho_gradient {_fmt(rho_g)} + gamma_numel) x norm, plus the loss's relative drift")
+    bound, why = trained_weights(lrs, num_layers, reduce_len, betas, weight_decay,
+                                 max((float(v.abs().max()) for v in want_weights.values()), default=0.0))
+    assert got_weights.keys() == want_weights.keys(), "the two runs trained different tensors"
+    for k in want_weights:
+        assert_within(k, got_weights[k], want_weights[k], bound, why=why)
+    return bound
+
+
+def assert_same_gradients(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], num_layers: int,
+                          reduce_len: int) -> None:
+    """The gradients of one loss computed two ways (packed, checkpointed, offloaded, fused): each tensor within
+    ``rho_gradient`` of its scale, its largest element (every element is a sum over the same tokens)."""
+    assert got.keys() == want.keys(), f"different tensors: {sorted(set(got) ^ set(want))}"
+    rho = training_rounding(num_layers, reduce_len)[1]
+    for k in want:
+        assert_within(k, got[k], want[k], rho * float(want[k].abs().max()),
+                      why=f"rho_gradient {_fmt(rho)} ({llama_depth(num_layers, True)} chained reductions of "
+                          f"<= {reduce_len}) x max|grad|")
