@@ -245,3 +245,17 @@ def assert_same_gradients(got: dict[str, torch.Tensor], want: dict[str, torch.Te
         assert_within(k, got[k], want[k], rho * float(want[k].abs().max()),
                       why=f"rho_gradient {_fmt(rho)} ({llama_depth(num_layers, True)} chained reductions of "
                           f"<= {reduce_len}) x max|grad|")
+
+
+# --------------------------------------------------------------------------- a kernel against its reference
+
+
+def kernel_matmul(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Bound on a kernel's ``x @ w^T`` (w ``[N, K]``: the decoded weight, as the reduction runs) against the
+    reference's, which sums in fp32 and rounds to x's dtype. Both accumulate in fp32 (``2 gamma_K``); in fp16 /
+    bf16 the kernel may round the decoded weight to x's dtype first (``2 u`` per product, x is in it already),
+    and both round the result to x's dtype (``u |y|`` each)."""
+    low = x.dtype if x.dtype != torch.float32 else None
+    b = matmul(x.float(), w.float(), inputs=low, out=x.dtype, ref=ref.float())
+    return b, (f"2 gamma_{x.shape[-1]}(fp32) |x||w|" + (f" + 2 u({x.dtype}) |x||w| + 2 u({x.dtype}) |y|" if low
+                                                            else " + 2 u(fp32) |y|"))

@@ -1,4 +1,4 @@
-"""Shared test fixtures: the devices present, per-test seeds, tolerances by dtype.
+"""Shared test fixtures: the devices present, per-test seeds (tolerances: tests/bounds.py).
 
 Every test that runs on a CUDA device carries the ``gpu`` marker: the ones parametrized with the
 "cuda" device get it here automatically, the GPU-only ones are marked by hand. On a GPU machine
@@ -14,8 +14,6 @@ import torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (atol, rtol) for comparing a kernel's matmul against the fp32 reference, by output dtype.
-MATMUL_TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 1e-2), torch.bfloat16: (1e-1, 2e-2)}
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 

@@ -12,7 +12,7 @@ from qlora_kernels.functional import nf4_grouped_linear
 from qlora_kernels.ops import _dispatch
 from qlora_kernels.reference import nf4 as ref
 
-from .conftest import MATMUL_TOL
+from . import bounds
 
 OPS = torch.ops.qlora_kernels
 
@@ -35,16 +35,18 @@ def test_every_backend_matches_the_reference(shape, blocksize, nested, dtype, de
     qw = qk.quantize_nf4(torch.randn(shape, device=device), blocksize, nested)
     counts = [0, 9, 1, 30][:experts] if experts > 2 else [5, 0]  # empty groups and one-row groups
     off = _offsets(counts, device)
-    atol, rtol = MATMUL_TOL[dtype]
+    dense = ref.dequantize_nf4(*qw.tensors(), experts * n * k, torch.float32).view(experts, n, k)
     for transposed in (False, True):
         x = torch.randn(int(off[-1]), n if transposed else k, dtype=dtype, device=device)
         want = ref.nf4_grouped_matmul(x, off, *qw.tensors(), n, k, transposed).float()
-        scale = float(want.abs().max())
+        parts = [bounds.kernel_matmul(x[off[e]:off[e + 1]], dense[e].t() if transposed else dense[e],
+                                      want[off[e]:off[e + 1]]) for e in range(experts)]
+        bound, why = torch.cat([b for b, _ in parts]), parts[0][1] + " (each row with its expert's weight)"
         for backend in _backends(device):
             monkeypatch.setenv("QLORA_KERNELS_BACKEND", backend)
             got = OPS.nf4_grouped_matmul(x, off, *qw.tensors(), n, k, transposed)
             assert got.dtype == dtype and got.shape == want.shape
-            torch.testing.assert_close(got.float(), want, atol=atol * scale, rtol=rtol, msg=backend)
+            bounds.assert_within(f"{backend} nf4_grouped_matmul", got, want, bound, why=why)
 
 
 def test_reference_is_the_dense_per_expert_product():

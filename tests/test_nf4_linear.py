@@ -7,7 +7,8 @@ import torch
 
 import qlora_kernels as qk
 
-from .conftest import DTYPES, MATMUL_TOL
+from . import bounds
+from .conftest import DTYPES
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -24,13 +25,22 @@ def test_forward_and_backward_match_dense(shape, lead, dtype, device):
     x32 = x.detach().float().requires_grad_()
     b32 = bias.detach().float().requires_grad_()
     y32 = x32 @ w.t() + b32
-    atol, rtol = MATMUL_TOL[dtype]
-    torch.testing.assert_close(y.float(), y32, atol=atol * float(y32.detach().abs().max()), rtol=rtol)
+    # the bias is one more addend of each output: its |b| joins the terms' magnitude
+    bound, why = bounds.kernel_matmul(torch.cat([x.detach(), x.new_ones(*lead, 1)], -1), torch.cat(
+        [w, b32.detach()[:, None]], 1), y32.detach())
+    bounds.assert_within("y", y, y32, bound, why=why)
     dy = torch.randn_like(y32)
     y.backward(dy.to(dtype))
     y32.backward(dy)
-    torch.testing.assert_close(x.grad.float(), x32.grad, atol=atol * float(x32.grad.abs().max()), rtol=rtol)
-    torch.testing.assert_close(bias.grad.float(), b32.grad, atol=atol * float(b32.grad.abs().max()), rtol=rtol)
+    dy_low = dy.to(dtype)  # what the kernel's backward sees
+    bound, why = bounds.kernel_matmul(dy_low, w.t(), x32.grad)
+    bounds.assert_within("x.grad", x.grad, x32.grad, bound + 2 * bounds.unit_roundoff(dtype) * bounds.abs_matmul(
+        dy, w.t()), why=why + " + 2 u |dy| |w| (dy rounded to x's dtype)")
+    rows = dy.reshape(-1, n)
+    bound = bounds.reduction(rows.abs().sum(0).double(), rows.shape[0]) + 2 * bounds.unit_roundoff(dtype) * (
+        rows.abs().sum(0).double() + b32.grad.abs().double())
+    bounds.assert_within("bias.grad", bias.grad, b32.grad, bound,
+                         why="2 gamma_M sum|dy| + 2 u (sum|dy| + |db|) (dy and the result rounded to x's dtype)")
 
 
 def test_gradcheck_fp64_free_path():

@@ -13,7 +13,8 @@ from qlora_kernels import _extension
 from qlora_kernels.ops import _dispatch
 from qlora_kernels.reference import nf4 as ref
 
-from .conftest import DTYPES, MATMUL_TOL
+from . import bounds
+from .conftest import DTYPES
 
 OPS = torch.ops.qlora_kernels
 HAS_CPP = _dispatch.status("cpp", "cpu")[0]
@@ -92,13 +93,13 @@ def test_every_backend_matmul_against_reference(shape, m, dtype, transposed, dev
     qw = _weight(shape, 64, True, device)
     x = torch.randn(m, n if transposed else k, dtype=dtype, device=device)
     expect = ref.nf4_matmul(x, *qw.tensors(), n, k, transposed).float()
-    atol, rtol = MATMUL_TOL[dtype]
-    scale = float(expect.abs().max())
+    w = ref.dequantize_nf4(*qw.tensors(), n * k, torch.float32).view(n, k)
+    bound, why = bounds.kernel_matmul(x, w.t() if transposed else w, expect)
     for backend in _backends_for(device):
         monkeypatch.setenv("QLORA_KERNELS_BACKEND", backend)
         y = OPS.nf4_matmul(x, *qw.tensors(), n, k, transposed)
         assert y.dtype == dtype and y.shape == expect.shape
-        torch.testing.assert_close(y.float(), expect, atol=atol * scale, rtol=rtol, msg=backend)
+        bounds.assert_within(f"{backend} nf4_matmul", y, expect, bound, why=why)
 
 
 def test_matmul_relative_error_bf16_is_small(device):
