@@ -259,3 +259,54 @@ def kernel_matmul(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> tuple[
     b = matmul(x.float(), w.float(), inputs=low, out=x.dtype, ref=ref.float())
     return b, (f"2 gamma_{x.shape[-1]}(fp32) |x||w|" + (f" + 2 u({x.dtype}) |x||w| + 2 u({x.dtype}) |y|" if low
                                                             else " + 2 u(fp32) |y|"))
+
+
+def abs_twin(fn: Callable[..., torch.Tensor], inputs: Iterable[torch.Tensor | None],
+             grad_out: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """The magnitudes of a sum-of-products formula and of its gradients: ``fn`` evaluated in fp64 on ``|inputs|``
+    with the backward fed ``|grad_out|``. For a formula of products and sums (a linear layer, LoRA, their
+    backward) every output is then the sum of the |terms| its evaluation adds up, the scale ``gamma_n``
+    multiplies. A nonlinearity enters as a linear bound of itself and its slope (SiLU: ``1.1 |g|``)."""
+    leaves = [None if t is None else t.detach().abs().double().cpu().requires_grad_(True) for t in inputs]
+    y = fn(*leaves)
+    y.backward(grad_out.detach().abs().double().cpu())
+    return y.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def chained(mag: torch.Tensor, ref: torch.Tensor, n: int, dtype: torch.dtype, roundings: int) -> tuple[torch.Tensor,
+                                                                                                            str]:
+    """Bound on two evaluations of a chain of reductions (total length ``n``, fp32 accumulation) with terms of
+    magnitude ``mag`` (:func:`abs_twin`), where in a low-precision ``dtype`` each of ``roundings`` operands or
+    intermediates on the path may be rounded to it once, and the results are: ``2 gamma_n mag + roundings u mag
+    + 2 u |ref|``."""
+    u = unit_roundoff(dtype) if dtype != torch.float32 else 0.0
+    r = ref.detach().abs().double().cpu()
+    b = 2 * gamma(n) * mag + roundings * u * mag + 2 * unit_roundoff(dtype) * r
+    return b, f"2 gamma_{n}(fp32) |terms| + {roundings} u({dtype}) |terms| + 2 u |result|"
+
+
+def lora_formula(scale: float) -> Callable[..., torch.Tensor]:
+    """``y = x W^T + scale (x A^T) B^T (+ bias)``, for :func:`abs_twin`."""
+
+    def formula(x, w, a, b, bias=None):
+        y = x @ w.t() + scale * (x @ a.t()) @ b.t()
+        return y if bias is None else y + bias
+
+    return formula
+
+
+def assert_lora_matches(w: torch.Tensor, scale: float, inputs: tuple, dy: torch.Tensor, got: tuple, want: tuple,
+                        dtype: torch.dtype) -> None:
+    """A LoRA layer's output and gradients ``(y, dx, dA, dB, dbias)`` (None: not compared) computed two ways, each
+    within the bound of its chain (:func:`chained`): the magnitudes from the formula on |values|; the longest
+    reduction the tokens plus K plus N plus r (dA sums over the tokens the products of dY B, itself a sum over N);
+    x, W, A, B, dY and the two intermediates (x A^T, dY B) may each be rounded to the low dtype once."""
+    x, a, b, bias = inputs
+    n = x.numel() // x.shape[-1] + x.shape[-1] + w.shape[0] + a.shape[0]
+    mag_y, mags = abs_twin(lora_formula(scale), [x, w, a, b, bias], dy)
+    names = ("y", "x.grad", "lora_A.grad", "lora_B.grad", "bias.grad")
+    for name, g, r, mag in zip(names, got, want, (mag_y, mags[0], mags[2], mags[3], mags[4])):
+        if r is None or g is None:
+            continue
+        bound, why = chained(mag, r, n, dtype, roundings=7)
+        assert_within(name, g, r, bound, why=why)

@@ -15,6 +15,8 @@ from qlora_kernels import _extension
 from qlora_kernels.ops import _dispatch
 from qlora_kernels.reference import nf4 as ref
 
+from . import bounds
+
 OPS = torch.ops.qlora_kernels
 
 
@@ -55,13 +57,27 @@ def test_autocast_layers_behave_as_nn_linear(dtype, device, monkeypatch):
             want = dense(x)  # nn.Linear under the same autocast
             y_op = OPS.nf4_matmul(x.detach(), *layer.qweight.tensors(), 48, 64, False)
         assert y.dtype == want.dtype == y_base.dtype == y_op.dtype == dtype, backend
-        torch.testing.assert_close(y.float(), want.float(), atol=5e-2, rtol=2e-2, msg=backend)
+        # ours: the NF4 base plus the LoRA path; nn.Linear: the merged weight (itself rounded to the dtype), one
+        # product; both on x rounded to the dtype, results rounded to it
+        w = qk.dequantize_nf4(layer.qweight, torch.float32)
+        a, b = layer.lora_A.weight, layer.lora_B.weight
+        inputs = (x.to(dtype), a, b, lin.bias)
+        mag_y, _ = bounds.abs_twin(bounds.lora_formula(layer.scaling), [inputs[0], w, a, b, lin.bias],
+                                   torch.zeros(5, 48))
+        bound, why = bounds.chained(mag_y, want, 64 + 8 + 1, dtype, roundings=7)
+        bounds.assert_within(f"{backend}: y under autocast", y, want, bound, why=why)
         y.float().square().sum().backward()
         assert x.grad.dtype == torch.float32 and layer.lora_A.weight.grad.dtype == torch.float32, backend
         gx = x.grad.clone()
         x.grad = None
-        dense.float()(x.to(dtype).float()).square().sum().backward()
-        torch.testing.assert_close(gx, x.grad, atol=0.5, rtol=5e-2, msg=backend)
+        y_dense = dense.float()(x.to(dtype).float())
+        y_dense.square().sum().backward()
+        # dx = (2 y) (W + s B A): the two y's differ by the bound above, the products by their own roundings
+        _, mags = bounds.abs_twin(bounds.lora_formula(layer.scaling), [inputs[0], w, a, b, lin.bias],
+                                  2 * (y_dense.detach().abs() + bound.float()))
+        bound_x, why = bounds.chained(mags[0], x.grad, 48 + 8 + 64, dtype, roundings=7)
+        bounds.assert_within(f"{backend}: x.grad under autocast", gx, x.grad, bound_x + bounds.abs_matmul(
+            2 * bound.float(), (w + layer.scaling * b @ a).t()), why=why + " + 2 |dy bound| |W + s B A|")
         x.grad = None
     # outside autocast everything stays in x's dtype
     monkeypatch.delenv("QLORA_KERNELS_BACKEND")
@@ -101,10 +117,12 @@ def test_strided_weight_tensors_read_as_their_values(nested, device, monkeypatch
         out = torch.empty(qw.numel, device=device)
         OPS.dequantize_nf4_into(*strided.tensors(), qw.numel, out)
         assert torch.equal(out, want), backend
+        w = want.view(64, 128)
         for m in (1, 8):
-            got = qk.nf4_linear(x[:m], strided)
-            torch.testing.assert_close(got, x[:m] @ want.view(64, 128).t(), atol=1e-4, rtol=1e-4, msg=backend)
-        torch.testing.assert_close(qk.nf4_linear(xt, qw), xt @ want.view(64, 128).t(), atol=1e-4, rtol=1e-4)
+            got, ref_y = qk.nf4_linear(x[:m], strided), x[:m] @ w.t()
+            bounds.assert_within(f"{backend} m={m}", got, ref_y, *bounds.kernel_matmul(x[:m], w, ref_y))
+        ref_y = xt @ w.t()
+        bounds.assert_within("strided x", qk.nf4_linear(xt, qw), ref_y, *bounds.kernel_matmul(xt, w, ref_y))
 
 
 @pytest.mark.skipif(not _dispatch.status("cpp", "cpu")[0], reason="C++ backend not built")
@@ -117,7 +135,8 @@ def test_cpp_kernel_itself_reads_strided_absmax():
     assert torch.equal(got, ref.dequantize_nf4(*qw.tensors(), qw.numel, torch.float32))
     x = torch.randn(3, 128)
     y = _extension.kernel("nf4_matmul")(x, qw.packed.reshape(-1), a, qw.code, None, None, 0.0, 64, 64, 128, False)
-    torch.testing.assert_close(y, ref.nf4_matmul(x, *qw.tensors(), 64, 128, False), atol=1e-4, rtol=1e-4)
+    want = ref.nf4_matmul(x, *qw.tensors(), 64, 128, False)
+    bounds.assert_within("cpp nf4_matmul", y, want, *bounds.kernel_matmul(x, got.view(64, 128), want))
 
 
 # ---------------------------------------------------------------------------------------------
