@@ -310,3 +310,51 @@ def assert_lora_matches(w: torch.Tensor, scale: float, inputs: tuple, dy: torch.
             continue
         bound, why = chained(mag, r, n, dtype, roundings=7)
         assert_within(name, g, r, bound, why=why)
+
+
+# --------------------------------------------------------------------------- whole models compared
+
+
+def _head_weight(model: torch.nn.Module) -> torch.Tensor:
+    head = model.get_output_embeddings()
+    w = getattr(head, "weight", None)
+    if isinstance(w, torch.Tensor) and w.is_floating_point():
+        return w.detach().float()
+    qweight = getattr(head, "qweight", None) or getattr(getattr(head, "base_layer", None), "qweight", None)
+    if qweight is not None:
+        import qlora_kernels as qk
+
+        return qk.dequantize_nf4(qweight, torch.float32)
+    raise TypeError(f"no dense or NF4 weight on the output projection {type(head).__name__}")
+
+
+def model_reduce_len(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
+    """The longest reduction of a forward or backward of a transformers decoder on ``input_ids``: its widest layer
+    (GPT-2's MLP is 4 x hidden without naming it), the sequence, or, for the weights' gradients, the tokens."""
+    cfg = model.config
+    widths = [getattr(cfg, k, 0) or 0 for k in ("hidden_size", "intermediate_size", "moe_intermediate_size")]
+    return max(*widths, 4 * widths[0], input_ids.numel())
+
+
+def logits_bound(model: torch.nn.Module, input_ids: torch.Tensor, **forward_kw) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                         str]:
+    """``(logits, bound, why)``: ``model``'s logits on ``input_ids`` and the bound on the difference from logits
+    computed another way (our kernels, another loader, merged adapters, a checkpoint reloaded): two forwards of a
+    ``num_hidden_layers`` decoder whose longest reduction is its widest layer (or the tokens), in fp32, on the
+    scale of the last reduction's terms, ``|h| @ |W_out|^T`` (:func:`network`: first order, no layer amplifying a
+    relative error)."""
+    with torch.no_grad():
+        out = model(input_ids=input_ids, output_hidden_states=True, **forward_kw)
+    layers = model.config.num_hidden_layers
+    n = model_reduce_len(model, input_ids)
+    rho = network(llama_depth(layers), n)
+    bound = rho * abs_matmul(out.hidden_states[-1].float(), _head_weight(model))
+    return out.logits, bound, (f"rho_forward = {llama_depth(layers)} chained reductions x 2 gamma_{n}(fp32) = "
+                               f"{_fmt(rho)}, x |h| @ |W_out|^T")
+
+
+def assert_logits_within(name: str, got: torch.Tensor, model: torch.nn.Module, input_ids: torch.Tensor,
+                         **forward_kw) -> None:
+    """``got`` against ``model``'s logits on ``input_ids``, within :func:`logits_bound`."""
+    want, bound, why = logits_bound(model, input_ids, **forward_kw)
+    assert_within(name, got, want, bound, why=why)

@@ -14,6 +14,7 @@ from torch import nn
 import qlora_kernels as qk
 from qlora_kernels.nn.experts import NF4Experts
 
+from . import bounds
 from .hf_tiny import VOCAB, tiny_config
 
 transformers = pytest.importorskip("transformers")
@@ -80,18 +81,16 @@ def test_experts_in_nf4_with_lora_train_and_round_trip_through_peft(tmp_path):
     assert "target_parameters" in cfg and "experts.gate_up_proj" in cfg
     with torch.no_grad():
         want = ours(ids).logits
-        got = peft.PeftModel.from_pretrained(ref, tmp_path / "adapter").eval()(ids).logits
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    bounds.assert_logits_within("ours vs PEFT", want, peft.PeftModel.from_pretrained(ref, tmp_path / "adapter").eval(),
+                                ids)
     # and back into ours, from a plain dense model (load_adapter quantizes and adapts what the file names)
     again = qk.load_adapter(copy.deepcopy(dense), tmp_path / "adapter")
-    with torch.no_grad():
-        torch.testing.assert_close(again(ids).logits, want, atol=1e-5, rtol=1e-5)
+    bounds.assert_logits_within("reloaded", want, again, ids)
     # merge: the dense Mixtral with deq(W) + s B A per expert
     merged = qk.merge_and_unload(ours)
     assert not any(isinstance(m, NF4Experts) for m in merged.modules())
     assert type(merged.model.layers[0].mlp.experts).__name__ == "MixtralExperts"
-    with torch.no_grad():
-        torch.testing.assert_close(merged(ids).logits, want, atol=1e-4, rtol=1e-4)
+    bounds.assert_logits_within("merged", want, merged, ids)
 
 
 def test_experts_quantized_frozen_by_default_and_errors_name_the_argument():
@@ -119,6 +118,5 @@ def test_adapters_disabled_turns_the_experts_lora_off_too():
             if isinstance(m, (qk.QLoraLinear, NF4Experts)):
                 for p in ([m.lora_B.weight] if isinstance(m, qk.QLoraLinear) else m.lora_B.values()):
                     p.zero_()
-        base = model(ids).logits
     assert not torch.allclose(on, off)
-    torch.testing.assert_close(off, base)
+    bounds.assert_logits_within("adapters off vs B = 0", off, model, ids)
