@@ -57,6 +57,16 @@ def cuda_compiled() -> bool:
     return has_kernel("dequantize_nf4", "CUDA")
 
 
+def cpu_isa() -> str | None:
+    """The vector ISA the C++ CPU kernels run ("avx512", "avx2" or "scalar"): the CPU's, capped by
+    ``ATEN_CPU_CAPABILITY`` (or ``QLORA_KERNELS_CPU_CAPABILITY`` for these kernels alone), read once per
+    process; None without the extension."""
+    try:
+        return str(kernel("cpu_isa")())
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def kernel(op: str):
     """The extension's op ``torch.ops.qlora_kernels_C.<op>``."""
     return getattr(getattr(torch.ops, _NAMESPACE), op)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ._extension import cpu_isa
 from .ops._dispatch import BACKENDS, ENV_VAR, forced_backend, kernels_of, status
 
 
@@ -36,6 +37,9 @@ def backends(device_type: str | None = None) -> dict[str, BackendStatus]:
 def backends_report() -> str:
     """The status lines (``qlora-kernels backends``)."""
     lines = [str(s) for s in backends().values()]
+    isa = cpu_isa()
+    if isa is not None:
+        lines.append(f"cpp CPU kernels: {isa} (the CPU's vector ISA, capped by ATEN_CPU_CAPABILITY)")
     forced = forced_backend()
     lines.append(f"{ENV_VAR}={forced}" if forced else f"{ENV_VAR} unset: fastest live backend per op and device")
     return "\n".join(lines)

@@ -26,6 +26,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "isa.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -41,6 +43,7 @@
 #endif
 
 namespace qk_cpu_adamw {
+using qk_cpu::cpu_has_avx2;
 namespace {
 
 constexpr int64_t kBlock = 256;           // elements per 8-bit state block (bitsandbytes' blockwise)
@@ -77,15 +80,6 @@ StepConsts make_step_consts(double lr, double beta1, double beta2, int64_t step)
 }
 
 inline bool is_finite(float x) { return std::fabs(x) <= std::numeric_limits<float>::max(); }
-
-bool cpu_has_avx2() {
-#if QK_HAVE_X86
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-#else
-  return false;
-#endif
-}
 
 // One element of AdamW on fp32 values; w is the param (or its master copy) as fp32.
 struct Updated {

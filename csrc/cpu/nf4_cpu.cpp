@@ -21,12 +21,15 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "isa.h"
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -41,26 +44,6 @@ namespace {
 
 constexpr int64_t kNestedBlock = 256;
 constexpr float kTiny = 1e-38f;  // bitsandbytes' floor on absmax before scaling
-
-bool cpu_has_avx2() {
-#if QK_HAVE_X86
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
-#else
-  return false;
-#endif
-}
-
-bool cpu_has_avx512() {
-#if QK_HAVE_X86
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
-  return has;
-#else
-  return false;
-#endif
-}
 
 // fp32 absmax per block, decoding the double quantization if present.
 std::vector<float> decode_absmax(const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
@@ -488,4 +471,9 @@ TORCH_LIBRARY_IMPL(qlora_kernels_C, CPU, m) {
   m.impl("dequantize_nf4", &qk_cpu::dequantize_nf4_cpu);
   m.impl("dequantize_nf4_into", &qk_cpu::dequantize_nf4_into_cpu);
   m.impl("nf4_matmul", &qk_cpu::nf4_matmul_cpu);
+}
+
+// The vector ISA the CPU kernels run: the CPU's, capped by ATEN_CPU_CAPABILITY (see isa.h).
+TORCH_LIBRARY_FRAGMENT(qlora_kernels_C, m) {
+  m.def("cpu_isa() -> str", []() -> std::string { return qk_cpu::cpu_isa_name(); });
 }
