@@ -8,6 +8,7 @@ Every test that runs on a CUDA device carries the ``gpu`` marker: the ones param
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -32,9 +33,10 @@ def _seed():
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Tiny models: one torch thread is as fast, and does not collapse when the cores are shared."""
+    """Tiny models: one torch thread is as fast, and does not collapse when the cores are shared
+    (``QLORA_KERNELS_TEST_THREADS`` sets another count: tests/numerics_sweep.sh runs them with 2 too)."""
     saved = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("QLORA_KERNELS_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(saved)
 
