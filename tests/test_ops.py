@@ -102,6 +102,29 @@ def test_every_backend_matmul_against_reference(shape, m, dtype, transposed, dev
         bounds.assert_within(f"{backend} nf4_matmul", y, expect, bound, why=why)
 
 
+@pytest.mark.skipif(not HAS_CPP, reason="C++ backend not built")
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("k", [64, 192, 1024])
+def test_cpp_small_m_gemv_against_reference(blocksize, nested, k):
+    """The C++ GEMV that reads the NF4 bytes directly (AVX-512 / AVX2; scalar under ATEN_CPU_CAPABILITY=default):
+    whole and half 64-byte lines (K % 128 == 64), blocks smaller and larger than a line, x in passes of 8 rows
+    with a remainder, odd N, poisoned memory around nothing (the output is fully written)."""
+    if k % blocksize:
+        pytest.skip("K is not a multiple of the blocksize: not this kernel")
+    n = 37
+    qw = _weight((n, k), blocksize, nested)
+    w = ref.dequantize_nf4(*qw.tensors(), n * k, torch.float32).view(n, k)
+    kernel = _extension.kernel("nf4_matmul")
+    for m in (1, 3, 8, 11, 16):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = (torch.randn(m, k) * torch.rand(m, 1)).to(dtype)
+            want = ref.nf4_matmul(x, *qw.tensors(), n, k, False)
+            got = kernel(x, qw.packed.reshape(-1), *qw.tensors()[1:], n, k, False)
+            assert got.dtype == dtype and got.shape == (m, n)
+            bounds.assert_within(f"gemv m={m} {dtype}", got, want, *bounds.kernel_matmul(x, w, want.float()))
+
+
 def test_matmul_relative_error_bf16_is_small(device):
     # The bar: bf16 relative error <= 1e-2 against the fp32 reference on random data.
     qw = _weight((256, 512), 64, True, device)

@@ -42,10 +42,20 @@ inline Isa cpu_isa() {
 inline bool cpu_has_avx2() { return static_cast<int>(cpu_isa()) >= static_cast<int>(Isa::kAvx2); }
 inline bool cpu_has_avx512() { return static_cast<int>(cpu_isa()) >= static_cast<int>(Isa::kAvx512); }
 
-// "scalar", "avx2" or "avx512": what the kernels run (reported by qlora_kernels.backends_report()).
+// AVX-512 with the bf16 dot product (vdpbf16ps): the bf16 GEMV reads bf16 activations as they are.
+inline bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// "scalar", "avx2", "avx512" or "avx512+bf16": what the kernels run (reported by qlora_kernels.backends_report()).
 inline const char* cpu_isa_name() {
   switch (cpu_isa()) {
-    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx512: return cpu_has_avx512_bf16() ? "avx512+bf16" : "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "scalar";
   }

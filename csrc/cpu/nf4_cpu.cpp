@@ -286,6 +286,298 @@ void store(const float* in, int64_t n, T* out) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Small-M GEMV straight from the NF4 bytes: y[m, r] = sum_b s(r, b) * sum_{j in block b} code[q(r, j)] x[m, j].
+// No weight is ever written out: each 64-byte line of packed codes is read once, its 128 codes looked up in
+// registers, and multiplied with every x row of the pass; the block scale multiplies the block's partial sums.
+//
+// The lookup reads the bytes as 16 dwords. Shifting a dword right by 4t puts its nibble t in the low 4 bits,
+// which is all a 16-entry permute reads: 8 shifts and 8 permutes give the 128 codes of a line. Nibble t of
+// dword lane i is element 8i + (t ^ 1) of the line (bitsandbytes puts the even element in the high nibble),
+// so x is laid out once per call in that order (prepare_x), and the 8 products of a lane add up to the dot
+// product of its 8 elements. AVX2 does the same on 8 dwords (32 bytes, 64 codes) with two 8-entry permutes
+// and a blend.
+
+// x [M, K] in the lane order of `line` elements per line (128 for AVX-512, 64 for AVX2), zero past K.
+void prepare_x(const float* x, int64_t m, int64_t k, int64_t line, std::vector<float>& out) {
+  const int64_t lanes = line / 8;
+  const int64_t kp = (k + line - 1) / line * line;
+  out.assign(m * kp, 0.0f);
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xi = x + i * k;
+    float* oi = out.data() + i * kp;
+    for (int64_t c = 0; c < kp; c += line)
+      for (int t = 0; t < 8; ++t)
+        for (int64_t l = 0; l < lanes; ++l) {
+          const int64_t e = c + 8 * l + (t ^ 1);
+          oi[c + t * lanes + l] = e < k ? xi[e] : 0.0f;
+        }
+  }
+}
+
+// The fp32 scales of row r's blocks (bs divides K), decoding the double quantization on the fly, as
+// decode_absmax does (product and sum rounded apart), followed by `pad` zeros.
+struct ScaleSource {
+  const float* absmax = nullptr;  // fp32 absmax, or
+  const uint8_t* q = nullptr;     // its codes with the nested constants
+  const float* nested_absmax = nullptr;
+  const float* nested_code = nullptr;
+  float offset = 0.0f;
+  void row(int64_t b0, int64_t nb, int64_t pad, float* out) const {
+    if (absmax != nullptr) {
+      std::copy(absmax + b0, absmax + b0 + nb, out);
+    } else {
+      for (int64_t j = 0; j < nb; ++j) {
+        const int64_t b = b0 + j;
+        const float scaled = nested_code[q[b]] * nested_absmax[b / kNestedBlock];
+        out[j] = scaled + offset;
+      }
+    }
+    std::fill(out + nb, out + nb + pad, 0.0f);
+  }
+};
+
+#if QK_HAVE_X86
+// Rows [r0, r1) of y for MB x rows (xp: prepare_x with 128-element lines, row stride kp), y row stride ldy.
+template <int MB>
+QK_AVX512 void gemv_rows_avx512(const uint8_t* packed, const ScaleSource& src, const float* code, int64_t bs,
+                                int64_t k, const float* xp, int64_t kp, int64_t r0, int64_t r1, float* y,
+                                int64_t ldy) {
+  const __m512 table = _mm512_loadu_ps(code);
+  const int64_t lines = kp / 128;
+  const int64_t nb = k / bs;
+  // lane i covers elements 8i..8i+7 of a line: its block, relative to the line's first
+  alignas(64) int32_t lane_block[16];
+  for (int i = 0; i < 16; ++i) lane_block[i] = bs < 128 ? static_cast<int32_t>(8 * i / bs) : 0;
+  const __m512i sidx = _mm512_load_si512(lane_block);
+  std::vector<float> scales(nb + 16);
+  const __mmask16 tail = (k % 128) ? static_cast<__mmask16>(0x00FF) : static_cast<__mmask16>(0xFFFF);
+  for (int64_t r = r0; r < r1; ++r) {
+    src.row(r * nb, nb, 16, scales.data());
+    const uint8_t* p = packed + r * (k / 2);
+    __m512 acc[MB];
+    for (int j = 0; j < MB; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < lines; ++c) {
+      const __m512i d = c + 1 < lines || tail == 0xFFFF ? _mm512_loadu_si512(p + c * 64)
+                                                        : _mm512_maskz_loadu_epi32(tail, p + c * 64);
+      __m512 cv[8];
+      cv[0] = _mm512_permutexvar_ps(d, table);
+      cv[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table);
+      cv[2] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 8), table);
+      cv[3] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 12), table);
+      cv[4] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 16), table);
+      cv[5] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 20), table);
+      cv[6] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 24), table);
+      cv[7] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 28), table);
+      const __m512 sv = _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(scales.data() + c * 128 / bs));
+      for (int j = 0; j < MB; ++j) {
+        const float* xj = xp + j * kp + c * 128;
+        __m512 t = _mm512_mul_ps(cv[0], _mm512_loadu_ps(xj));
+        for (int q = 1; q < 8; ++q) t = _mm512_fmadd_ps(cv[q], _mm512_loadu_ps(xj + 16 * q), t);
+        acc[j] = _mm512_fmadd_ps(t, sv, acc[j]);
+      }
+    }
+    for (int j = 0; j < MB; ++j) y[j * ldy + r] = _mm512_reduce_add_ps(acc[j]);
+  }
+}
+#endif
+
+#if QK_HAVE_X86
+// bf16 activations with avx512_bf16: the codes as bf16 pairs, one vdpbf16ps for 32 products. The bytes read
+// as 32 words; shifting a word right by 4t puts its nibble t in the low 4 bits of the word, and a 32-entry
+// word permute (the 16 codes twice: bit 4 of the index is the next nibble's, whatever it is) looks it up.
+// Nibble t of word w is element 4w + (t ^ 1) of the line; the dot product of dword lane i adds words 2i and
+// 2i + 1, elements of 8i..8i+7 as in the fp32 kernel (the same block scales per lane). x is permuted, not
+// rounded (it is bf16 already); the codes round to bf16 (2^-9 relative), as any bf16 kernel rounds W.
+void prepare_x_bf16(const c10::BFloat16* x, int64_t m, int64_t k, std::vector<uint16_t>& out) {
+  const int64_t kp = (k + 127) / 128 * 128;
+  out.assign(m * kp, 0);
+  for (int64_t i = 0; i < m; ++i) {
+    const uint16_t* xi = reinterpret_cast<const uint16_t*>(x + i * k);
+    uint16_t* oi = out.data() + i * kp;
+    for (int64_t c = 0; c < kp; c += 128)
+      for (int t = 0; t < 4; ++t)
+        for (int64_t w = 0; w < 32; ++w) {
+          const int64_t e = c + 4 * w + (t ^ 1);
+          oi[c + t * 32 + w] = e < k ? xi[e] : 0;
+        }
+  }
+}
+
+#define QK_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+template <int MB>
+QK_AVX512BF16 void gemv_rows_avx512_bf16(const uint8_t* packed, const ScaleSource& src, const float* code,
+                                         int64_t bs, int64_t k, const uint16_t* xp, int64_t kp, int64_t r0,
+                                         int64_t r1, float* y, int64_t ldy) {
+  alignas(64) uint16_t tab[32];
+  for (int i = 0; i < 32; ++i) tab[i] = c10::BFloat16(code[i & 15]).x;
+  const __m512i table = _mm512_load_si512(tab);
+  const int64_t lines = kp / 128;
+  const int64_t nb = k / bs;
+  alignas(64) int32_t lane_block[16];
+  for (int i = 0; i < 16; ++i) lane_block[i] = bs < 128 ? static_cast<int32_t>(8 * i / bs) : 0;
+  const __m512i sidx = _mm512_load_si512(lane_block);
+  const bool half_tail = k % 128 != 0;
+  // Blocked so that x stays in L1: a tile of kTile rows of W walks K in chunks of kLines lines (the chunk of
+  // every x row of the pass, MB x 2048 bf16 = 32 KiB at MB = 8, is read from L1 by every row of the tile),
+  // the partial sums of the tile kept in a small buffer between chunks.
+  constexpr int64_t kTile = 16, kLines = 16;
+  std::vector<float> scales(kTile * (nb + 16));
+  alignas(64) float part[kTile][MB][16];
+  for (int64_t t0 = r0; t0 < r1; t0 += kTile) {
+    const int64_t rt = std::min(kTile, r1 - t0);
+    for (int64_t i = 0; i < rt; ++i) src.row((t0 + i) * nb, nb, 16, scales.data() + i * (nb + 16));
+    for (int64_t i = 0; i < rt; ++i)
+      for (int j = 0; j < MB; ++j) _mm512_store_ps(part[i][j], _mm512_setzero_ps());
+    for (int64_t c0 = 0; c0 < lines; c0 += kLines) {
+      const int64_t c1 = std::min(lines, c0 + kLines);
+      for (int64_t i = 0; i < rt; ++i) {
+        const uint8_t* p = packed + (t0 + i) * (k / 2);
+        const float* sc = scales.data() + i * (nb + 16);
+        __m512 acc[MB];
+        for (int j = 0; j < MB; ++j) acc[j] = _mm512_load_ps(part[i][j]);
+        for (int64_t c = c0; c < c1; ++c) {
+          const __m512i d = c + 1 < lines || !half_tail ? _mm512_loadu_si512(p + c * 64)
+                                                        : _mm512_maskz_loadu_epi32(0x00FF, p + c * 64);
+          const __m512bh q0 = (__m512bh)_mm512_permutexvar_epi16(d, table);
+          const __m512bh q1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 4), table);
+          const __m512bh q2 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 8), table);
+          const __m512bh q3 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 12), table);
+          const __m512 sv = _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(sc + c * 128 / bs));
+          for (int j = 0; j < MB; ++j) {
+            const uint16_t* xj = xp + j * kp + c * 128;
+            __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), q0, (__m512bh)_mm512_loadu_si512(xj));
+            t = _mm512_dpbf16_ps(t, q1, (__m512bh)_mm512_loadu_si512(xj + 32));
+            t = _mm512_dpbf16_ps(t, q2, (__m512bh)_mm512_loadu_si512(xj + 64));
+            t = _mm512_dpbf16_ps(t, q3, (__m512bh)_mm512_loadu_si512(xj + 96));
+            acc[j] = _mm512_fmadd_ps(t, sv, acc[j]);
+          }
+        }
+        for (int j = 0; j < MB; ++j) _mm512_store_ps(part[i][j], acc[j]);
+      }
+    }
+    for (int64_t i = 0; i < rt; ++i)
+      for (int j = 0; j < MB; ++j) y[j * ldy + t0 + i] = _mm512_reduce_add_ps(_mm512_load_ps(part[i][j]));
+  }
+}
+#endif
+
+#if QK_HAVE_X86
+template <int MB>
+__attribute__((target("avx2,fma,f16c"))) void gemv_rows_avx2(const uint8_t* packed, const ScaleSource& src,
+                                                             const float* code, int64_t bs, int64_t k,
+                                                             const float* xp, int64_t kp, int64_t r0, int64_t r1,
+                                                             float* y, int64_t ldy) {
+  const __m256 lo = _mm256_loadu_ps(code);
+  const __m256 hi = _mm256_loadu_ps(code + 8);
+  const int64_t lines = kp / 64;
+  const int64_t nb = k / bs;
+  alignas(32) int32_t lane_block[8];
+  for (int i = 0; i < 8; ++i) lane_block[i] = bs < 64 ? static_cast<int32_t>(8 * i / bs) : 0;
+  const __m256i sidx = _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_block));
+  std::vector<float> scales(nb + 8);
+  for (int64_t r = r0; r < r1; ++r) {
+    src.row(r * nb, nb, 8, scales.data());
+    const uint8_t* p = packed + r * (k / 2);
+    __m256 acc[MB];
+    for (int j = 0; j < MB; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < lines; ++c) {  // K is a multiple of the blocksize, itself of 8: whole 32-byte lines
+      const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + c * 32));
+      __m256 cv[8];
+      for (int q = 0; q < 8; ++q) cv[q] = lookup8(_mm256_srli_epi32(d, 4 * q), lo, hi);
+      const __m256 sv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(scales.data() + c * 64 / bs), sidx);
+      for (int j = 0; j < MB; ++j) {
+        const float* xj = xp + j * kp + c * 64;
+        __m256 t = _mm256_mul_ps(cv[0], _mm256_loadu_ps(xj));
+        for (int q = 1; q < 8; ++q) t = _mm256_fmadd_ps(cv[q], _mm256_loadu_ps(xj + 8 * q), t);
+        acc[j] = _mm256_fmadd_ps(t, sv, acc[j]);
+      }
+    }
+    for (int j = 0; j < MB; ++j) {
+      const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[j]), _mm256_extractf128_ps(acc[j], 1));
+      const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+      y[j * ldy + r] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+    }
+  }
+}
+#endif
+
+// Whether gemv() takes this call: the vector ISA is there, every row is whole blocks of whole lines.
+bool gemv_supported(int64_t k, int64_t bs) {
+#if QK_HAVE_X86
+  if (bs < 8 || bs % 8 != 0 || k % bs != 0) return false;
+  if (cpu_has_avx512()) return true;
+  return cpu_has_avx2() && k % 64 == 0;
+#else
+  return false;
+#endif
+}
+
+// y [M, N] (fp32) for bf16 x [M, K] with avx512_bf16; as gemv below.
+void gemv_bf16(const uint8_t* packed, const ScaleSource& src, const float* code, int64_t bs, int64_t n, int64_t k,
+               const c10::BFloat16* x, int64_t m, float* y) {
+#if QK_HAVE_X86
+  std::vector<uint16_t> xp;
+  prepare_x_bf16(x, m, k, xp);
+  const int64_t kp = xp.size() / std::max<int64_t>(m, 1);
+  const int64_t grain = std::max<int64_t>(1, 131072 / std::max<int64_t>(k, 1));
+  at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t j0 = 0; j0 < m; j0 += 8) {
+      const int64_t mb = std::min<int64_t>(8, m - j0);
+      const uint16_t* xj = xp.data() + j0 * kp;
+      float* yj = y + j0 * n;
+#define QK_GEMV_CASE(MB) \
+  case MB: gemv_rows_avx512_bf16<MB>(packed, src, code, bs, k, xj, kp, r0, r1, yj, n); break;
+      switch (mb) {
+        QK_GEMV_CASE(1) QK_GEMV_CASE(2) QK_GEMV_CASE(3) QK_GEMV_CASE(4)
+        QK_GEMV_CASE(5) QK_GEMV_CASE(6) QK_GEMV_CASE(7) QK_GEMV_CASE(8)
+        default: break;
+      }
+#undef QK_GEMV_CASE
+    }
+  });
+#else
+  (void)packed; (void)src; (void)code; (void)bs; (void)n; (void)k; (void)x; (void)m; (void)y;
+  TORCH_CHECK(false, "gemv_bf16: no avx512_bf16");
+#endif
+}
+
+// y [M, N] (fp32) for x [M, K] fp32; rows of W split over the threads, x rows in passes of up to 8.
+void gemv(const uint8_t* packed, const ScaleSource& src, const float* code, int64_t bs, int64_t n, int64_t k,
+          const float* x, int64_t m, float* y) {
+#if QK_HAVE_X86
+  const bool wide = cpu_has_avx512();
+  const int64_t line = wide ? 128 : 64;
+  std::vector<float> xp;
+  prepare_x(x, m, k, line, xp);
+  const int64_t kp = xp.size() / std::max<int64_t>(m, 1);
+  // ~64 KiB of codes per task: enough to hide the start of a task, small enough to balance two cores
+  const int64_t grain = std::max<int64_t>(1, 131072 / std::max<int64_t>(k, 1));
+  at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t j0 = 0; j0 < m; j0 += 8) {
+      const int64_t mb = std::min<int64_t>(8, m - j0);
+      const float* xj = xp.data() + j0 * kp;
+      float* yj = y + j0 * n;
+#define QK_GEMV_CASE(MB)                                                                        \
+  case MB:                                                                                      \
+    if (wide) gemv_rows_avx512<MB>(packed, src, code, bs, k, xj, kp, r0, r1, yj, n);           \
+    else gemv_rows_avx2<MB>(packed, src, code, bs, k, xj, kp, r0, r1, yj, n);                  \
+    break;
+      switch (mb) {
+        QK_GEMV_CASE(1) QK_GEMV_CASE(2) QK_GEMV_CASE(3) QK_GEMV_CASE(4)
+        QK_GEMV_CASE(5) QK_GEMV_CASE(6) QK_GEMV_CASE(7) QK_GEMV_CASE(8)
+        default: break;
+      }
+#undef QK_GEMV_CASE
+    }
+  });
+#else
+  (void)packed; (void)src; (void)code; (void)bs; (void)n; (void)k; (void)x; (void)m; (void)y;
+  TORCH_CHECK(false, "gemv: no vector ISA");
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
 // Ops
 
 std::tuple<at::Tensor, at::Tensor> quantize_nf4_cpu(const at::Tensor& w, int64_t blocksize) {
@@ -420,15 +712,42 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const a
                           const at::Tensor& code, const std::optional<at::Tensor>& nested_absmax,
                           const std::optional<at::Tensor>& nested_code, double nested_offset, int64_t blocksize,
                           int64_t n, int64_t k, bool transposed) {
-  const std::vector<float> scale = decode_absmax(absmax, nested_absmax, nested_code, nested_offset);
   const at::Tensor p_t = packed.contiguous();
   const at::Tensor c_t = code.contiguous();
   const at::Tensor xf_t = x.contiguous().to(at::kFloat);
   const uint8_t* p = p_t.data_ptr<uint8_t>();
   const float* c = c_t.data_ptr<float>();
   const float* xf = xf_t.data_ptr<float>();
-  const float* s = scale.data();
   const int64_t m = x.size(0);
+
+  if (!transposed && m > 0 && gemv_supported(k, blocksize)) {
+    // Straight from the bytes, the scales decoded per row (nothing of the weight's size is written).
+    const at::Tensor a_t = absmax.contiguous();
+    at::Tensor na_t, nc_t;
+    ScaleSource src;
+    if (nested_absmax.has_value()) {
+      na_t = nested_absmax->contiguous();
+      nc_t = nested_code->contiguous();
+      src.q = a_t.data_ptr<uint8_t>();
+      src.nested_absmax = na_t.data_ptr<float>();
+      src.nested_code = nc_t.data_ptr<float>();
+      src.offset = static_cast<float>(nested_offset);
+    } else {
+      src.absmax = a_t.data_ptr<float>();
+    }
+    at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+    // One x row is bandwidth-bound either way, and the fp32 kernel keeps the codes exact there (measured faster
+    // too); from two rows on the bf16 dot product halves the arithmetic per weight.
+    if (x.scalar_type() == at::kBFloat16 && cpu_has_avx512_bf16() && m >= 2) {
+      const at::Tensor xb = x.contiguous();
+      gemv_bf16(p, src, c, blocksize, n, k, xb.data_ptr<c10::BFloat16>(), m, y.data_ptr<float>());
+    } else {
+      gemv(p, src, c, blocksize, n, k, xf, m, y.data_ptr<float>());
+    }
+    return y.to(x.scalar_type());
+  }
+  const std::vector<float> scale = decode_absmax(absmax, nested_absmax, nested_code, nested_offset);
+  const float* s = scale.data();
 
   if (!transposed) {
     // One task owns a range of output features n: decode row n once, dot it with every x row.
