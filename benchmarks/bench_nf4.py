@@ -8,7 +8,9 @@ method of the measured anchors), weights rotated so the working set is several t
 (each call reads a different copy), fresh random data. For M <= 128 and the dequantize also the
 GPU time of back-to-back calls (``gpu_us``: no CPU launch overhead can show) and the host time per
 call (``host_us``), see benchmarks/_common.py. Every cell is reported as a ratio to bitsandbytes and
-to bf16 measured in the same run, and for M <= 8 as the fraction of the bandwidth bound (weight
+to bf16 measured in the same run (bitsandbytes on the faster of its two paths, both timed: ``matmul_4bit`` and
+a ``Linear4bit`` in eval mode under inference mode, which on a CPU repacks its weight and is what
+``generate()`` runs; the row names the path), and for M <= 8 as the fraction of the bandwidth bound (weight
 bytes at the device copy bandwidth, also measured in this run). Writes ``nf4.json`` (after every row)
 and ``nf4_speedup.png`` to --out and prints the table last. Timing never decides a test.
 """
@@ -48,6 +50,20 @@ def _rotating(make, nbytes: int, device: str):
     return next_item
 
 
+def _bnb_linear4bit(bnb, w: torch.Tensor, device: str):
+    """bitsandbytes' inference layer on ``w`` in eval mode (compute in bf16), as transformers builds it: a
+    ``Linear4bit`` whose weight is quantized on its device (on a CPU with avx512_bf16 its first eval-mode
+    forward repacks the codes into its fast CPU layout, which is the path its users run)."""
+    n, k = w.shape
+    layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(w.to("cpu"), requires_grad=False, quant_type="nf4", blocksize=64,
+                                     compress_statistics=True)
+    layer = layer.to(device) if device != "cpu" else layer
+    if device == "cpu":
+        layer.weight = layer.weight._quantize("cpu")
+    return layer.eval()
+
+
 def copy_bandwidth(device: str) -> float:
     """Device copy bandwidth in bytes/s (read + write), measured here."""
     n = (1 << 30) if device == "cuda" else (64 << 20)
@@ -84,10 +100,11 @@ def run(device: str, shapes, ms, with_bnb: bool, args, results: ResultFile) -> N
         nf4_bytes = qk.quantize_nf4(make_w(), 64, True).nbytes
         ours_w = _rotating(lambda: qk.quantize_nf4(make_w(), 64, True), nf4_bytes, device)
         bf16_w = _rotating(make_w, n * k * 2, device)
-        bnb_w = None
+        bnb_w = bnb_layer = None
         if bnb is not None:
             bnb_w = _rotating(lambda: bnbf.quantize_4bit(make_w(), quant_type="nf4", blocksize=64,
                                                          compress_statistics=True), nf4_bytes, device)
+            bnb_layer = _rotating(lambda: _bnb_linear4bit(bnb, make_w(), device), nf4_bytes, device)
         out_bytes = n * k * 2
         t = _time(lambda: qk.dequantize_nf4(ours_w()), device, args, True)
         row = {"n": n, "k": k, "ours_us": t["us"], "ours_TBps": (nf4_bytes + out_bytes) / (t["us"] * 1e-6) / 1e12}
@@ -99,18 +116,25 @@ def run(device: str, shapes, ms, with_bnb: bool, args, results: ResultFile) -> N
         for m in ms:
             x = torch.randn(m, k, dtype=torch.bfloat16, device=device, generator=gen)
             small = m <= BATCH_TIMED_MAX_M
-            with torch.no_grad():
+            with torch.inference_mode():  # a decode step: no autograd bookkeeping, for anyone
                 t_ours = _time(lambda: qk.nf4_linear(x, ours_w()), device, args, small)
                 t_bf16 = _time(lambda: torch.nn.functional.linear(x, bf16_w()), device, args, False)["us"]
-                t_bnb = None
+                t_bnb = t_bnb_eval = None
                 if bnb_w is not None:
                     def call_bnb():
                         q, st = bnb_w()
                         return bnb.matmul_4bit(x, q.t(), st)
 
                     t_bnb = _time(call_bnb, device, args, False)["us"]
-            r = {"n": n, "k": k, "m": m, "ours_us": t_ours["us"], "bf16_us": t_bf16, "bnb_us": t_bnb,
-                 "vs_bf16": t_bf16 / t_ours["us"], "vs_bnb": (t_bnb / t_ours["us"]) if t_bnb else None}
+                if bnb_layer is not None:  # what generate() runs: on a CPU it repacks at the first call
+                    t_bnb_eval = _time(lambda: bnb_layer()(x), device, args, False)["us"]
+            # bitsandbytes on its best path of the two, named in the row
+            paths = {k_: v for k_, v in (("matmul_4bit", t_bnb), ("Linear4bit eval", t_bnb_eval)) if v}
+            best = min(paths, key=paths.get) if paths else None
+            r = {"n": n, "k": k, "m": m, "ours_us": t_ours["us"], "bf16_us": t_bf16,
+                 "bnb_us": paths[best] if best else None, "bnb_path": best, "bnb_matmul_4bit_us": t_bnb,
+                 "bnb_eval_us": t_bnb_eval, "vs_bf16": t_bf16 / t_ours["us"],
+                 "vs_bnb": (paths[best] / t_ours["us"]) if best else None}
             r.update({f"ours_{key}": v for key, v in t_ours.items() if key != "us"})
             if m <= 8:
                 bound_us = nf4_bytes / bw * 1e6
@@ -118,8 +142,9 @@ def run(device: str, shapes, ms, with_bnb: bool, args, results: ResultFile) -> N
                 r["bw_fraction"] = bound_us / t_ours["us"]
             results.add("matmul", r)
             print(f"  {n}x{k} M={m}: ours {t_ours['us']:.1f} us, bf16 {t_bf16:.1f}"
-                  + (f", bnb {t_bnb:.1f}" if t_bnb else ""), file=sys.stderr, flush=True)
-        ours_w = bf16_w = bnb_w = None  # free this shape's copies before the next one
+                  + (f", bnb matmul_4bit {t_bnb:.1f}" if t_bnb else "")
+                  + (f", bnb Linear4bit eval {t_bnb_eval:.1f}" if t_bnb_eval else ""), file=sys.stderr, flush=True)
+        ours_w = bf16_w = bnb_w = bnb_layer = None  # free this shape's copies before the next one
         if device == "cuda":
             torch.cuda.empty_cache()
 
@@ -136,10 +161,12 @@ def table(res: dict) -> str:
                         f"{'-':>9} {'-':>6} {'-':>8}"))
     lines += ["", "nf4_linear forward, bf16 (us; ratios > 1 mean ours is faster; gpu/host = back-to-back GPU time "
               "and host time per call)",
-              f"{'N x K':>12} {'M':>5} {'ours':>9} {'gpu':>7} {'host':>7} {'bnb':>9} {'bf16':>9} {'vs bnb':>7} "
+              "bnb: bitsandbytes' faster path of matmul_4bit and Linear4bit in eval mode (E), inference mode",
+              f"{'N x K':>12} {'M':>5} {'ours':>9} {'gpu':>7} {'host':>7} {'bnb':>10} {'bf16':>9} {'vs bnb':>7} "
               f"{'vs bf16':>7} {'bw frac':>7}"]
     for r in res.get("matmul", []):
-        bnb_us = f"{r['bnb_us']:>9.1f}" if r["bnb_us"] else f"{'-':>9}"
+        tag = "E" if r.get("bnb_path") == "Linear4bit eval" else " "
+        bnb_us = f"{r['bnb_us']:>9.1f}{tag}" if r["bnb_us"] else f"{'-':>10}"
         vs_bnb = f"{r['vs_bnb']:>6.2f}x" if r["vs_bnb"] else f"{'-':>7}"
         frac = f"{r['bw_fraction']:>7.2f}" if "bw_fraction" in r else f"{'':>7}"
         gpu = f"{r['ours_gpu_us']:>7.1f}" if "ours_gpu_us" in r else f"{'':>7}"
