@@ -88,7 +88,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ResultFile, environment, load_bnb  # noqa: E402  (puts the repository on sys.path too)
 
 import qlora_kernels as qk  # noqa: E402
-from qlora_kernels.train.components import autocast  # noqa: E402
+from qlora_kernels.train.components import autocast, enable_checkpointing  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES: dict[str, dict[str, Any]] = {
@@ -136,14 +136,6 @@ def build_dense(shape: str, seq_len: int, dtype: torch.dtype, device: torch.devi
         torch.set_default_dtype(old)
     model.config.use_cache = False
     return model
-
-
-def enable_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing, as the trainer turns it on."""
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 # --------------------------------------------------------------------------- data

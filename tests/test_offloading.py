@@ -15,7 +15,7 @@ from torch import nn
 import qlora_kernels as qk
 from qlora_kernels.demo.synthetic import instruction_rows, make_languages, save_random_model
 from qlora_kernels.train import ConfigError, load_config, train
-from qlora_kernels.train.components import memory_mode
+from qlora_kernels.train.components import enable_checkpointing, memory_mode
 from qlora_kernels.train.data import Example, collate, write_jsonl
 from qlora_kernels.train.loss import causal_lm_loss, decoder_forward
 from qlora_kernels.train.offload import ActivationOffloader
@@ -106,7 +106,7 @@ def test_offloaded_run_has_identical_gradients_and_every_saved_activation_leaves
 def test_with_checkpointing_only_the_layer_inputs_leave():
     model, b = tiny_llama(), batch()
     want = grads(model, b)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     off = ActivationOffloader(torch.device("cpu")).attach(model)
     model.zero_grad(set_to_none=True)
     hidden, head, bias = decoder_forward(model, b["input_ids"], b["attention_mask"])

@@ -201,7 +201,12 @@ def test_cli_exits_130_with_a_checkpoint_after_two_ctrl_c(assets, tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + 120
-        while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
+        metrics = out / "metrics.jsonl"  # created empty at the start; a record comes after a finished step
+
+        def stepped() -> bool:
+            return metrics.exists() and metrics.stat().st_size > 0
+
+        while not stepped() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, proc.communicate()[0]
         proc.send_signal(signal.SIGINT)

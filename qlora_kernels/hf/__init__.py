@@ -27,6 +27,7 @@ The modules, each depending only on those above it:
 
 from __future__ import annotations
 
+from .. import _compat  # noqa: F401  (on import: warns once about an untested dependency version)
 from .adapters import load_adapter, save_adapter
 from .apply import adapters_disabled, apply_qlora, merge_and_unload
 from .layers import DenseLoraLinear, linear_layer_names

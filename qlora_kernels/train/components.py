@@ -135,6 +135,15 @@ def memory_mode(cfg: TrainConfig) -> tuple[bool, bool]:
     return recompute, cfg.gradient_checkpointing == "offload" or cfg.activation_offloading
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of a transformers model: ``activation_checkpointing_enable``, or its
+    older name ``gradient_checkpointing_enable`` (deprecated by transformers 5) where a model has only that."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def prepare_model(cfg: TrainConfig, model: nn.Module, device: torch.device, sharded: bool = False) -> tuple[
         nn.Module, ActivationOffloader | None, list[str]]:
     """Make a built (or given) QLoRA model ready to train: on ``device``; the fused MLPs (``fused_mlp``,
@@ -155,10 +164,7 @@ def prepare_model(cfg: TrainConfig, model: nn.Module, device: torch.device, shar
             "QLoRA projections); it runs unfused")
     recompute, offload = memory_mode(cfg)
     if recompute:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     offloader = None
     if offload:
         offloader = ActivationOffloader(device).attach(model)
