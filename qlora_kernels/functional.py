@@ -42,6 +42,10 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _autocast_on(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _autocast_off(device_type: str):
     if not torch.amp.is_autocast_available(device_type):  # meta: shapes only, nothing to switch off
         return contextlib.nullcontext()
@@ -333,12 +337,22 @@ def _nf4_linear(x: Tensor, weight: tuple, n: int, k: int, bias: Tensor | None) -
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     dtype = compute_dtype(x)
+    if not _needs_autograd(x, bias) and not _autocast_on(x.device.type):
+        # Inference (torch.inference_mode / no_grad, or nothing that wants a gradient): the op itself, no
+        # autograd node, no autocast switch; the same kernel as through the Function below.
+        y = _QK.nf4_matmul(x2.to(dtype), *weight, n, k, False).view(*lead, n)
+        return y if bias is None else y + bias.to(dtype)
     with _autocast_off(x.device.type):
         y = NF4LinearFunction.apply(x2.to(dtype), *weight, n, k)
         y = y.view(*lead, n)
         if bias is not None:
             y = y + bias.to(dtype)
     return y
+
+
+def _needs_autograd(*tensors: Tensor | None) -> bool:
+    """Whether a gradient can flow to any of ``tensors`` from here (grad mode on and one of them requires it)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def lora_linear(

@@ -405,7 +405,10 @@ void prepare_x_bf16(const c10::BFloat16* x, int64_t m, int64_t k, std::vector<ui
 
 #define QK_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-template <int MB>
+// R rows of W at a time, each front to back: every line of x (every x row of the pass) is loaded once for the R
+// rows (from L1 after the first), the R rows' codes stream from memory side by side. R = 1 (one stream per core)
+// measured fastest from DRAM while x fits L1 beside the stream; a long x (K > 8192) is shared by 8 rows.
+template <int MB, int R>
 QK_AVX512BF16 void gemv_rows_avx512_bf16(const uint8_t* packed, const ScaleSource& src, const float* code,
                                          int64_t bs, int64_t k, const uint16_t* xp, int64_t kp, int64_t r0,
                                          int64_t r1, float* y, int64_t ldy) {
@@ -418,46 +421,43 @@ QK_AVX512BF16 void gemv_rows_avx512_bf16(const uint8_t* packed, const ScaleSourc
   for (int i = 0; i < 16; ++i) lane_block[i] = bs < 128 ? static_cast<int32_t>(8 * i / bs) : 0;
   const __m512i sidx = _mm512_load_si512(lane_block);
   const bool half_tail = k % 128 != 0;
-  // Blocked so that x stays in L1: a tile of kTile rows of W walks K in chunks of kLines lines (the chunk of
-  // every x row of the pass, MB x 2048 bf16 = 32 KiB at MB = 8, is read from L1 by every row of the tile),
-  // the partial sums of the tile kept in a small buffer between chunks.
-  constexpr int64_t kTile = 16, kLines = 16;
-  std::vector<float> scales(kTile * (nb + 16));
-  alignas(64) float part[kTile][MB][16];
-  for (int64_t t0 = r0; t0 < r1; t0 += kTile) {
-    const int64_t rt = std::min(kTile, r1 - t0);
-    for (int64_t i = 0; i < rt; ++i) src.row((t0 + i) * nb, nb, 16, scales.data() + i * (nb + 16));
-    for (int64_t i = 0; i < rt; ++i)
-      for (int j = 0; j < MB; ++j) _mm512_store_ps(part[i][j], _mm512_setzero_ps());
-    for (int64_t c0 = 0; c0 < lines; c0 += kLines) {
-      const int64_t c1 = std::min(lines, c0 + kLines);
-      for (int64_t i = 0; i < rt; ++i) {
-        const uint8_t* p = packed + (t0 + i) * (k / 2);
-        const float* sc = scales.data() + i * (nb + 16);
-        __m512 acc[MB];
-        for (int j = 0; j < MB; ++j) acc[j] = _mm512_load_ps(part[i][j]);
-        for (int64_t c = c0; c < c1; ++c) {
-          const __m512i d = c + 1 < lines || !half_tail ? _mm512_loadu_si512(p + c * 64)
-                                                        : _mm512_maskz_loadu_epi32(0x00FF, p + c * 64);
-          const __m512bh q0 = (__m512bh)_mm512_permutexvar_epi16(d, table);
-          const __m512bh q1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 4), table);
-          const __m512bh q2 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 8), table);
-          const __m512bh q3 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 12), table);
-          const __m512 sv = _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(sc + c * 128 / bs));
-          for (int j = 0; j < MB; ++j) {
-            const uint16_t* xj = xp + j * kp + c * 128;
-            __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), q0, (__m512bh)_mm512_loadu_si512(xj));
-            t = _mm512_dpbf16_ps(t, q1, (__m512bh)_mm512_loadu_si512(xj + 32));
-            t = _mm512_dpbf16_ps(t, q2, (__m512bh)_mm512_loadu_si512(xj + 64));
-            t = _mm512_dpbf16_ps(t, q3, (__m512bh)_mm512_loadu_si512(xj + 96));
-            acc[j] = _mm512_fmadd_ps(t, sv, acc[j]);
-          }
+  std::vector<float> scales(R * (nb + 16));
+  int64_t t0 = r0;
+  for (; t0 + R <= r1; t0 += R) {
+    const uint8_t* p[R];
+    const float* sc[R];
+    for (int i = 0; i < R; ++i) {
+      src.row((t0 + i) * nb, nb, 16, scales.data() + i * (nb + 16));
+      p[i] = packed + (t0 + i) * (k / 2);
+      sc[i] = scales.data() + i * (nb + 16);
+    }
+    __m512 acc[R][MB];
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < MB; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < lines; ++c) {
+      const bool tail = half_tail && c + 1 == lines;
+      for (int i = 0; i < R; ++i) {
+        const __m512i d = tail ? _mm512_maskz_loadu_epi32(0x00FF, p[i] + c * 64) : _mm512_loadu_si512(p[i] + c * 64);
+        const __m512bh q0 = (__m512bh)_mm512_permutexvar_epi16(d, table);
+        const __m512bh q1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 4), table);
+        const __m512bh q2 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 8), table);
+        const __m512bh q3 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 12), table);
+        const __m512 sv = _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(sc[i] + c * 128 / bs));
+        for (int j = 0; j < MB; ++j) {
+          const uint16_t* xj = xp + j * kp + c * 128;
+          __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), q0, (__m512bh)_mm512_loadu_si512(xj));
+          t = _mm512_dpbf16_ps(t, q1, (__m512bh)_mm512_loadu_si512(xj + 32));
+          t = _mm512_dpbf16_ps(t, q2, (__m512bh)_mm512_loadu_si512(xj + 64));
+          t = _mm512_dpbf16_ps(t, q3, (__m512bh)_mm512_loadu_si512(xj + 96));
+          acc[i][j] = _mm512_fmadd_ps(t, sv, acc[i][j]);
         }
-        for (int j = 0; j < MB; ++j) _mm512_store_ps(part[i][j], acc[j]);
       }
     }
-    for (int64_t i = 0; i < rt; ++i)
-      for (int j = 0; j < MB; ++j) y[j * ldy + t0 + i] = _mm512_reduce_add_ps(_mm512_load_ps(part[i][j]));
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < MB; ++j) y[j * ldy + t0 + i] = _mm512_reduce_add_ps(acc[i][j]);
+  }
+  if constexpr (R > 1) {
+    if (t0 < r1) gemv_rows_avx512_bf16<MB, 1>(packed, src, code, bs, k, xp, kp, t0, r1, y, ldy);
   }
 }
 #endif
@@ -521,13 +521,18 @@ void gemv_bf16(const uint8_t* packed, const ScaleSource& src, const float* code,
   prepare_x_bf16(x, m, k, xp);
   const int64_t kp = xp.size() / std::max<int64_t>(m, 1);
   const int64_t grain = std::max<int64_t>(1, 131072 / std::max<int64_t>(k, 1));
+  const bool long_x = k > 8192;  // see gemv_rows_avx512_bf16: rows side by side share the x loads
   at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t j0 = 0; j0 < m; j0 += 8) {
       const int64_t mb = std::min<int64_t>(8, m - j0);
       const uint16_t* xj = xp.data() + j0 * kp;
       float* yj = y + j0 * n;
 #define QK_GEMV_CASE(MB) \
-  case MB: gemv_rows_avx512_bf16<MB>(packed, src, code, bs, k, xj, kp, r0, r1, yj, n); break;
+  case MB: \
+    if (!long_x) gemv_rows_avx512_bf16<MB, 1>(packed, src, code, bs, k, xj, kp, r0, r1, yj, n); \
+    else if (MB == 1) gemv_rows_avx512_bf16<MB, 8>(packed, src, code, bs, k, xj, kp, r0, r1, yj, n); \
+    else gemv_rows_avx512_bf16<MB, 4>(packed, src, code, bs, k, xj, kp, r0, r1, yj, n); \
+    break;
       switch (mb) {
         QK_GEMV_CASE(1) QK_GEMV_CASE(2) QK_GEMV_CASE(3) QK_GEMV_CASE(4)
         QK_GEMV_CASE(5) QK_GEMV_CASE(6) QK_GEMV_CASE(7) QK_GEMV_CASE(8)
@@ -736,9 +741,9 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const a
       src.absmax = a_t.data_ptr<float>();
     }
     at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
-    // One x row is bandwidth-bound either way, and the fp32 kernel keeps the codes exact there (measured faster
-    // too); from two rows on the bf16 dot product halves the arithmetic per weight.
-    if (x.scalar_type() == at::kBFloat16 && cpu_has_avx512_bf16() && m >= 2) {
+    // bf16 x with avx512_bf16: the bf16 dot product (half the arithmetic and half the x bytes per weight of the
+    // fp32 kernel; measured faster at every M, one row included). Otherwise x in fp32, the codes exact.
+    if (x.scalar_type() == at::kBFloat16 && cpu_has_avx512_bf16()) {
       const at::Tensor xb = x.contiguous();
       gemv_bf16(p, src, c, blocksize, n, k, xb.data_ptr<c10::BFloat16>(), m, y.data_ptr<float>());
     } else {

@@ -155,13 +155,10 @@ def _live(row: Kernel, dtype_: str) -> bool:
 def choose(op: str, device: torch.device, **facts: Any) -> Kernel:
     """The row of ``op``'s table that runs this call on ``device`` (see the module docstring)."""
     dtype_ = device_type(device)
-    rows = [r for r in TABLE[op] if r.on(dtype_)]
     forced = forced_backend()
-    if forced is None:
-        for r in rows:
-            if r.default and r.takes(facts) and _live(r, dtype_):
-                return r
-        raise RuntimeError(f"no kernel of {op} takes this call on {device}: {facts}")  # the reference takes all
+    if forced is None:  # a pure function of the op, the device type, the facts and the (cached) backend status
+        return _default_choice(op, dtype_, triton_interpret(), tuple(sorted(facts.items())))
+    rows = [r for r in TABLE[op] if r.on(dtype_)]
     mine = [r for r in rows if r.backend == forced]
     if not mine:
         have = sorted({r.backend for r in rows})
@@ -176,6 +173,17 @@ def choose(op: str, device: torch.device, **facts: Any) -> Kernel:
     rules = "; ".join(f"{r.name}: {r.rule}" for r in mine)
     raise RuntimeError(f"{ENV_VAR}={forced}: no {forced} kernel of {op} takes this call on {device} ({facts}); "
                        f"its kernels take: {rules}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _default_choice(op: str, dtype_: str, interpret: bool, facts: tuple) -> Kernel:
+    """The first default row of ``op`` live on ``dtype_`` that takes ``facts``; cached (a decode step asks the
+    same question for every layer)."""
+    kw = dict(facts)
+    for r in TABLE[op]:
+        if r.on(dtype_) and r.default and r.takes(kw) and _live(r, dtype_):
+            return r
+    raise RuntimeError(f"no kernel of {op} takes this call on {dtype_}: {kw}")  # the reference takes all
 
 
 def kernels_of(backend: str, device_type_: str) -> list[Kernel]:
