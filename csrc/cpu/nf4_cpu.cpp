@@ -337,6 +337,38 @@ struct ScaleSource {
 };
 
 #if QK_HAVE_X86
+// ScaleSource::row with AVX-512: the double quantization decoded 16 blocks at a time (the codes gathered from
+// the 256-entry nested table, which stays in L1), the same two roundings (product, then sum; no FMA: the
+// extension is built with -ffp-contract=off). A row's scalar decode measured ~30% of the one-row GEMV's time.
+QK_AVX512 void scale_row_avx512(const ScaleSource& s, int64_t b0, int64_t nb, int64_t pad, float* out) {
+  static_assert(kNestedBlock == 256, "the straddling case below divides by 256 with a shift");
+  if (s.absmax != nullptr || nb < 16) {
+    s.row(b0, nb, pad, out);
+    return;
+  }
+  const __m512 offset = _mm512_set1_ps(s.offset);
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t j = 0;
+  for (; j + 16 <= nb; j += 16) {
+    const int64_t b = b0 + j;
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s.q + b)));
+    const __m512 code = _mm512_i32gather_ps(q, s.nested_code, 4);
+    __m512 na;
+    if (b / kNestedBlock == (b + 15) / kNestedBlock) {
+      na = _mm512_set1_ps(s.nested_absmax[b / kNestedBlock]);
+    } else {  // the 16 blocks straddle two nested blocks
+      const __m512i nested = _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(b % kNestedBlock)),
+                                                                iota), 8);
+      na = _mm512_i32gather_ps(_mm512_add_epi32(nested, _mm512_set1_epi32(static_cast<int32_t>(b / kNestedBlock))),
+                               s.nested_absmax, 4);
+    }
+    _mm512_storeu_ps(out + j, _mm512_add_ps(_mm512_mul_ps(code, na), offset));
+  }
+  s.row(b0 + j, nb - j, pad, out + j);  // the last blocks and the padding
+}
+#endif
+
+#if QK_HAVE_X86
 // Rows [r0, r1) of y for MB x rows (xp: prepare_x with 128-element lines, row stride kp), y row stride ldy.
 template <int MB>
 QK_AVX512 void gemv_rows_avx512(const uint8_t* packed, const ScaleSource& src, const float* code, int64_t bs,
@@ -352,7 +384,7 @@ QK_AVX512 void gemv_rows_avx512(const uint8_t* packed, const ScaleSource& src, c
   std::vector<float> scales(nb + 16);
   const __mmask16 tail = (k % 128) ? static_cast<__mmask16>(0x00FF) : static_cast<__mmask16>(0xFFFF);
   for (int64_t r = r0; r < r1; ++r) {
-    src.row(r * nb, nb, 16, scales.data());
+    scale_row_avx512(src, r * nb, nb, 16, scales.data());
     const uint8_t* p = packed + r * (k / 2);
     __m512 acc[MB];
     for (int j = 0; j < MB; ++j) acc[j] = _mm512_setzero_ps();
@@ -405,59 +437,106 @@ void prepare_x_bf16(const c10::BFloat16* x, int64_t m, int64_t k, std::vector<ui
 
 #define QK_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-// R rows of W at a time, each front to back: every line of x (every x row of the pass) is loaded once for the R
-// rows (from L1 after the first), the R rows' codes stream from memory side by side. R = 1 (one stream per core)
-// measured fastest from DRAM while x fits L1 beside the stream; a long x (K > 8192) is shared by 8 rows.
+// The constants of one call of the bf16 kernel.
+struct Bf16Gemv {
+  alignas(64) uint16_t table[32];     // the codes as bf16, twice (bit 4 of a word index is the next nibble's)
+  alignas(64) int32_t lane_block[16];  // dword lane i covers elements 8i..8i+7 of a line: its block in the line
+  const uint8_t* packed;
+  const ScaleSource* src;
+  int64_t bs, k, kp, lines, nb;
+  bool half_tail;  // K % 128 != 0: the last line of a row is 32 bytes
+  Bf16Gemv(const uint8_t* p, const ScaleSource& s, const float* code, int64_t bs_, int64_t k_, int64_t kp_)
+      : packed(p), src(&s), bs(bs_), k(k_), kp(kp_), lines(kp_ / 128), nb(k_ / bs_), half_tail(k_ % 128 != 0) {
+    for (int i = 0; i < 32; ++i) table[i] = c10::BFloat16(code[i & 15]).x;
+    for (int i = 0; i < 16; ++i) lane_block[i] = bs < 128 ? static_cast<int32_t>(8 * i / bs) : 0;
+  }
+};
+
+// Rows [r0, r1) of W, lines [c0, c1) of each (whole blocks), R rows side by side: each line of x (every x row of
+// the pass) is loaded once for the R rows. y[j, r] is set from the partial sums at c0 == 0, added to after.
+// `scales` holds R * (blocks per chunk + 16) floats.
 template <int MB, int R>
-QK_AVX512BF16 void gemv_rows_avx512_bf16(const uint8_t* packed, const ScaleSource& src, const float* code,
-                                         int64_t bs, int64_t k, const uint16_t* xp, int64_t kp, int64_t r0,
-                                         int64_t r1, float* y, int64_t ldy) {
-  alignas(64) uint16_t tab[32];
-  for (int i = 0; i < 32; ++i) tab[i] = c10::BFloat16(code[i & 15]).x;
-  const __m512i table = _mm512_load_si512(tab);
-  const int64_t lines = kp / 128;
-  const int64_t nb = k / bs;
-  alignas(64) int32_t lane_block[16];
-  for (int i = 0; i < 16; ++i) lane_block[i] = bs < 128 ? static_cast<int32_t>(8 * i / bs) : 0;
-  const __m512i sidx = _mm512_load_si512(lane_block);
-  const bool half_tail = k % 128 != 0;
-  std::vector<float> scales(R * (nb + 16));
+QK_AVX512BF16 void gemv_block_bf16(const Bf16Gemv& g, const uint16_t* xp, int64_t r0, int64_t r1, int64_t c0,
+                                   int64_t c1, float* scales, float* y, int64_t ldy) {
+  const __m512i table = _mm512_load_si512(g.table);
+  const __m512i sidx = _mm512_load_si512(g.lane_block);
+  const int64_t bs = g.bs, kp = g.kp;
+  const int64_t b0 = c0 * 128 / bs;                             // the chunk's first block in a row
+  const int64_t nbc = std::min(g.nb, (c1 * 128 + bs - 1) / bs) - b0;  // and its block count
   int64_t t0 = r0;
   for (; t0 + R <= r1; t0 += R) {
     const uint8_t* p[R];
     const float* sc[R];
     for (int i = 0; i < R; ++i) {
-      src.row((t0 + i) * nb, nb, 16, scales.data() + i * (nb + 16));
-      p[i] = packed + (t0 + i) * (k / 2);
-      sc[i] = scales.data() + i * (nb + 16);
+      float* si = scales + i * (nbc + 16);
+      scale_row_avx512(*g.src, (t0 + i) * g.nb + b0, nbc, 16, si);
+      p[i] = g.packed + (t0 + i) * (g.k / 2);
+      sc[i] = si;
     }
-    __m512 acc[R][MB];
+    __m512 acc[R][MB], acc2[R][MB];
     for (int i = 0; i < R; ++i)
-      for (int j = 0; j < MB; ++j) acc[i][j] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < lines; ++c) {
-      const bool tail = half_tail && c + 1 == lines;
+      for (int j = 0; j < MB; ++j) acc[i][j] = acc2[i][j] = _mm512_setzero_ps();
+    for (int64_t c = c0; c < c1; ++c) {
+      const bool tail = g.half_tail && c + 1 == g.lines;
       for (int i = 0; i < R; ++i) {
         const __m512i d = tail ? _mm512_maskz_loadu_epi32(0x00FF, p[i] + c * 64) : _mm512_loadu_si512(p[i] + c * 64);
         const __m512bh q0 = (__m512bh)_mm512_permutexvar_epi16(d, table);
         const __m512bh q1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 4), table);
         const __m512bh q2 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 8), table);
         const __m512bh q3 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 12), table);
-        const __m512 sv = _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(sc[i] + c * 128 / bs));
+        const __m512 sv = _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(sc[i] + (c - c0) * 128 / bs));
         for (int j = 0; j < MB; ++j) {
           const uint16_t* xj = xp + j * kp + c * 128;
+          // two short chains instead of one of four dot products: the latency, not the throughput, bounds
+          // the loop otherwise
           __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), q0, (__m512bh)_mm512_loadu_si512(xj));
-          t = _mm512_dpbf16_ps(t, q1, (__m512bh)_mm512_loadu_si512(xj + 32));
+          __m512 u = _mm512_dpbf16_ps(_mm512_setzero_ps(), q1, (__m512bh)_mm512_loadu_si512(xj + 32));
           t = _mm512_dpbf16_ps(t, q2, (__m512bh)_mm512_loadu_si512(xj + 64));
-          t = _mm512_dpbf16_ps(t, q3, (__m512bh)_mm512_loadu_si512(xj + 96));
+          u = _mm512_dpbf16_ps(u, q3, (__m512bh)_mm512_loadu_si512(xj + 96));
           acc[i][j] = _mm512_fmadd_ps(t, sv, acc[i][j]);
+          acc2[i][j] = _mm512_fmadd_ps(u, sv, acc2[i][j]);
         }
       }
     }
     for (int i = 0; i < R; ++i)
-      for (int j = 0; j < MB; ++j) y[j * ldy + t0 + i] = _mm512_reduce_add_ps(acc[i][j]);
+      for (int j = 0; j < MB; ++j) {
+        const float part = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][j], acc2[i][j]));
+        float& out = y[j * ldy + t0 + i];
+        out = c0 == 0 ? part : out + part;
+      }
   }
   if constexpr (R > 1) {
-    if (t0 < r1) gemv_rows_avx512_bf16<MB, 1>(packed, src, code, bs, k, xp, kp, t0, r1, y, ldy);
+    if (t0 < r1) gemv_block_bf16<MB, 1>(g, xp, t0, r1, c0, c1, scales, y, ldy);
+  }
+}
+
+// Rows [r0, r1) of y for MB x rows (xp: prepare_x_bf16, row stride kp), y row stride ldy. Two walks, by where
+// x lives (as measured on AVX-512 machines with 48 KiB of L1):
+// * x of the pass fits L1 beside the stream (up to 24 KiB: MB <= 2 at K = 4096): rows whole, front to back,
+//   one at a time (one stream per core reads DRAM fastest), or 8 side by side sharing the x loads when x is
+//   long (K > 8192 at MB = 1, where one row's x loads alone would outweigh its codes);
+// * otherwise (MB >= 3; compute-bound): tiles of 16 rows walk K in chunks whose x fits L1 (MB x 32 lines =
+//   MB x 8 KiB), 2 rows side by side; partial sums add up in y.
+template <int MB>
+QK_AVX512BF16 void gemv_rows_avx512_bf16(const Bf16Gemv& g, const uint16_t* xp, int64_t r0, int64_t r1, float* y,
+                                         int64_t ldy) {
+  constexpr int64_t kChunk = 32;  // lines: 4096 elements, a multiple of every blocksize
+  const bool x_in_l1 = MB * g.kp * 2 <= 24576;
+  const bool long_x = g.k > 8192 && MB <= 2;
+  if (x_in_l1 || long_x) {
+    std::vector<float> scales(8 * (g.nb + 16));
+    if (long_x && MB == 1) gemv_block_bf16<MB, 8>(g, xp, r0, r1, 0, g.lines, scales.data(), y, ldy);
+    else if (long_x) gemv_block_bf16<MB, 4>(g, xp, r0, r1, 0, g.lines, scales.data(), y, ldy);
+    else gemv_block_bf16<MB, 1>(g, xp, r0, r1, 0, g.lines, scales.data(), y, ldy);
+    return;
+  }
+  constexpr int64_t kTile = 16;
+  std::vector<float> scales(2 * (kChunk * 128 / std::min<int64_t>(g.bs, 128) + 16));
+  for (int64_t t0 = r0; t0 < r1; t0 += kTile) {
+    const int64_t t1 = std::min(r1, t0 + kTile);
+    for (int64_t c0 = 0; c0 < g.lines; c0 += kChunk)
+      gemv_block_bf16<MB, (MB <= 4 ? 2 : 1)>(g, xp, t0, t1, c0, std::min(g.lines, c0 + kChunk), scales.data(), y,
+                                             ldy);
   }
 }
 #endif
@@ -521,18 +600,14 @@ void gemv_bf16(const uint8_t* packed, const ScaleSource& src, const float* code,
   prepare_x_bf16(x, m, k, xp);
   const int64_t kp = xp.size() / std::max<int64_t>(m, 1);
   const int64_t grain = std::max<int64_t>(1, 131072 / std::max<int64_t>(k, 1));
-  const bool long_x = k > 8192;  // see gemv_rows_avx512_bf16: rows side by side share the x loads
+  const Bf16Gemv g(packed, src, code, bs, k, kp);
   at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t j0 = 0; j0 < m; j0 += 8) {
       const int64_t mb = std::min<int64_t>(8, m - j0);
       const uint16_t* xj = xp.data() + j0 * kp;
       float* yj = y + j0 * n;
 #define QK_GEMV_CASE(MB) \
-  case MB: \
-    if (!long_x) gemv_rows_avx512_bf16<MB, 1>(packed, src, code, bs, k, xj, kp, r0, r1, yj, n); \
-    else if (MB == 1) gemv_rows_avx512_bf16<MB, 8>(packed, src, code, bs, k, xj, kp, r0, r1, yj, n); \
-    else gemv_rows_avx512_bf16<MB, 4>(packed, src, code, bs, k, xj, kp, r0, r1, yj, n); \
-    break;
+  case MB: gemv_rows_avx512_bf16<MB>(g, xj, r0, r1, yj, n); break;
       switch (mb) {
         QK_GEMV_CASE(1) QK_GEMV_CASE(2) QK_GEMV_CASE(3) QK_GEMV_CASE(4)
         QK_GEMV_CASE(5) QK_GEMV_CASE(6) QK_GEMV_CASE(7) QK_GEMV_CASE(8)
