@@ -5,7 +5,8 @@
 
 GPU method: medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before each call; the
 method of the measured anchors), weights rotated so the working set is several times the L2 cache
-(each call reads a different copy), fresh random data. For M <= 128 and the dequantize also the
+(each call reads a different copy), fresh random data. CPU: medians of wall-clock time per call, the
+weights rotated over at least 3x the last-level cache (as a decode step reads them: from DRAM). For M <= 128 and the dequantize also the
 GPU time of back-to-back calls (``gpu_us``: no CPU launch overhead can show) and the host time per
 call (``host_us``), see benchmarks/_common.py. Every cell is reported as a ratio to bitsandbytes and
 to bf16 measured in the same run (bitsandbytes on the faster of its two paths, both timed: ``matmul_4bit`` and
@@ -37,9 +38,27 @@ ROTATE_BYTES = 512 << 20  # working set per provider: several times a Hopper L2 
 BATCH_TIMED_MAX_M = 128  # gpu_us / host_us columns up to this M (small kernels, where launch cost matters)
 
 
+def _cpu_last_level_cache_bytes() -> int:
+    """The CPU's last-level cache as the OS reports it (0 when it does not)."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=0)
+
+
+def _rotate_bytes(device: str) -> int:
+    """The working set per provider: several times the GPU's L2, or the CPU's last-level cache (a decode step
+    reads every layer's weight once: from DRAM, not from a cache that holds one layer)."""
+    return ROTATE_BYTES if device != "cpu" else max(128 << 20, 3 * _cpu_last_level_cache_bytes())
+
+
 def _rotating(make, nbytes: int, device: str):
-    """A closure cycling through enough copies of an operand to defeat the L2 cache."""
-    copies = 1 if device == "cpu" else max(2, min(64, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
+    """A closure cycling through enough copies of an operand to defeat the caches."""
+    copies = max(2, min(64, math.ceil(_rotate_bytes(device) / max(nbytes, 1))))
     items = [make() for _ in range(copies)]
     state = {"i": 0}
 
@@ -66,9 +85,9 @@ def _bnb_linear4bit(bnb, w: torch.Tensor, device: str):
 
 def copy_bandwidth(device: str) -> float:
     """Device copy bandwidth in bytes/s (read + write), measured here."""
-    n = (1 << 30) if device == "cuda" else (64 << 20)
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
+    n = (1 << 30) if device == "cuda" else _rotate_bytes("cpu")
+    src = torch.ones(n, dtype=torch.uint8, device=device)  # written: untouched host pages all read one zero page
+    dst = torch.ones_like(src)
     us = do_bench_us(lambda: dst.copy_(src)) if device == "cuda" else cpu_us(lambda: dst.copy_(src))
     return 2 * n / (us * 1e-6)
 

@@ -87,6 +87,30 @@ def test_fp32_adapters_under_bf16_activations(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("context", ["inference_mode", "no_grad"])
+def test_decode_path_has_no_autograd_node_and_matches_the_formula(device, lora_dtype, context):
+    """With nothing to differentiate (decode), lora_linear and QLoraLinear make no autograd node and save nothing;
+    the LoRA term runs in the adapters' dtype (as PEFT's) and the output still matches the fp32 formula."""
+    x, qw, a, b, bias = _problem((3, 2), 192, 80, 8, torch.bfloat16, device, lora_dtype=lora_dtype)
+    # positive terms (no cancellation: the bound from their magnitudes is tight) and a LoRA term as large as the
+    # base product, so that a wrong scale or dtype shows above the roundings
+    x, a, b = x.abs(), a.abs(), b.abs() * 20
+    a.requires_grad_(True)  # parameters that want gradients, outside a grad-enabled region: still no node
+    grad_mode = torch.inference_mode() if context == "inference_mode" else torch.no_grad()
+    with grad_mode:
+        y = qk.lora_linear(x, qw, a, b, 0.75, bias)
+    assert y.grad_fn is None and y.dtype == torch.bfloat16 and y.shape == (3, 2, 80)
+    want = _composite(x, qw, a.detach(), b, 0.75, bias)
+    mag = bounds.abs_twin(bounds.lora_formula(0.75), (x, qk.dequantize_nf4(qw, torch.float32), a, b, bias),
+                          torch.ones_like(want))[0]
+    # kernel and reference sum in fp32; the base product may round the codes to bf16; the rank-r term in the
+    # adapters' dtype rounds x A^T once more when they are bf16; the output rounds to bf16
+    bound, why = bounds.chained(mag, want, 192 + 8, torch.bfloat16, 2 if lora_dtype == torch.float32 else 3)
+    bounds.assert_within("decode lora_linear", y, want, bound, why=why)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_dropout_mask_is_kept_for_backward(device):
     p = 0.3
     x, qw, a, b, b_ = _problem((32,), 128, 64, 4, torch.float32, device)
