@@ -3,17 +3,17 @@
     python benchmarks/bench_nf4.py --out bench_out            # GPU: six Llama shapes, M = 1, 8, 32, 128, 8192
     python benchmarks/bench_nf4.py --quick --out bench_out    # CPU smoke run: small shapes
 
-GPU method: medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before each call; the
-method of the measured anchors), weights rotated so the working set is several times the L2 cache
-(each call reads a different copy), fresh random data. CPU: medians of wall-clock time per call, the
-weights rotated over at least 3x the last-level cache (as a decode step reads them: from DRAM). For M <= 128 and the dequantize also the
-GPU time of back-to-back calls (``gpu_us``: no CPU launch overhead can show) and the host time per
-call (``host_us``), see benchmarks/_common.py. Every cell is reported as a ratio to bitsandbytes and
-to bf16 measured in the same run (bitsandbytes on the faster of its two paths, both timed: ``matmul_4bit`` and
-a ``Linear4bit`` in eval mode under inference mode, which on a CPU repacks its weight and is what
-``generate()`` runs; the row names the path), and for M <= 8 as the fraction of the bandwidth bound (weight
-bytes at the device copy bandwidth, also measured in this run). Writes ``nf4.json`` (after every row)
-and ``nf4_speedup.png`` to --out and prints the table last. Timing never decides a test.
+GPU method: medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before each call; the method of
+the measured anchors), weights rotated so the working set is several times the L2 cache (each call reads a
+different copy), fresh random data. CPU: medians of wall-clock time per call, the weights rotated over at
+least 3x the last-level cache (as a decode step reads them: from DRAM). For M <= 128 and the dequantize also
+the GPU time of back-to-back calls (``gpu_us``: no CPU launch overhead can show) and the host time per call
+(``host_us``), see benchmarks/_common.py. Every cell is reported as a ratio to bitsandbytes and to bf16
+measured in the same run (bitsandbytes on the faster of its two paths, both timed: ``matmul_4bit`` and a
+``Linear4bit`` in eval mode under inference mode, which on a CPU repacks its weight and is what ``generate()``
+runs; the row names the path), and for M <= 8 as the fraction of the bandwidth bound (weight bytes at the
+device copy bandwidth, also measured in this run). Writes ``nf4.json`` (after every row) and
+``nf4_speedup.png`` to --out and prints the table last. Timing never decides a test.
 """
 
 from __future__ import annotations
