@@ -285,6 +285,16 @@ void store(const float* in, int64_t n, T* out) {
   }
 }
 
+// The block (relative to the first) that element `e` of a row is in, for a power-of-two blocksize `bs` given as
+// its log2: a shift, not a division (an integer division per line measured as a large share of the GEMV).
+inline int64_t block_of(int64_t e, int bs_log2) { return e >> bs_log2; }
+
+inline int log2_of(int64_t v) {
+  int s = 0;
+  while ((int64_t{1} << s) < v) ++s;
+  return s;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Small-M GEMV straight from the NF4 bytes: y[m, r] = sum_b s(r, b) * sum_{j in block b} code[q(r, j)] x[m, j].
 // No weight is ever written out: each 64-byte line of packed codes is read once, its 128 codes looked up in
@@ -377,6 +387,7 @@ QK_AVX512 void gemv_rows_avx512(const uint8_t* packed, const ScaleSource& src, c
   const __m512 table = _mm512_loadu_ps(code);
   const int64_t lines = kp / 128;
   const int64_t nb = k / bs;
+  const int bs_log2 = log2_of(bs);
   // lane i covers elements 8i..8i+7 of a line: its block, relative to the line's first
   alignas(64) int32_t lane_block[16];
   for (int i = 0; i < 16; ++i) lane_block[i] = bs < 128 ? static_cast<int32_t>(8 * i / bs) : 0;
@@ -400,7 +411,7 @@ QK_AVX512 void gemv_rows_avx512(const uint8_t* packed, const ScaleSource& src, c
       cv[5] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 20), table);
       cv[6] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 24), table);
       cv[7] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 28), table);
-      const __m512 sv = _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(scales.data() + c * 128 / bs));
+      const __m512 sv = _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(scales.data() + block_of(c * 128, bs_log2)));
       for (int j = 0; j < MB; ++j) {
         const float* xj = xp + j * kp + c * 128;
         __m512 t = _mm512_mul_ps(cv[0], _mm512_loadu_ps(xj));
@@ -414,12 +425,15 @@ QK_AVX512 void gemv_rows_avx512(const uint8_t* packed, const ScaleSource& src, c
 #endif
 
 #if QK_HAVE_X86
-// bf16 activations with avx512_bf16: the codes as bf16 pairs, one vdpbf16ps for 32 products. The bytes read
-// as 32 words; shifting a word right by 4t puts its nibble t in the low 4 bits of the word, and a 32-entry
-// word permute (the 16 codes twice: bit 4 of the index is the next nibble's, whatever it is) looks it up.
-// Nibble t of word w is element 4w + (t ^ 1) of the line; the dot product of dword lane i adds words 2i and
-// 2i + 1, elements of 8i..8i+7 as in the fp32 kernel (the same block scales per lane). x is permuted, not
-// rounded (it is bf16 already); the codes round to bf16 (2^-9 relative), as any bf16 kernel rounds W.
+// bf16 activations with avx512_bf16: the decoded weights as bf16 pairs, one vdpbf16ps for 32 products. Each
+// line's lookup table holds the 16 codes times the scale of each block the line covers, rounded to bf16 once
+// (the decoded weight in bf16, as any bf16 kernel rounds W; bitsandbytes' CPU inference path rounds the same
+// way): the dot products then add up straight into the accumulators, with no per-line scaling. The bytes read
+// as 32 words; shifting a word right by 4t puts its nibble t in the low 4 bits of the word; word w covers
+// elements 4w..4w+3 (nibble t is element 4w + (t ^ 1)), so its block in the line is 4w / bs, which goes into
+// bits 4-5 of the index: a 32-entry word permute looks up two blocks (blocksize 64), a 64-entry two-table
+// permute four (32); from 128 on a line is in one block, and bit 4 (the next nibble's) meets the table twice.
+// x is permuted, not rounded (it is bf16 already).
 void prepare_x_bf16(const c10::BFloat16* x, int64_t m, int64_t k, std::vector<uint16_t>& out) {
   const int64_t kp = (k + 127) / 128 * 128;
   out.assign(m * kp, 0);
@@ -439,29 +453,76 @@ void prepare_x_bf16(const c10::BFloat16* x, int64_t m, int64_t k, std::vector<ui
 
 // The constants of one call of the bf16 kernel.
 struct Bf16Gemv {
-  alignas(64) uint16_t table[32];     // the codes as bf16, twice (bit 4 of a word index is the next nibble's)
-  alignas(64) int32_t lane_block[16];  // dword lane i covers elements 8i..8i+7 of a line: its block in the line
+  alignas(64) float code[16];
+  alignas(64) uint16_t block_bits[32];  // word w of a line: its block within the line (4w / bs) << 4
   const uint8_t* packed;
   const ScaleSource* src;
   int64_t bs, k, kp, lines, nb;
+  int bs_log2;
   bool half_tail;  // K % 128 != 0: the last line of a row is 32 bytes
-  Bf16Gemv(const uint8_t* p, const ScaleSource& s, const float* code, int64_t bs_, int64_t k_, int64_t kp_)
-      : packed(p), src(&s), bs(bs_), k(k_), kp(kp_), lines(kp_ / 128), nb(k_ / bs_), half_tail(k_ % 128 != 0) {
-    for (int i = 0; i < 32; ++i) table[i] = c10::BFloat16(code[i & 15]).x;
-    for (int i = 0; i < 16; ++i) lane_block[i] = bs < 128 ? static_cast<int32_t>(8 * i / bs) : 0;
+  Bf16Gemv(const uint8_t* p, const ScaleSource& s, const float* code_, int64_t bs_, int64_t k_, int64_t kp_)
+      : packed(p), src(&s), bs(bs_), k(k_), kp(kp_), lines(kp_ / 128), nb(k_ / bs_), bs_log2(log2_of(bs_)),
+        half_tail(k_ % 128 != 0) {
+    std::copy(code_, code_ + 16, code);
+    for (int w = 0; w < 32; ++w) block_bits[w] = static_cast<uint16_t>(bs < 128 ? (4 * w / bs) << 4 : 0);
+  }
+};
+
+// A cursor over bytes to prefetch into L2, one 64-byte line per line of codes processed (none when empty): the
+// tiled walk reads its 16 rows in short pieces, which the hardware prefetcher does not follow, so the next
+// tile's rows are fetched while this tile computes.
+struct Prefetch {
+  const uint8_t* p = nullptr;
+  const uint8_t* end = nullptr;
+  void next() {
+    if (p < end) {
+      _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+      p += 64;
+    }
+  }
+};
+
+// The line's table of scaled codes (s: the scales of the line's blocks) and the lookup of nibble t of every word.
+template <int BS_KIND>  // 0: blocksize 32 (four blocks a line), 1: 64 (two), 2: 128 and more (one)
+struct ScaledLookup {
+  __m512i lo, hi;  // the bf16 table (hi: blocks 2 and 3, blocksize 32 only)
+  QK_AVX512BF16 ScaledLookup(const __m512 code, const float* s) {
+    if constexpr (BS_KIND == 0) {
+      lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(s[1])),
+                                        _mm512_mul_ps(code, _mm512_set1_ps(s[0])));
+      hi = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(s[3])),
+                                        _mm512_mul_ps(code, _mm512_set1_ps(s[2])));
+    } else if constexpr (BS_KIND == 1) {
+      lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(s[1])),
+                                        _mm512_mul_ps(code, _mm512_set1_ps(s[0])));
+      hi = lo;
+    } else {
+      const __m512 v = _mm512_mul_ps(code, _mm512_set1_ps(s[0]));
+      lo = (__m512i)_mm512_cvtne2ps_pbh(v, v);
+      hi = lo;
+    }
+  }
+  // nib: the line's words shifted right by 4t; bits: Bf16Gemv::block_bits
+  QK_AVX512BF16 __m512bh operator()(__m512i nib, __m512i bits) const {
+    if constexpr (BS_KIND == 2) return (__m512bh)_mm512_permutexvar_epi16(nib, lo);
+    const __m512i idx = _mm512_ternarylogic_epi32(nib, _mm512_set1_epi16(0x000F), bits, 0xEA);  // (a & b) | c
+    if constexpr (BS_KIND == 1) return (__m512bh)_mm512_permutexvar_epi16(idx, lo);
+    return (__m512bh)_mm512_permutex2var_epi16(lo, idx, hi);
   }
 };
 
 // Rows [r0, r1) of W, lines [c0, c1) of each (whole blocks), R rows side by side: each line of x (every x row of
 // the pass) is loaded once for the R rows. y[j, r] is set from the partial sums at c0 == 0, added to after.
-// `scales` holds R * (blocks per chunk + 16) floats.
-template <int MB, int R>
+// `scales` holds R * (blocks per chunk + 16) floats. A accumulators per x row and W row: the dot products of a
+// line go to A chains (one chain would make the loop latency-bound).
+template <int MB, int R, int BS_KIND>
 QK_AVX512BF16 void gemv_block_bf16(const Bf16Gemv& g, const uint16_t* xp, int64_t r0, int64_t r1, int64_t c0,
-                                   int64_t c1, float* scales, float* y, int64_t ldy) {
-  const __m512i table = _mm512_load_si512(g.table);
-  const __m512i sidx = _mm512_load_si512(g.lane_block);
+                                   int64_t c1, float* scales, float* y, int64_t ldy, Prefetch& pf) {
+  constexpr int A = MB * R <= 2 ? 4 : 2;
+  const __m512 code = _mm512_load_ps(g.code);
+  const __m512i bits = _mm512_load_si512(g.block_bits);
   const int64_t bs = g.bs, kp = g.kp;
-  const int64_t b0 = c0 * 128 / bs;                             // the chunk's first block in a row
+  const int64_t b0 = c0 * 128 / bs;                                 // the chunk's first block in a row
   const int64_t nbc = std::min(g.nb, (c1 * 128 + bs - 1) / bs) - b0;  // and its block count
   int64_t t0 = r0;
   for (; t0 + R <= r1; t0 += R) {
@@ -473,41 +534,45 @@ QK_AVX512BF16 void gemv_block_bf16(const Bf16Gemv& g, const uint16_t* xp, int64_
       p[i] = g.packed + (t0 + i) * (g.k / 2);
       sc[i] = si;
     }
-    __m512 acc[R][MB], acc2[R][MB];
+    __m512 acc[R][MB][A];
     for (int i = 0; i < R; ++i)
-      for (int j = 0; j < MB; ++j) acc[i][j] = acc2[i][j] = _mm512_setzero_ps();
+      for (int j = 0; j < MB; ++j)
+        for (int a = 0; a < A; ++a) acc[i][j][a] = _mm512_setzero_ps();
     for (int64_t c = c0; c < c1; ++c) {
       const bool tail = g.half_tail && c + 1 == g.lines;
       for (int i = 0; i < R; ++i) {
+        pf.next();
         const __m512i d = tail ? _mm512_maskz_loadu_epi32(0x00FF, p[i] + c * 64) : _mm512_loadu_si512(p[i] + c * 64);
-        const __m512bh q0 = (__m512bh)_mm512_permutexvar_epi16(d, table);
-        const __m512bh q1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 4), table);
-        const __m512bh q2 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 8), table);
-        const __m512bh q3 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 12), table);
-        const __m512 sv = _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(sc[i] + (c - c0) * 128 / bs));
+        const ScaledLookup<BS_KIND> look(code, sc[i] + block_of((c - c0) * 128, g.bs_log2));
+        const __m512bh q[4] = {look(d, bits), look(_mm512_srli_epi16(d, 4), bits),
+                               look(_mm512_srli_epi16(d, 8), bits), look(_mm512_srli_epi16(d, 12), bits)};
         for (int j = 0; j < MB; ++j) {
           const uint16_t* xj = xp + j * kp + c * 128;
-          // two short chains instead of one of four dot products: the latency, not the throughput, bounds
-          // the loop otherwise
-          __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), q0, (__m512bh)_mm512_loadu_si512(xj));
-          __m512 u = _mm512_dpbf16_ps(_mm512_setzero_ps(), q1, (__m512bh)_mm512_loadu_si512(xj + 32));
-          t = _mm512_dpbf16_ps(t, q2, (__m512bh)_mm512_loadu_si512(xj + 64));
-          u = _mm512_dpbf16_ps(u, q3, (__m512bh)_mm512_loadu_si512(xj + 96));
-          acc[i][j] = _mm512_fmadd_ps(t, sv, acc[i][j]);
-          acc2[i][j] = _mm512_fmadd_ps(u, sv, acc2[i][j]);
+          for (int t = 0; t < 4; ++t)
+            acc[i][j][t % A] = _mm512_dpbf16_ps(acc[i][j][t % A], q[t], (__m512bh)_mm512_loadu_si512(xj + 32 * t));
         }
       }
     }
     for (int i = 0; i < R; ++i)
       for (int j = 0; j < MB; ++j) {
-        const float part = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][j], acc2[i][j]));
+        __m512 sum = acc[i][j][0];
+        for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[i][j][a]);
+        const float part = _mm512_reduce_add_ps(sum);
         float& out = y[j * ldy + t0 + i];
         out = c0 == 0 ? part : out + part;
       }
   }
   if constexpr (R > 1) {
-    if (t0 < r1) gemv_block_bf16<MB, 1>(g, xp, t0, r1, c0, c1, scales, y, ldy);
+    if (t0 < r1) gemv_block_bf16<MB, 1, BS_KIND>(g, xp, t0, r1, c0, c1, scales, y, ldy, pf);
   }
+}
+
+template <int MB, int R>
+QK_AVX512BF16 void gemv_block_bf16(const Bf16Gemv& g, const uint16_t* xp, int64_t r0, int64_t r1, int64_t c0,
+                                   int64_t c1, float* scales, float* y, int64_t ldy, Prefetch& pf) {
+  if (g.bs == 32) gemv_block_bf16<MB, R, 0>(g, xp, r0, r1, c0, c1, scales, y, ldy, pf);
+  else if (g.bs == 64) gemv_block_bf16<MB, R, 1>(g, xp, r0, r1, c0, c1, scales, y, ldy, pf);
+  else gemv_block_bf16<MB, R, 2>(g, xp, r0, r1, c0, c1, scales, y, ldy, pf);
 }
 
 // Rows [r0, r1) of y for MB x rows (xp: prepare_x_bf16, row stride kp), y row stride ldy. Two walks, by where
@@ -515,28 +580,32 @@ QK_AVX512BF16 void gemv_block_bf16(const Bf16Gemv& g, const uint16_t* xp, int64_
 // * x of the pass fits L1 beside the stream (up to 24 KiB: MB <= 2 at K = 4096): rows whole, front to back,
 //   one at a time (one stream per core reads DRAM fastest), or 8 side by side sharing the x loads when x is
 //   long (K > 8192 at MB = 1, where one row's x loads alone would outweigh its codes);
-// * otherwise (MB >= 3; compute-bound): tiles of 16 rows walk K in chunks whose x fits L1 (MB x 32 lines =
-//   MB x 8 KiB), 2 rows side by side; partial sums add up in y.
+// * otherwise (MB >= 3; compute-bound): tiles of 16 rows walk K in chunks whose x fits L1 (up to 24 KiB: 96 / MB
+//   lines, whole blocks), 2 rows side by side up to MB = 4; partial sums add up in y.
 template <int MB>
 QK_AVX512BF16 void gemv_rows_avx512_bf16(const Bf16Gemv& g, const uint16_t* xp, int64_t r0, int64_t r1, float* y,
                                          int64_t ldy) {
-  constexpr int64_t kChunk = 32;  // lines: 4096 elements, a multiple of every blocksize
   const bool x_in_l1 = MB * g.kp * 2 <= 24576;
   const bool long_x = g.k > 8192 && MB <= 2;
   if (x_in_l1 || long_x) {
     std::vector<float> scales(8 * (g.nb + 16));
-    if (long_x && MB == 1) gemv_block_bf16<MB, 8>(g, xp, r0, r1, 0, g.lines, scales.data(), y, ldy);
-    else if (long_x) gemv_block_bf16<MB, 4>(g, xp, r0, r1, 0, g.lines, scales.data(), y, ldy);
-    else gemv_block_bf16<MB, 1>(g, xp, r0, r1, 0, g.lines, scales.data(), y, ldy);
+    Prefetch none;  // rows front to back: the hardware prefetcher streams them
+    if (long_x && MB == 1) gemv_block_bf16<MB, 8>(g, xp, r0, r1, 0, g.lines, scales.data(), y, ldy, none);
+    else if (long_x) gemv_block_bf16<MB, 4>(g, xp, r0, r1, 0, g.lines, scales.data(), y, ldy, none);
+    else gemv_block_bf16<MB, 1>(g, xp, r0, r1, 0, g.lines, scales.data(), y, ldy, none);
     return;
   }
   constexpr int64_t kTile = 16;
-  std::vector<float> scales(2 * (kChunk * 128 / std::min<int64_t>(g.bs, 128) + 16));
+  const int64_t block_lines = std::max<int64_t>(1, g.bs / 128);
+  const int64_t chunk = std::max(block_lines, 96 / MB / block_lines * block_lines);  // lines
+  std::vector<float> scales(2 * (chunk * 128 / std::min<int64_t>(g.bs, 128) + 16));
+  const int64_t row_bytes = g.k / 2;
   for (int64_t t0 = r0; t0 < r1; t0 += kTile) {
     const int64_t t1 = std::min(r1, t0 + kTile);
-    for (int64_t c0 = 0; c0 < g.lines; c0 += kChunk)
-      gemv_block_bf16<MB, (MB <= 4 ? 2 : 1)>(g, xp, t0, t1, c0, std::min(g.lines, c0 + kChunk), scales.data(), y,
-                                             ldy);
+    Prefetch next{g.packed + t1 * row_bytes, g.packed + std::min(r1, t1 + kTile) * row_bytes};
+    for (int64_t c0 = 0; c0 < g.lines; c0 += chunk)
+      gemv_block_bf16<MB, (MB <= 4 ? 2 : 1)>(g, xp, t0, t1, c0, std::min(g.lines, c0 + chunk), scales.data(), y,
+                                             ldy, next);
   }
 }
 #endif
@@ -551,6 +620,7 @@ __attribute__((target("avx2,fma,f16c"))) void gemv_rows_avx2(const uint8_t* pack
   const __m256 hi = _mm256_loadu_ps(code + 8);
   const int64_t lines = kp / 64;
   const int64_t nb = k / bs;
+  const int bs_log2 = log2_of(bs);
   alignas(32) int32_t lane_block[8];
   for (int i = 0; i < 8; ++i) lane_block[i] = bs < 64 ? static_cast<int32_t>(8 * i / bs) : 0;
   const __m256i sidx = _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_block));
@@ -564,7 +634,7 @@ __attribute__((target("avx2,fma,f16c"))) void gemv_rows_avx2(const uint8_t* pack
       const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + c * 32));
       __m256 cv[8];
       for (int q = 0; q < 8; ++q) cv[q] = lookup8(_mm256_srli_epi32(d, 4 * q), lo, hi);
-      const __m256 sv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(scales.data() + c * 64 / bs), sidx);
+      const __m256 sv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(scales.data() + block_of(c * 64, bs_log2)), sidx);
       for (int j = 0; j < MB; ++j) {
         const float* xj = xp + j * kp + c * 64;
         __m256 t = _mm256_mul_ps(cv[0], _mm256_loadu_ps(xj));
@@ -584,7 +654,7 @@ __attribute__((target("avx2,fma,f16c"))) void gemv_rows_avx2(const uint8_t* pack
 // Whether gemv() takes this call: the vector ISA is there, every row is whole blocks of whole lines.
 bool gemv_supported(int64_t k, int64_t bs) {
 #if QK_HAVE_X86
-  if (bs < 8 || bs % 8 != 0 || k % bs != 0) return false;
+  if (bs < 8 || (bs & (bs - 1)) != 0 || k % bs != 0) return false;  // a power of two: blocks found by a shift
   if (cpu_has_avx512()) return true;
   return cpu_has_avx2() && k % 64 == 0;
 #else
@@ -601,19 +671,25 @@ void gemv_bf16(const uint8_t* packed, const ScaleSource& src, const float* code,
   const int64_t kp = xp.size() / std::max<int64_t>(m, 1);
   const int64_t grain = std::max<int64_t>(1, 131072 / std::max<int64_t>(k, 1));
   const Bf16Gemv g(packed, src, code, bs, k, kp);
+  // More than 8 x rows take several passes; each pass goes over a group of 64 rows of W while the group is in L2
+  // (64 x K / 2 bytes), so W is read from memory once, not once per pass.
+  const int64_t group = m <= 8 ? n : 64;
   at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t j0 = 0; j0 < m; j0 += 8) {
-      const int64_t mb = std::min<int64_t>(8, m - j0);
-      const uint16_t* xj = xp.data() + j0 * kp;
-      float* yj = y + j0 * n;
+    for (int64_t g0 = r0; g0 < r1; g0 += group) {
+      const int64_t g1 = std::min(r1, g0 + group);
+      for (int64_t j0 = 0; j0 < m; j0 += 8) {
+        const int64_t mb = std::min<int64_t>(8, m - j0);
+        const uint16_t* xj = xp.data() + j0 * kp;
+        float* yj = y + j0 * n;
 #define QK_GEMV_CASE(MB) \
-  case MB: gemv_rows_avx512_bf16<MB>(g, xj, r0, r1, yj, n); break;
-      switch (mb) {
-        QK_GEMV_CASE(1) QK_GEMV_CASE(2) QK_GEMV_CASE(3) QK_GEMV_CASE(4)
-        QK_GEMV_CASE(5) QK_GEMV_CASE(6) QK_GEMV_CASE(7) QK_GEMV_CASE(8)
-        default: break;
-      }
+  case MB: gemv_rows_avx512_bf16<MB>(g, xj, g0, g1, yj, n); break;
+        switch (mb) {
+          QK_GEMV_CASE(1) QK_GEMV_CASE(2) QK_GEMV_CASE(3) QK_GEMV_CASE(4)
+          QK_GEMV_CASE(5) QK_GEMV_CASE(6) QK_GEMV_CASE(7) QK_GEMV_CASE(8)
+          default: break;
+        }
 #undef QK_GEMV_CASE
+      }
     }
   });
 #else
