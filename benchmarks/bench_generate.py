@@ -1,0 +1,256 @@
+"""Generation through transformers' ``generate()``: prefill and decode tokens per second, one process.
+
+    python benchmarks/bench_generate.py --out bench_out            # hidden 1024 and 2048, batch 1, 8, 32
+    python benchmarks/bench_generate.py --quick --out bench_out    # a tiny model, batch 1 and 2 (the tests)
+
+Providers, each on its best path, all built from one random Llama saved once as bf16 safetensors (so the 4-bit
+ones quantize the same weights into the same bytes):
+
+* ``bf16``: the dense model (``from_pretrained``, bf16);
+* ``ours``: ``qk.load_4bit_model`` (NF4, double quantization, blocksize 64), and ``ours+lora`` with
+  ``qk.apply_qlora`` (r 16 on every linear layer, adapters live: B is not zero);
+* ``bnb``: transformers' bitsandbytes 4-bit model (NF4, double quantization, bf16 compute) in eval mode, which on
+  a CPU repacks its weights at the first call (its inference path), and ``bnb+peft`` with PEFT's LoRA (r 16, all
+  linear layers).
+
+Method: greedy decoding (``do_sample=False``) of ``--new-tokens`` tokens after a ``--prompt-len`` prompt, the
+dynamic cache, under ``torch.inference_mode()``, every model in eval mode. ``prefill_tok_s`` = batch x prompt
+tokens / the time of ``generate(max_new_tokens=1)``; ``decode_tok_s`` = batch x (new tokens - 1) / (the time of
+the full ``generate`` minus that); medians of ``--reps`` runs after one warm-up. ``tokens_equal_ours`` (on the
+bnb rows): the share of sequences whose greedy tokens equal ours (same bytes; a random model's near-ties can
+flip a token, its bf16 rounding differs from ours); ``tokens_equal_merged``: ours+lora against its own dense
+merge (``qk.merge_and_unload``). Writes ``generate.json`` (after every row) and ``generate.png`` to --out and
+prints the table last. Timing never decides a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ResultFile, environment, load_bnb  # noqa: E402
+
+import qlora_kernels as qk  # noqa: E402
+
+PROVIDERS = ("bf16", "ours", "ours+lora", "bnb", "bnb+peft")
+
+
+def save_model(out: Path, hidden: int, layers: int, vocab: int, seed: int) -> Path:
+    """A random Llama (Llama-3 proportions: MLP 3.5x hidden rounded to 256, head dim 64, 4 query heads per KV head)
+    saved as bf16 safetensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    heads = max(1, hidden // 64)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=(hidden * 7 // 2 + 255) // 256 * 256,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
+                      vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    with torch.no_grad():  # live, not-tiny logits: greedy tokens are then mostly not ties
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def _live_adapters(model: torch.nn.Module, seed: int) -> None:
+    """Non-zero LoRA B (PEFT and apply_qlora start it at zero): the adapted model differs from its base."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def build(provider: str, path: Path, bnb_ok: bool, seed: int) -> torch.nn.Module | None:
+    from transformers import AutoModelForCausalLM
+
+    if provider == "bf16":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    elif provider in ("ours", "ours+lora"):
+        model = qk.load_4bit_model(path)
+        if provider == "ours+lora":
+            model = qk.apply_qlora(model, r=16, lora_alpha=16, target_modules="all-linear")
+            _live_adapters(model, seed)
+    elif not bnb_ok:
+        return None
+    else:
+        from transformers import BitsAndBytesConfig
+
+        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, dtype=torch.bfloat16)
+        if provider == "bnb+peft":
+            import peft
+
+            model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"))
+            _live_adapters(model, seed)
+    return model.eval()
+
+
+def generate(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, new: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, pad_token_id=0)
+
+
+def timed(model, ids, mask, new: int, reps: int) -> tuple[float, float, torch.Tensor]:
+    """(prefill seconds, full generate seconds, the generated tokens): medians of ``reps`` after a warm-up."""
+    out = generate(model, ids, mask, new)
+    t1, tn = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        generate(model, ids, mask, 1)
+        t1.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        out = generate(model, ids, mask, new)
+        tn.append(time.perf_counter() - t0)
+    return statistics.median(t1), statistics.median(tn), out[:, ids.shape[1]:]
+
+
+def run(args: argparse.Namespace, results: ResultFile) -> None:
+    bnb, why = load_bnb("cpu") if not args.no_bnb else (None, "--no-bnb")
+    if bnb is None:
+        results.set(bnb_skipped=why)
+        print(f"bitsandbytes not measured: {why}", file=sys.stderr)
+    for hidden in args.hidden:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_model(Path(tmp) / "model", hidden, args.layers, args.vocab, args.seed)
+            g = torch.Generator().manual_seed(args.seed)
+            prompts = {b: torch.randint(3, args.vocab, (b, args.prompt_len), generator=g) for b in args.batches}
+            tokens: dict[tuple[int, str], torch.Tensor] = {}
+            for provider in PROVIDERS:  # one model at a time, every batch size on it
+                model = build(provider, path, bnb is not None, args.seed)
+                if model is None:
+                    continue
+                for batch, ids in prompts.items():
+                    mask = torch.ones_like(ids)
+                    t_pre, t_all, out = timed(model, ids, mask, args.new_tokens, args.reps)
+                    tokens[(batch, provider)] = out
+                    row = {"hidden": hidden, "layers": args.layers, "batch": batch, "provider": provider,
+                           "prefill_tok_s": batch * args.prompt_len / t_pre,
+                           "decode_tok_s": batch * (args.new_tokens - 1) / max(t_all - t_pre, 1e-9),
+                           "decode_ms_per_step": (t_all - t_pre) / (args.new_tokens - 1) * 1e3}
+                    if provider == "bnb":
+                        row["tokens_equal_ours"] = _share_equal(tokens[(batch, "ours")], out)
+                    results.add("rows", row)
+                    print(f"  h={hidden} batch={batch} {provider}: prefill {row['prefill_tok_s']:.0f} tok/s, "
+                          f"decode {row['decode_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+                if provider == "ours+lora":  # its dense merge, greedy on the same prompts
+                    merged = qk.merge_and_unload(copy.deepcopy(model)).eval()
+                    for r in results.data["rows"]:
+                        if r["hidden"] == hidden and r["provider"] == provider:
+                            ids = prompts[r["batch"]]
+                            ref = generate(merged, ids, torch.ones_like(ids), args.new_tokens)[:, ids.shape[1]:]
+                            r["tokens_equal_merged"] = _share_equal(tokens[(r["batch"], provider)], ref)
+                    results.flush()
+                    del merged
+                del model
+
+
+def _share_equal(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The share of sequences (rows) whose tokens are all equal."""
+    return (a == b).all(dim=1).float().mean().item()
+
+
+def table(res: dict) -> str:
+    rows = res.get("rows", [])
+    lines = [f"generate(): greedy, {res.get('new_tokens')} new tokens after {res.get('prompt_len')} prompt tokens, "
+             f"{res.get('layers')} layers, vocab {res.get('vocab')}; decode tok/s ratios: ours to the peer, > 1 is "
+             "faster (ours+lora against bnb+peft)",
+             f"{'hidden':>6} {'batch':>5} {'provider':>10} {'prefill':>9} {'decode':>9} {'ms/step':>8} "
+             f"{'vs bnb':>7} {'vs bf16':>7}"]
+    by = {(r["hidden"], r["batch"], r["provider"]): r for r in rows}
+    for r in rows:
+        key = (r["hidden"], r["batch"])
+        peer = "bnb+peft" if r["provider"] == "ours+lora" else "bnb"
+        vs_bnb = vs_bf16 = ""
+        if r["provider"].startswith("ours"):
+            if (*key, peer) in by:
+                vs_bnb = f"{r['decode_tok_s'] / by[(*key, peer)]['decode_tok_s']:.2f}x"
+            if (*key, "bf16") in by:
+                vs_bf16 = f"{r['decode_tok_s'] / by[(*key, 'bf16')]['decode_tok_s']:.2f}x"
+        lines.append(f"{r['hidden']:>6} {r['batch']:>5} {r['provider']:>10} {r['prefill_tok_s']:>9.0f} "
+                     f"{r['decode_tok_s']:>9.1f} {r['decode_ms_per_step']:>8.2f} {vs_bnb:>7} {vs_bf16:>7}")
+    eq = [(r["hidden"], r["batch"], k, r[k]) for r in rows for k in ("tokens_equal_ours", "tokens_equal_merged")
+          if k in r]
+    if eq:
+        names = {"tokens_equal_ours": "bnb = ours", "tokens_equal_merged": "ours+lora = its dense merge"}
+        lines.append("greedy sequences equal: " + "; ".join(f"h={h} b={b} {names[k]} {v:.2f}" for h, b, k, v in eq))
+    if res.get("bnb_skipped"):
+        lines.append(f"bitsandbytes not measured: {res['bnb_skipped']}")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no PNG", file=sys.stderr)
+        return
+    rows = res.get("rows", [])
+    groups = sorted({(r["hidden"], r["batch"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    width = 0.8 / len(PROVIDERS)
+    for i, provider in enumerate(PROVIDERS):
+        vals = [next((r["decode_tok_s"] for r in rows if (r["hidden"], r["batch"]) == gr and r["provider"] == provider),
+                     0.0) for gr in groups]
+        ax.bar([j + i * width for j in range(len(groups))], vals, width, label=provider)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], [f"h={h}\nbatch {b}" for h, b in groups])
+    ax.set_ylabel("decode tok/s")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="bench_out", help="folder for generate.json and generate.png")
+    ap.add_argument("--quick", action="store_true", help="hidden 64, 2 layers, batch 1 and 2, 4 new tokens")
+    ap.add_argument("--hidden", default="1024,2048", help="comma list of hidden sizes")
+    ap.add_argument("--batches", default="1,8,32", help="comma list of batch sizes")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.hidden, args.batches, args.layers, args.vocab = "64", "1,2", 2, 512
+        args.prompt_len, args.new_tokens, args.reps = 8, 4, 1
+    try:
+        args.hidden = [int(v) for v in str(args.hidden).split(",")]
+        args.batches = [int(v) for v in str(args.batches).split(",")]
+    except ValueError:
+        ap.error(f"--hidden and --batches take comma lists of integers; got {args.hidden!r}, {args.batches!r}")
+    if min(args.hidden) < 64 or min(args.hidden) % 64 or min(args.batches) < 1 or args.new_tokens < 2:
+        ap.error("--hidden: multiples of 64; --batches: >= 1; --new-tokens: >= 2")
+    out = Path(args.out)
+    results = ResultFile(out / "generate.json", quick=args.quick, env=environment("cpu"), layers=args.layers,
+                         vocab=args.vocab, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+    run(args, results)
+    results.done()
+    plot(results.data, out / "generate.png")
+    print(table(results.data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
