@@ -16,11 +16,13 @@ ones quantize the same weights into the same bytes):
 Method: greedy decoding (``do_sample=False``) of ``--new-tokens`` tokens after a ``--prompt-len`` prompt, the
 dynamic cache, under ``torch.inference_mode()``, every model in eval mode. ``prefill_tok_s`` = batch x prompt
 tokens / the time of ``generate(max_new_tokens=1)``; ``decode_tok_s`` = batch x (new tokens - 1) / (the time of
-the full ``generate`` minus that); medians of ``--reps`` runs after one warm-up. ``tokens_equal_ours`` (on the
-bnb rows): the share of sequences whose greedy tokens equal ours (same bytes; a random model's near-ties can
-flip a token, its bf16 rounding differs from ours); ``tokens_equal_merged``: ours+lora against its own dense
-merge (``qk.merge_and_unload``). Writes ``generate.json`` (after every row) and ``generate.png`` to --out and
-prints the table last. Timing never decides a test.
+the full ``generate`` minus that); medians of ``--reps`` runs, all models built first and timed in turn within
+each run (a slow spell of the machine hits every provider alike), after a warm-up that also gives the tokens
+compared. ``tokens_equal_ours`` (on the bnb rows): the share of sequences whose greedy tokens equal ours (same
+bytes; a random model's near-ties can flip a token, its bf16 rounding differs from ours);
+``tokens_equal_merged``: ours+lora against its own dense merge (``qk.merge_and_unload``). Writes
+``generate.json`` (after every row) and ``generate.png`` to --out and prints the table last. Timing never
+decides a test.
 """
 
 from __future__ import annotations
@@ -104,20 +106,6 @@ def generate(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, new:
                               do_sample=False, pad_token_id=0)
 
 
-def timed(model, ids, mask, new: int, reps: int) -> tuple[float, float, torch.Tensor]:
-    """(prefill seconds, full generate seconds, the generated tokens): medians of ``reps`` after a warm-up."""
-    out = generate(model, ids, mask, new)
-    t1, tn = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        generate(model, ids, mask, 1)
-        t1.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        out = generate(model, ids, mask, new)
-        tn.append(time.perf_counter() - t0)
-    return statistics.median(t1), statistics.median(tn), out[:, ids.shape[1]:]
-
-
 def run(args: argparse.Namespace, results: ResultFile) -> None:
     bnb, why = load_bnb("cpu") if not args.no_bnb else (None, "--no-bnb")
     if bnb is None:
@@ -126,36 +114,39 @@ def run(args: argparse.Namespace, results: ResultFile) -> None:
     for hidden in args.hidden:
         with tempfile.TemporaryDirectory() as tmp:
             path = save_model(Path(tmp) / "model", hidden, args.layers, args.vocab, args.seed)
+            models = {p: m for p in PROVIDERS if (m := build(p, path, bnb is not None, args.seed)) is not None}
             g = torch.Generator().manual_seed(args.seed)
-            prompts = {b: torch.randint(3, args.vocab, (b, args.prompt_len), generator=g) for b in args.batches}
-            tokens: dict[tuple[int, str], torch.Tensor] = {}
-            for provider in PROVIDERS:  # one model at a time, every batch size on it
-                model = build(provider, path, bnb is not None, args.seed)
-                if model is None:
-                    continue
-                for batch, ids in prompts.items():
-                    mask = torch.ones_like(ids)
-                    t_pre, t_all, out = timed(model, ids, mask, args.new_tokens, args.reps)
-                    tokens[(batch, provider)] = out
-                    row = {"hidden": hidden, "layers": args.layers, "batch": batch, "provider": provider,
-                           "prefill_tok_s": batch * args.prompt_len / t_pre,
-                           "decode_tok_s": batch * (args.new_tokens - 1) / max(t_all - t_pre, 1e-9),
-                           "decode_ms_per_step": (t_all - t_pre) / (args.new_tokens - 1) * 1e3}
-                    if provider == "bnb":
-                        row["tokens_equal_ours"] = _share_equal(tokens[(batch, "ours")], out)
+            for batch in args.batches:
+                ids = torch.randint(3, args.vocab, (batch, args.prompt_len), generator=g)
+                mask = torch.ones_like(ids)
+                tokens = {p: generate(m, ids, mask, args.new_tokens)[:, ids.shape[1]:] for p, m in models.items()}
+                t_pre: dict[str, list[float]] = {p: [] for p in models}
+                t_all: dict[str, list[float]] = {p: [] for p in models}
+                for _ in range(args.reps):  # the providers interleaved: a slow spell of the machine hits them all
+                    for p, m in models.items():
+                        t0 = time.perf_counter()
+                        generate(m, ids, mask, 1)
+                        t1 = time.perf_counter()
+                        generate(m, ids, mask, args.new_tokens)
+                        t_pre[p].append(t1 - t0)
+                        t_all[p].append(time.perf_counter() - t1)
+                for p in models:
+                    pre, full = statistics.median(t_pre[p]), statistics.median(t_all[p])
+                    row = {"hidden": hidden, "layers": args.layers, "batch": batch, "provider": p,
+                           "prefill_tok_s": batch * args.prompt_len / pre,
+                           "decode_tok_s": batch * (args.new_tokens - 1) / max(full - pre, 1e-9),
+                           "decode_ms_per_step": (full - pre) / (args.new_tokens - 1) * 1e3}
+                    if p == "bnb":
+                        row["tokens_equal_ours"] = _share_equal(tokens["ours"], tokens[p])
+                    if p == "ours+lora":
+                        merged = qk.merge_and_unload(copy.deepcopy(models[p])).eval()
+                        ref = generate(merged, ids, mask, args.new_tokens)[:, ids.shape[1]:]
+                        row["tokens_equal_merged"] = _share_equal(tokens[p], ref)
+                        del merged
                     results.add("rows", row)
-                    print(f"  h={hidden} batch={batch} {provider}: prefill {row['prefill_tok_s']:.0f} tok/s, "
+                    print(f"  h={hidden} batch={batch} {p}: prefill {row['prefill_tok_s']:.0f} tok/s, "
                           f"decode {row['decode_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
-                if provider == "ours+lora":  # its dense merge, greedy on the same prompts
-                    merged = qk.merge_and_unload(copy.deepcopy(model)).eval()
-                    for r in results.data["rows"]:
-                        if r["hidden"] == hidden and r["provider"] == provider:
-                            ids = prompts[r["batch"]]
-                            ref = generate(merged, ids, torch.ones_like(ids), args.new_tokens)[:, ids.shape[1]:]
-                            r["tokens_equal_merged"] = _share_equal(tokens[(r["batch"], provider)], ref)
-                    results.flush()
-                    del merged
-                del model
+            del models
 
 
 def _share_equal(a: torch.Tensor, b: torch.Tensor) -> float:
