@@ -98,6 +98,19 @@ def gpu_batch_us(fn, batch: int = 64, repeats: int = 3) -> tuple[float, float]:
     return statistics.median(gpu), statistics.median(host)
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (with a note on stderr) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no PNG", file=sys.stderr)
+        return None
+    return plt
+
+
 def cpu_us(fn, reps: int = 7, warmup: int = 1) -> float:
     """Median wall-clock microseconds per call on the CPU (after ``warmup`` untimed calls)."""
     for _ in range(warmup):

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ResultFile, environment, load_bnb  # noqa: E402
+from _common import ResultFile, environment, load_bnb, pyplot  # noqa: E402
 
 import qlora_kernels as qk  # noqa: E402
 
@@ -184,13 +184,8 @@ def table(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no PNG", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     rows = res.get("rows", [])
     groups = sorted({(r["hidden"], r["batch"]) for r in rows})

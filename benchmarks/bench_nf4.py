@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ResultFile, cpu_us, do_bench_us, environment, gpu_batch_us, load_bnb  # noqa: E402
+from _common import ResultFile, cpu_us, do_bench_us, environment, gpu_batch_us, load_bnb, pyplot  # noqa: E402
 
 import qlora_kernels as qk  # noqa: E402
 
@@ -202,13 +202,8 @@ def table(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no PNG", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     rows = res.get("matmul", [])
     shapes = sorted({(r["n"], r["k"]) for r in rows}, key=lambda s: s[0] * s[1])
