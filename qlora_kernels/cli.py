@@ -1,4 +1,4 @@
-"""The ``qlora-kernels`` command line: ``train``, ``demo``, ``bench``, ``backends``.
+"""The ``qlora-kernels`` command line: ``train``, ``generate``, ``chat``, ``demo``, ``bench``, ``backends``.
 
 Exit codes: 0 success, 1 the run failed (data, non-finite loss, ...), 2 bad usage or config,
 130 interrupted (after the checkpoint is written).
@@ -61,6 +61,140 @@ def _cmd_train(args: argparse.Namespace) -> int:
     ev = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     print(f"trained {result.global_step} steps: train loss {result.train_loss:.4f}{ev}; adapter in {result.output_dir}")
     return 0
+
+
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed)
+
+
+def _load_for_generation(args: argparse.Namespace):
+    import torch
+
+    from .generation import load_model
+
+    return load_model(args.model, four_bit=not args.no_4bit, adapter=args.adapter,
+                      dtype=getattr(torch, _DTYPES[args.dtype]), device=args.device)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from .generation import _check_sampling, generate, prompt_of_row, read_prompt_rows
+
+    try:
+        _check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.batch_size)
+        if bool(args.prompt) == bool(args.prompts):
+            raise ValueError("give the prompts as arguments or as --prompts FILE.jsonl (one of the two)")
+        rows = [{"prompt": p} for p in args.prompt] if args.prompt else read_prompt_rows(args.prompts)
+        where = "prompt" if args.prompt else str(args.prompts)
+        prompts, templates = zip(*(prompt_of_row(r, f"{where} {i}") for i, r in enumerate(rows)))
+        for i, p in enumerate(prompts):  # before the model is loaded: an empty prompt fails at once
+            if isinstance(p, str) and not p.strip():
+                raise ValueError(f"prompt {i} is empty")
+        if args.no_chat_template:
+            templates = [False] * len(prompts)
+        model, tokenizer = _load_for_generation(args)
+        result = generate(model, tokenizer, list(prompts), batch_size=args.batch_size, chat_template=list(templates),
+                          **_sampling(args))
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        _ignore_sigint()
+        return 130
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for i, (row, c) in enumerate(zip(rows, result.completions)):
+            if args.format == "jsonl":
+                rec = {**row, "completion": c.text, "prompt_tokens": c.prompt_tokens,
+                       "completion_tokens": len(c.token_ids), "finish_reason": c.finish_reason}
+                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            else:
+                if len(rows) > 1:
+                    out.write(f"--- {i}\n")
+                out.write(c.text + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    print(result.stats.summary(), file=sys.stderr)
+    return 0
+
+
+_CHAT_HELP = "commands: /reset (a new conversation), /exit (or Ctrl-D; Ctrl-C stops a reply, or leaves at the prompt)"
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from .generation import Chat, _check_sampling
+
+    try:
+        _check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, 1)
+        model, tokenizer = _load_for_generation(args)
+        chat = Chat(model, tokenizer, system=args.system, **_sampling(args))
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        _ignore_sigint()
+        return 130
+    print(f"chatting with {args.model}" + (f" + {args.adapter}" if args.adapter else "") + f"; {_CHAT_HELP}",
+          file=sys.stderr)
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    while True:
+        try:
+            line = input("> " if sys.stdin.isatty() else "")
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: leave
+            print(file=sys.stderr)
+            return 0
+        message = line.strip()
+        if not message:
+            continue
+        if message in ("/exit", "/quit"):
+            return 0
+        if message == "/reset":
+            chat.reset()
+            print("(a new conversation)", file=sys.stderr)
+            continue
+        if message in ("/help", "/?"):
+            print(_CHAT_HELP, file=sys.stderr)
+            continue
+        dropped = chat.dropped
+        try:
+            chat.reply(message, on_text=show)
+        except KeyboardInterrupt:
+            print("\n(stopped; that exchange is not kept)", file=sys.stderr)
+            continue
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        show("\n")
+        if chat.dropped > dropped:
+            print(f"(the conversation outgrew the context: {chat.dropped - dropped} oldest exchange(s) dropped)",
+                  file=sys.stderr)
+        if args.verbose and chat.last_stats is not None:
+            print(f"({chat.last_stats.summary()})", file=sys.stderr)
+
+
+def _add_model_arguments(g: argparse.ArgumentParser) -> None:
+    g.add_argument("model", help="a local transformers model directory (float or bitsandbytes 4-bit safetensors)")
+    g.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter directory, loaded live (not merged)")
+    g.add_argument("--no-4bit", action="store_true",
+                   help="load the model dense instead of quantizing its linear layers to NF4 at load")
+    g.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="compute dtype (default bf16)")
+    g.add_argument("--device", default=None, help="torch device (default cpu)")
+    g.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="most new tokens per answer")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (the default): greedy decoding; above 0: sampling at this temperature")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling cut (1: off)")
+    g.add_argument("--top-k", type=int, default=0, help="top-k sampling cut (0: off)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the sampling draws")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -133,6 +267,32 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     t.set_defaults(func=_cmd_train)
 
+    g = sub.add_parser("generate", help="complete prompts with a model (4-bit or not, optionally an adapter)",
+                       description="Complete prompts, from the arguments or a JSONL file (rows with 'prompt': text "
+                                   "or a conversation, 'messages', or alpaca's 'instruction'/'input'), in "
+                                   "left-padded batches. Text prompts get the tokenizer's chat template when it has "
+                                   "one (--no-chat-template: as they are); alpaca rows never. Greedy unless "
+                                   "--temperature > 0. Completions go to stdout (or --output), the token counts "
+                                   "and tok/s to stderr.")
+    _add_model_arguments(g)
+    g.add_argument("prompt", nargs="*", help="prompts (or --prompts FILE.jsonl)")
+    g.add_argument("--prompts", metavar="FILE.jsonl", help="a JSONL file of prompt rows")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
+    g.add_argument("--no-chat-template", action="store_true", help="feed text prompts as they are")
+    g.add_argument("--format", choices=("text", "jsonl"), default="text",
+                   help="text: each completion (headed '--- i' when several); jsonl: each input row with "
+                        "completion, prompt_tokens, completion_tokens, finish_reason")
+    g.add_argument("--output", "-o", metavar="FILE", help="write the completions here instead of stdout")
+    g.set_defaults(func=_cmd_generate, max_new_tokens_default=128)
+
+    c = sub.add_parser("chat", help="chat with a model in the terminal (streamed; /reset, /exit)",
+                       description="An interactive conversation through the tokenizer's chat template, streamed. "
+                                   + _CHAT_HELP + ".")
+    _add_model_arguments(c)
+    c.add_argument("--system", help="a system message at the start of every conversation")
+    c.add_argument("--verbose", "-v", action="store_true", help="print the tok/s of each answer")
+    c.set_defaults(func=_cmd_chat, max_new_tokens_default=512)
+
     d = sub.add_parser("demo", help="fine-tune a tiny model on a synthetic task on this CPU (a few minutes)",
                        description="QLoRA fine-tune of a shipped tiny Llama on a synthetic instruction task; "
                                    "prints held-out exact-match accuracy before and after; nothing is downloaded.")
@@ -156,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Everything after "bench" belongs to the benchmark script, options included.
         return _cmd_bench(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
+    if getattr(args, "max_new_tokens_default", None) is not None and args.max_new_tokens is None:
+        args.max_new_tokens = args.max_new_tokens_default
     return int(args.func(args))
 
 

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from qlora_kernels import merge_and_unload
-from qlora_kernels.train.components import autocast_dtype, build_model, eval_mode, load_tokenizer
+from qlora_kernels.generation import generate
+from qlora_kernels.train.components import autocast_dtype, build_model, load_tokenizer
 from qlora_kernels.train.config import load_config
 from qlora_kernels.train.data import load_pairs, read_rows, write_jsonl
 from qlora_kernels.train.dpo import DPOSettings, evaluate_dpo
@@ -170,25 +171,13 @@ def demo_dpo_raw_config(output_dir: str | Path, train_file: str | Path, eval_fil
     }
 
 
-@torch.no_grad()
 def exact_match(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str, str]], batch_size: int = 50,
                 max_new_tokens: int = 24) -> tuple[float, list[str]]:
-    """Share of alpaca ``rows`` whose greedy completion equals ``output`` exactly (after stripping)."""
-    answers: list[str] = []
-    with eval_mode(model):
-        side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            for s in range(0, len(rows), batch_size):
-                chunk = rows[s:s + batch_size]
-                prompts = [alpaca_prompt(r["instruction"], r.get("input") or "") for r in chunk]
-                enc = tokenizer(prompts, return_tensors="pt", padding=True)
-                enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-                answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        finally:
-            tokenizer.padding_side = side
+    """Share of alpaca ``rows`` whose greedy completion (:func:`qlora_kernels.generation.generate`, the alpaca
+    prompt as it is) equals ``output`` exactly (after stripping)."""
+    prompts = [alpaca_prompt(r["instruction"], r.get("input") or "") for r in rows]
+    answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       chat_template=False).texts
     hits = sum(a.strip() == r["output"].strip() for a, r in zip(answers, rows))
     return hits / max(1, len(rows)), answers
 
@@ -253,6 +242,8 @@ def _run_demo(output_dir: str | Path, max_steps: int, eval_rows: int | None, qui
         dpo = run_dpo_stage(model, tokenizer, output_dir, dpo_steps, quiet, progress_bar)
         seconds = time.perf_counter() - t0
         say(f"total time {seconds:.0f} s")
+        say(f"try it: qlora-kernels generate {Path(output_dir) / 'sft_merged'} --adapter {Path(output_dir) / 'dpo'} "
+            f"--prompts {synthetic.EVAL_FILE} --max-new-tokens 24")
     summary = {"before": before, "after": after, "eval_loss": result.eval_loss, "steps": result.global_step,
                "seconds": round(seconds, 1), "adapter_dir": str(output_dir), "dpo": dpo}
     (Path(output_dir) / "demo_result.json").write_text(json.dumps(summary, indent=1))

@@ -273,8 +273,10 @@ def load_adapter(model: nn.Module, in_dir: str | Path, is_trainable: bool = True
             out_f, in_f = module.out_features, module.in_features
         want_a, want_b = (r, in_f), (out_f, r)
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
-            raise ValueError(f"adapter {name}: lora_A must be {list(want_a)} and lora_B {list(want_b)} (r={r}, "
-                             f"in={in_f}, out={out_f}); got {list(a.shape)} and {list(b.shape)}")
+            raise ValueError(f"adapter in {str(in_dir)!r} does not fit {type(model).__name__} (an adapter for another "
+                             f"base model or size?): {name}: lora_A must be {list(want_a)} and lora_B "
+                             f"{list(want_b)} (r={r}, in={in_f}, out={out_f}); got {list(a.shape)} and "
+                             f"{list(b.shape)}")
         if isinstance(module, LORA_TYPES) and module.r != r:
             raise ValueError(f"adapter {name}: the layer has r={module.r}; the file has r={r}")
         if kind == "other-linear":
