@@ -105,21 +105,22 @@ def test_every_backend_matmul_against_reference(shape, m, dtype, transposed, dev
 @pytest.mark.skipif(not HAS_CPP, reason="C++ backend not built")
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
 @pytest.mark.parametrize("nested", [False, True])
-@pytest.mark.parametrize("k", [64, 192, 1024, 1088, 4160, 8320])
+@pytest.mark.parametrize("k", [64, 160, 192, 224, 1024, 1088, 4160, 8320])
 def test_cpp_small_m_gemv_against_reference(blocksize, nested, k):
     """The C++ GEMV that reads the NF4 bytes directly (AVX-512 / AVX2; scalar under ATEN_CPU_CAPABILITY=default):
-    whole and half 64-byte lines (K % 128 == 64), blocks smaller and larger than a line, x in passes of 8 rows
-    with a remainder, odd N, poisoned memory around nothing (the output is fully written). The bf16 kernel's walks:
-    rows whole (small x), 8 or 4 rows side by side with a remainder (K > 8192), tiles of K chunks adding up in y
-    (M >= 3 at K = 4160: 32 lines and a half one); 17 blocks a row (K = 1088) decode double-quant scales in
-    groups of 16 that straddle a nested block."""
+    whole and partial 64-byte lines (K % 128 == 32, 64, 96: a last piece of 16, 32 or 48 bytes a row), blocks
+    smaller and larger than a line, odd N, poisoned memory around nothing (the output is fully written). The bf16
+    kernel at M = 1: rows whole, or 8 side by side with a remainder (K > 8192); from M = 2: groups of 8 rows
+    (N = 37: a partial group, rows of a half group past N), passes of 4 x rows with a remainder (M = 11), blocks
+    ending inside a line (32, 64) or spanning lines (256); 17 blocks a row (K = 1088) decode double-quant scales
+    in groups of 16 that straddle a nested block."""
     if k % blocksize:
         pytest.skip("K is not a multiple of the blocksize: not this kernel")
     n = 37
     qw = _weight((n, k), blocksize, nested)
     w = ref.dequantize_nf4(*qw.tensors(), n * k, torch.float32).view(n, k)
     kernel = _extension.kernel("nf4_matmul")
-    for m in (1, 3, 8, 11, 16):
+    for m in (1, 2, 3, 8, 11, 16):
         for dtype in (torch.float32, torch.bfloat16):
             x = (torch.randn(m, k) * torch.rand(m, 1)).to(dtype)
             want = ref.nf4_matmul(x, *qw.tensors(), n, k, False)

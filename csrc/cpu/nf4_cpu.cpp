@@ -29,6 +29,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -393,7 +395,8 @@ QK_AVX512 void gemv_rows_avx512(const uint8_t* packed, const ScaleSource& src, c
   for (int i = 0; i < 16; ++i) lane_block[i] = bs < 128 ? static_cast<int32_t>(8 * i / bs) : 0;
   const __m512i sidx = _mm512_load_si512(lane_block);
   std::vector<float> scales(nb + 16);
-  const __mmask16 tail = (k % 128) ? static_cast<__mmask16>(0x00FF) : static_cast<__mmask16>(0xFFFF);
+  // the dwords of a row's last line: all 16, or those of its last 16, 32 or 48 bytes (K % 128 = 32, 64, 96)
+  const __mmask16 tail = static_cast<__mmask16>((k / 2) % 64 ? (1u << ((k / 2) % 64 / 4)) - 1 : 0xFFFF);
   for (int64_t r = r0; r < r1; ++r) {
     scale_row_avx512(src, r * nb, nb, 16, scales.data());
     const uint8_t* p = packed + r * (k / 2);
@@ -459,18 +462,18 @@ struct Bf16Gemv {
   const ScaleSource* src;
   int64_t bs, k, kp, lines, nb;
   int bs_log2;
-  bool half_tail;  // K % 128 != 0: the last line of a row is 32 bytes
+  __mmask16 tail_mask;  // the dwords of a row's last line (K % 128 = 32, 64, 96: 16, 32 or 48 bytes)
   Bf16Gemv(const uint8_t* p, const ScaleSource& s, const float* code_, int64_t bs_, int64_t k_, int64_t kp_)
       : packed(p), src(&s), bs(bs_), k(k_), kp(kp_), lines(kp_ / 128), nb(k_ / bs_), bs_log2(log2_of(bs_)),
-        half_tail(k_ % 128 != 0) {
+        tail_mask(static_cast<__mmask16>((k_ / 2) % 64 ? (1u << ((k_ / 2) % 64 / 4)) - 1 : 0xFFFF)) {
     std::copy(code_, code_ + 16, code);
     for (int w = 0; w < 32; ++w) block_bits[w] = static_cast<uint16_t>(bs < 128 ? (4 * w / bs) << 4 : 0);
   }
 };
 
-// A cursor over bytes to prefetch into L2, one 64-byte line per line of codes processed (none when empty): the
-// tiled walk reads its 16 rows in short pieces, which the hardware prefetcher does not follow, so the next
-// tile's rows are fetched while this tile computes.
+// A cursor over bytes to prefetch into L2, one 64-byte line per step (none when empty): the row groups of the
+// M >= 2 kernel read their rows in 64-byte pieces, which the hardware prefetcher does not follow, so the next
+// group's rows are fetched while this group computes.
 struct Prefetch {
   const uint8_t* p = nullptr;
   const uint8_t* end = nullptr;
@@ -539,10 +542,10 @@ QK_AVX512BF16 void gemv_block_bf16(const Bf16Gemv& g, const uint16_t* xp, int64_
       for (int j = 0; j < MB; ++j)
         for (int a = 0; a < A; ++a) acc[i][j][a] = _mm512_setzero_ps();
     for (int64_t c = c0; c < c1; ++c) {
-      const bool tail = g.half_tail && c + 1 == g.lines;
+      const bool tail = g.tail_mask != 0xFFFF && c + 1 == g.lines;
       for (int i = 0; i < R; ++i) {
         pf.next();
-        const __m512i d = tail ? _mm512_maskz_loadu_epi32(0x00FF, p[i] + c * 64) : _mm512_loadu_si512(p[i] + c * 64);
+        const __m512i d = tail ? _mm512_maskz_loadu_epi32(g.tail_mask, p[i] + c * 64) : _mm512_loadu_si512(p[i] + c * 64);
         const ScaledLookup<BS_KIND> look(code, sc[i] + block_of((c - c0) * 128, g.bs_log2));
         const __m512bh q[4] = {look(d, bits), look(_mm512_srli_epi16(d, 4), bits),
                                look(_mm512_srli_epi16(d, 8), bits), look(_mm512_srli_epi16(d, 12), bits)};
@@ -575,37 +578,151 @@ QK_AVX512BF16 void gemv_block_bf16(const Bf16Gemv& g, const uint16_t* xp, int64_
   else gemv_block_bf16<MB, R, 2>(g, xp, r0, r1, c0, c1, scales, y, ldy, pf);
 }
 
-// Rows [r0, r1) of y for MB x rows (xp: prepare_x_bf16, row stride kp), y row stride ldy. Two walks, by where
-// x lives (as measured on AVX-512 machines with 48 KiB of L1):
-// * x of the pass fits L1 beside the stream (up to 24 KiB: MB <= 2 at K = 4096): rows whole, front to back,
-//   one at a time (one stream per core reads DRAM fastest), or 8 side by side sharing the x loads when x is
-//   long (K > 8192 at MB = 1, where one row's x loads alone would outweigh its codes);
-// * otherwise (MB >= 3; compute-bound): tiles of 16 rows walk K in chunks whose x fits L1 (up to 24 KiB: 96 / MB
-//   lines, whole blocks), 2 rows side by side up to MB = 4; partial sums add up in y.
-template <int MB>
+// Rows [r0, r1) of y for one x row (xp: prepare_x_bf16), y row stride ldy: rows whole, front to back, one at a time
+// (one stream per core reads DRAM fastest), or 8 side by side sharing the x loads when x is long (K > 8192, where
+// one row's x loads alone would outweigh its codes). M >= 2 takes the row groups below (gemv_quad_bf16).
 QK_AVX512BF16 void gemv_rows_avx512_bf16(const Bf16Gemv& g, const uint16_t* xp, int64_t r0, int64_t r1, float* y,
                                          int64_t ldy) {
-  const bool x_in_l1 = MB * g.kp * 2 <= 24576;
-  const bool long_x = g.k > 8192 && MB <= 2;
-  if (x_in_l1 || long_x) {
-    std::vector<float> scales(8 * (g.nb + 16));
-    Prefetch none;  // rows front to back: the hardware prefetcher streams them
-    if (long_x && MB == 1) gemv_block_bf16<MB, 8>(g, xp, r0, r1, 0, g.lines, scales.data(), y, ldy, none);
-    else if (long_x) gemv_block_bf16<MB, 4>(g, xp, r0, r1, 0, g.lines, scales.data(), y, ldy, none);
-    else gemv_block_bf16<MB, 1>(g, xp, r0, r1, 0, g.lines, scales.data(), y, ldy, none);
-    return;
+  std::vector<float> scales(8 * (g.nb + 16));
+  Prefetch none;  // rows front to back: the hardware prefetcher streams them
+  if (g.k > 8192) gemv_block_bf16<1, 8>(g, xp, r0, r1, 0, g.lines, scales.data(), y, ldy, none);
+  else gemv_block_bf16<1, 1>(g, xp, r0, r1, 0, g.lines, scales.data(), y, ldy, none);
+}
+#endif
+
+#if QK_HAVE_X86
+// ---------------------------------------------------------------------------------------------
+// bf16 activations, M >= 2: groups of 8 rows, each 128-bit lane of a vector holding 16 bytes of one row (4 rows
+// a vector), so that the decode of W is shared by every x row of the pass and the 8 rows are read as one run.
+// vdpbf16ps takes, per 32-bit lane, the products of two bf16 pairs. A lane's dword holds 8 codes, element
+// 8j + (t ^ 1) in nibble t (bitsandbytes puts the even element in the high nibble); shifting the words right by
+// 4t puts nibble t in the low 4 bits of the low word and nibble t + 4 in those of the high word, and vpermw reads
+// 5 bits of each word from a 16-entry table stored twice (bit 4, the next nibble's, selects the same value): one
+// shift and one permute give 32 weights, the pair (8j + (t ^ 1), 8j + 4 + (t ^ 1)) per lane. x is laid out once
+// per call to match (prepare_x_panel), its 128-bit pattern broadcast to the four rows of a vector. The codes are
+// looked up unscaled, as bf16 (one rounding of the weight, as a bf16 W has); a block's dot products are scaled
+// by the rows' fp32 block scales when the block ends, and a row's four lanes add up once, at the end of the row.
+struct PanelGemv {
+  alignas(64) uint16_t table[32];  // bf16 codes, twice
+  const uint8_t* packed;
+  const ScaleSource* src;
+  int64_t n, k, bs, nb, row_bytes, chunks;
+  int64_t tail_bytes;  // bytes of a row's last 64-byte chunk (64 when K % 128 == 0; else 16, 32 or 48)
+  PanelGemv(const uint8_t* p, const ScaleSource& s, const float* code, int64_t n_, int64_t k_, int64_t bs_)
+      : packed(p), src(&s), n(n_), k(k_), bs(bs_), nb(k_ / bs_), row_bytes(k_ / 2), chunks((k_ / 2 + 63) / 64),
+        tail_bytes(k_ / 2 - ((k_ / 2 + 63) / 64 - 1) * 64) {
+    for (int i = 0; i < 32; ++i) table[i] = c10::BFloat16(code[i % 16]).x;
   }
-  constexpr int64_t kTile = 16;
-  const int64_t block_lines = std::max<int64_t>(1, g.bs / 128);
-  const int64_t chunk = std::max(block_lines, 96 / MB / block_lines * block_lines);  // lines
-  std::vector<float> scales(2 * (chunk * 128 / std::min<int64_t>(g.bs, 128) + 16));
-  const int64_t row_bytes = g.k / 2;
-  for (int64_t t0 = r0; t0 < r1; t0 += kTile) {
-    const int64_t t1 = std::min(r1, t0 + kTile);
-    Prefetch next{g.packed + t1 * row_bytes, g.packed + std::min(r1, t1 + kTile) * row_bytes};
-    for (int64_t c0 = 0; c0 < g.lines; c0 += chunk)
-      gemv_block_bf16<MB, (MB <= 4 ? 2 : 1)>(g, xp, t0, t1, c0, std::min(g.lines, c0 + chunk), scales.data(), y,
-                                             ldy, next);
+};
+
+// The 4 rows' fp32 scales of every block, block-major: sc[b * 4 + i] (rows past N: zero).
+QK_AVX512 void quad_scales(const PanelGemv& g, int64_t r0, float* tmp, float* sc) {
+  for (int i = 0; i < 4; ++i) {
+    const int64_t r = r0 + i;
+    if (r < g.n) scale_row_avx512(*g.src, r * g.nb, g.nb, 0, tmp);
+    else std::fill(tmp, tmp + g.nb, 0.0f);
+    for (int64_t b = 0; b < g.nb; ++b) sc[b * 4 + i] = tmp[b];
+  }
+}
+
+// x [M, K] bf16 in the kernel's order: per 64-byte chunk c of a row (128 elements), per 16-byte lane L and shift t,
+// the 4 dwords s = 0..3 of x[e + 4 + (t ^ 1)] << 16 | x[e + (t ^ 1)] with e = 128c + 32L + 8s; zero past K.
+void prepare_x_panel(const c10::BFloat16* x, int64_t m, int64_t k, int64_t chunks, std::vector<uint32_t>& out) {
+  const int64_t row = chunks * 64;  // dwords per x row
+  out.assign(m * row, 0);
+  for (int64_t i = 0; i < m; ++i) {
+    const uint16_t* xi = reinterpret_cast<const uint16_t*>(x + i * k);
+    uint32_t* oi = out.data() + i * row;
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int L = 0; L < 4; ++L)
+        for (int t = 0; t < 4; ++t)
+          for (int s = 0; s < 4; ++s) {
+            const int64_t e = 128 * c + 32 * L + 8 * s;
+            if (e < k)
+              oi[c * 64 + (L * 4 + t) * 4 + s] =
+                  static_cast<uint32_t>(xi[e + 4 + (t ^ 1)]) << 16 | xi[e + (t ^ 1)];
+          }
+  }
+}
+
+// Rows r0 .. r0 + 4Q - 1 of y (Q groups of 4 rows, each x vector shared by the Q groups' weight vectors) for MB x
+// rows: x from prepare_x_panel (rows of ldx dwords), y rows of stride ldy, sc: quad_scales of each group (4 nb
+// floats apart), pf: the next rows' bytes. A accumulator chains per x row and group (a dot product takes ~6 cycles:
+// at least 8 chains in flight), folded at each block's end.
+template <int MB, int Q>
+QK_AVX512BF16 void gemv_quad_bf16(const PanelGemv& g, int64_t r0, const float* sc, const uint32_t* x, int64_t ldx,
+                                  float* y, int64_t ldy, Prefetch& pf) {
+  constexpr int A = Q * MB >= 8 ? 1 : (Q * MB >= 4 ? 2 : 4);
+  const __m512i table = _mm512_load_si512(g.table);
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const int64_t lanes_per_block = g.bs / 32;  // 16-byte lanes a block spans (1 at blocksize 32)
+  const uint8_t* rows[4 * Q];
+  for (int i = 0; i < 4 * Q; ++i) rows[i] = g.packed + std::min(r0 + i, g.n - 1) * g.row_bytes;
+  __m512 tot[Q][MB], acc[Q][MB][A];
+  for (int G = 0; G < Q; ++G)
+    for (int m = 0; m < MB; ++m) {
+      tot[G][m] = _mm512_setzero_ps();
+      for (int a = 0; a < A; ++a) acc[G][m][a] = _mm512_setzero_ps();
+    }
+  int64_t lane_count = 0, blk = 0;  // 16-byte lanes of the current block summed so far, and the block
+  for (int64_t c = 0; c < g.chunks; ++c) {
+    const int64_t bytes = c + 1 == g.chunks ? g.tail_bytes : 64;
+    for (int i = 0; i < 4 * Q; ++i) pf.next();
+    __m512i v[Q][4];  // v[G][L] lane i = bytes 16L..16L+15 of row 4G + i's chunk (a 4 x 4 transpose of 128-bit lanes)
+    for (int G = 0; G < Q; ++G) {
+      __m512i r[4];
+      if (bytes >= 64) {
+        for (int i = 0; i < 4; ++i) r[i] = _mm512_loadu_si512(rows[4 * G + i] + c * 64);
+      } else {
+        const __mmask64 mask = (__mmask64(1) << bytes) - 1;
+        for (int i = 0; i < 4; ++i) r[i] = _mm512_maskz_loadu_epi8(mask, rows[4 * G + i] + c * 64);
+      }
+      const __m512i t0 = _mm512_shuffle_i32x4(r[0], r[1], 0x44), t1 = _mm512_shuffle_i32x4(r[0], r[1], 0xEE);
+      const __m512i t2 = _mm512_shuffle_i32x4(r[2], r[3], 0x44), t3 = _mm512_shuffle_i32x4(r[2], r[3], 0xEE);
+      v[G][0] = _mm512_shuffle_i32x4(t0, t2, 0x88);
+      v[G][1] = _mm512_shuffle_i32x4(t0, t2, 0xDD);
+      v[G][2] = _mm512_shuffle_i32x4(t1, t3, 0x88);
+      v[G][3] = _mm512_shuffle_i32x4(t1, t3, 0xDD);
+    }
+    const int64_t nl = bytes / 16;
+    for (int64_t L = 0; L < nl; ++L) {
+      const uint32_t* xl = x + c * 64 + L * 16;
+      for (int t = 0; t < 4; ++t) {
+        __m512bh w[Q];
+        for (int G = 0; G < Q; ++G)
+          w[G] = (__m512bh)_mm512_permutexvar_epi16(t == 0 ? v[G][L] : _mm512_srli_epi16(v[G][L], 4 * t), table);
+        for (int m = 0; m < MB; ++m) {
+          const __m512bh xv = (__m512bh)_mm512_broadcast_i32x4(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(xl + m * ldx + t * 4)));
+          for (int G = 0; G < Q; ++G) acc[G][m][t % A] = _mm512_dpbf16_ps(acc[G][m][t % A], w[G], xv);
+        }
+      }
+      if (++lane_count == lanes_per_block) {  // the block ends: scale its dot products by the rows' block scales
+        for (int G = 0; G < Q; ++G) {
+          const __m512 sv =
+              _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(sc + G * 4 * g.nb + blk * 4)));
+          for (int m = 0; m < MB; ++m) {
+            __m512 sum = acc[G][m][0];
+            for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[G][m][a]);
+            tot[G][m] = _mm512_fmadd_ps(sum, sv, tot[G][m]);
+            for (int a = 0; a < A; ++a) acc[G][m][a] = _mm512_setzero_ps();
+          }
+        }
+        ++blk;
+        lane_count = 0;
+      }
+    }
+  }
+  alignas(64) float part[16];
+  for (int G = 0; G < Q; ++G) {
+    const int64_t rows_here = std::min<int64_t>(4, g.n - r0 - 4 * G);
+    for (int m = 0; m < MB; ++m) {
+      __m512 s4 = tot[G][m];  // the four lanes of each row add up
+      s4 = _mm512_add_ps(s4, _mm512_permute_ps(s4, 0xB1));
+      s4 = _mm512_add_ps(s4, _mm512_permute_ps(s4, 0x4E));
+      _mm512_store_ps(part, s4);
+      for (int i = 0; i < rows_here; ++i) y[m * ldy + r0 + 4 * G + i] = part[4 * i];
+    }
   }
 }
 #endif
@@ -666,32 +783,45 @@ bool gemv_supported(int64_t k, int64_t bs) {
 void gemv_bf16(const uint8_t* packed, const ScaleSource& src, const float* code, int64_t bs, int64_t n, int64_t k,
                const c10::BFloat16* x, int64_t m, float* y) {
 #if QK_HAVE_X86
-  std::vector<uint16_t> xp;
-  prepare_x_bf16(x, m, k, xp);
-  const int64_t kp = xp.size() / std::max<int64_t>(m, 1);
-  const int64_t grain = std::max<int64_t>(1, 131072 / std::max<int64_t>(k, 1));
-  const Bf16Gemv g(packed, src, code, bs, k, kp);
-  // More than 8 x rows take several passes; each pass goes over a group of 64 rows of W while the group is in L2
-  // (64 x K / 2 bytes), so W is read from memory once, not once per pass.
-  const int64_t group = m <= 8 ? n : 64;
-  at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t g0 = r0; g0 < r1; g0 += group) {
-      const int64_t g1 = std::min(r1, g0 + group);
-      for (int64_t j0 = 0; j0 < m; j0 += 8) {
-        const int64_t mb = std::min<int64_t>(8, m - j0);
-        const uint16_t* xj = xp.data() + j0 * kp;
-        float* yj = y + j0 * n;
-#define QK_GEMV_CASE(MB) \
-  case MB: gemv_rows_avx512_bf16<MB>(g, xj, g0, g1, yj, n); break;
-        switch (mb) {
-          QK_GEMV_CASE(1) QK_GEMV_CASE(2) QK_GEMV_CASE(3) QK_GEMV_CASE(4)
-          QK_GEMV_CASE(5) QK_GEMV_CASE(6) QK_GEMV_CASE(7) QK_GEMV_CASE(8)
-          default: break;
+  if (m >= 2) {
+    const PanelGemv g(packed, src, code, n, k, bs);
+    std::vector<uint32_t> xpv;
+    prepare_x_panel(x, m, k, g.chunks, xpv);
+    const uint32_t* xw = xpv.data();
+    const int64_t ldx = g.chunks * 64;
+    const int64_t octs = (n + 7) / 8;  // 8 rows a task unit: two groups of 4
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
+    at::parallel_for(0, octs, grain, [&](int64_t o0, int64_t o1) {
+      std::vector<float> tmp(g.nb), sc(g.nb * 8);
+      for (int64_t oc = o0; oc < o1; ++oc) {
+        const int64_t r0 = oc * 8;
+        quad_scales(g, r0, tmp.data(), sc.data());
+        quad_scales(g, r0 + 4, tmp.data(), sc.data() + 4 * g.nb);
+        // 8 rows are one run of 4K bytes: the next 8 stream into L2 while these are read in 64-byte pieces of
+        // each row (which the hardware prefetcher does not follow as one stream).
+        Prefetch pf{packed + std::min(n, r0 + 8) * (k / 2), packed + std::min(n, r0 + 16) * (k / 2)};
+        for (int64_t j0 = 0; j0 < m; j0 += 4) {  // passes of 4 x rows over the 8 rows (in L1 after the first)
+          const int64_t mb = std::min<int64_t>(4, m - j0);
+          const uint32_t* xj = xw + j0 * ldx;
+          float* yj = y + j0 * n;
+          Prefetch none;
+#define QK_QUAD_CASE(MB) \
+  case MB: gemv_quad_bf16<MB, 2>(g, r0, sc.data(), xj, ldx, yj, n, j0 == 0 ? pf : none); break;
+          switch (mb) {
+            QK_QUAD_CASE(1) QK_QUAD_CASE(2) QK_QUAD_CASE(3) QK_QUAD_CASE(4)
+            default: break;
+          }
+#undef QK_QUAD_CASE
         }
-#undef QK_GEMV_CASE
       }
-    }
-  });
+    });
+    return;
+  }
+  std::vector<uint16_t> xp;  // one x row
+  prepare_x_bf16(x, 1, k, xp);
+  const Bf16Gemv g(packed, src, code, bs, k, static_cast<int64_t>(xp.size()));
+  const int64_t grain = std::max<int64_t>(1, 131072 / std::max<int64_t>(k, 1));
+  at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) { gemv_rows_avx512_bf16(g, xp.data(), r0, r1, y, n); });
 #else
   (void)packed; (void)src; (void)code; (void)bs; (void)n; (void)k; (void)x; (void)m; (void)y;
   TORCH_CHECK(false, "gemv_bf16: no avx512_bf16");
