@@ -83,10 +83,10 @@ def _load_for_generation(args: argparse.Namespace):
 def _cmd_generate(args: argparse.Namespace) -> int:
     import json
 
-    from .generation import _check_sampling, generate, prompt_of_row, read_prompt_rows
+    from .generation import check_sampling, generate, prompt_of_row, read_prompt_rows
 
     try:
-        _check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.batch_size)
+        check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.batch_size)
         if bool(args.prompt) == bool(args.prompts):
             raise ValueError("give the prompts as arguments or as --prompts FILE.jsonl (one of the two)")
         rows = [{"prompt": p} for p in args.prompt] if args.prompt else read_prompt_rows(args.prompts)
@@ -128,10 +128,10 @@ _CHAT_HELP = "commands: /reset (a new conversation), /exit (or Ctrl-D; Ctrl-C st
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from .generation import Chat, _check_sampling
+    from .generation import Chat, check_sampling
 
     try:
-        _check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, 1)
+        check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, 1)
         model, tokenizer = _load_for_generation(args)
         chat = Chat(model, tokenizer, system=args.system, **_sampling(args))
     except (FileNotFoundError, ValueError, TypeError) as e:

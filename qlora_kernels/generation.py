@@ -247,7 +247,10 @@ class _Clock:
         pass
 
 
-def _check_sampling(max_new_tokens: Any, temperature: Any, top_p: Any, top_k: Any, seed: Any, batch_size: Any) -> None:
+def check_sampling(max_new_tokens: Any, temperature: Any, top_p: Any, top_k: Any, seed: Any, batch_size: Any) -> None:
+    """Raise ValueError naming the first bad generation setting (the checks :func:`generate` makes first; the
+    command line makes them before it loads a model)."""
+
     def positive_int(v: Any, name: str) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer; got {v!r}")
@@ -311,7 +314,7 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], *, max
         template, a prompt whose tokens and ``max_new_tokens`` together exceed the model's context; a bad
         sampling setting, naming it.
     """
-    _check_sampling(max_new_tokens, temperature, top_p, top_k, seed, batch_size)
+    check_sampling(max_new_tokens, temperature, top_p, top_k, seed, batch_size)
     if isinstance(prompts, (str, dict)) or not isinstance(prompts, Sequence):
         raise ValueError(f"prompts must be a list of prompts; got {type(prompts).__name__}")
     if not prompts:
@@ -484,7 +487,7 @@ class Chat:
             raise ValueError("chat needs a tokenizer with a chat_template; this one has none (use generate with "
                              "plain-text prompts)")
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
-        _check_sampling(sampling.get("max_new_tokens", 128), sampling.get("temperature", 0.0),
+        check_sampling(sampling.get("max_new_tokens", 128), sampling.get("temperature", 0.0),
                         sampling.get("top_p", 1.0), sampling.get("top_k", 0), sampling.get("seed"), 1)
         self.system = system
         self.turns: list[Message] = []
