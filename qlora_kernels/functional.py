@@ -28,8 +28,20 @@ from torch import Tensor
 
 from .dtypes import FLOAT_DTYPES as _FLOAT_DTYPES
 from .nf4 import NF4Weight
+from .ops import nf4 as _nf4_ops
 
 _QK = torch.ops.qlora_kernels
+_EAGER_DEVICES = ("cpu", "cuda")
+
+
+def _matmul_no_grad(x: Tensor, weight: tuple, n: int, k: int) -> Tensor:
+    """``x @ deq(W)^T`` with nothing to differentiate and autocast off: eagerly, the op's implementation without
+    its custom-op dispatch (see :func:`~qlora_kernels.ops.nf4.matmul_checked_weight`); the op itself while
+    ``torch.compile`` traces, for tensor subclasses (fake tensors) and on other devices (meta: the op's fake
+    kernel gives the shape), so that graphs hold the op."""
+    if type(x) is Tensor and x.device.type in _EAGER_DEVICES and not torch.compiler.is_compiling():
+        return _nf4_ops.matmul_checked_weight(x, weight, n, k)
+    return _QK.nf4_matmul(x, *weight, n, k, False)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -348,7 +360,7 @@ def _nf4_linear(x: Tensor, weight: tuple, n: int, k: int, bias: Tensor | None) -
     if not _needs_autograd(x, bias) and not _autocast_on(x.device.type):
         # Inference (torch.inference_mode / no_grad, or nothing that wants a gradient): the op itself, no
         # autograd node, no autocast switch; the same kernel as through the Function below.
-        y = _QK.nf4_matmul(x2.to(dtype), *weight, n, k, False).view(*lead, n)
+        y = _matmul_no_grad(x2.to(dtype), weight, n, k).view(*lead, n)
         return y if bias is None else y + bias.to(dtype)
     with _autocast_off(x.device.type):
         y = NF4LinearFunction.apply(x2.to(dtype), *weight, n, k)
@@ -430,7 +442,7 @@ def _lora_decode(x, lora_a, lora_b, bias, scale, dropout_p, weight, n, k) -> Ten
     :class:`LoraLinearFunction`; the two differ by x's rounding of the rank-r term.)"""
     if dropout_p > 0.0:  # a training-mode layer under no_grad: the masked forward, as with autograd
         return _lora_forward(x, lora_a, lora_b, bias, scale, dropout_p, weight, n, k)[0]
-    y = _QK.nf4_matmul(x, *weight, n, k, False)
+    y = _matmul_no_grad(x, weight, n, k)
     y.add_((x.to(lora_a.dtype) @ lora_a.t()) @ lora_b.t(), alpha=scale)
     if bias is not None:
         y.add_(bias.to(y.dtype))

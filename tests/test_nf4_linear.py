@@ -88,3 +88,32 @@ def test_bad_inputs():
         qk.nf4_linear(torch.randn(2, 64), torch.randn(8, 64))
     with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
         qk.nf4_linear(torch.ones(2, 64, dtype=torch.int32), qw)
+
+
+def test_inference_calls_skip_the_op_dispatch_but_not_its_result_or_checks():
+    """Under inference mode nf4_linear runs the op's implementation directly (no custom-op dispatch): the same
+    values as the op; a compiled inference graph still holds the op; a weight whose tensors changed after it was
+    made (absmax cast to bf16, as a module-wide .to(bf16) of raw buffers would) gets the op's error, not a read of
+    the wrong bytes."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    qw = qk.quantize_nf4(torch.randn(48, 128))
+    x = torch.randn(3, 128).bfloat16()
+    with torch.inference_mode():
+        want = torch.ops.qlora_kernels.nf4_matmul(x, *qw.tensors(), 48, 128, False)
+        assert torch.equal(qk.nf4_linear(x, qw), want)
+        counter = CompileCounterWithBackend("eager")
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda t: qk.nf4_linear(t, qw), backend=counter, fullgraph=True)
+        assert torch.equal(compiled(x), want)
+        assert counter.frame_count == 1
+        assert any(n.target in (torch.ops.qlora_kernels.nf4_matmul, torch.ops.qlora_kernels.nf4_matmul.default)
+                   for g in counter.graphs for n in g.graph.nodes)
+        bad = list(qw.tensors())
+        bad[1] = bad[1].to(torch.bfloat16)
+        from qlora_kernels.ops import nf4 as ops_nf4
+
+        with pytest.raises(ValueError, match="absmax must be"):
+            ops_nf4.matmul_checked_weight(x, tuple(bad), 48, 128)
+        with pytest.raises(ValueError, match=r"x must be 2-D \[M, 128\]"):
+            ops_nf4.matmul_checked_weight(x[:, :64], qw.tensors(), 48, 128)

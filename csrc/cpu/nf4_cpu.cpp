@@ -938,10 +938,8 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const a
                           int64_t n, int64_t k, bool transposed) {
   const at::Tensor p_t = packed.contiguous();
   const at::Tensor c_t = code.contiguous();
-  const at::Tensor xf_t = x.contiguous().to(at::kFloat);
   const uint8_t* p = p_t.data_ptr<uint8_t>();
   const float* c = c_t.data_ptr<float>();
-  const float* xf = xf_t.data_ptr<float>();
   const int64_t m = x.size(0);
 
   if (!transposed && m > 0 && gemv_supported(k, blocksize)) {
@@ -959,17 +957,26 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const a
     } else {
       src.absmax = a_t.data_ptr<float>();
     }
-    at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
     // bf16 x with avx512_bf16: the bf16 dot product (half the arithmetic and half the x bytes per weight of the
     // fp32 kernel; measured faster at every M, one row included). Otherwise x in fp32, the codes exact.
     if (x.scalar_type() == at::kBFloat16 && cpu_has_avx512_bf16()) {
+      // y rounded into a bf16 tensor here (round to nearest even, as .to() rounds): a decode layer's call is
+      // a few microseconds, and each tensor op more is one
       const at::Tensor xb = x.contiguous();
-      gemv_bf16(p, src, c, blocksize, n, k, xb.data_ptr<c10::BFloat16>(), m, y.data_ptr<float>());
-    } else {
-      gemv(p, src, c, blocksize, n, k, xf, m, y.data_ptr<float>());
+      std::vector<float> yf(m * n);
+      gemv_bf16(p, src, c, blocksize, n, k, xb.data_ptr<c10::BFloat16>(), m, yf.data());
+      at::Tensor y = at::empty({m, n}, x.options());
+      c10::BFloat16* py = y.data_ptr<c10::BFloat16>();
+      for (int64_t i = 0; i < m * n; ++i) py[i] = c10::BFloat16(yf[i]);
+      return y;
     }
+    const at::Tensor xf_t = x.contiguous().to(at::kFloat);
+    at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+    gemv(p, src, c, blocksize, n, k, xf_t.data_ptr<float>(), m, y.data_ptr<float>());
     return y.to(x.scalar_type());
   }
+  const at::Tensor xf_t = x.contiguous().to(at::kFloat);
+  const float* xf = xf_t.data_ptr<float>();
   const std::vector<float> scale = decode_absmax(absmax, nested_absmax, nested_code, nested_offset);
   const float* s = scale.data();
 

@@ -372,6 +372,31 @@ def nf4_matmul(
     transposed: bool,
 ) -> Tensor:
     _check_matmul(x, packed, absmax, code, nested_absmax, nested_code, blocksize, n, k, transposed)
+    return _matmul(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, n, k, transposed)
+
+
+def matmul_checked_weight(x: Tensor, weight: tuple, n: int, k: int) -> Tensor:
+    """``nf4_matmul(x, *weight, n, k, False)`` outside the op's wrapper, for a weight whose tensors were checked
+    when it was made (an :class:`~qlora_kernels.NF4Weight`'s): the same kernel choice and result, without the
+    custom op's dispatch and the weight's checks, which measured ~20 us a call (more than the kernel of a small
+    decode layer). Eager only: under ``torch.compile`` (and for autograd) callers use the op."""
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be 2-D [M, {k}] for a weight of shape [{n}, {k}]; got {list(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
+    packed, absmax = weight[0], weight[1]
+    if x.device != packed.device:
+        raise ValueError(f"x and the weight must be on one device; got x on {x.device}, weight on {packed.device}")
+    if packed.dtype != torch.uint8 or packed.numel() != (n * k + 1) // 2 or absmax.dtype not in _ABSMAX_DTYPES:
+        # a weight changed after it was made (a module cast to another dtype, say): the op's checks say how
+        _check_weight(*weight[:5], weight[6], n * k)
+    return _matmul(x, *weight, n, k, False)
+
+
+_ABSMAX_DTYPES = (torch.float32, torch.uint8)
+
+
+def _matmul(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, n, k, transposed):
     m = x.shape[0]
     if m == 0:  # an empty batch: the same empty result on every backend
         return x.new_empty((0, k if transposed else n))
