@@ -68,7 +68,7 @@ _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 def _sampling(args: argparse.Namespace) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, seed=args.seed)
+                top_k=args.top_k, seed=args.seed, cache=args.cache)
 
 
 def _load_for_generation(args: argparse.Namespace):
@@ -86,7 +86,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .generation import check_sampling, generate, prompt_of_row, read_prompt_rows
 
     try:
-        check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.batch_size)
+        check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.batch_size,
+                       args.cache)
         if bool(args.prompt) == bool(args.prompts):
             raise ValueError("give the prompts as arguments or as --prompts FILE.jsonl (one of the two)")
         rows = [{"prompt": p} for p in args.prompt] if args.prompt else read_prompt_rows(args.prompts)
@@ -131,7 +132,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     from .generation import Chat, check_sampling
 
     try:
-        check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, 1)
+        check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, 1, args.cache)
         model, tokenizer = _load_for_generation(args)
         chat = Chat(model, tokenizer, system=args.system, **_sampling(args))
     except (FileNotFoundError, ValueError, TypeError) as e:
@@ -195,6 +196,9 @@ def _add_model_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling cut (1: off)")
     g.add_argument("--top-k", type=int, default=0, help="top-k sampling cut (0: off)")
     g.add_argument("--seed", type=int, default=None, help="seed of the sampling draws")
+    g.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                   help="KV cache: dynamic (the default) or static with the decode step compiled by torch.compile "
+                        "(the first call of a batch shape compiles; faster decoding after)")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

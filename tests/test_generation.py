@@ -122,6 +122,27 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone(tiny32, prompts):
     assert a != c and a != greedy  # at temperature 1.5 over six prompts, a draw that changes nothing is no draw
 
 
+def test_static_cache_compiled_gives_the_dynamic_caches_tokens(tiny32, prompts):
+    """cache="static": transformers' static cache with the decode step compiled (inductor, on the CPU too): the
+    same greedy tokens as the dynamic cache on the 4-bit model (fp32), and the compiled step is reused by a second
+    call of the same shape."""
+    import torch._dynamo.utils as dynamo_utils
+
+    model, tok = tiny32
+    kw = dict(max_new_tokens=12, batch_size=3, chat_template=False)
+    dynamic = generate(model, tok, prompts[:3], **kw)
+    torch._dynamo.reset()
+    static = generate(model, tok, prompts[:3], cache="static", **kw)
+    assert [c.token_ids for c in static.completions] == [c.token_ids for c in dynamic.completions]
+    compiled = dynamo_utils.counters["stats"]["unique_graphs"]
+    assert compiled > 0  # it did compile
+    again = generate(model, tok, prompts[:3], cache="static", **kw)
+    assert [c.token_ids for c in again.completions] == [c.token_ids for c in dynamic.completions]
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == compiled  # and reused it
+    with pytest.raises(ValueError, match="cache must be one of dynamic, static; got 'paged'"):
+        generate(model, tok, prompts[:1], cache="paged")
+
+
 def test_checkpoint_sampling_defaults_are_not_applied(tiny32, prompts):
     model, tok = tiny32
     gc = model.generation_config
@@ -213,6 +234,31 @@ def test_dense_model_with_an_adapter_equals_peft(adapter_dir):
     x = tok(["sona mabi tozi"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_naming_another_base_warns(tmp_path, adapter_dir):
+    """An adapter whose shapes fit but whose adapter_config.json names another base model loads with a warning
+    naming both; one naming this model (its directory, or a hub id with the same last component) loads quietly."""
+    import shutil
+    import warnings
+
+    from qlora_kernels.hf.adapters import OtherBaseModelWarning
+
+    def with_base(name: str, base: str) -> Path:
+        d = tmp_path / name
+        shutil.copytree(adapter_dir, d)
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = base
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+        return d
+
+    with pytest.warns(OtherBaseModelWarning, match=r"was trained on 'someone/other-llama' .* loaded into '.*"
+                                                   + Path(TINY).name):
+        load_model(TINY, adapter=with_base("other", "someone/other-llama"), dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OtherBaseModelWarning)
+        load_model(TINY, adapter=adapter_dir, dtype=torch.float32)  # saved with this model's directory
+        load_model(TINY, adapter=with_base("hub", f"org/{Path(TINY).name}"), dtype=torch.float32)
 
 
 def test_load_model_errors(tmp_path, adapter_dir):

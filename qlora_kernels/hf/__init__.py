@@ -28,7 +28,7 @@ The modules, each depending only on those above it:
 from __future__ import annotations
 
 from .. import _compat  # noqa: F401  (on import: warns once about an untested dependency version)
-from .adapters import load_adapter, save_adapter
+from .adapters import OtherBaseModelWarning, load_adapter, save_adapter
 from .apply import adapters_disabled, apply_qlora, merge_and_unload
 from .layers import DenseLoraLinear, linear_layer_names
 from .loading import load_4bit_model
@@ -43,8 +43,8 @@ _LAZY = {
 }
 
 __all__ = [
-    "DenseLoraLinear", "adapters_disabled", "apply_qlora", "linear_layer_names", "load_4bit_model", "load_adapter",
-    "merge_and_unload", "save_adapter", *_LAZY,
+    "DenseLoraLinear", "OtherBaseModelWarning", "adapters_disabled", "apply_qlora", "linear_layer_names",
+    "load_4bit_model", "load_adapter", "merge_and_unload", "save_adapter", *_LAZY,
 ]
 
 

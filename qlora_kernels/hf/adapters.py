@@ -200,7 +200,35 @@ def _read_config(path: Path) -> dict:
     targets = get("target_parameters", [])
     if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
         raise bad("target_parameters", "a list of parameter names")
-    return dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, target_parameters=targets, **patterns)
+    base = cfg.get("base_model_name_or_path")
+    return dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, target_parameters=targets,
+                base_model_name_or_path=base if isinstance(base, str) and base else None, **patterns)
+
+
+class OtherBaseModelWarning(UserWarning):
+    """An adapter whose ``adapter_config.json`` names another base model than the one it is loaded into (its
+    shapes fit: a fine-tune of the same size, or a renamed copy; the tokens it gives may mean nothing)."""
+
+
+def _same_model_name(a: str, b: str) -> bool:
+    """Whether two model names or paths name one model: the same directory, or the same last component (a hub id
+    ``org/name`` and a local copy ``/models/name``)."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return pa.name.lower() == pb.name.lower()
+
+
+def _warn_other_base(model: nn.Module, cfg: dict, in_dir: Path) -> None:
+    want = cfg.get("base_model_name_or_path")
+    config = getattr(model, "config", None)
+    have = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None)
+    if want and have and not _same_model_name(str(want), str(have)):
+        import warnings
+
+        warnings.warn(f"adapter in {str(in_dir)!r} was trained on {want!r} (its adapter_config.json's "
+                      f"base_model_name_or_path) and is loaded into {str(have)!r}: its shapes fit, but on another "
+                      "base model its outputs may mean nothing", OtherBaseModelWarning, stacklevel=3)
 
 
 def _read_adapter(in_dir: Path) -> tuple[dict, dict[str, tuple[Tensor, Tensor]]]:
@@ -245,12 +273,17 @@ def load_adapter(model: nn.Module, in_dir: str | Path, is_trainable: bool = True
     layers of a 4-bit model, which get plain LoRA; on a transformers bitsandbytes model the same state handling).
     Everything but the adapters is frozen; ``is_trainable=False`` freezes those too.
 
+    Warns:
+        OtherBaseModelWarning: the file's ``base_model_name_or_path`` names another model than ``model``'s
+        ``name_or_path`` (neither the same directory nor the same last path component), while the shapes fit.
+
     Raises:
         ValueError naming the module, the expected and the actual shape when the file does not fit the model
         (another architecture or size), or when the model has adapters on layers the file does not cover.
     """
     in_dir = Path(in_dir)
     cfg, weights = _read_adapter(in_dir)
+    _warn_other_base(model, cfg, in_dir)
     expert_plan = _experts_plan(model, cfg, weights, in_dir)  # takes the experts' tensors out of weights
     modules = {name: (m, kind) for name, m, kind in linear_modules(model)}
     absent = [n for n in weights if n not in modules]
