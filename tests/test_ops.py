@@ -129,6 +129,70 @@ def test_cpp_small_m_gemv_against_reference(blocksize, nested, k):
             bounds.assert_within(f"gemv m={m} {dtype}", got, want, *bounds.kernel_matmul(x, w, want.float()))
 
 
+def _decode_layout_live() -> bool:
+    from qlora_kernels.ops import nf4 as ops_nf4
+
+    return HAS_CPP and ops_nf4.decode_layouts_on()
+
+
+@pytest.mark.skipif(not _decode_layout_live(), reason="CPU decode layout: needs the C++ backend and avx512_bf16")
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("k", [64, 160, 1024, 1088])
+def test_cpp_decode_layout_matmul_against_reference(blocksize, nested, k):
+    """The CPU decode layout (tiles of 16 rows) and its bf16 matmul: N = 37 (a partial last tile), M = 1..16 (passes
+    of 8 with a remainder; 64, the largest M it serves), blocks of 4, 8 or 32 lines, K not a multiple of 128 (160), 17 blocks a row (1088:
+    double-quant scales decoded in groups that straddle a nested block)."""
+    if k % blocksize:
+        pytest.skip("K is not a multiple of the blocksize")
+    n = 37
+    qw = _weight((n, k), blocksize, nested)
+    w = ref.dequantize_nf4(*qw.tensors(), n * k, torch.float32).view(n, k)
+    tiled = _extension.kernel("nf4_tile")(qw.packed.reshape(-1), n, k)
+    assert tiled.numel() == 3 * 16 * k // 2
+    for m in (1, 2, 3, 8, 11, 16, 64):
+        x = (torch.randn(m, k) * torch.rand(m, 1)).bfloat16()
+        want = ref.nf4_matmul(x, *qw.tensors(), n, k, False)
+        got = _extension.kernel("nf4_matmul_tiled")(x, tiled, *qw.tensors()[1:], n, k)
+        assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+        bounds.assert_within(f"decode layout m={m}", got, want, *bounds.kernel_matmul(x, w, want.float()))
+
+
+@pytest.mark.skipif(not _decode_layout_live(), reason="CPU decode layout: needs the C++ backend and avx512_bf16")
+def test_decode_layout_is_made_once_per_weight_and_follows_it(monkeypatch):
+    """Eager inference calls make a weight's decode layout once and reuse it; an in-place write to the codes makes
+    it anew (the new codes are used); the layout goes with its weight; the op itself (compiled graphs, autograd)
+    and QLORA_KERNELS_CPU_DECODE_LAYOUT=0 keep to the stored layout."""
+    import gc
+
+    from qlora_kernels.ops import nf4 as ops_nf4
+
+    ops_nf4.release_decode_layouts()
+    qw, other = _weight((40, 256)), _weight((40, 256))
+    x = torch.randn(2, 256).bfloat16()
+    with torch.inference_mode():
+        y = qk.nf4_linear(x, qw)
+        first = ops_nf4.decode_layout(qw.packed, 40, 256)
+        qk.nf4_linear(x, qw)
+        assert len(ops_nf4._LAYOUTS) == 1 and ops_nf4.decode_layout(qw.packed, 40, 256) is first
+        torch.testing.assert_close(y, OPS.nf4_matmul(x, *qw.tensors(), 40, 256, False), rtol=0.02, atol=0.02)
+    with torch.no_grad():
+        qw.packed.copy_(other.packed)  # same tensor, new codes
+    with torch.inference_mode():
+        y2 = qk.nf4_linear(x, qw)
+        assert ops_nf4.decode_layout(qw.packed, 40, 256) is not first
+        torch.testing.assert_close(y2, OPS.nf4_matmul(x, *qw.tensors(), 40, 256, False), rtol=0.02, atol=0.02)
+    del qw
+    gc.collect()
+    assert not ops_nf4._LAYOUTS  # freed with its weight
+    with torch.inference_mode():
+        OPS.nf4_matmul(x, *other.tensors(), 40, 256, False)
+        assert not ops_nf4._LAYOUTS
+        monkeypatch.setenv(ops_nf4.DECODE_LAYOUT_VAR, "0")
+        qk.nf4_linear(x, other)
+        assert not ops_nf4._LAYOUTS
+
+
 def test_matmul_relative_error_bf16_is_small(device):
     # The bar: bf16 relative error <= 1e-2 against the fp32 reference on random data.
     qw = _weight((256, 512), 64, True, device)

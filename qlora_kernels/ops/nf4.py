@@ -16,8 +16,10 @@ Which kernel runs is chosen here, from each op's table of kernels (``QUANTIZE``,
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import weakref
 from collections.abc import Callable
 from typing import Optional
 
@@ -32,6 +34,9 @@ from ._dispatch import Kernel, choose, declare
 
 #: Largest M that the fused C++ CPU matmul serves.
 CPP_FUSED_MAX_M = 16
+#: Largest M that the CPU decode-layout matmul serves (measured 1.3x bitsandbytes' inference path and 1.4-1.8x the
+#: dequantize + BLAS path at M = 32-64 on a 2-core Zen 4).
+DECODE_LAYOUT_MAX_M = 64
 #: Largest M the CUDA GEMV kernel is compiled for.
 GEMV_LIMIT_M = 4
 #: Environment variables that move the GPU dispatch thresholds of ``nf4_matmul`` (set them from
@@ -297,7 +302,7 @@ def release_workspaces() -> None:
 # nf4_matmul
 
 
-def _dequantize_then_matmul(x: Tensor, weight: tuple, n: int, k: int, transposed: bool) -> Tensor:
+def _dequantize_then_matmul(x: Tensor, weight: tuple, n: int, k: int, transposed: bool, **_) -> Tensor:
     """deq(W) into the workspace (through the op, so the forced backend decodes), then BLAS."""
     w = _workspace(n * k, x.dtype, x.device)
     dequantize_nf4_into(*weight, n * k, w)
@@ -305,13 +310,13 @@ def _dequantize_then_matmul(x: Tensor, weight: tuple, n: int, k: int, transposed
     return x @ (w if transposed else w.t())
 
 
-def _gemv(x: Tensor, weight: tuple, n: int, k: int, transposed: bool) -> Tensor:
+def _gemv(x: Tensor, weight: tuple, n: int, k: int, transposed: bool, **_) -> Tensor:
     if x.data_ptr() % 16:  # the GEMV reads x 16 bytes at a time
         x = x.clone()
     return _extension.kernel("nf4_gemv")(x, *weight, n, k)
 
 
-def _triton_fused(x: Tensor, weight: tuple, n: int, k: int, transposed: bool) -> Tensor:
+def _triton_fused(x: Tensor, weight: tuple, n: int, k: int, transposed: bool, **_) -> Tensor:
     return _triton("nf4_matmul", "nf4_matmul")(x, *weight, n, k, transposed)
 
 
@@ -334,9 +339,15 @@ def _fused_small_m(m, k, blocksize, fused_max_m, **_) -> bool:
 #: small M, else dequantize (C++) + BLAS (oneDNN with AVX-512/AMX beats a hand-written decode-and-dot).
 MATMUL = declare(
     "nf4_matmul",
+    Kernel("nf4_matmul", "cpp", "cpu", "decode layout", f"bf16 x, M <= {DECODE_LAYOUT_MAX_M}, avx512_bf16, eager "
+           "inference", needs="nf4_matmul_tiled",
+           accepts=lambda m, transposed, decode_layout, **_: (
+               decode_layout and not transposed and m <= DECODE_LAYOUT_MAX_M),
+           run=lambda x, w, n, k, t, owner: _extension.kernel("nf4_matmul_tiled")(
+               x, decode_layout(owner, n, k), *w[1:], n, k)),
     Kernel("nf4_matmul", "cpp", "cpu", "fused", f"M <= {CPP_FUSED_MAX_M}", needs="nf4_matmul",
            accepts=lambda m, **_: m <= CPP_FUSED_MAX_M,
-           run=lambda x, w, n, k, t: _extension.kernel("nf4_matmul")(x, *w, n, k, t)),
+           run=lambda x, w, n, k, t, **_: _extension.kernel("nf4_matmul")(x, *w, n, k, t)),
     Kernel("nf4_matmul", "cpp", "cpu", "dequantize + BLAS", needs="dequantize_nf4_into", run=_dequantize_then_matmul),
     Kernel("nf4_matmul", "cuda", "cuda", "GEMV", f"forward, M <= {GEMV_MAX_M_VAR} (default {_DEFAULT_GEMV_MAX_M}), "
            "K % blocksize == 0", needs="nf4_gemv",
@@ -353,7 +364,7 @@ MATMUL = declare(
     Kernel("nf4_matmul", "triton", "cpu", "dequantize + BLAS (interpreter)", default=False,
            run=_dequantize_then_matmul),
     Kernel("nf4_matmul", "reference", "any", "the fp32 formula",
-           run=lambda x, w, n, k, t: ref.nf4_matmul(x, *w, n, k, t)),
+           run=lambda x, w, n, k, t, **_: ref.nf4_matmul(x, *w, n, k, t)),
 )
 
 
@@ -390,13 +401,16 @@ def matmul_checked_weight(x: Tensor, weight: tuple, n: int, k: int) -> Tensor:
     if packed.dtype != torch.uint8 or packed.numel() != (n * k + 1) // 2 or absmax.dtype not in _ABSMAX_DTYPES:
         # a weight changed after it was made (a module cast to another dtype, say): the op's checks say how
         _check_weight(*weight[:5], weight[6], n * k)
-    return _matmul(x, *weight, n, k, False)
+    return _matmul(x, *weight, n, k, False, owner=packed)
 
 
 _ABSMAX_DTYPES = (torch.float32, torch.uint8)
 
 
-def _matmul(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, n, k, transposed):
+def _matmul(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, n, k, transposed,
+            owner: Tensor | None = None):
+    """The op's body. ``owner``: the packed tensor as the caller keeps it (a module's buffer, an NF4Weight's field),
+    given by eager inference callers only: the CPU decode layout is made once per owner and kept for it."""
     m = x.shape[0]
     if m == 0:  # an empty batch: the same empty result on every backend
         return x.new_empty((0, k if transposed else n))
@@ -405,9 +419,63 @@ def _matmul(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, 
     weight = (packed.reshape(-1), absmax, code, nested_absmax, nested_code, nested_offset, blocksize)
     gemv_max_m, fused_max_m = (gpu_matmul_thresholds() if x.device.type == "cuda"
                                else (_DEFAULT_GEMV_MAX_M, _DEFAULT_FUSED_MAX_M))
+    layout = owner is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu" and decode_layouts_on()
     kernel = choose("nf4_matmul", x.device, m=m, k=k, blocksize=blocksize, transposed=transposed,
-                    gemv_max_m=gemv_max_m, fused_max_m=fused_max_m)
-    return kernel.run(x, weight, n, k, transposed)
+                    gemv_max_m=gemv_max_m, fused_max_m=fused_max_m, decode_layout=layout)
+    return kernel.run(x, weight, n, k, transposed, owner=owner)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU decode layout
+
+
+#: Set to 0 to keep the CPU matmul on the stored layout (no second copy of the codes).
+DECODE_LAYOUT_VAR = "QLORA_KERNELS_CPU_DECODE_LAYOUT"
+# owner id -> (weak reference to the owner, its data pointer and version when the layout was made, the layout)
+_LAYOUTS: dict[int, tuple] = {}
+
+
+@functools.cache
+def _cpu_has_avx512_bf16() -> bool:
+    return _extension.has_kernel("nf4_matmul_tiled", "CPU") and _extension.kernel("cpu_isa")() == "avx512+bf16"
+
+
+def decode_layouts_on() -> bool:
+    """Whether eager inference calls with bf16 x on this CPU take the decode layout: the CPU has avx512_bf16 (as
+    ``ATEN_CPU_CAPABILITY`` allows) and ``QLORA_KERNELS_CPU_DECODE_LAYOUT`` is not ``0``."""
+    return os.environ.get(DECODE_LAYOUT_VAR, "1").strip() != "0" and _cpu_has_avx512_bf16()
+
+
+def _version(t: Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor has no version counter (and cannot change outside inference mode)
+        return -1
+
+
+def decode_layout(packed: Tensor, n: int, k: int) -> Tensor:
+    """The CPU decode layout of the codes ``packed`` (of an [n, k] weight): W's codes repacked into tiles of 16 rows
+    (the C++ ``nf4_tile``; the layout is described in csrc/cpu/nf4_cpu.cpp), from which the bf16 matmul at M <= 16
+    shares each line's decode with every x row and needs no horizontal sums (measured 1.1-1.3x bitsandbytes'
+    inference path at M = 8-16 on a 2-core Zen 4, where the stored layout gave 0.8-0.9x; see
+    benchmarks/RESULTS.md). Made at the first call for ``packed`` and kept while ``packed`` lives and is unchanged
+    (a new data pointer or an in-place write makes it anew): a second copy of the codes, half a byte per weight,
+    beside the stored bytes, which stay bitsandbytes' (saving, training and every other kernel read those).
+    :func:`release_decode_layouts` frees them; ``QLORA_KERNELS_CPU_DECODE_LAYOUT=0`` keeps them from being made."""
+    key = id(packed)
+    entry = _LAYOUTS.get(key)
+    if entry is not None and entry[0]() is packed and entry[1] == (packed.data_ptr(), _version(packed)):
+        return entry[2]
+    tiled = _extension.kernel("nf4_tile")(packed.reshape(-1).contiguous(), n, k)
+    if entry is None:
+        weakref.finalize(packed, _LAYOUTS.pop, key, None)
+    _LAYOUTS[key] = (weakref.ref(packed), (packed.data_ptr(), _version(packed)), tiled)
+    return tiled
+
+
+def release_decode_layouts() -> None:
+    """Free every CPU decode layout (they are made again on demand)."""
+    _LAYOUTS.clear()
 
 
 def _check_matmul(x, packed, absmax, code, nested_absmax, nested_code, blocksize, n, k, transposed) -> None:
