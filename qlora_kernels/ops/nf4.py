@@ -383,7 +383,11 @@ def nf4_matmul(
     transposed: bool,
 ) -> Tensor:
     _check_matmul(x, packed, absmax, code, nested_absmax, nested_code, blocksize, n, k, transposed)
-    return _matmul(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, n, k, transposed)
+    # under inference mode (a compiled decode step, say) the op takes a decode layout that eager calls already made
+    # for this very tensor (inductor passes a module's buffers as they are); it never makes one itself
+    owner = packed if torch.is_inference_mode_enabled() and has_decode_layout(packed) else None
+    return _matmul(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, n, k, transposed,
+                   owner=owner)
 
 
 def matmul_checked_weight(x: Tensor, weight: tuple, n: int, k: int) -> Tensor:
@@ -471,6 +475,12 @@ def decode_layout(packed: Tensor, n: int, k: int) -> Tensor:
         weakref.finalize(packed, _LAYOUTS.pop, key, None)
     _LAYOUTS[key] = (weakref.ref(packed), (packed.data_ptr(), _version(packed)), tiled)
     return tiled
+
+
+def has_decode_layout(packed: Tensor) -> bool:
+    """Whether a decode layout was made for this tensor object (and it is alive)."""
+    entry = _LAYOUTS.get(id(packed))
+    return entry is not None and entry[0]() is packed
 
 
 def release_decode_layouts() -> None:
