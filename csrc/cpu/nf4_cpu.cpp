@@ -349,6 +349,25 @@ struct ScaleSource {
   }
 };
 
+// The ScaleSource of a weight's block scales; `keep` holds the contiguous tensors its pointers read.
+ScaleSource scale_source(const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                         const std::optional<at::Tensor>& nested_code, double nested_offset,
+                         std::vector<at::Tensor>& keep) {
+  ScaleSource src;
+  keep.push_back(absmax.contiguous());
+  if (nested_absmax.has_value()) {
+    keep.push_back(nested_absmax->contiguous());
+    keep.push_back(nested_code->contiguous());
+    src.q = keep[0].data_ptr<uint8_t>();
+    src.nested_absmax = keep[1].data_ptr<float>();
+    src.nested_code = keep[2].data_ptr<float>();
+    src.offset = static_cast<float>(nested_offset);
+  } else {
+    src.absmax = keep[0].data_ptr<float>();
+  }
+  return src;
+}
+
 #if QK_HAVE_X86
 // ScaleSource::row with AVX-512: the double quantization decoded 16 blocks at a time (the codes gathered from
 // the 256-entry nested table, which stays in L1), the same two roundings (product, then sum; no FMA: the
@@ -945,19 +964,8 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const a
 
   if (!transposed && m > 0 && gemv_supported(k, blocksize)) {
     // Straight from the bytes, the scales decoded per row (nothing of the weight's size is written).
-    const at::Tensor a_t = absmax.contiguous();
-    at::Tensor na_t, nc_t;
-    ScaleSource src;
-    if (nested_absmax.has_value()) {
-      na_t = nested_absmax->contiguous();
-      nc_t = nested_code->contiguous();
-      src.q = a_t.data_ptr<uint8_t>();
-      src.nested_absmax = na_t.data_ptr<float>();
-      src.nested_code = nc_t.data_ptr<float>();
-      src.offset = static_cast<float>(nested_offset);
-    } else {
-      src.absmax = a_t.data_ptr<float>();
-    }
+    std::vector<at::Tensor> keep;
+    const ScaleSource src = scale_source(absmax, nested_absmax, nested_code, nested_offset, keep);
     // bf16 x with avx512_bf16: the bf16 dot product (half the arithmetic and half the x bytes per weight of the
     // fp32 kernel; measured faster at every M, one row included). Otherwise x in fp32, the codes exact.
     if (x.scalar_type() == at::kBFloat16 && cpu_has_avx512_bf16()) {
@@ -1134,19 +1142,9 @@ at::Tensor nf4_matmul_tiled_cpu(const at::Tensor& x, const at::Tensor& tiled, co
               tiles * lines * 64, " bytes); got ", tiled.numel(), " (blocksize ", blocksize, ")");
 #if QK_HAVE_X86
   TORCH_CHECK(cpu_has_avx512_bf16(), "nf4_matmul_tiled (cpp): needs avx512_bf16");
-  const at::Tensor xb = x.contiguous(), t_t = tiled.contiguous(), c_t = code.contiguous(), a_t = absmax.contiguous();
-  at::Tensor na_t, nc_t;
-  ScaleSource src;
-  if (nested_absmax.has_value()) {
-    na_t = nested_absmax->contiguous();
-    nc_t = nested_code->contiguous();
-    src.q = a_t.data_ptr<uint8_t>();
-    src.nested_absmax = na_t.data_ptr<float>();
-    src.nested_code = nc_t.data_ptr<float>();
-    src.offset = static_cast<float>(nested_offset);
-  } else {
-    src.absmax = a_t.data_ptr<float>();
-  }
+  const at::Tensor xb = x.contiguous(), t_t = tiled.contiguous(), c_t = code.contiguous();
+  std::vector<at::Tensor> keep;
+  const ScaleSource src = scale_source(absmax, nested_absmax, nested_code, nested_offset, keep);
   const int64_t m = x.size(0);
   alignas(64) uint16_t twice[32];
   const float* code_p = c_t.data_ptr<float>();
