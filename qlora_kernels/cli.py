@@ -80,12 +80,25 @@ def _load_for_generation(args: argparse.Namespace):
                       dtype=getattr(torch, _DTYPES[args.dtype]), device=args.device)
 
 
+def _setup(step):
+    """A command's checks and loading: ``(step's result, None)``, or ``(None, exit code)`` after one line on stderr
+    (bad input: 2; Ctrl-C: 130)."""
+    try:
+        return step(), None
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None, 2
+    except KeyboardInterrupt:
+        _ignore_sigint()
+        return None, 130
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import json
 
     from .generation import check_sampling, generate, prompt_of_row, read_prompt_rows
 
-    try:
+    def run():
         check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.batch_size,
                        args.cache)
         if bool(args.prompt) == bool(args.prompts):
@@ -99,14 +112,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if args.no_chat_template:
             templates = [False] * len(prompts)
         model, tokenizer = _load_for_generation(args)
-        result = generate(model, tokenizer, list(prompts), batch_size=args.batch_size, chat_template=list(templates),
-                          **_sampling(args))
-    except (FileNotFoundError, ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        _ignore_sigint()
-        return 130
+        return rows, generate(model, tokenizer, list(prompts), batch_size=args.batch_size,
+                              chat_template=list(templates), **_sampling(args))
+
+    done, code = _setup(run)
+    if code is not None:
+        return code
+    rows, result = done
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
         for i, (row, c) in enumerate(zip(rows, result.completions)):
@@ -131,16 +143,14 @@ _CHAT_HELP = "commands: /reset (a new conversation), /exit (or Ctrl-D; Ctrl-C st
 def _cmd_chat(args: argparse.Namespace) -> int:
     from .generation import Chat, check_sampling
 
-    try:
+    def run():
         check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, 1, args.cache)
         model, tokenizer = _load_for_generation(args)
-        chat = Chat(model, tokenizer, system=args.system, **_sampling(args))
-    except (FileNotFoundError, ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        _ignore_sigint()
-        return 130
+        return Chat(model, tokenizer, system=args.system, **_sampling(args))
+
+    chat, code = _setup(run)
+    if code is not None:
+        return code
     print(f"chatting with {args.model}" + (f" + {args.adapter}" if args.adapter else "") + f"; {_CHAT_HELP}",
           file=sys.stderr)
 
