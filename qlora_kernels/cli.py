@@ -329,7 +329,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["bench"] and argv[1:2] not in (["-h"], ["--help"]):
         # Everything after "bench" belongs to the benchmark script, options included.
         return _cmd_bench(argparse.Namespace(args=argv[1:]))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "generate" and not any(e.startswith("-") for e in extra):
+        # prompts after the options (`generate MODEL --adapter DIR "a prompt"`): argparse takes the positionals of
+        # one run only
+        args.prompt = [*args.prompt, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "max_new_tokens_default", None) is not None and args.max_new_tokens is None:
         args.max_new_tokens = args.max_new_tokens_default
     return int(args.func(args))

@@ -372,6 +372,17 @@ def test_generate_command_text_and_jsonl(tmp_path, capsys, adapter_dir):
     assert got[2]["prompt_tokens"] == len(tok(render_prompt("varo", tok), add_special_tokens=False)["input_ids"])
 
 
+def test_generate_command_takes_prompts_after_the_options(capsys, adapter_dir):
+    """`generate MODEL --adapter DIR "a prompt"` (the line the demo prints): prompts may follow the options, before
+    and after them alike; an unknown option is still argparse's error."""
+    assert cli.main(["generate", str(TINY), "sona mabi", "--adapter", str(adapter_dir), "zada", "--max-new-tokens",
+                     "4", "--dtype", "fp32"]) == 0
+    assert "2 prompt(s)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["generate", str(TINY), "--max-new-tokens", "4", "hi", "--no-such-option"])
+    assert exc.value.code == 2 and "--no-such-option" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["generate", "/nowhere", "hi"], "'/nowhere' does not exist"),
     (["generate", str(TINY)], "give the prompts as arguments or as --prompts"),
