@@ -349,6 +349,15 @@ struct ScaleSource {
   }
 };
 
+// y (fp32 [m, n]) rounded into a bf16 tensor here (round to nearest even, as .to() rounds): a decode layer's call is
+// a few microseconds, and each tensor op more is one.
+at::Tensor bf16_matrix(const std::vector<float>& y, int64_t m, int64_t n, const at::TensorOptions& options) {
+  at::Tensor out = at::empty({m, n}, options.dtype(at::kBFloat16));
+  c10::BFloat16* p = out.data_ptr<c10::BFloat16>();
+  for (int64_t i = 0; i < m * n; ++i) p[i] = c10::BFloat16(y[i]);
+  return out;
+}
+
 // The ScaleSource of a weight's block scales; `keep` holds the contiguous tensors its pointers read.
 ScaleSource scale_source(const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
                          const std::optional<at::Tensor>& nested_code, double nested_offset,
@@ -969,15 +978,10 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const a
     // bf16 x with avx512_bf16: the bf16 dot product (half the arithmetic and half the x bytes per weight of the
     // fp32 kernel; measured faster at every M, one row included). Otherwise x in fp32, the codes exact.
     if (x.scalar_type() == at::kBFloat16 && cpu_has_avx512_bf16()) {
-      // y rounded into a bf16 tensor here (round to nearest even, as .to() rounds): a decode layer's call is
-      // a few microseconds, and each tensor op more is one
       const at::Tensor xb = x.contiguous();
       std::vector<float> yf(m * n);
       gemv_bf16(p, src, c, blocksize, n, k, xb.data_ptr<c10::BFloat16>(), m, yf.data());
-      at::Tensor y = at::empty({m, n}, x.options());
-      c10::BFloat16* py = y.data_ptr<c10::BFloat16>();
-      for (int64_t i = 0; i < m * n; ++i) py[i] = c10::BFloat16(yf[i]);
-      return y;
+      return bf16_matrix(yf, m, n, x.options());
     }
     const at::Tensor xf_t = x.contiguous().to(at::kFloat);
     at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
@@ -1155,10 +1159,7 @@ at::Tensor nf4_matmul_tiled_cpu(const at::Tensor& x, const at::Tensor& tiled, co
   at::parallel_for(0, tiles, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), [&](int64_t T0, int64_t T1) {
     gemv_tiles_bf16(tp, src, twice, n, k, blocksize, xw, m, T0, T1, y.data());
   });
-  at::Tensor yb = at::empty({m, n}, x.options());
-  c10::BFloat16* py = yb.data_ptr<c10::BFloat16>();
-  for (int64_t i = 0; i < m * n; ++i) py[i] = c10::BFloat16(y[i]);
-  return yb;
+  return bf16_matrix(y, m, n, x.options());
 #else
   (void)absmax; (void)code; (void)nested_absmax; (void)nested_code; (void)nested_offset;
   TORCH_CHECK(false, "nf4_matmul_tiled (cpp): needs x86-64 with avx512_bf16");

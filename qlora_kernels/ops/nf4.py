@@ -459,9 +459,9 @@ def _version(t: Tensor) -> int:
 
 def decode_layout(packed: Tensor, n: int, k: int) -> Tensor:
     """The CPU decode layout of the codes ``packed`` (of an [n, k] weight): W's codes repacked into tiles of 16 rows
-    (the C++ ``nf4_tile``; the layout is described in csrc/cpu/nf4_cpu.cpp), from which the bf16 matmul at M <= 16
-    shares each line's decode with every x row and needs no horizontal sums (measured 1.1-1.3x bitsandbytes'
-    inference path at M = 8-16 on a 2-core Zen 4, where the stored layout gave 0.8-0.9x; see
+    (the C++ ``nf4_tile``; the layout is described in csrc/cpu/nf4_cpu.cpp), from which the bf16 matmul at M <=
+    ``DECODE_LAYOUT_MAX_M`` shares each line's decode with up to 8 x rows and needs no horizontal sums (measured
+    1.1-1.3x bitsandbytes' inference path at M = 8-64 on a 2-core Zen 4, where the stored layout gave 0.8-0.9x; see
     benchmarks/RESULTS.md). Made at the first call for ``packed`` and kept while ``packed`` lives and is unchanged
     (a new data pointer or an in-place write makes it anew): a second copy of the codes, half a byte per weight,
     beside the stored bytes, which stay bitsandbytes' (saving, training and every other kernel read those).
