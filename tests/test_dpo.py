@@ -25,7 +25,7 @@ from qlora_kernels.train.data import (
     split_hh_dialogue,
     write_jsonl,
 )
-from qlora_kernels.train.dpo import (
+from qlora_kernels.train.objectives.dpo import (
     DPOSettings,
     dpo_batch_loss,
     dpo_loss,
@@ -316,7 +316,7 @@ def test_config_keys_and_rules(assets, tmp_path):
                     ({"dpo_loss": "ipo", "dpo_label_smoothing": 0.1}, "applies to dpo_loss 'sigmoid' only"),
                     ({"rl": "dpo", "trainer": "sft"}, "contradicts"),
                     ({"datasets": [{"path": str(assets["train"]), "type": "alpaca"}]}, "DPO trains on preference"),
-                    ({"rl": None}, "are for DPO; set rl: dpo")):
+                    ({"rl": None}, "are for DPO or a reward model; set objective: dpo")):
         with pytest.raises(ConfigError, match=msg):
             config(assets, tmp_path, **kw)
 

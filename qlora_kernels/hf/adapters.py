@@ -4,7 +4,9 @@ Keys in the file are ``base_model.model.<module name>.lora_A.weight`` (``[r, in]
 (``[out, r]``), where ``<module name>`` is the layer's name in the transformers model (PEFT drops the adapter
 name, ``default``, from the keys it writes). ``peft.PeftModel.from_pretrained(base, dir)`` loads what
 :func:`save_adapter` writes, and :func:`load_adapter` loads what PEFT's ``save_pretrained`` writes for plain
-LoRA adapters (no DoRA, no trained biases, no ``modules_to_save``). The LoRA of mixture-of-experts projections
+LoRA adapters (no DoRA, no trained biases). Modules trained whole beside the adapters (``modules_to_save``, e.g.
+a reward model's ``score`` head) are written as PEFT writes them, ``base_model.model.<module name>.<parameter>``,
+and read back into the same modules. The LoRA of mixture-of-experts projections
 (:class:`~qlora_kernels.nn.experts.NF4Experts`) is written and read as PEFT's ``target_parameters`` adapters
 (the layout: :mod:`qlora_kernels.hf.experts`).
 """
@@ -68,6 +70,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     for name, m in layers.items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().to("cpu").contiguous()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().to("cpu").contiguous()
+    saved = list(getattr(model, "qlora_modules_to_save", ()))
+    for name in saved:
+        for pname, p in model.get_submodule(name).named_parameters():
+            tensors[f"{_PREFIX}{name}.{pname}"] = p.detach().to("cpu").contiguous()
     target_parameters = []
     for name, m in experts.items():
         for proj, prefix in moe.peft_keys(name, tuple(m.lora_A)).items():
@@ -90,9 +96,11 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         base_model_name_or_path = getattr(model, "name_or_path", None) or getattr(
             getattr(model, "config", None), "_name_or_path", None) or None
     has_lm_head = callable(getattr(model, "get_output_embeddings", None)) and model.get_output_embeddings() is not None
+    task = "CAUSAL_LM" if has_lm_head else "SEQ_CLS" if type(model).__name__.endswith(
+        "ForSequenceClassification") else None
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM" if has_lm_head else None,
+        "task_type": task,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
@@ -107,7 +115,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         "use_rslora": rslora.pop(),
         "fan_in_fan_out": any(m.fan_in_fan_out for m in layers.values()),
         "bias": "none",
-        "modules_to_save": None,
+        "modules_to_save": saved or None,
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -138,7 +146,7 @@ def _read_config(path: Path) -> dict:
     ``null`` one is an error (it would otherwise load silently with another scaling). Raises ValueError naming the
     file and the key for anything else: not JSON, not a JSON object, a value of the wrong type or range
     (``use_rslora: "false"`` is an error, not True), a pattern that is not a regex, or a feature this package does
-    not support (DoRA, trained biases, modules_to_save, another peft_type).
+    not support (DoRA, trained biases, another peft_type).
     """
     where = str(path)
     try:
@@ -168,9 +176,9 @@ def _read_config(path: Path) -> dict:
             raise ValueError(f"{where}: {key} must be false (not supported); got {cfg[key]!r}")
     if get("bias", "none") != "none":
         raise ValueError(f"{where}: bias must be 'none' (trained biases are not supported); got {cfg['bias']!r}")
-    if get("modules_to_save", []) not in ([], ()):
-        got = cfg["modules_to_save"]
-        raise ValueError(f"{where}: modules_to_save must be empty (not supported); got {got!r}")
+    to_save = get("modules_to_save", [])
+    if not isinstance(to_save, list) or not all(isinstance(n, str) and n for n in to_save):
+        raise bad("modules_to_save", "a list of module names")
     for key in ("r", "lora_alpha", "lora_dropout"):
         if key in cfg and cfg[key] is None:
             raise ValueError(f"{where}: {key} is null; it must be a number (PEFT's default when the key is absent "
@@ -202,6 +210,7 @@ def _read_config(path: Path) -> dict:
         raise bad("target_parameters", "a list of parameter names")
     base = cfg.get("base_model_name_or_path")
     return dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, target_parameters=targets,
+                modules_to_save=to_save,
                 base_model_name_or_path=base if isinstance(base, str) and base else None, **patterns)
 
 
@@ -231,7 +240,9 @@ def _warn_other_base(model: nn.Module, cfg: dict, in_dir: Path) -> None:
                       "base model its outputs may mean nothing", OtherBaseModelWarning, stacklevel=3)
 
 
-def _read_adapter(in_dir: Path) -> tuple[dict, dict[str, tuple[Tensor, Tensor]]]:
+def _read_adapter(in_dir: Path) -> tuple[dict, dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
+    """``(config, {layer: (lora_A, lora_B)}, {module.parameter: tensor of a module saved whole})`` of an adapter
+    directory, checked."""
     from safetensors.torch import load_file
 
     cfg_path, w_path = in_dir / CONFIG_NAME, in_dir / WEIGHTS_NAME
@@ -246,13 +257,19 @@ def _read_adapter(in_dir: Path) -> tuple[dict, dict[str, tuple[Tensor, Tensor]]]
         tensors = load_file(str(w_path))
     except Exception as exc:  # safetensors raises its own error types for a damaged file
         raise ValueError(f"{w_path} is not a readable safetensors file: {exc}") from None
+    whole: dict[str, Tensor] = {}
     for key, t in tensors.items():
-        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.default)?\.weight", key)
-        if m is None:
-            raise ValueError(f"{WEIGHTS_NAME}: unexpected key {key!r} (only lora_A / lora_B weights are supported)")
         if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{w_path}: {key} must be float32, float16 or bfloat16; got {t.dtype}")
-        pairs.setdefault(m.group(1), {})[m.group(2)] = t
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.default)?\.weight", key)
+        if m is not None:
+            pairs.setdefault(m.group(1), {})[m.group(2)] = t
+            continue
+        name = key.removeprefix(_PREFIX)
+        if not any(name.startswith(f"{s}.") or f".{s}." in f".{name}" for s in cfg["modules_to_save"]):
+            raise ValueError(f"{WEIGHTS_NAME}: unexpected key {key!r} (lora_A / lora_B weights, and the parameters of "
+                             f"the modules_to_save {cfg['modules_to_save']} are supported)")
+        whole[name] = t
     out = {}
     for name, ab in pairs.items():
         if set(ab) != {"lora_A", "lora_B"}:
@@ -260,7 +277,7 @@ def _read_adapter(in_dir: Path) -> tuple[dict, dict[str, tuple[Tensor, Tensor]]]
         out[name] = (ab["lora_A"], ab["lora_B"])
     if not out:
         raise ValueError(f"{WEIGHTS_NAME} holds no LoRA weights")
-    return cfg, out
+    return cfg, out, whole
 
 
 def load_adapter(model: nn.Module, in_dir: str | Path, is_trainable: bool = True) -> nn.Module:
@@ -271,7 +288,9 @@ def load_adapter(model: nn.Module, in_dir: str | Path, is_trainable: bool = True
     ``Conv1D``, 4-bit :class:`NF4Linear` or bitsandbytes ``Linear4bit``) get adapters of the file's rank as
     :func:`~qlora_kernels.apply_qlora` puts them (full-precision layers quantized to NF4 first, but for the dense
     layers of a 4-bit model, which get plain LoRA; on a transformers bitsandbytes model the same state handling).
-    Everything but the adapters is frozen; ``is_trainable=False`` freezes those too.
+    The parameters of modules saved whole (the file's ``modules_to_save``, e.g. a reward model's ``score`` head) are
+    copied into the model's modules of the same names, which then count as its ``modules_to_save``. Everything but
+    the adapters (and those modules) is frozen; ``is_trainable=False`` freezes those too.
 
     Warns:
         OtherBaseModelWarning: the file's ``base_model_name_or_path`` names another model than ``model``'s
@@ -282,8 +301,9 @@ def load_adapter(model: nn.Module, in_dir: str | Path, is_trainable: bool = True
         (another architecture or size), or when the model has adapters on layers the file does not cover.
     """
     in_dir = Path(in_dir)
-    cfg, weights = _read_adapter(in_dir)
+    cfg, weights, whole = _read_adapter(in_dir)
     _warn_other_base(model, cfg, in_dir)
+    whole_plan = _whole_modules_plan(model, whole, in_dir)
     expert_plan = _experts_plan(model, cfg, weights, in_dir)  # takes the experts' tensors out of weights
     modules = {name: (m, kind) for name, m, kind in linear_modules(model)}
     absent = [n for n in weights if n not in modules]
@@ -341,8 +361,32 @@ def load_adapter(model: nn.Module, in_dir: str | Path, is_trainable: bool = True
         module.scaling = lora_scaling(cfg["r"], cfg["lora_alpha"], rslora)
     if bnb4:
         drop_bnb4_state(model)
+    with torch.no_grad():
+        for param, value in whole_plan:
+            param.copy_(value)
+    if whole_plan:
+        names = {k.rsplit(".", 1)[0] for k in whole}
+        model.qlora_modules_to_save = tuple(dict.fromkeys((*getattr(model, "qlora_modules_to_save", ()),
+                                                           *sorted(names))))
     freeze_all_but_lora(model, trainable=is_trainable)
     return model
+
+
+def _whole_modules_plan(model: nn.Module, whole: dict[str, Tensor], in_dir: Path) -> list[tuple[Tensor, Tensor]]:
+    """``(model parameter, file tensor)`` for each parameter of a module saved whole, checked to exist and fit."""
+    params = dict(model.named_parameters())
+    plan = []
+    for name, value in whole.items():
+        p = params.get(name)
+        if p is None:
+            raise ValueError(f"adapter in {str(in_dir)!r} saves {name!r} whole (modules_to_save), which "
+                             f"{type(model).__name__} lacks (a reward model's score head loads into a model built "
+                             f"with AutoModelForSequenceClassification)")
+        if tuple(p.shape) != tuple(value.shape):
+            raise ValueError(f"adapter in {str(in_dir)!r} does not fit {type(model).__name__}: {name} must be "
+                             f"{list(p.shape)}; got {list(value.shape)}")
+        plan.append((p, value))
+    return plan
 
 
 def _experts_plan(model: nn.Module, cfg: dict, weights: dict, in_dir: Path) -> list:

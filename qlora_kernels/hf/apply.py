@@ -125,6 +125,7 @@ def apply_qlora(
     lora_dtype: torch.dtype = torch.float32,
     target_parameters: Sequence[str] | None = None,
     quantize_experts: bool = True,
+    modules_to_save: Sequence[str] | None = None,
 ) -> nn.Module:
     """Replace the targeted linear layers of ``model`` by :class:`~qlora_kernels.nn.QLoraLinear`, in place.
 
@@ -157,6 +158,11 @@ def apply_qlora(
         target_parameters: PEFT's name for LoRA on parameters: expert projections to train (full names, or the
             names' last components such as ``"mlp.experts.gate_up_proj"``), LoRA per expert with ``r`` and
             ``lora_alpha``; saved in PEFT's ``target_parameters`` format by :func:`save_adapter`.
+        modules_to_save: PEFT's name for modules trained whole besides the adapters, e.g. ``["score"]``, the head
+            of a reward model (names, or last components, of dense modules; never adapted). Their parameters are
+            cast to ``lora_dtype`` and stay trainable; :func:`save_adapter` writes them as PEFT does (PEFT
+            reloads them as its ``modules_to_save``). The full names are kept in
+            ``model.qlora_modules_to_save``.
 
     Returns:
         ``model`` itself.
@@ -173,7 +179,9 @@ def apply_qlora(
         raise TypeError("model is a PEFT model; apply_qlora takes the plain transformers model")
     if target_parameters is not None:
         check_spec(list(target_parameters), "target_parameters")
-    chosen = _select(model, target_modules, exclude_modules)
+    saved = _modules_to_save(model, modules_to_save)
+    chosen = [c for c in _select(model, target_modules, exclude_modules)
+              if not any(c[0] == n or c[0].startswith(n + ".") for n in saved)]
     expert_targets = moe.targeted(model, target_parameters) if target_parameters is not None else {}
     if target_parameters is not None and not expert_targets:
         found = [f"{n}.{p}" for n, _ in moe.experts_modules(model) for p in moe.PROJECTIONS]
@@ -194,13 +202,43 @@ def apply_qlora(
         model.get_submodule(name).add_lora(r, lora_alpha, lora_dropout, use_rslora, lora_dtype, projections)
     if bnb4:
         drop_bnb4_state(model)
+    if saved:
+        for name in saved:
+            model.get_submodule(name).to(lora_dtype)
+        model.qlora_modules_to_save = tuple(dict.fromkeys((*getattr(model, "qlora_modules_to_save", ()), *saved)))
     freeze_all_but_lora(model)
     return model
 
 
+def _modules_to_save(model: nn.Module, names: Sequence[str] | None) -> list[str]:
+    """The full names of the ``modules_to_save`` entries (each a full name or last components of a module with
+    parameters, not a 4-bit or adapted layer); raises naming an entry that matches nothing."""
+    if names is None:
+        return []
+    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+        raise TypeError(f"modules_to_save must be a list of module names; got {names!r}")
+    out = []
+    for want in names:
+        found = [n for n, m in model.named_modules() if n and matches(n, [want]) and any(True for _ in m.parameters())]
+        found = [n for n in found if not any(n.startswith(f + ".") for f in found)]
+        if not found:
+            raise ValueError(f"modules_to_save: {want!r} matches no module with parameters of {type(model).__name__}")
+        for n in found:
+            if isinstance(model.get_submodule(n), (NF4Linear, *LORA_TYPES, NF4Experts)):
+                raise ValueError(f"modules_to_save: {n} is a 4-bit or adapted layer; only dense modules are trained "
+                                 "whole")
+        out += found
+    return list(dict.fromkeys(out))
+
+
 def freeze_all_but_lora(model: nn.Module, trainable: bool = True) -> None:
+    """Freeze every parameter but the adapters and the ``modules_to_save`` (:func:`apply_qlora`); ``trainable=False``
+    freezes those too."""
     for p in model.parameters():
         p.requires_grad_(False)
+    for name in getattr(model, "qlora_modules_to_save", ()):
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(trainable)
     for m in model.modules():
         if isinstance(m, LORA_TYPES):
             m.lora_A.weight.requires_grad_(trainable)

@@ -30,6 +30,7 @@ from ..nn.lora_adapter import LoraAdapterMixin
 
 # Set on a dense linear module that a 4-bit loader kept dense: apply_qlora gives it plain LoRA, never NF4.
 KEEP_DENSE = "_qlora_kernels_keep_dense"
+SEQ_CLS_HEADS = ("score", "classifier")  # the heads of sequence-classification models (PEFT's SEQ_CLS_HEAD_NAMES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,12 +74,17 @@ def is_qlora_kernels_quantized(model: nn.Module) -> bool:
 
 
 def output_embedding_names(model: nn.Module) -> set[str]:
-    """The names of the output embedding (``get_output_embeddings()``, else an ``lm_head``), which "all-linear" and
-    :func:`~qlora_kernels.load_4bit_model` leave dense."""
+    """The names of the output layer (``get_output_embeddings()``, else an ``lm_head``, else a sequence-classification
+    head ``score`` / ``classifier``: PEFT's rule), which "all-linear" and :func:`~qlora_kernels.load_4bit_model` leave
+    dense."""
     get = getattr(model, "get_output_embeddings", None)
     out = get() if callable(get) else None
     names = {name for name, m in model.named_modules() if out is not None and m is out}
-    return names or ({"lm_head"} if hasattr(model, "lm_head") else set())
+    if names:
+        return names
+    if hasattr(model, "lm_head"):
+        return {"lm_head"}
+    return {n for n in SEQ_CLS_HEADS if isinstance(getattr(model, n, None), nn.Linear)}
 
 
 def linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:

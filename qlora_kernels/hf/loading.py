@@ -25,7 +25,15 @@ from ..dtypes import FLOAT_DTYPES
 from ..nf4 import NF4Weight, quantize_nf4
 from ..nn import NF4Linear
 from . import experts as moe
-from .layers import KEEP_DENSE, check_spec, layer_kind, matches, output_embedding_names, replace_module
+from .layers import (
+    KEEP_DENSE,
+    SEQ_CLS_HEADS,
+    check_spec,
+    layer_kind,
+    matches,
+    output_embedding_names,
+    replace_module,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +244,7 @@ def load_4bit_model(
     model_class=None,
     quantize_experts: bool = True,
     block_hook: BlockHook | None = None,
+    num_labels: int | None = None,
 ) -> nn.Module:
     """Load a local Hugging Face model directory with its linear layers in NF4, never holding the
     full-precision model in memory.
@@ -282,6 +291,15 @@ def load_4bit_model(
         block_hook: load block by block and hand each finished block to the hook (see :class:`BlockHook`): the
             process then holds at most one block beyond what the hook keeps of the earlier ones (a float
             checkpoint's fused experts are built per block too). The tensors are the same as without it.
+        num_labels: the outputs of a classification head (``config.num_labels``, as ``from_pretrained(path,
+            num_labels=...)`` sets it), e.g. 1 for a reward model with
+            ``model_class=AutoModelForSequenceClassification``.
+
+    A task head on a checkpoint saved without it (a sequence-classification model, ``score`` or ``classifier``,
+    built from a causal LM checkpoint) is initialised by the model class's ``_init_weights`` (under torch's RNG)
+    and kept dense, and the checkpoint's ``lm_head`` tensors, which such a model has no place for, are skipped:
+    what transformers' ``from_pretrained`` does for the same directory (it reports them as MISSING and
+    UNEXPECTED); both are logged at info level.
 
     Returns:
         The model, in eval mode, with ``model.config`` free of ``quantization_config``.
@@ -306,12 +324,22 @@ def load_4bit_model(
     check_spec(skip_modules, "skip_modules", allow_none=True)
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    if num_labels is not None:
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(f"num_labels must be a positive int; got {num_labels!r}")
+        config.num_labels = num_labels
     quant = bnb_format.read_quantization_config(config)
     if quant is not None:
         delattr(config, "quantization_config")
     ckpt = _Checkpoint(path)
     model = _build_on_meta(config, dtype, model_class, trust_remote_code)
     plan = _KeyPlan(ckpt, model)
+    new_heads = _new_task_heads(model, plan)
+    if new_heads:
+        skipped = [k for k in plan.unexpected if k.startswith("lm_head.")]
+        plan.unexpected = [k for k in plan.unexpected if k not in skipped]
+        logger.info("load_4bit_model: %s is new (initialised, not in the checkpoint); skipped the checkpoint's %s",
+                    ", ".join(new_heads), ", ".join(skipped) or "nothing")
     _check_unexpected(model, plan.unexpected, path, strict)
     blocks = _blocks(model, block_hook)
     sources = _Sources(ckpt, plan, model, path)
@@ -329,8 +357,9 @@ def load_4bit_model(
         n = _load_linear_layers(model, modules(), sources, path, dtype, device, quantize)
         # 1b. fused MoE experts -> NF4Experts (stored NF4, or quantized here), one module at a time
         _load_experts(model, modules(), sources, path, dtype, device, experts)
-        # 2. every other parameter and persistent buffer, in dtype; tied parameters stay tied
-        _load_other_tensors(model, modules(), sources, path, dtype, device, loaded)
+        # 2. every other parameter and persistent buffer, in dtype; tied parameters stay tied; a new task head
+        # initialised
+        _load_other_tensors(model, modules(), sources, path, dtype, device, loaded, new_heads)
         # 3. computed buffers (rotary inv_freq, embed scales): let the model class initialise them
         _init_computed_buffers(model, modules(), device)
         return n
@@ -538,11 +567,41 @@ def _load_experts(model: nn.Module, modules: list[tuple[str, nn.Module]], source
     return count
 
 
+def _new_task_heads(model: nn.Module, plan: _KeyPlan) -> list[str]:
+    """The sequence-classification heads of ``model`` (``score``, ``classifier``: PEFT's names of them) that the
+    checkpoint has no tensor for: a causal LM checkpoint loaded into a model of another task."""
+    heads = []
+    for name in SEQ_CLS_HEADS:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module) and not any(k == name or k.startswith(name + ".") for k in plan.direct):
+            if not any(k.startswith(name + ".") for k in plan.converters):
+                heads.append(name)
+    return heads
+
+
+def _init_new_head(model: nn.Module, module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """A new task head off the meta device, initialised by the model class (``_init_weights``), in ``dtype``."""
+    module.to_empty(device=device)
+    init = getattr(model, "_init_weights", None)
+    with torch.no_grad():
+        if callable(init):
+            init(module)
+        else:
+            module.reset_parameters()
+    module.to(dtype)
+
+
 def _load_other_tensors(model: nn.Module, modules: list[tuple[str, nn.Module]], sources: _Sources, path: Path,
-                        dtype: torch.dtype, device: torch.device, loaded: dict[int, Tensor]) -> None:
+                        dtype: torch.dtype, device: torch.device, loaded: dict[int, Tensor],
+                        new_heads: Sequence[str] = ()) -> None:
     """Every parameter and persistent buffer of ``modules`` still on the meta device, outside the NF4 layers: read in
     ``dtype`` (floating point only; the model class's fp32 modules in fp32); tied parameters stay tied (``loaded``:
-    what earlier calls read, by id of the meta stand-in)."""
+    what earlier calls read, by id of the meta stand-in). The modules ``new_heads`` (top-level names) are initialised
+    instead (:func:`_init_new_head`)."""
+    for name in new_heads:
+        if any(n == name for n, _ in modules):
+            _init_new_head(model, model.get_submodule(name), dtype, device)
+    modules = [(n, m) for n, m in modules if not any(n == h or n.startswith(h + ".") for h in new_heads)]
     keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
         getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     entries = []

@@ -22,6 +22,7 @@ from qlora_kernels.hf.loading import BlockHook
 from qlora_kernels.nn.fused_mlp import fuse_qlora_mlps
 
 from .config import TrainConfig
+from .objectives import objective_class
 from .offload import ActivationOffloader
 
 
@@ -88,7 +89,8 @@ def load_tokenizer(cfg: TrainConfig) -> Any:
 
 def load_base_model(cfg: TrainConfig, device: torch.device, block_hook: BlockHook | None = None) -> nn.Module:
     """``base_model`` with its linear layers in NF4 (``load_4bit_model``; ``block_hook``: see
-    :class:`~qlora_kernels.hf.loading.BlockHook`), no adapters yet.
+    :class:`~qlora_kernels.hf.loading.BlockHook`), no adapters yet; as the objective's model class (a reward model:
+    a sequence classifier with a new ``score`` head, :meth:`.objectives.base.Objective.model_kwargs`).
 
     The frozen parts (embeddings, norms, lm_head) are kept in bf16/fp16 when training under that
     autocast dtype, else fp32. Seeds torch with ``cfg.seed`` first, so the adapters added next
@@ -98,7 +100,8 @@ def load_base_model(cfg: TrainConfig, device: torch.device, block_hook: BlockHoo
     amp = autocast_dtype(cfg, device)
     q = cfg.quantization
     return load_4bit_model(cfg.base_model, dtype=amp or torch.float32, device=device, blocksize=q.blocksize,
-                           double_quant=q.double_quant, trust_remote_code=cfg.trust_remote_code, block_hook=block_hook)
+                           double_quant=q.double_quant, trust_remote_code=cfg.trust_remote_code, block_hook=block_hook,
+                           **objective_class(cfg.objective).model_kwargs())
 
 
 def lora_kwargs(cfg: TrainConfig) -> dict[str, Any]:
@@ -110,10 +113,11 @@ def lora_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 
 def build_model(cfg: TrainConfig, device: torch.device | None = None) -> nn.Module:
     """Load ``base_model`` with its linear layers in NF4 (:func:`load_base_model`) and add trainable LoRA
-    adapters (``apply_qlora``, fp32)."""
+    adapters (``apply_qlora``, fp32), and train the objective's ``modules_to_save`` whole (a reward model's head)."""
     device = device or resolve_device(cfg)
     model = load_base_model(cfg, device)
-    apply_qlora(model, target_modules=cfg.lora_target_modules, **lora_kwargs(cfg))
+    saved = objective_class(cfg.objective).modules_to_save
+    apply_qlora(model, target_modules=cfg.lora_target_modules, modules_to_save=list(saved) or None, **lora_kwargs(cfg))
     return model.to(device)
 
 

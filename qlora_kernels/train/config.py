@@ -34,11 +34,18 @@ from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
+from .schema import AT_LEAST_0, AT_LEAST_1, POSITIVE, UNIT, Range
+from .schema import setting as _f
+
+from .objectives.dpo_config import DPOKeys
+from .objectives.reward_config import RewardKeys
+from .objectives.sft_config import SFTKeys
+
 DATASET_TYPES = ("alpaca", "completion", "chat", "text", "preference", "hh-rlhf")
-PREFERENCE_TYPES = ("preference", "hh-rlhf")  # the row formats of DPO (see train/data.py)
-DPO_LOSSES = ("sigmoid", "ipo")
+PREFERENCE_TYPES = ("preference", "hh-rlhf")  # the row formats of DPO and reward models (see train/data.py)
+OBJECTIVES = ("sft", "dpo", "reward")  # what a run optimizes (objectives/<name>.py), its keys in <name>_config.py
+PREFERENCE_OBJECTIVES = ("dpo", "reward")  # the objectives that train on preference rows
 EVAL_SPLITS = ("eval", "validation", "test")
-PROMPT_TEMPLATES = ("alpaca", "chatml", "tokenizer_default")
 OPTIMIZERS = ("paged_adamw", "paged_adamw_8bit", "adamw_torch")
 OPTIMIZER_ALIASES = {"paged_adamw_32bit": "paged_adamw"}  # Axolotl's / transformers' name of the same optimizer
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -47,49 +54,6 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 class ConfigError(ValueError):
     """A config problem: names the key, the value found and the values allowed."""
-
-
-@dataclass(frozen=True)
-class Range:
-    """The allowed values of a numeric key: ``lo`` .. ``hi`` (None: unbounded), open or closed at each end.
-
-    A float must also be finite. ``note`` is added to the error message (e.g. what 0 means).
-    """
-
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-    note: str = ""
-
-    def __contains__(self, v: float) -> bool:
-        if isinstance(v, float) and not math.isfinite(v):
-            return False
-        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
-            return False
-        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
-
-    def __str__(self) -> str:
-        def num(x: float) -> str:
-            return str(int(x)) if float(x).is_integer() else str(x)
-
-        if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {num(self.lo)}"
-        return f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
-
-
-POSITIVE = Range(0, lo_open=True)  # > 0
-AT_LEAST_0 = Range(0)  # >= 0
-AT_LEAST_1 = Range(1)  # >= 1 (counts of steps, examples, tokens)
-UNIT = Range(0, 1, hi_open=True)  # [0, 1)
-
-
-def _f(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, path: str | None = None,
-       help: str = "", factory: Any = None, range: Range | None = None) -> Any:
-    meta = {"choices": choices, "path": path, "help": help, "range": range}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -143,8 +107,10 @@ class CommonKeys:
     test_datasets: list[DatasetConfig] = _f(factory=list, help="datasets used for evaluation only")
     tokenizer_config: str | None = _f(None, path="dir", help="tokenizer directory (default: base_model)")
     trust_remote_code: bool = _f(False, help="allow custom model code from base_model (off by default)")
-    rl: str | None = _f(None, choices=("dpo",), help="preference tuning instead of SFT: 'dpo' (Axolotl key)")
-    trainer: str | None = _f(None, choices=("sft", "dpo"), help="'sft' or 'dpo' (default: sft, or dpo if rl: dpo)")
+    objective: str | None = _f(None, choices=OBJECTIVES, help="what to train: sft (next-token loss), dpo (preference "
+                               "pairs) or reward (a reward model on preference pairs); default sft, or dpo with rl: dpo")
+    rl: str | None = _f(None, choices=("dpo",), help="preference tuning instead of SFT: 'dpo' (Axolotl key; the same "
+                        "as objective: dpo)")
     adapter: str = _f("qlora", choices=("qlora",), help="adapter kind (Axolotl key)")
     load_in_4bit: bool = _f(True, choices=(True,), help="Axolotl key; QLoRA always loads in 4 bits")
     quantization: QuantizationConfig = _f(factory=QuantizationConfig, help="{quant_type, double_quant, blocksize}")
@@ -219,33 +185,15 @@ class CommonKeys:
 
 
 @dataclass
-class SFTKeys:
-    """The keys of the SFT objective (the default; :mod:`.sft`): how SFT rows become prompt and target tokens."""
+class TrainConfig(RewardKeys, DPOKeys, SFTKeys, CommonKeys):
+    """Fine-tuning with QLoRA: SFT, DPO (``objective: dpo``) or a reward model (``objective: reward``). See
+    examples/sft_tiny.yaml, examples/dpo_tiny.yaml and examples/reward_tiny.yaml.
 
-    prompt_template: str | None = _f(None, choices=PROMPT_TEMPLATES, help="default: alpaca for alpaca rows, "
-                                     "chatml for chat rows")
-    train_on_inputs: bool = _f(False, help="also train on prompt tokens")
-
-
-@dataclass
-class DPOKeys:
-    """The keys of the DPO objective (``rl: dpo`` or ``trainer: dpo``; :mod:`.dpo`)."""
-
-    dpo_beta: float = _f(0.1, range=POSITIVE, help="DPO beta: strength of the pull towards the reference model")
-    dpo_loss: str = _f("sigmoid", choices=DPO_LOSSES, help="sigmoid (DPO) or ipo")
-    dpo_label_smoothing: float = _f(0.0, range=Range(0, 0.5, hi_open=True),
-                                    help="assumed share of flipped preference labels, in [0, 0.5) (sigmoid)")
-    precompute_ref_log_probs: bool = _f(False, help="compute the reference log-probs once before training")
-
-
-@dataclass
-class TrainConfig(DPOKeys, SFTKeys, CommonKeys):
-    """Fine-tuning with QLoRA: SFT, or DPO with ``rl: dpo``. See examples/sft_tiny.yaml and examples/dpo_tiny.yaml.
-
-    One flat set of YAML keys: the common keys (:class:`CommonKeys`), then the SFT objective's
-    (:class:`SFTKeys`) and the DPO objective's (:class:`DPOKeys`); a run reads the common keys and those of
-    its objective (:attr:`objective`). Fields come in that order (a dataclass takes its bases' fields
-    from the last base to the first).
+    One flat set of YAML keys: the common keys (:class:`CommonKeys`), then each objective's, declared beside it
+    (``objectives/<name>_config.py``: :class:`SFTKeys`, :class:`DPOKeys`, :class:`RewardKeys`); a run reads the
+    common keys and those of its :attr:`objective`. Fields come in that order (a dataclass takes its bases' fields
+    from the last base to the first). ``objective`` left null is resolved when the config is built: ``dpo`` with
+    ``rl: dpo``, else ``sft``.
     """
 
     aliases: ClassVar[dict[str, str]] = {}  # set per instance by validate(): {alias given: our key}
@@ -254,15 +202,14 @@ class TrainConfig(DPOKeys, SFTKeys, CommonKeys):
         """Plain dict of every key (defaults included), as written to ``output_dir/config.yaml``."""
         return dataclasses.asdict(self)
 
-    @property
-    def is_dpo(self) -> bool:
-        """True for preference tuning (``rl: dpo`` or ``trainer: dpo``)."""
-        return self.rl == "dpo" or self.trainer == "dpo"
+    def __post_init__(self) -> None:
+        if self.objective is None:
+            self.objective = "dpo" if self.rl == "dpo" else "sft"
 
     @property
-    def objective(self) -> str:
-        """What the run optimizes: ``"dpo"`` (``rl: dpo`` or ``trainer: dpo``), else ``"sft"``."""
-        return "dpo" if self.is_dpo else "sft"
+    def is_dpo(self) -> bool:
+        """True for DPO (``objective: dpo`` or ``rl: dpo``)."""
+        return self.objective == "dpo"
 
     @property
     def train_datasets(self) -> list[DatasetConfig]:
@@ -276,9 +223,10 @@ class TrainConfig(DPOKeys, SFTKeys, CommonKeys):
 SFTConfig = TrainConfig  # the name from before DPO joined; both name the same class
 # The key groups in the order of TrainConfig's fields, with the heading ``qlora-kernels train --help`` gives each.
 KEY_GROUPS: tuple[tuple[str, type], ...] = (
-    ("config keys (default), common to SFT and DPO", CommonKeys),
-    ("SFT keys (trainer: sft, the default)", SFTKeys),
-    ("DPO keys (rl: dpo or trainer: dpo)", DPOKeys),
+    ("config keys (default), common to every objective", CommonKeys),
+    ("SFT keys (objective: sft, the default)", SFTKeys),
+    ("DPO keys (objective: dpo, or rl: dpo)", DPOKeys),
+    ("reward-model keys (objective: reward)", RewardKeys),
 )
 
 
@@ -288,6 +236,7 @@ KEY_GROUPS: tuple[tuple[str, type], ...] = (
 # is a nested key. An alias given together with our key (or with another alias of it) is an error.
 ALIASES: dict[str, str] = {
     "model_name_or_path": "base_model",  # TRL ModelConfig
+    "trainer": "objective",  # this trainer's name for it before reward models joined
     "per_device_train_batch_size": "micro_batch_size",  # transformers TrainingArguments (TRL, Axolotl)
     "per_device_eval_batch_size": "eval_batch_size",
     "num_train_epochs": "num_epochs",
@@ -314,6 +263,7 @@ ALIAS_NOTES = {"completion_only_loss": "negated", "lr_scheduler_type": "constant
 
 # Keys of other trainers with no equivalent here: what to set instead (or why it is not needed).
 FOREIGN_KEYS: dict[str, str] = {
+    "reward_model": "set objective: reward (a reward model trained on preference rows)",
     "eval_strategy": "evaluation runs every eval_steps steps and at the end: set eval_steps",
     "evaluation_strategy": "evaluation runs every eval_steps steps and at the end: set eval_steps",
     "save_strategy": "checkpoints are written every save_steps steps: set save_steps",
@@ -590,10 +540,9 @@ def _check_rules(cfg: TrainConfig, errors: list[str]) -> None:
         errors.append("warmup_steps, warmup_ratio: set one of them, not both (an override of one replaces the other)")
     if 1 <= cfg.val_set_size and not cfg.val_set_size.is_integer() and math.isfinite(cfg.val_set_size):
         errors.append(f"val_set_size: must be a fraction < 1 or a whole number of rows; got {cfg.val_set_size}")
-    if cfg.rl == "dpo" and cfg.trainer == "sft":
-        errors.append("rl, trainer: rl: dpo contradicts trainer: sft; set one of them")
-    if cfg.dpo_label_smoothing > 0 and cfg.dpo_loss != "sigmoid":
-        errors.append(f"dpo_label_smoothing: applies to dpo_loss 'sigmoid' only, not {cfg.dpo_loss!r}")
+    if cfg.rl == "dpo" and cfg.objective != "dpo":
+        errors.append(f"rl, objective: rl: dpo contradicts objective: {cfg.objective}; set one of them")
+    DPOKeys.check(cfg, errors)
     if cfg.bf16 is True and cfg.fp16:
         errors.append("bf16, fp16: set at most one of them to true")
     if cfg.fsdp and cfg.ddp:
@@ -601,6 +550,12 @@ def _check_rules(cfg: TrainConfig, errors: list[str]) -> None:
                       "FSDP2 shards it across the ranks (README: 'DDP or FSDP2')")
     if not cfg.fsdp and cfg.fsdp_config != FSDPConfig():
         errors.append("fsdp_config: applies with fsdp: true only; set fsdp: true, or remove fsdp_config")
+    if cfg.fsdp and cfg.objective == "reward":
+        errors.append("fsdp, objective: a reward model (its score head trained whole) is not sharded yet; train it "
+                      "with DDP (leave fsdp off under torchrun) or in one process")
+    if cfg.sample_packing and cfg.objective == "reward":
+        errors.append("sample_packing, objective: a reward model scores each sequence at its last token and trains on "
+                      "padded pairs; set sample_packing: false")
     if cfg.fsdp and cfg.fp16:
         errors.append("fp16, fsdp: fp16 loss scaling over sharded gradients is not supported; use bf16 (no loss "
                       "scaling) with fsdp")
@@ -620,11 +575,13 @@ def _check_rules(cfg: TrainConfig, errors: list[str]) -> None:
         if cfg.early_stopping_patience is not None and cfg.eval_steps is None:
             errors.append("early_stopping_patience: needs eval_steps")
         for d in [*cfg.datasets, *cfg.test_datasets]:
-            if d is not None and cfg.is_dpo and d.type not in PREFERENCE_TYPES:
-                errors.append(f"datasets: DPO trains on preference rows; dataset {d.path!r} has type {d.type!r}; "
-                              f"allowed for DPO: {', '.join(map(repr, PREFERENCE_TYPES))}")
-            if d is not None and not cfg.is_dpo and d.type in PREFERENCE_TYPES:
-                errors.append(f"datasets: {d.type!r} rows (dataset {d.path!r}) are for DPO; set rl: dpo")
+            name = {"dpo": "DPO", "reward": "a reward model"}.get(cfg.objective, cfg.objective)
+            if d is not None and cfg.objective in PREFERENCE_OBJECTIVES and d.type not in PREFERENCE_TYPES:
+                errors.append(f"datasets: {name} trains on preference rows; dataset {d.path!r} has type {d.type!r}; "
+                              f"allowed for objective {cfg.objective}: {', '.join(map(repr, PREFERENCE_TYPES))}")
+            if d is not None and cfg.objective not in PREFERENCE_OBJECTIVES and d.type in PREFERENCE_TYPES:
+                errors.append(f"datasets: {d.type!r} rows (dataset {d.path!r}) are for DPO or a reward model; set "
+                              "objective: dpo (or rl: dpo) or objective: reward")
             if d is not None and d.type == "chat" and cfg.prompt_template == "alpaca":
                 errors.append(f"prompt_template: 'alpaca' cannot format chat rows (dataset {d.path!r}); "
                               "allowed for chat: 'chatml', 'tokenizer_default'")

@@ -9,7 +9,7 @@ and a rejected :class:`Example` of the same prompt). SFT row types (extra fields
   every assistant message is trained.
 * ``text``: ``{"text": str}``; all of it is trained.
 
-Preference row types (DPO):
+Preference row types (DPO, reward models), each with an optional numeric ``margin`` (read by the reward-model loss):
 
 * ``preference``: ``{"prompt": str, "chosen": str, "rejected": str}``; the completions are appended to
   the prompt as they are (include any separator), and the end-of-sequence token closes each one.
@@ -74,6 +74,7 @@ class PreferencePair:
     source: str
     ref_chosen: float | None = None
     ref_rejected: float | None = None
+    margin: float = 0.0  # the row's optional "margin" (how much better chosen is; the reward-model loss reads it)
 
 
 @dataclass
@@ -85,6 +86,7 @@ class DataStats:
     skipped_bad_rows: int = 0
     truncated: int = 0
     dropped_no_target: int = 0
+    dropped_too_long: int = 0
     tokens: int = 0
     target_tokens: int = 0
     bad_row_messages: list[str] = field(default_factory=list)
@@ -92,7 +94,8 @@ class DataStats:
     def summary(self) -> str:
         return (f"{self.examples} examples from {self.rows} rows ({self.tokens} tokens, {self.target_tokens} "
                 f"trained); truncated {self.truncated}, dropped without target {self.dropped_no_target}, "
-                f"skipped bad rows {self.skipped_bad_rows}")
+                + (f"dropped as longer than sequence_len {self.dropped_too_long}, " if self.dropped_too_long else "")
+                + f"skipped bad rows {self.skipped_bad_rows}")
 
 
 # --------------------------------------------------------------------------- reading files
@@ -381,6 +384,10 @@ def check_preference_row(row: Any, row_type: str) -> str | None:
             split_hh_dialogue(row["chosen"], row["rejected"])
         except ValueError as e:
             return str(e)
+    margin = row.get("margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                               or not math.isfinite(margin)):
+        return f"a {row_type} row's optional 'margin' must be a finite number (got {margin!r})"[:120]
     return None
 
 
@@ -400,12 +407,14 @@ def _tokenize_completion(prompt: str, completion: str, tokenizer: Any, sequence_
     return Example(ids, labels, source)
 
 
-def load_preference_dataset(ds: DatasetConfig, cfg: TrainConfig, tokenizer: Any, stats: DataStats) -> list[
-        PreferencePair]:
+def load_preference_dataset(ds: DatasetConfig, cfg: TrainConfig, tokenizer: Any, stats: DataStats,
+                            too_long: str = "truncate") -> list[PreferencePair]:
     """Read, check and tokenize one preference dataset; updates ``stats`` (``examples`` counts pairs).
 
-    A sequence longer than ``sequence_len`` is cut at the end (and counted); a pair where either side
-    keeps no completion token is dropped (and counted in ``dropped_no_target``).
+    A sequence longer than ``sequence_len`` is cut at the end (and counted in ``truncated``), or with
+    ``too_long="drop"`` its pair is dropped (and counted in ``dropped_too_long``: what TRL's RewardTrainer does, since
+    a reward model scores the last token); a pair where either side keeps no completion token is dropped (and
+    counted in ``dropped_no_target``). A row's optional ``margin`` goes to :attr:`PreferencePair.margin`.
     """
     if ds.type not in PREFERENCE_TYPES:
         raise DataError(f"{ds.path}: dataset type {ds.type!r} is not a preference type; DPO reads "
@@ -413,15 +422,22 @@ def load_preference_dataset(ds: DatasetConfig, cfg: TrainConfig, tokenizer: Any,
     out: list[PreferencePair] = []
     for source, row in checked_rows(ds, cfg, stats, check_preference_row):
         prompt, chosen, rejected = preference_texts(row, ds.type)
-        a = _tokenize_completion(prompt, chosen, tokenizer, cfg.sequence_len, stats, source)
-        b = _tokenize_completion(prompt, rejected, tokenizer, cfg.sequence_len, stats, source)
+        if too_long == "drop":
+            a, b = (Example(*tokenize_segments([(prompt, False), (c, True)], tokenizer, add_eos=True), source)
+                    for c in (chosen, rejected))
+            if max(len(a.input_ids), len(b.input_ids)) > cfg.sequence_len:
+                stats.dropped_too_long += 1
+                continue
+        else:
+            a = _tokenize_completion(prompt, chosen, tokenizer, cfg.sequence_len, stats, source)
+            b = _tokenize_completion(prompt, rejected, tokenizer, cfg.sequence_len, stats, source)
         if a.num_targets == 0 or b.num_targets == 0:
             stats.dropped_no_target += 1
             continue
         stats.examples += 1
         stats.tokens += len(a.input_ids) + len(b.input_ids)
         stats.target_tokens += a.num_targets + b.num_targets
-        out.append(PreferencePair(a, b, source))
+        out.append(PreferencePair(a, b, source, margin=float(row.get("margin") or 0.0)))
     return out
 
 
@@ -455,9 +471,13 @@ def load_examples(cfg: TrainConfig, tokenizer: Any) -> tuple[list[Example], list
     return load_split(cfg, tokenizer, load_dataset, "example")
 
 
-def load_pairs(cfg: TrainConfig, tokenizer: Any) -> tuple[list[PreferencePair], list[PreferencePair], DataStats]:
-    """Train and eval pairs for a config: eval from eval-split datasets, else ``val_set_size`` of train."""
-    return load_split(cfg, tokenizer, load_preference_dataset, "pair")
+def load_pairs(cfg: TrainConfig, tokenizer: Any, too_long: str = "truncate") -> tuple[
+        list[PreferencePair], list[PreferencePair], DataStats]:
+    """Train and eval pairs for a config: eval from eval-split datasets, else ``val_set_size`` of train; ``too_long``:
+    see :func:`load_preference_dataset`."""
+    if too_long not in ("truncate", "drop"):
+        raise ValueError(f"too_long must be 'truncate' or 'drop'; got {too_long!r}")
+    return load_split(cfg, tokenizer, lambda *a: load_preference_dataset(*a, too_long=too_long), "pair")
 
 
 # --------------------------------------------------------------------------- batching
@@ -487,8 +507,8 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int, counted: bool = True
 
     Keys: ``input_ids``, ``attention_mask``, ``labels`` ``[2B, T]``; ``pair_weight`` ``[B]`` (1 for every
     pair; 0 with ``counted=False``, a placeholder batch that must run but not count, see
-    :class:`MicroBatchStream`); and ``ref_logps`` ``[2B]`` when every pair carries precomputed reference
-    log-probs.
+    :class:`MicroBatchStream`); ``margin`` ``[B]`` (the rows' margins, 0 where a row has none); and ``ref_logps``
+    ``[2B]`` when every pair carries precomputed reference log-probs.
     """
     batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     return _with_pair_keys(batch, pairs, counted)
@@ -497,8 +517,9 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int, counted: bool = True
 def _with_pair_keys(batch: dict[str, torch.Tensor], pairs: list[PreferencePair], counted: bool) -> dict[
         str, torch.Tensor]:
     """``batch`` with the keys of the pairs themselves added: ``pair_weight`` ``[B]`` (1 each, 0 when not
-    ``counted``) and, when every pair carries them, ``ref_logps`` ``[2B]`` (the B chosen, then the B rejected)."""
+    ``counted``), ``margin`` ``[B]`` and, when every pair carries them, ``ref_logps`` ``[2B]`` (the B chosen, then the B rejected)."""
     batch["pair_weight"] = torch.full((len(pairs),), 1.0 if counted else 0.0)
+    batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
     if pairs and all(p.ref_chosen is not None and p.ref_rejected is not None for p in pairs):
         batch["ref_logps"] = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs],
                                           dtype=torch.float32)

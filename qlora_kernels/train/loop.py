@@ -71,13 +71,10 @@ from .components import (
 )
 from .config import ConfigError, TrainConfig, check_output_dir, dump_config
 from .data import DataStats, MicroBatchStream
-from .dpo import DPOObjective
 from .metrics import MetricsLog, plot_losses
-from .objective import Objective, evaluate
+from .objectives import objective_class
+from .objectives.base import Objective, evaluate
 from .packing import check_packed_attention, pack_bins, packing_stats
-from .sft import SFTObjective
-
-OBJECTIVES: dict[str, type[Objective]] = {"sft": SFTObjective, "dpo": DPOObjective}  # by TrainConfig.objective
 
 
 @dataclass
@@ -127,7 +124,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
     device = resolve_device(cfg)
     ctx = dp.init_distributed(device.type)
     try:
-        recipe = Recipe(cfg, OBJECTIVES[cfg.objective].from_config(cfg), ctx, dp.rank_device(device, ctx),
+        recipe = Recipe(cfg, objective_class(cfg.objective).from_config(cfg), ctx, dp.rank_device(device, ctx),
                         quiet or not ctx.is_main)
         recipe.setup(model, tokenizer)
         recipe.fit(on_step_end)

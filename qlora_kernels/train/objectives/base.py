@@ -1,4 +1,4 @@
-"""What the training loop optimizes: the interface of an objective (SFT, DPO), and its evaluation.
+"""What the training loop optimizes: the interface of an objective (SFT, DPO, reward model), and its evaluation.
 
 The loop (:mod:`.loop`) knows nothing of SFT or DPO; an :class:`Objective` tells it
 
@@ -9,13 +9,16 @@ The loop (:mod:`.loop`) knows nothing of SFT or DPO; an :class:`Objective` tells
 * the loss sum and metric sums of a micro-batch: :meth:`~Objective.loss`, and the means logged from
   summed metrics: :meth:`~Objective.metrics`;
 * any one-time work before the first step: :meth:`~Objective.setup` (DPO's precomputed reference log-probs);
+* the model it trains, when not the causal LM with adapters: :meth:`~Objective.model_kwargs` (a reward model's
+  sequence classifier) and :attr:`~Objective.modules_to_save` (its head, trained whole);
 * with ``sample_packing``, how its items pack into rows (:mod:`.packing`): :meth:`~Objective.pack_length`,
   :meth:`~Objective.pack_capacity`, :meth:`~Objective.collate_packed`; its loss reads a packed batch (its
   ``position_ids``) in :attr:`~Objective.packed_layout`, which the loop sets once it has checked the model.
 
 Sums, not means, cross the boundary, so that the loop can add them over micro-batches and all-reduce
 them over ranks before it divides. :func:`evaluate` runs an objective's loss over items without gradients.
-The formulas are in docs/FORMATS.md ("SFT loss", "DPO"); :mod:`.sft` and :mod:`.dpo` implement them.
+The formulas are in docs/FORMATS.md ("SFT loss", "DPO", "Reward model"); :mod:`.sft`, :mod:`.dpo` and
+:mod:`.reward` implement them.
 """
 
 from __future__ import annotations
@@ -27,25 +30,32 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .components import autocast, eval_mode
-from .config import TrainConfig
-from .data import DataStats
-from .distributed import DistContext, unwrap_model
+from ..components import autocast, eval_mode
+from ..config import TrainConfig
+from ..data import DataStats
+from ..distributed import DistContext, unwrap_model
 
 
 class Objective(ABC):
     """One training objective behind the loop. Subclasses set the class attributes and the methods below."""
 
-    name: ClassVar[str]  # "sft" | "dpo": the progress bar's label
+    name: ClassVar[str]  # "sft" | "dpo" | "reward": the progress bar's label
     count_key: ClassVar[str]  # the metrics key of a step's normalization count ("target_tokens" | "pairs")
     item_noun: ClassVar[str]  # what one item is called in messages ("examples" | "pairs")
     metric_keys: ClassVar[tuple[str, ...]] = ()  # the keys of loss()'s metric sums, always all of them, in order
     packed_layout: str | None = None  # how a packed batch runs (.loss.PACKED_LAYOUTS; None: the model's default)
+    modules_to_save: ClassVar[tuple[str, ...]] = ()  # modules trained whole beside the adapters (apply_qlora's)
 
     @classmethod
     @abstractmethod
     def from_config(cls, cfg: TrainConfig) -> Objective:
         """The objective with the settings a config gives it."""
+
+    @classmethod
+    def model_kwargs(cls) -> dict[str, Any]:
+        """What the objective's model needs of ``load_4bit_model`` besides the config's settings (the model class of
+        a task head); ``{}``: the causal LM."""
+        return {}
 
     @abstractmethod
     def load_data(self, cfg: TrainConfig, tokenizer: Any) -> tuple[list[Any], list[Any], DataStats]:

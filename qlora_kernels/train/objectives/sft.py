@@ -16,10 +16,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .config import TrainConfig
-from .data import DataStats, Example, collate, collate_packed, load_examples
-from .loss import IGNORE_INDEX, model_loss
-from .objective import Objective
+from ..config import TrainConfig
+from ..data import DataStats, Example, collate, collate_packed, load_examples
+from ..loss import IGNORE_INDEX, model_loss
+from .base import Objective
 
 
 class SFTObjective(Objective):

@@ -49,13 +49,14 @@ from torch import Tensor, nn
 
 from qlora_kernels.hf import adapters_disabled
 
-from .components import autocast, eval_mode
-from .config import DPO_LOSSES, TrainConfig
-from .data import DataStats, PreferencePair, collate_packed_pairs, collate_pairs, load_pairs
-from .distributed import SINGLE, DistContext, all_reduce_sum, shard
-from .distributed import unwrap_model as _unwrap
-from .loss import model_sequence_log_probs, sequence_target_counts
-from .objective import Objective, evaluate
+from ..components import autocast, eval_mode
+from ..config import TrainConfig
+from ..data import DataStats, PreferencePair, collate_packed_pairs, collate_pairs, load_pairs
+from ..distributed import SINGLE, DistContext, all_reduce_sum, shard
+from ..distributed import unwrap_model as _unwrap
+from ..loss import model_sequence_log_probs, sequence_target_counts
+from .base import Objective, evaluate
+from .dpo_config import DPO_LOSSES
 
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                "logps/rejected")
