@@ -223,6 +223,16 @@ def _encode(text: str, tokenizer: Any, templated: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=not templated)["input_ids"]
 
 
+def encode_prompt(prompt: Prompt, tokenizer: Any, chat_template: bool | None = None, where: str = "prompt") -> tuple[
+        list[int], bool]:
+    """``(token ids, templated)`` of a prompt as :func:`generate` feeds it (:func:`render_prompt`, then the tokenizer
+    with its special tokens unless a chat template wrote them); ``templated``: whether the chat template rendered it.
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    templated = not isinstance(prompt, str) or chat_template is True or (chat_template is None and has_template)
+    return _encode(render_prompt(prompt, tokenizer, chat_template, where), tokenizer, templated), templated
+
+
 # ---------------------------------------------------------------------------------------------
 # generating
 
@@ -349,11 +359,8 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], *, max
     per_prompt = list(chat_template) if isinstance(chat_template, (list, tuple)) else [chat_template] * len(prompts)
     if len(per_prompt) != len(prompts):
         raise ValueError(f"chat_template has {len(per_prompt)} values for {len(prompts)} prompts")
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    templated = [not isinstance(p, str) or t is True or (t is None and has_template)
-                 for p, t in zip(prompts, per_prompt)]
-    texts = [render_prompt(p, tokenizer, t, where=f"prompt {i}") for i, (p, t) in enumerate(zip(prompts, per_prompt))]
-    encoded = [_encode(t, tokenizer, tm) for t, tm in zip(texts, templated)]
+    pairs = [encode_prompt(p, tokenizer, t, where=f"prompt {i}") for i, (p, t) in enumerate(zip(prompts, per_prompt))]
+    encoded, templated = [e for e, _ in pairs], [t for _, t in pairs]
     ctx = context_length(model, tokenizer)
     for i, ids in enumerate(encoded):
         if not ids:

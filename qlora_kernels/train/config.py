@@ -38,13 +38,15 @@ from .schema import AT_LEAST_0, AT_LEAST_1, POSITIVE, UNIT, Range
 from .schema import setting as _f
 
 from .objectives.dpo_config import DPOKeys
+from .objectives.grpo_config import GRPOKeys
 from .objectives.reward_config import RewardKeys
 from .objectives.sft_config import SFTKeys
 
-DATASET_TYPES = ("alpaca", "completion", "chat", "text", "preference", "hh-rlhf")
+DATASET_TYPES = ("alpaca", "completion", "chat", "text", "preference", "hh-rlhf", "prompt")
 PREFERENCE_TYPES = ("preference", "hh-rlhf")  # the row formats of DPO and reward models (see train/data.py)
-OBJECTIVES = ("sft", "dpo", "reward")  # what a run optimizes (objectives/<name>.py), its keys in <name>_config.py
+OBJECTIVES = ("sft", "dpo", "reward", "grpo")  # what a run optimizes (objectives/<name>.py), its keys in <name>_config.py
 PREFERENCE_OBJECTIVES = ("dpo", "reward")  # the objectives that train on preference rows
+PROMPT_TYPES = ("prompt",)  # the row format of online objectives (GRPO): TRL's prompt-only data
 EVAL_SPLITS = ("eval", "validation", "test")
 OPTIMIZERS = ("paged_adamw", "paged_adamw_8bit", "adamw_torch")
 OPTIMIZER_ALIASES = {"paged_adamw_32bit": "paged_adamw"}  # Axolotl's / transformers' name of the same optimizer
@@ -108,9 +110,10 @@ class CommonKeys:
     tokenizer_config: str | None = _f(None, path="dir", help="tokenizer directory (default: base_model)")
     trust_remote_code: bool = _f(False, help="allow custom model code from base_model (off by default)")
     objective: str | None = _f(None, choices=OBJECTIVES, help="what to train: sft (next-token loss), dpo (preference "
-                               "pairs) or reward (a reward model on preference pairs); default sft, or dpo with rl: dpo")
-    rl: str | None = _f(None, choices=("dpo",), help="preference tuning instead of SFT: 'dpo' (Axolotl key; the same "
-                        "as objective: dpo)")
+                               "pairs), reward (a reward model on preference pairs) or grpo (online RL from rewards of "
+                               "sampled completions); default sft, or rl's value")
+    rl: str | None = _f(None, choices=("dpo", "grpo"), help="Axolotl's key: 'dpo' or 'grpo', the same as objective: "
+                        "dpo / grpo")
     adapter: str = _f("qlora", choices=("qlora",), help="adapter kind (Axolotl key)")
     load_in_4bit: bool = _f(True, choices=(True,), help="Axolotl key; QLoRA always loads in 4 bits")
     quantization: QuantizationConfig = _f(factory=QuantizationConfig, help="{quant_type, double_quant, blocksize}")
@@ -185,26 +188,30 @@ class CommonKeys:
 
 
 @dataclass
-class TrainConfig(RewardKeys, DPOKeys, SFTKeys, CommonKeys):
-    """Fine-tuning with QLoRA: SFT, DPO (``objective: dpo``) or a reward model (``objective: reward``). See
-    examples/sft_tiny.yaml, examples/dpo_tiny.yaml and examples/reward_tiny.yaml.
+class TrainConfig(GRPOKeys, RewardKeys, DPOKeys, SFTKeys, CommonKeys):
+    """Fine-tuning with QLoRA: SFT, DPO (``objective: dpo``), a reward model (``objective: reward``) or GRPO
+    (``objective: grpo``). See examples/sft_tiny.yaml, dpo_tiny.yaml, reward_tiny.yaml and grpo_tiny.yaml.
 
     One flat set of YAML keys: the common keys (:class:`CommonKeys`), then each objective's, declared beside it
-    (``objectives/<name>_config.py``: :class:`SFTKeys`, :class:`DPOKeys`, :class:`RewardKeys`); a run reads the
+    (``objectives/<name>_config.py``: :class:`SFTKeys`, :class:`DPOKeys`, :class:`RewardKeys`, :class:`GRPOKeys`); a
+    run reads the
     common keys and those of its :attr:`objective`. Fields come in that order (a dataclass takes its bases' fields
-    from the last base to the first). ``objective`` left null is resolved when the config is built: ``dpo`` with
-    ``rl: dpo``, else ``sft``.
+    from the last base to the first). ``objective`` left null is resolved when the config is built: ``rl``'s value,
+    else ``sft``.
     """
 
     aliases: ClassVar[dict[str, str]] = {}  # set per instance by validate(): {alias given: our key}
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of every key (defaults included), as written to ``output_dir/config.yaml``."""
-        return dataclasses.asdict(self)
+        """Plain dict of the run's keys (defaults included): the common keys and its objective's, as written to
+        ``output_dir/config.yaml`` (which then loads as it is: GRPO's ``beta`` beside DPO's ``dpo_beta`` would not)."""
+        other = {f.name for key_class in OBJECTIVE_KEYS.values() if key_class is not OBJECTIVE_KEYS[self.objective]
+                 for f in dataclasses.fields(key_class)}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in other}
 
     def __post_init__(self) -> None:
         if self.objective is None:
-            self.objective = "dpo" if self.rl == "dpo" else "sft"
+            self.objective = self.rl or "sft"
 
     @property
     def is_dpo(self) -> bool:
@@ -221,12 +228,14 @@ class TrainConfig(RewardKeys, DPOKeys, SFTKeys, CommonKeys):
 
 
 SFTConfig = TrainConfig  # the name from before DPO joined; both name the same class
+OBJECTIVE_KEYS: dict[str, type] = {"sft": SFTKeys, "dpo": DPOKeys, "reward": RewardKeys, "grpo": GRPOKeys}
 # The key groups in the order of TrainConfig's fields, with the heading ``qlora-kernels train --help`` gives each.
 KEY_GROUPS: tuple[tuple[str, type], ...] = (
     ("config keys (default), common to every objective", CommonKeys),
     ("SFT keys (objective: sft, the default)", SFTKeys),
     ("DPO keys (objective: dpo, or rl: dpo)", DPOKeys),
     ("reward-model keys (objective: reward)", RewardKeys),
+    ("GRPO keys (objective: grpo, or rl: grpo; TRL GRPOConfig's names)", GRPOKeys),
 )
 
 
@@ -257,6 +266,10 @@ ALIASES: dict[str, str] = {
     "use_bnb_nested_quant": "quantization.double_quant",  # TRL ModelConfig
     "fsdp_transformer_layer_cls_to_wrap": "fsdp_config.transformer_layer_cls_to_wrap",  # transformers / accelerate
 }
+
+# Alias names that are an objective's own keys: not read as aliases in its runs (GRPO's beta and loss_type are TRL
+# GRPOConfig's; in every other run they are DPOConfig's, read as dpo_beta / dpo_loss).
+OBJECTIVE_OWN_KEYS = {"grpo": ("beta", "loss_type")}
 
 ALIAS_NOTES = {"completion_only_loss": "negated", "lr_scheduler_type": "constant_with_warmup is our constant",
                "optim": "paged_adamw_32bit is our paged_adamw"}
@@ -301,8 +314,9 @@ def _canonical(raw: dict[str, Any], errors: list[str]) -> tuple[dict[str, Any], 
     modified."""
     out = dict(raw)
     used: dict[str, str] = {}
+    own = OBJECTIVE_OWN_KEYS.get(out.get("objective") or out.get("trainer") or out.get("rl"), ())
     for alias, key in ALIASES.items():
-        if alias not in out:
+        if alias not in out or alias in own:
             continue
         value = out.pop(alias)
         if alias == "completion_only_loss" and value is None:
@@ -540,9 +554,13 @@ def _check_rules(cfg: TrainConfig, errors: list[str]) -> None:
         errors.append("warmup_steps, warmup_ratio: set one of them, not both (an override of one replaces the other)")
     if 1 <= cfg.val_set_size and not cfg.val_set_size.is_integer() and math.isfinite(cfg.val_set_size):
         errors.append(f"val_set_size: must be a fraction < 1 or a whole number of rows; got {cfg.val_set_size}")
-    if cfg.rl == "dpo" and cfg.objective != "dpo":
-        errors.append(f"rl, objective: rl: dpo contradicts objective: {cfg.objective}; set one of them")
+    if cfg.rl is not None and cfg.objective != cfg.rl:
+        errors.append(f"rl, objective: rl: {cfg.rl} contradicts objective: {cfg.objective}; set one of them")
     DPOKeys.check(cfg, errors)
+    GRPOKeys.check(cfg, errors)
+    if cfg.objective == "grpo" and (cfg.fsdp or cfg.sample_packing):
+        errors.append("fsdp, sample_packing, objective: GRPO does not run with fsdp: true or sample_packing yet; use "
+                      "DDP under torchrun, or one process")
     if cfg.bf16 is True and cfg.fp16:
         errors.append("bf16, fp16: set at most one of them to true")
     if cfg.fsdp and cfg.ddp:
@@ -579,6 +597,10 @@ def _check_rules(cfg: TrainConfig, errors: list[str]) -> None:
             if d is not None and cfg.objective in PREFERENCE_OBJECTIVES and d.type not in PREFERENCE_TYPES:
                 errors.append(f"datasets: {name} trains on preference rows; dataset {d.path!r} has type {d.type!r}; "
                               f"allowed for objective {cfg.objective}: {', '.join(map(repr, PREFERENCE_TYPES))}")
+            if d is not None and (cfg.objective == "grpo") != (d.type in PROMPT_TYPES):
+                errors.append(f"datasets: objective {cfg.objective} and dataset {d.path!r} of type {d.type!r} do not "
+                              "go together: GRPO reads prompt rows (type 'prompt'), and only GRPO does")
+                continue
             if d is not None and cfg.objective not in PREFERENCE_OBJECTIVES and d.type in PREFERENCE_TYPES:
                 errors.append(f"datasets: {d.type!r} rows (dataset {d.path!r}) are for DPO or a reward model; set "
                               "objective: dpo (or rl: dpo) or objective: reward")

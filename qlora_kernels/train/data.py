@@ -441,6 +441,66 @@ def load_preference_dataset(ds: DatasetConfig, cfg: TrainConfig, tokenizer: Any,
     return out
 
 
+# --------------------------------------------------------------------------- prompt rows (GRPO)
+
+
+@dataclass
+class PromptItem:
+    """One prompt of an online objective: the prompt as the row gave it (a string, or a conversation), its token ids
+    as generation feeds them, whether the chat template rendered it, the row's other fields (handed to the reward
+    functions as columns) and where it came from."""
+
+    prompt: Any
+    input_ids: list[int]
+    templated: bool
+    columns: dict[str, Any]
+    source: str
+
+
+def check_prompt_row(row: Any, row_type: str) -> str | None:
+    """What is wrong with a ``prompt`` row (TRL's prompt-only formats: ``{"prompt": str}`` or ``{"prompt":
+    [{"role", "content"}, ...]}``, other fields kept as columns), or None if well formed."""
+    if not isinstance(row, dict):
+        return f"a prompt row must be a JSON object, got {type(row).__name__}"
+    p = row.get("prompt")
+    if isinstance(p, str):
+        return None if p.strip() else "a prompt row's 'prompt' is empty"
+    if isinstance(p, list) and p and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                         and isinstance(m.get("content"), str) for m in p):
+        return None
+    got = "missing" if "prompt" not in row else f"{type(p).__name__} {p!r}"[:60]
+    return f"a prompt row needs 'prompt': a string or a list of {{role, content}} messages (got {got})"
+
+
+def load_prompt_dataset(ds: DatasetConfig, cfg: TrainConfig, tokenizer: Any, stats: DataStats) -> list[PromptItem]:
+    """Read, check and tokenize one prompt dataset; updates ``stats`` (``examples`` counts prompts). A string prompt is
+    fed as it is (TRL's standard format), a conversation through the tokenizer's chat template with the generation
+    prompt. A prompt with more than ``sequence_len - max_completion_length`` tokens is dropped (and counted)."""
+    from qlora_kernels.generation import encode_prompt
+
+    room = cfg.sequence_len - cfg.max_completion_length
+    out: list[PromptItem] = []
+    for source, row in checked_rows(ds, cfg, stats, check_prompt_row):
+        p = row["prompt"]
+        try:
+            ids, templated = encode_prompt(p, tokenizer, chat_template=False if isinstance(p, str) else None,
+                                           where=source)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        if len(ids) > room:
+            stats.dropped_too_long += 1
+            continue
+        stats.examples += 1
+        stats.tokens += len(ids)
+        out.append(PromptItem(p, ids, templated, {k: v for k, v in row.items() if k != "prompt"}, source))
+    return out
+
+
+def load_prompts(cfg: TrainConfig, tokenizer: Any) -> tuple[list[PromptItem], list[PromptItem], DataStats]:
+    """Train and eval prompts for a config: eval from eval-split datasets, else ``val_set_size`` of train."""
+    return load_split(cfg, tokenizer, load_prompt_dataset, "prompt")
+
+
 # --------------------------------------------------------------------------- train / eval split
 
 

@@ -123,6 +123,15 @@ def all_reduce_sum(values: Tensor | Sequence[float], ctx: DistContext, device: t
     ``device``: where the collective runs (nccl needs a CUDA tensor); the result comes back on the
     input's device (CPU for a list).
     """
+    return _all_reduce(values, ctx, device, "SUM")
+
+
+def all_reduce_max(values: Tensor | Sequence[float], ctx: DistContext, device: torch.device | None = None) -> Tensor:
+    """The largest value over ranks, elementwise (as :func:`all_reduce_sum`)."""
+    return _all_reduce(values, ctx, device, "MAX")
+
+
+def _all_reduce(values: Tensor | Sequence[float], ctx: DistContext, device: torch.device | None, op: str) -> Tensor:
     t = values if isinstance(values, Tensor) else torch.tensor(list(values), dtype=torch.float64)
     if not ctx.enabled:
         return t.clone()
@@ -130,7 +139,7 @@ def all_reduce_sum(values: Tensor | Sequence[float], ctx: DistContext, device: t
 
     home = t.device
     work = t.to(device if device is not None else home).clone()
-    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    dist.all_reduce(work, op=getattr(dist.ReduceOp, op))
     return work.to(home)
 
 

@@ -73,7 +73,7 @@ from .config import ConfigError, TrainConfig, check_output_dir, dump_config
 from .data import DataStats, MicroBatchStream
 from .metrics import MetricsLog, plot_losses
 from .objectives import objective_class
-from .objectives.base import Objective, evaluate
+from .objectives.base import Objective
 from .packing import check_packed_attention, pack_bins, packing_stats
 
 
@@ -199,10 +199,10 @@ class Recipe:
 
         self.optimizer = build_optimizer(cfg, self.params)
         rows = self._pack() if cfg.sample_packing else None
-        self.stream = MicroBatchStream(self.train_items, cfg.micro_batch_size, cfg.seed, self.pad_id, ctx,
+        self.stream = MicroBatchStream(self.train_items, objective.stream_batch_size(cfg), cfg.seed, self.pad_id, ctx,
                                        collate_fn=objective.collate_packed if rows is not None else objective.collate,
                                        rows=rows)
-        self.steps = total_steps(cfg, self.stream.batches_per_epoch)
+        self.steps = total_steps(cfg, self.stream.batches_per_epoch * objective.micro_batches_per_stream_batch())
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp is torch.float16 else None
         self.save_adapter = adapter_saver(self.model)
@@ -225,6 +225,7 @@ class Recipe:
             self.say(f"metrics.jsonl: dropped {self.metrics.dropped} unreadable line(s) (a write cut short by a "
                      "crash?)")
         self.step_rng, self.step_data = rng_state(), self.stream.state_dict()  # the step boundary
+        self.step_objective = objective.state_dict()
 
     def _prepare_output_dir(self) -> None:
         """Rank 0: replace a previous run's results if asked, clean up killed saves, write config.yaml."""
@@ -304,6 +305,7 @@ class Recipe:
         if self.scaler is not None and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
         self.state.update(saved["loop"])
+        self.objective.load_state_dict(saved.get("objective"))
         set_rng_state(rng)
         self.say(f"resumed from {path} at step {self.state['global_step']}")
         return self.state["global_step"]
@@ -366,7 +368,7 @@ class Recipe:
         cfg, objective, ctx, device = self.cfg, self.objective, self.ctx, self.device
         G = cfg.gradient_accumulation_steps
         t0 = time.perf_counter()
-        micro = [self.stream.next() for _ in range(G)]
+        micro = objective.next_micro_batches(G, self.stream.next, self.model)  # an online objective generates here
         # The step's loss is normalized by the count (target tokens, pairs) of the global accumulated batch.
         n_here = sum(objective.count(b) for b, _ in micro)
         n_tok_here = sum(int(b["attention_mask"].sum()) for b, _ in micro)
@@ -412,6 +414,7 @@ class Recipe:
             self.optimizer.zero_grad(set_to_none=True)
             self.in_update = False
             self.step_rng, self.step_data = rng_state(), self.stream.state_dict()  # the new step boundary
+            self.step_objective = objective.state_dict()
             self.state["global_step"] += 1
             self.state["tokens_seen"] += n_tok
 
@@ -419,7 +422,7 @@ class Recipe:
         self.last_loss = loss_sum / max(1, n)
         rec = {"step": step, "epoch": round(self.stream.epoch_progress, 4), "loss": self.last_loss, "lr": lr,
                "grad_norm": grad_norm, objective.count_key: n, "tokens_per_s": round(n_tok / dt, 1),
-               **objective.metrics(sums)}
+               **objective.metrics(sums), **objective.step_metrics()}
         if cfg.sample_packing:  # real tokens / token slots of the step's micro-batches (all ranks)
             rec["packing_efficiency"] = round(n_tok / max(1, slots), 4)
         if self.offloader is not None:  # this rank's bytes moved to host memory in the step's forwards
@@ -434,14 +437,14 @@ class Recipe:
         """The objective's loss and metrics over the eval items (each rank its share, sums all-reduced); logs
         them and returns the eval loss."""
         mine = dp.shard(self.eval_items, self.ctx)
-        loss_sum, count, sums = evaluate(self.objective, self.model, mine, self.eval_batch_size, self.pad_id,
-                                         self.device, self.amp)
+        loss_sum, count, sums = self.objective.evaluate(self.model, mine, self.eval_batch_size, self.pad_id,
+                                                        self.device, self.amp)
         if self.sharded:  # every forward of a sharded model is a collective: each rank runs as many
             fsdp.run_placeholders(fsdp.eval_placeholders(len(self.eval_items), self.eval_batch_size, self.ctx),
                                   self.objective, self.model, self.eval_items[0], self.pad_id, self.device, self.amp)
         totals = dp.all_reduce_sum([loss_sum, count, *sums.values()], self.ctx, self.device).tolist()
         loss = totals[0] / max(1, totals[1])
-        means = self.objective.metrics(dict(zip(sums, totals[2:])))
+        means = self.objective.eval_metrics(dict(zip(sums, totals[2:])), totals[1])
         rec = {"step": self.step_no, "epoch": round(self.stream.epoch_progress, 4), "eval_loss": loss,
                **{f"eval_{k}": v for k, v in means.items()}}
         self.metrics.write(rec)
@@ -466,7 +469,8 @@ class Recipe:
         path = self.out / f"checkpoint-{self.step_no}"
         trainer_state = {"loop": {**self.state, "last_checkpoint": str(path)}, "scheduler": self.scheduler.state_dict(),
                          "data": self.step_data, "run_key": self.run_key,
-                         "scaler": self.scaler.state_dict() if self.scaler is not None else None, "run_id": self.run_id}
+                         "scaler": self.scaler.state_dict() if self.scaler is not None else None, "run_id": self.run_id,
+                         "objective": self.step_objective}
         try:
             if self.cfg.fsdp:  # every rank writes its shards
                 fsdp.save_checkpoint(path, self.model, self.optimizer, trainer_state, self.step_rng, self.ctx,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .base import Objective
 
-_CLASSES = {"sft": "SFTObjective", "dpo": "DPOObjective", "reward": "RewardObjective"}
+_CLASSES = {"sft": "SFTObjective", "dpo": "DPOObjective", "reward": "RewardObjective", "grpo": "GRPOObjective"}
 
 
 def objective_class(name: str) -> type[Objective]:

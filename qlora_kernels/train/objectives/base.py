@@ -45,6 +45,7 @@ class Objective(ABC):
     metric_keys: ClassVar[tuple[str, ...]] = ()  # the keys of loss()'s metric sums, always all of them, in order
     packed_layout: str | None = None  # how a packed batch runs (.loss.PACKED_LAYOUTS; None: the model's default)
     modules_to_save: ClassVar[tuple[str, ...]] = ()  # modules trained whole beside the adapters (apply_qlora's)
+    online: ClassVar[bool] = False  # generates its training batches from the policy (GRPO): see next_micro_batches
 
     @classmethod
     @abstractmethod
@@ -103,6 +104,43 @@ class Objective(ABC):
     def eval_note(self, record: dict[str, Any]) -> str:
         """What the eval line adds after the eval loss, from the eval record (e.g. ``", reward accuracy 0.75"``)."""
         return ""
+
+    # The online stage (an objective that generates: ``online = True``). The loop draws from the item stream
+    # through next_micro_batches, and the defaults below make an offline objective one stream batch a micro-batch.
+
+    def stream_batch_size(self, cfg: TrainConfig) -> int:
+        """Items a rank draws from the stream at a time (default: ``micro_batch_size``)."""
+        return cfg.micro_batch_size
+
+    def micro_batches_per_stream_batch(self) -> int:
+        """Micro-batches one stream batch makes (the epoch's length in micro-batches is this × stream batches)."""
+        return 1
+
+    def next_micro_batches(self, n: int, next_batch: Callable[[], tuple[dict[str, Tensor], list[Any]]],
+                           model: nn.Module) -> list[tuple[dict[str, Tensor], list[Any]]]:
+        """The ``n`` micro-batches (and their items) of the next optimizer step; ``next_batch()`` draws the next
+        stream batch. An online objective generates them here, from ``model``, before the step's forward passes."""
+        return [next_batch() for _ in range(n)]
+
+    def step_metrics(self) -> dict[str, float]:
+        """Metrics of the step not summed over micro-batches (an online stage's: rewards, lengths, rates)."""
+        return {}
+
+    def evaluate(self, model: nn.Module, items: list[Any], batch_size: int, pad_id: int, device: torch.device,
+                 amp: torch.dtype | None) -> tuple[float, float, dict[str, float]]:
+        """``(loss sum, count, metric sums)`` over eval items (this rank's share): :func:`evaluate` by default."""
+        return evaluate(self, model, items, batch_size, pad_id, device, amp)
+
+    def eval_metrics(self, sums: dict[str, float], count: float) -> dict[str, float]:
+        """The eval means logged besides the eval loss, from summed eval metrics and counts (all ranks)."""
+        return self.metrics(sums)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What a checkpoint must keep of the objective beyond the step boundary (JSON; None: nothing)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore :meth:`state_dict`'s value from a checkpoint (None: the checkpoint had nothing)."""
 
 
 @torch.no_grad()
