@@ -4,6 +4,7 @@ rank left without examples in the last micro-batch), and only rank 0 writes; plu
 
 from __future__ import annotations
 
+import math
 import json
 import os
 import subprocess
@@ -120,8 +121,15 @@ def assets(tmp_path_factory) -> dict[str, Path]:
              for r in instruction_rows(langs, 12, seed=5)]
     write_jsonl(pairs[:9], d / "pref.jsonl")
     write_jsonl(pairs[9:], d / "pref_eval.jsonl")
+    prompts = [{"prompt": f"{r['instruction']} {r['input']} =", "answer": r["output"]} for r in rows]
+    write_jsonl(prompts[:9], d / "prompts.jsonl")  # 9 prompts, 4 a generation batch: rank 1 gets none in the third
+    write_jsonl(prompts[9:], d / "prompts_eval.jsonl")
+    (d / "rewards.py").write_text("def first_word(prompts, completions, answer, **kw):\n"
+                                  "    return [float(c.split()[:1] == a.split()[:1]) for c, a in zip(completions, "
+                                  "answer)]\n")
     return {"model": model, "root": d, "sft": d / "sft.jsonl", "eval": d / "eval.jsonl", "pref": d / "pref.jsonl",
-            "pref_eval": d / "pref_eval.jsonl"}
+            "pref_eval": d / "pref_eval.jsonl", "prompts": d / "prompts.jsonl", "prompts_eval": d / "prompts_eval.jsonl",
+            "rewards": d / "rewards.py"}
 
 
 def raw_config(assets, out: Path, dpo: bool, **kw) -> dict:
@@ -209,3 +217,33 @@ def test_resume_under_torchrun_continues_the_run(assets, tmp_path):
     res = run_torchrun(cfg_path, extra=(f"output_dir={res_out}", f"resume_from_checkpoint={out / 'checkpoint-2'}"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert [(r["step"], r["loss"]) for r in _train_records(res_out) if "loss" in r] == full_steps[2:]
+
+
+def test_grpo_under_torchrun_splits_prompts_over_ranks_and_resumes(assets, tmp_path):
+    """GRPO with 2 ranks: each generates for its share of every generation batch (rank 1 none in the third: it runs
+    placeholders), rewards and lengths are summed over both, rank 0 alone writes, and a resumed run continues with the
+    same rollouts (each rank's sampling seed follows from the run's seed, its rank and the batches drawn)."""
+    raw = {"base_model": str(assets["model"]), "objective": "grpo",
+           "datasets": [{"path": str(assets["prompts"]), "type": "prompt"}],
+           "test_datasets": [{"path": str(assets["prompts_eval"]), "type": "prompt"}],
+           "reward_funcs": [f"{assets['rewards']}:first_word"], "num_generations": 4, "max_completion_length": 6,
+           "lora_r": 4, "lora_alpha": 8, "sequence_len": 64, "micro_batch_size": 4, "gradient_accumulation_steps": 2,
+           "max_steps": 3, "learning_rate": 1e-2, "warmup_steps": 0, "optimizer": "adamw_torch", "eval_steps": 3,
+           "save_steps": 2, "seed": 1, "progress_bar": False, "beta": 0.04, "loss_type": "grpo"}
+    out = tmp_path / "run"
+    cfg_path = tmp_path / "grpo.yaml"
+    cfg_path.write_text(yaml.safe_dump({**raw, "output_dir": str(out)}))
+    full = run_torchrun(cfg_path)
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    recs = _train_records(out)
+    steps = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    # 2 prompts a rank a step, 4 completions each: 16 completions; the third step only 1 prompt (rank 0)
+    assert all(math.isfinite(r["loss"]) and r["completions/max_length"] <= 6 for r in steps)
+    assert len([r for r in recs if "eval_loss" in r]) == 1
+    res_out = tmp_path / "resumed"
+    res = run_torchrun(cfg_path, extra=(f"output_dir={res_out}", f"resume_from_checkpoint={out / 'checkpoint-2'}"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    again = [r for r in _train_records(res_out) if "loss" in r]
+    assert [(r["step"], r["loss"], r["reward"]) for r in again] == [(r["step"], r["loss"], r["reward"])
+                                                                      for r in steps[2:]]

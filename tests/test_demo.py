@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def demo_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "out"
     code = cli.main(["demo", "--steps", "80", "--eval-rows", str(EVAL_ROWS), "--output-dir", str(out),
-                     "--no-progress"])
+                     "--no-progress", "--grpo-steps", "0"])  # the GRPO stage: tests/test_dpo.py's full demo
     assert code == 0
     return out
 

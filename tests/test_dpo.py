@@ -496,8 +496,8 @@ def test_preference_pair_source_names_the_row(assets, tokenizer):
 # --------------------------------------------------------------------------- the demo's DPO stage
 
 
-def test_demo_dpo_stage_teaches_the_house_style_and_keeps_the_translations(tmp_path):
-    from qlora_kernels.demo.run import DPO_STEPS, run_demo
+def test_demo_dpo_and_grpo_stages_teach_and_keep_the_translations(tmp_path):
+    from qlora_kernels.demo.run import DPO_STEPS, GRPO_STEPS, run_demo
 
     res = run_demo(tmp_path / "demo", eval_rows=20, quiet=True, progress_bar=False)  # the demo as shipped
     dpo = res["dpo"]
@@ -508,3 +508,7 @@ def test_demo_dpo_stage_teaches_the_house_style_and_keeps_the_translations(tmp_p
     assert (tmp_path / "demo" / "dpo" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "demo" / "sft_merged" / "config.json").is_file()
     assert json.loads((tmp_path / "demo" / "demo_result.json").read_text())["dpo"]["steps"] == DPO_STEPS
+    grpo = res["grpo"]  # online RL: exact translations sampled at temperature 2 become more frequent
+    assert grpo["steps"] == GRPO_STEPS and grpo["reward_after"] >= grpo["reward_before"] + 0.05, grpo
+    assert grpo["greedy_after"] >= grpo["greedy_before"] - 0.05, grpo  # and greedy translations stay right
+    assert (tmp_path / "demo" / "grpo" / "adapter_model.safetensors").is_file()

@@ -14,6 +14,10 @@ couple of minutes, nothing downloaded. It uses the trainer (:mod:`qlora_kernels.
    style from preference pairs made in code: say ``mabi`` where the source says ``bufa`` (Zil ``gazifo``
    for ``ninaga``). Measure before and after on held-out prompts: the share of answers in the house
    style, the exact match of the other answers, and the held-out reward accuracy and DPO loss.
+7. GRPO stage (:func:`run_grpo_stage`): online RL on the same SFT model with a fresh adapter and a verifiable
+   reward (:func:`.rewards.exact_translation`: 1 for the exact translation). Rollouts are sampled at temperature
+   2, where the SFT model translates right about a third of the time; GRPO makes the sampled translations right
+   more often. Measured before and after on the held-out prompts, sampled from a fixed seed.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from . import synthetic
 
 DEMO_STEPS = 200
 DPO_STEPS = 80
+GRPO_STEPS = 30
+GRPO_TEMPERATURE = 2.0
 RENAME = (2, 4)  # the DPO stage's house style renames Lumo noun 2 (bufa; Zil ninaga) to noun 4 (mabi; Zil gazifo)
 
 
@@ -171,6 +177,69 @@ def demo_dpo_raw_config(output_dir: str | Path, train_file: str | Path, eval_fil
     }
 
 
+def grpo_prompt_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Prompt rows (TRL's standard format) from alpaca translation rows: the alpaca prompt, and the translation as
+    the ``answer`` column the reward reads."""
+    return [{"prompt": alpaca_prompt(r["instruction"], r.get("input") or ""), "answer": r["output"]} for r in rows]
+
+
+def write_grpo_prompt_files(out_dir: str | Path, n_train: int = 600) -> tuple[Path, Path]:
+    """The GRPO stage's prompts as ``out_dir/{train,eval}.jsonl``: fresh sentences to train on, the SFT stage's
+    held-out prompts to measure on."""
+    langs = synthetic.make_languages()
+    eval_rows = [r for _, r in read_rows(synthetic.EVAL_FILE)]
+    pool = synthetic.instruction_rows(langs, n_train, seed=202, exclude=synthetic.held_out_sentences(eval_rows))
+    d = Path(out_dir)
+    return write_jsonl(grpo_prompt_rows(pool), d / "train.jsonl"), write_jsonl(grpo_prompt_rows(eval_rows),
+                                                                               d / "eval.jsonl")
+
+
+def demo_grpo_raw_config(output_dir: str | Path, train_file: str | Path, eval_file: str | Path,
+                         max_steps: int = GRPO_STEPS, base_model: str | Path = synthetic.BASE_MODEL_DIR) -> dict[
+        str, Any]:
+    """The GRPO stage's training config (``examples/grpo_tiny.yaml`` is the same as a file)."""
+    return {
+        "base_model": str(base_model),
+        "objective": "grpo",
+        "datasets": [{"path": str(train_file), "type": "prompt"}],
+        "test_datasets": [{"path": str(eval_file), "type": "prompt"}],
+        "reward_funcs": ["qlora_kernels.demo.rewards:exact_translation"],
+        "num_generations": 8,
+        "max_completion_length": 24,
+        "temperature": GRPO_TEMPERATURE,
+        "beta": 0.0,
+        "loss_type": "dapo",
+        "quantization": {"quant_type": "nf4", "double_quant": True, "blocksize": 64},
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "lora_target_modules": "all-linear",
+        "sequence_len": 128,
+        "micro_batch_size": 64,
+        "eval_batch_size": 100,
+        "max_steps": max_steps,
+        "learning_rate": 2e-3,
+        "lr_scheduler": "constant",
+        "warmup_steps": 0,
+        "optimizer": "paged_adamw",
+        "max_grad_norm": 1.0,
+        "eval_steps": max_steps,
+        "output_dir": str(output_dir),
+        "seed": 0,
+    }
+
+
+def sampled_reward(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str, str]], temperature: float,
+                   seed: int = 0, max_new_tokens: int = 24) -> float:
+    """The mean :func:`.rewards.exact_translation` of one completion per prompt row, sampled at ``temperature`` from
+    ``seed`` (as the GRPO objective evaluates)."""
+    from .rewards import exact_translation
+
+    answers = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
+                       temperature=temperature, seed=seed, batch_size=100, chat_template=False).texts
+    return sum(exact_translation([], answers, [r["answer"] for r in rows])) / max(1, len(rows))
+
+
 def exact_match(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str, str]], batch_size: int = 50,
                 max_new_tokens: int = 24) -> tuple[float, list[str]]:
     """Share of alpaca ``rows`` whose greedy completion (:func:`qlora_kernels.generation.generate`, the alpaca
@@ -194,9 +263,10 @@ def ensure_assets(rebuild: bool = False) -> None:
 
 def run_demo(output_dir: str | Path = "outputs/demo", max_steps: int = DEMO_STEPS, eval_rows: int | None = None,
              quiet: bool = False, progress_bar: bool = True, threads: int | None = 1,
-             dpo_steps: int = DPO_STEPS) -> dict[str, Any]:
-    """Run the demo; returns ``{"before", "after", "eval_loss", "steps", "seconds", "adapter_dir", "dpo"}``
-    (``"dpo"``: the DPO stage's summary, see :func:`run_dpo_stage`; None with ``dpo_steps=0``).
+             dpo_steps: int = DPO_STEPS, grpo_steps: int = GRPO_STEPS) -> dict[str, Any]:
+    """Run the demo; returns ``{"before", "after", "eval_loss", "steps", "seconds", "adapter_dir", "dpo", "grpo"}``
+    (``"dpo"``: the DPO stage's summary, see :func:`run_dpo_stage`, None with ``dpo_steps=0``; ``"grpo"``: the GRPO
+    stage's, :func:`run_grpo_stage`, None with ``grpo_steps=0``).
 
     ``threads``: torch CPU threads for the run (restored afterwards; None keeps torch's setting). One
     is the default: the model is so small that a second thread saves little, and OpenMP threads
@@ -206,13 +276,13 @@ def run_demo(output_dir: str | Path = "outputs/demo", max_steps: int = DEMO_STEP
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run_demo(output_dir, max_steps, eval_rows, quiet, progress_bar, dpo_steps)
+        return _run_demo(output_dir, max_steps, eval_rows, quiet, progress_bar, dpo_steps, grpo_steps)
     finally:
         torch.set_num_threads(saved_threads)
 
 
 def _run_demo(output_dir: str | Path, max_steps: int, eval_rows: int | None, quiet: bool,
-              progress_bar: bool, dpo_steps: int = DPO_STEPS) -> dict[str, Any]:
+              progress_bar: bool, dpo_steps: int = DPO_STEPS, grpo_steps: int = GRPO_STEPS) -> dict[str, Any]:
     t0 = time.perf_counter()
     ensure_assets()
     cfg = load_config(raw=demo_raw_config(output_dir, max_steps) | {"progress_bar": progress_bar,
@@ -237,26 +307,32 @@ def _run_demo(output_dir: str | Path, max_steps: int, eval_rows: int | None, qui
         f"eval loss {result.eval_loss:.4f}")
     say(f'  e.g. {rows[0]["instruction"]} "{rows[0]["input"]}" -> "{answers[0].strip()[:60]}"')
     say(f"adapter (PEFT format): {Path(output_dir).resolve()}; time so far {seconds:.0f} s")
-    dpo = None
+    dpo = grpo = None
+    merged_dir = Path(output_dir) / "sft_merged"
+    if dpo_steps > 0 or grpo_steps > 0:  # the later stages start from the SFT model, merged
+        merge_and_unload(model).save_pretrained(merged_dir, safe_serialization=True)
+        tokenizer.save_pretrained(merged_dir)
     if dpo_steps > 0:
-        dpo = run_dpo_stage(model, tokenizer, output_dir, dpo_steps, quiet, progress_bar)
+        dpo = run_dpo_stage(merged_dir, tokenizer, output_dir, dpo_steps, quiet, progress_bar)
+    if grpo_steps > 0:
+        grpo = run_grpo_stage(merged_dir, tokenizer, output_dir, grpo_steps, quiet, progress_bar)
+    if dpo or grpo:
         seconds = time.perf_counter() - t0
         say(f"total time {seconds:.0f} s")
-        say(f"try it: qlora-kernels generate {Path(output_dir) / 'sft_merged'} --adapter {Path(output_dir) / 'dpo'} "
+        say(f"try it: qlora-kernels generate {merged_dir} --adapter {Path(output_dir) / ('dpo' if dpo else 'grpo')} "
             f"--prompts {synthetic.EVAL_FILE} --max-new-tokens 24")
     summary = {"before": before, "after": after, "eval_loss": result.eval_loss, "steps": result.global_step,
-               "seconds": round(seconds, 1), "adapter_dir": str(output_dir), "dpo": dpo}
+               "seconds": round(seconds, 1), "adapter_dir": str(output_dir), "dpo": dpo, "grpo": grpo}
     (Path(output_dir) / "demo_result.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def run_dpo_stage(sft_model: torch.nn.Module, tokenizer: Any, output_dir: str | Path, max_steps: int = DPO_STEPS,
+def run_dpo_stage(merged_dir: str | Path, tokenizer: Any, output_dir: str | Path, max_steps: int = DPO_STEPS,
                   quiet: bool = False, progress_bar: bool = True) -> dict[str, Any]:
     """The demo's DPO stage, on the SFT stage's model; returns its before/after numbers.
 
-    1. Merge the SFT adapter into the base (``merge_and_unload``, in place) and save the result to
-       ``output_dir/sft_merged`` (an ordinary HF directory); write the preference pairs to
-       ``output_dir/dpo_data`` (:func:`write_preference_files`).
+    1. ``merged_dir``: the SFT model with its adapter merged (``merge_and_unload``), an ordinary HF directory;
+       write the preference pairs to ``output_dir/dpo_data`` (:func:`write_preference_files`).
     2. Train as ``qlora-kernels train examples/dpo_tiny.yaml`` would: load ``sft_merged`` in NF4 with a
        fresh adapter; the reference model is that model with the adapter off (its log-probs
        precomputed once). Output: ``output_dir/dpo``.
@@ -270,9 +346,6 @@ def run_dpo_stage(sft_model: torch.nn.Module, tokenizer: Any, output_dir: str | 
     say(f"DPO stage: a house style, taught by preferences only: say '{new}' (Zil '{langs.to_zil[new]}') "
         f"instead of '{old}' (Zil '{langs.to_zil[old]}'); the reference model is the SFT model")
     out = Path(output_dir)
-    merged_dir = out / "sft_merged"
-    merge_and_unload(sft_model).save_pretrained(merged_dir, safe_serialization=True)
-    tokenizer.save_pretrained(merged_dir)
     train_file, eval_file = write_preference_files(out / "dpo_data")
     cfg = load_config(raw=demo_dpo_raw_config(out / "dpo", train_file, eval_file, max_steps, merged_dir)
                       | {"progress_bar": progress_bar, "overwrite_output_dir": True})
@@ -309,6 +382,46 @@ def run_dpo_stage(sft_model: torch.nn.Module, tokenizer: Any, output_dir: str | 
             "adapter_dir": str(out / "dpo"), "base_model": str(merged_dir)}
 
 
+def run_grpo_stage(merged_dir: str | Path, tokenizer: Any, output_dir: str | Path, max_steps: int = GRPO_STEPS,
+                   quiet: bool = False, progress_bar: bool = True) -> dict[str, Any]:
+    """The demo's GRPO stage, on the SFT model (``merged_dir``) with a fresh adapter; returns its before/after numbers.
+
+    Writes the prompts to ``output_dir/grpo_data`` (:func:`write_grpo_prompt_files`) and trains as ``qlora-kernels
+    train examples/grpo_tiny.yaml`` would (output: ``output_dir/grpo``): each step 8 prompts, 8 completions each,
+    sampled at temperature 2 from the NF4 model with the adapter live, rewarded 1 for the exact translation. Before
+    and after: the held-out reward (the share of exact translations among completions sampled at that temperature,
+    from a fixed seed), and the greedy exact match, which must stay near 100%.
+    """
+    say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
+    out = Path(output_dir)
+    train_file, eval_file = write_grpo_prompt_files(out / "grpo_data")
+    cfg = load_config(raw=demo_grpo_raw_config(out / "grpo", train_file, eval_file, max_steps, merged_dir)
+                      | {"progress_bar": progress_bar, "overwrite_output_dir": True})
+    say(f"GRPO stage: online RL with a verifiable reward (1 for the exact translation), rollouts of "
+        f"{cfg.num_generations} completions a prompt sampled at temperature {cfg.temperature} from the 4-bit model "
+        "with its adapter live")
+    model = build_model(cfg)
+    held = [r for _, r in read_rows(eval_file)]
+    alpaca = [r for _, r in read_rows(synthetic.EVAL_FILE)]
+    reward0 = sampled_reward(model, tokenizer, held, cfg.temperature, cfg.seed)
+    greedy0 = exact_match(model, tokenizer, alpaca)[0]
+    say(f"before GRPO: held-out reward {reward0:.3f} (exact translations sampled at temperature {cfg.temperature}); "
+        f"greedy exact match {greedy0:.1%}")
+    t0 = time.perf_counter()
+    result = train(cfg, model=model, tokenizer=tokenizer, quiet=quiet)
+    seconds = time.perf_counter() - t0
+    reward1 = sampled_reward(model, tokenizer, held, cfg.temperature, cfg.seed)
+    greedy1 = exact_match(model, tokenizer, alpaca)[0]
+    steps = [r for r in result.history if "loss" in r]
+    say(f"after {result.global_step} GRPO steps ({seconds:.0f} s, rollouts at "
+        f"{sum(r['rollout_tokens_per_s'] for r in steps) / max(1, len(steps)):.0f} tok/s): held-out reward "
+        f"{reward1:.3f} (was {reward0:.3f}); greedy exact match {greedy1:.1%} (was {greedy0:.1%})")
+    return {"reward_before": reward0, "reward_after": reward1, "greedy_before": greedy0, "greedy_after": greedy1,
+            "train_reward_first": steps[0]["reward"] if steps else None,
+            "train_reward_last": steps[-1]["reward"] if steps else None, "steps": result.global_step,
+            "seconds": round(seconds, 1), "adapter_dir": str(out / "grpo"), "base_model": str(merged_dir)}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``demo`` subcommand's options."""
     p.add_argument("--output-dir", default="outputs/demo", help="where the adapter and metrics go")
@@ -320,6 +433,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s; 0: torch's own)")
     p.add_argument("--dpo-steps", type=int, default=DPO_STEPS,
                    help="steps of the DPO stage after SFT (default %(default)s; 0 skips it)")
+    p.add_argument("--grpo-steps", type=int, default=GRPO_STEPS,
+                   help="steps of the GRPO stage after SFT (default %(default)s; 0 skips it)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -327,6 +442,7 @@ def main(args: argparse.Namespace) -> int:
     if args.rebuild_base:
         ensure_assets(rebuild=True)
     res = run_demo(args.output_dir, args.steps, args.eval_rows, progress_bar=not args.no_progress,
-                   threads=args.threads or None, dpo_steps=args.dpo_steps)
+                   threads=args.threads or None, dpo_steps=args.dpo_steps, grpo_steps=args.grpo_steps)
     dpo_ok = res["dpo"] is None or res["dpo"]["style_after"] > res["dpo"]["style_before"]
-    return 0 if res["after"] > res["before"] and dpo_ok else 1
+    grpo_ok = res["grpo"] is None or res["grpo"]["reward_after"] > res["grpo"]["reward_before"]
+    return 0 if res["after"] > res["before"] and dpo_ok and grpo_ok else 1

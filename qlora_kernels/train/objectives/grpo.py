@@ -247,6 +247,8 @@ def completion_log_probs(model: nn.Module, input_ids: Tensor, attention_mask: Te
     divided by ``temperature``; chunked, no full-vocabulary logits."""
     hidden, head, bias = decoder_forward(model, input_ids, attention_mask)
     h, y, _ = target_rows(hidden, labels)
+    if y.numel() == 0:  # a placeholder: keep the graph connected (every rank of DDP must produce grads)
+        return hidden.sum()[None][:0] * 0.0
     if temperature != 1.0:
         h = h / temperature
         bias = bias / temperature if bias is not None else None
@@ -321,6 +323,7 @@ def placeholder_batch(pad_id: int) -> dict[str, Tensor]:
     """A micro-batch that runs (every rank takes part in each all-reduce) but counts for nothing."""
     b = completion_batch([[pad_id]], [[]], torch.zeros(1), [False], pad_id)
     b["weight"].zero_()
+    b["ref_log_probs"] = torch.zeros(0)  # no completion tokens: the reference's log-probs of none
     return b
 
 
@@ -334,8 +337,10 @@ class GRPOObjective(Objective):
     online = True
 
     def __init__(self, settings: GRPOSettings, reward_specs: Sequence[str], reward_weights: Sequence[float] | None,
-                 ) -> None:
+                 seed: int = 0) -> None:
         self.settings = settings
+        self.seed = seed
+        self.generations = 0  # generation batches drawn so far (with the seed and the rank: the sampling seed)
         self.reward_specs = list(reward_specs)
         self.reward_names = [reward_name(s) for s in reward_specs]
         self.reward_weights = torch.tensor(list(reward_weights) if reward_weights is not None
@@ -348,7 +353,7 @@ class GRPOObjective(Objective):
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> GRPOObjective:
-        objective = cls(GRPOSettings.from_config(cfg), cfg.reward_funcs, cfg.reward_weights)
+        objective = cls(GRPOSettings.from_config(cfg), cfg.reward_funcs, cfg.reward_weights, cfg.seed)
         for i, spec in enumerate(cfg.reward_funcs):  # fail before any model loads
             if not (Path(spec) / "adapter_config.json").is_file():
                 try:
@@ -410,36 +415,46 @@ class GRPOObjective(Objective):
 
         s, base = self.settings, _unwrap(model)
         G, spg = s.num_generations, s.steps_per_generation
+        # each generation batch of each rank draws from its own seed: ranks sample independently, a resumed run
+        # samples as the uninterrupted one did, and the caller's random state is left alone
+        seed = hash((self.seed, self.generations, self.ctx.rank)) % 2**63
+        self.generations += 1
         t0 = time.perf_counter()
-        if not prompts:  # a rank with no prompts in the last batch of an epoch: runs placeholders
-            return [{"batch": placeholder_batch(self.pad_id), "sources": []}
-                    for _ in range(spg * s.num_iterations)]
         items = [p for p in prompts for _ in range(G)]
-        with autocast(self.device, self.amp):
-            result = generate(base, self.tokenizer, [p.prompt for p in items], max_new_tokens=s.max_completion_length,
-                              temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, batch_size=len(items),
-                              chat_template=[None if p.templated else False for p in items])
+        comps: list[Any] = []
+        per_func = torch.zeros(0, len(self.reward_names))
+        if items:
+            with autocast(self.device, self.amp):
+                result = generate(base, self.tokenizer, [p.prompt for p in items],
+                                  max_new_tokens=s.max_completion_length, temperature=s.temperature, top_p=s.top_p,
+                                  top_k=s.top_k, seed=seed, batch_size=len(items),
+                                  chat_template=[None if p.templated else False for p in items])
+            comps = result.completions
+            texts = [c.text if isinstance(p.prompt, str) else [{"role": "assistant", "content": c.text}]
+                     for c, p in zip(comps, items)]
+            columns = {k: [p.columns.get(k) for p in items] for k in {k for p in items for k in p.columns}}
+            per_func = score(self.funcs, self.reward_names, [p.prompt for p in items], texts,
+                             [list(c.token_ids) for c in comps], columns)
         t_gen = time.perf_counter() - t0
-        comps = result.completions
-        texts = [c.text if isinstance(p.prompt, str) else [{"role": "assistant", "content": c.text}]
-                 for c, p in zip(comps, items)]
-        columns = {k: [p.columns.get(k) for p in items] for k in {k for p in items for k in p.columns}}
-        per_func = score(self.funcs, self.reward_names, [p.prompt for p in items], texts,
-                         [list(c.token_ids) for c in comps], columns)
         unscored = torch.isnan(per_func).all(dim=1)
         rewards = (per_func * self.reward_weights).nansum(dim=1)
         rewards[unscored] = float("nan")
+        # every rank takes part in the collectives below, also one without prompts (the last batch of an epoch)
         advantages, _ = group_advantages(rewards, G, s.scale_rewards, self.ctx)
         truncated = [c.finish_reason == "length" for c in comps]
         trained = [not (t and s.mask_truncated_completions) for t in truncated]
         self.rollout = self._rollout_metrics(per_func, rewards, comps, truncated, t_gen)
+        if not items:  # runs placeholders: every rank runs as many forwards
+            return [{"batch": placeholder_batch(self.pad_id), "sources": []} for _ in range(spg * s.num_iterations)]
 
         # split into steps_per_generation micro-batches (shuffled, as TRL shuffles a generation batch)
-        order = torch.randperm(len(items)).tolist()
-        size = len(items) // spg
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
         parts = []
-        for k in range(spg):
-            idx = order[k * size:(k + 1) * size]
+        for k in range(spg):  # equal parts; at the end of an epoch a rank's batch may be short, a part empty
+            idx = order[k * len(items) // spg:(k + 1) * len(items) // spg]
+            if not idx:
+                parts.append({"batch": placeholder_batch(self.pad_id), "sources": []})
+                continue
             batch = completion_batch([items[i].input_ids for i in idx], [comps[i].token_ids for i in idx],
                                      advantages[idx], [trained[i] for i in idx], self.pad_id)
             self._add_reference_log_probs(base, batch)
@@ -461,10 +476,10 @@ class GRPOObjective(Objective):
                          seconds: float) -> dict[str, float]:
         """TRL's names: reward, reward_std, rewards/<name>/mean and /std, completions/mean_length, /max_length,
         /clipped_ratio, and the rollout tokens per second; over every rank's completions."""
-        lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float64)
+        lengths = torch.tensor([len(c.token_ids) for c in comps] or [0], dtype=torch.float64)
         ok = ~torch.isnan(rewards)
         sums = [float(rewards[ok].sum()), float((rewards[ok].double() ** 2).sum()), float(ok.sum()),
-                float(lengths.sum()), float(len(comps)), float(sum(truncated)), seconds]
+                float(lengths.sum()), float(len(comps)), float(sum(truncated)), seconds if comps else 0.0]
         for j in range(per_func.shape[1]):
             col = per_func[:, j]
             good = ~torch.isnan(col)
@@ -484,7 +499,7 @@ class GRPOObjective(Objective):
         out["completions/mean_length"] = t[3] / max(1.0, t[4])
         out["completions/max_length"] = longest
         out["completions/clipped_ratio"] = t[5] / max(1.0, t[4])
-        out["rollout_tokens_per_s"] = round(t[3] / max(1e-9, t[6] / max(1, self.ctx.world_size)), 1)
+        out["rollout_tokens_per_s"] = round(t[3] / max(1e-9, t[6] / max(1, self.ctx.world_size)), 1)  # mean rank time
         return out
 
     # -- the training pass
@@ -517,20 +532,21 @@ class GRPOObjective(Objective):
     def step_metrics(self) -> dict[str, float]:
         return dict(self.rollout)
 
-    # -- evaluation: the reward of greedy completions of held-out prompts
+    # -- evaluation: the reward of completions of held-out prompts, sampled as the rollouts are, seed fixed
 
     def evaluate(self, model: nn.Module, items: list[PromptItem], batch_size: int, pad_id: int, device: torch.device,
                  amp: torch.dtype | None) -> tuple[float, float, dict[str, float]]:
-        """``(−reward sum, prompts, metric sums)`` of one greedy completion per prompt (lower is better, as a loss)."""
+        """``(−reward sum, prompts, metric sums)`` of one completion per prompt, sampled with the rollouts' settings
+        from a fixed seed (every evaluation draws the same way; as TRL evaluates, by sampling), lower is better."""
         from qlora_kernels.generation import generate
 
         if not items:
             return 0.0, 0, {"reward": 0.0, **{f"rewards/{n}": 0.0 for n in self.reward_names}}
-        base = _unwrap(model)
+        base, s = _unwrap(model), self.settings
         with eval_mode(base), autocast(device, amp):
-            result = generate(base, self.tokenizer, [p.prompt for p in items], max_new_tokens=self.settings.
-                              max_completion_length, temperature=0.0, batch_size=batch_size,
-                              chat_template=[None if p.templated else False for p in items])
+            result = generate(base, self.tokenizer, [p.prompt for p in items], max_new_tokens=s.max_completion_length,
+                              temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=self.seed + self.ctx.rank,
+                              batch_size=batch_size, chat_template=[None if p.templated else False for p in items])
         comps = result.completions
         texts = [c.text if isinstance(p.prompt, str) else [{"role": "assistant", "content": c.text}]
                  for c, p in zip(comps, items)]
@@ -547,17 +563,18 @@ class GRPOObjective(Objective):
         return {k: v / max(1.0, count) for k, v in sums.items()}
 
     def eval_note(self, record: dict[str, Any]) -> str:
-        return f" (mean reward {record['eval_reward']:.4f} of greedy completions)"
+        return f" (mean reward {record['eval_reward']:.4f} of sampled completions, seed fixed)"
 
     # -- checkpoints: the micro-batches of a generation batch not trained on yet
 
     def state_dict(self) -> dict[str, Any]:
-        return {"buffer": [{"sources": e["sources"],
+        return {"generations": self.generations, "buffer": [{"sources": e["sources"],
                             "batch": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape),
                                           "values": v.flatten().tolist()} for k, v in e["batch"].items()}}
                            for e in self.buffer]}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        self.generations = int((state or {}).get("generations", 0))
         self.buffer = [{"sources": e["sources"],
                         "batch": {k: torch.tensor(v["values"], dtype=getattr(torch, v["dtype"])).reshape(v["shape"])
                                   for k, v in e["batch"].items()}}
