@@ -4,8 +4,8 @@ rank left without examples in the last micro-batch), and only rank 0 writes; plu
 
 from __future__ import annotations
 
-import math
 import json
+import math
 import os
 import subprocess
 import sys
@@ -128,7 +128,8 @@ def assets(tmp_path_factory) -> dict[str, Path]:
                                   "    return [float(c.split()[:1] == a.split()[:1]) for c, a in zip(completions, "
                                   "answer)]\n")
     return {"model": model, "root": d, "sft": d / "sft.jsonl", "eval": d / "eval.jsonl", "pref": d / "pref.jsonl",
-            "pref_eval": d / "pref_eval.jsonl", "prompts": d / "prompts.jsonl", "prompts_eval": d / "prompts_eval.jsonl",
+            "pref_eval": d / "pref_eval.jsonl", "prompts": d / "prompts.jsonl",
+            "prompts_eval": d / "prompts_eval.jsonl",
             "rewards": d / "rewards.py"}
 
 

@@ -25,6 +25,7 @@ from qlora_kernels.train.data import (
     split_hh_dialogue,
     write_jsonl,
 )
+from qlora_kernels.train.loss import model_sequence_log_probs, sequence_log_probs, token_log_probs
 from qlora_kernels.train.objectives.dpo import (
     DPOSettings,
     dpo_batch_loss,
@@ -33,7 +34,6 @@ from qlora_kernels.train.objectives.dpo import (
     precompute_reference_log_probs,
     reference_log_probs,
 )
-from qlora_kernels.train.loss import model_sequence_log_probs, sequence_log_probs, token_log_probs
 
 from . import bounds
 

@@ -283,7 +283,7 @@ def test_a_reward_model_adapter_is_a_reward_function(assets, tmp_path):
 
 
 def test_trl_grpo_trainer_runs_on_our_model_through_peft(assets, tmp_path):
-    """TRL's own GRPOTrainer, unchanged, on a model loaded with QLoraKernelsConfig and PEFT adapters on NF4LoraLinear."""
+    """TRL's own GRPOTrainer, unchanged, on a model loaded with QLoraKernelsConfig, PEFT adapters on NF4LoraLinear."""
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
     from transformers import AutoModelForCausalLM

@@ -36,8 +36,8 @@ from qlora_kernels.generation import generate
 from qlora_kernels.train.components import autocast_dtype, build_model, load_tokenizer
 from qlora_kernels.train.config import load_config
 from qlora_kernels.train.data import load_pairs, read_rows, write_jsonl
-from qlora_kernels.train.objectives.dpo import DPOSettings, evaluate_dpo
 from qlora_kernels.train.loop import train
+from qlora_kernels.train.objectives.dpo import DPOSettings, evaluate_dpo
 from qlora_kernels.train.templates import alpaca_prompt
 
 from . import synthetic

@@ -28,23 +28,23 @@ import os
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
-from .schema import AT_LEAST_0, AT_LEAST_1, POSITIVE, UNIT, Range
-from .schema import setting as _f
-
 from .objectives.dpo_config import DPOKeys
 from .objectives.grpo_config import GRPOKeys
 from .objectives.reward_config import RewardKeys
 from .objectives.sft_config import SFTKeys
+from .schema import AT_LEAST_0, AT_LEAST_1, POSITIVE, UNIT, Range
+from .schema import setting as _f
 
 DATASET_TYPES = ("alpaca", "completion", "chat", "text", "preference", "hh-rlhf", "prompt")
 PREFERENCE_TYPES = ("preference", "hh-rlhf")  # the row formats of DPO and reward models (see train/data.py)
-OBJECTIVES = ("sft", "dpo", "reward", "grpo")  # what a run optimizes (objectives/<name>.py), its keys in <name>_config.py
+# what a run optimizes (objectives/<name>.py, its keys in objectives/<name>_config.py)
+OBJECTIVES = ("sft", "dpo", "reward", "grpo")
 PREFERENCE_OBJECTIVES = ("dpo", "reward")  # the objectives that train on preference rows
 PROMPT_TYPES = ("prompt",)  # the row format of online objectives (GRPO): TRL's prompt-only data
 EVAL_SPLITS = ("eval", "validation", "test")

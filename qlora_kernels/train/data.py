@@ -577,7 +577,8 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int, counted: bool = True
 def _with_pair_keys(batch: dict[str, torch.Tensor], pairs: list[PreferencePair], counted: bool) -> dict[
         str, torch.Tensor]:
     """``batch`` with the keys of the pairs themselves added: ``pair_weight`` ``[B]`` (1 each, 0 when not
-    ``counted``), ``margin`` ``[B]`` and, when every pair carries them, ``ref_logps`` ``[2B]`` (the B chosen, then the B rejected)."""
+    ``counted``), ``margin`` ``[B]`` and, when every pair carries them, ``ref_logps`` ``[2B]`` (the B chosen, then the
+    B rejected)."""
     batch["pair_weight"] = torch.full((len(pairs),), 1.0 if counted else 0.0)
     batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
     if pairs and all(p.ref_chosen is not None and p.ref_rejected is not None for p in pairs):

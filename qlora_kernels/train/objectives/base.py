@@ -139,7 +139,7 @@ class Objective(ABC):
         """What a checkpoint must keep of the objective beyond the step boundary (JSON; None: nothing)."""
         return None
 
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:  # noqa: B027 (optional hook: nothing to do)
         """Restore :meth:`state_dict`'s value from a checkpoint (None: the checkpoint had nothing)."""
 
 

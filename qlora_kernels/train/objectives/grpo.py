@@ -410,7 +410,8 @@ class GRPOObjective(Objective):
 
     def generate_batch(self, model: nn.Module, prompts: list[PromptItem]) -> list[dict[str, Any]]:
         """Rollouts of ``prompts`` (G each), their rewards and advantages, as ``steps_per_generation`` micro-batches
-        (each ``num_iterations`` times), with π_old's and π_ref's log-probs where needed; records the rollout metrics."""
+        (each ``num_iterations`` times), with π_old's and π_ref's log-probs where needed; records the rollout
+        metrics."""
         from qlora_kernels.generation import generate
 
         s, base = self.settings, _unwrap(model)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Union
 
-from ..schema import AT_LEAST_0, AT_LEAST_1, POSITIVE, Range, UNIT, setting
+from ..schema import AT_LEAST_0, AT_LEAST_1, POSITIVE, UNIT, Range, setting
 
 GRPO_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -32,8 +32,8 @@ class GRPOKeys:
     steps_per_generation: int | None = setting(None, range=AT_LEAST_1, help="micro-batches a generation batch "
                                                "fills (null: gradient_accumulation_steps, one generation a step)")
     loss_type: str = setting("dapo", choices=GRPO_LOSSES, help="how token losses are averaged: grpo (per completion, "
-                             "then over completions), bnpo (over the micro-batch's tokens), dr_grpo (over micro-batch x "
-                             "max_completion_length), dapo (over the tokens of the whole step)")
+                             "then over completions), bnpo (over the micro-batch's tokens), dr_grpo (over micro-batch "
+                             "x max_completion_length), dapo (over the tokens of the whole step)")
     scale_rewards: Union[str, bool] = setting("group", choices=(*SCALE_REWARDS, True, False),
                                               help="advantages divided by the std of the group's rewards, of the "
                                                    "batch's, or not (none); true: group, false: none")
@@ -53,7 +53,8 @@ class GRPOKeys:
             errors.append("reward_funcs: objective grpo needs at least one reward ('module:function' or a reward-model "
                           "adapter directory)")
         if cfg.reward_weights is not None and len(cfg.reward_weights) != len(cfg.reward_funcs):
-            errors.append(f"reward_weights: {len(cfg.reward_weights)} weights for {len(cfg.reward_funcs)} reward_funcs; "
+            errors.append(f"reward_weights: {len(cfg.reward_weights)} weights for {len(cfg.reward_funcs)} "
+                          "reward_funcs; "
                           "give one per function")
         spg = cfg.steps_per_generation or cfg.gradient_accumulation_steps
         if (cfg.micro_batch_size * spg) % cfg.num_generations:
