@@ -46,6 +46,10 @@ DEMO_STEPS = 200
 DPO_STEPS = 80
 GRPO_STEPS = 30
 GRPO_TEMPERATURE = 2.0
+# The 4-bit base and the adapters, the same in every stage of the demo
+QLORA_KEYS: dict[str, Any] = {"quantization": {"quant_type": "nf4", "double_quant": True, "blocksize": 64}, "lora_r": 8,
+                              "lora_alpha": 16, "lora_dropout": 0.0, "lora_target_modules": "all-linear",
+                              "sequence_len": 128}
 RENAME = (2, 4)  # the DPO stage's house style renames Lumo noun 2 (bufa; Zil ninaga) to noun 4 (mabi; Zil gazifo)
 
 
@@ -57,12 +61,7 @@ def demo_raw_config(output_dir: str | Path = "outputs/demo", max_steps: int = DE
         "datasets": [{"path": str(synthetic.TRAIN_FILE), "type": "alpaca"}],
         "test_datasets": [{"path": str(synthetic.EVAL_FILE), "type": "alpaca"}],
         "prompt_template": "alpaca",
-        "quantization": {"quant_type": "nf4", "double_quant": True, "blocksize": 64},
-        "lora_r": 8,
-        "lora_alpha": 16,
-        "lora_dropout": 0.0,
-        "lora_target_modules": "all-linear",
-        "sequence_len": 128,
+        **QLORA_KEYS,
         "micro_batch_size": 16,
         "gradient_accumulation_steps": 1,
         "max_steps": max_steps,
@@ -157,12 +156,7 @@ def demo_dpo_raw_config(output_dir: str | Path, train_file: str | Path, eval_fil
         "dpo_beta": 0.1,
         "dpo_loss": "sigmoid",
         "precompute_ref_log_probs": True,
-        "quantization": {"quant_type": "nf4", "double_quant": True, "blocksize": 64},
-        "lora_r": 8,
-        "lora_alpha": 16,
-        "lora_dropout": 0.0,
-        "lora_target_modules": "all-linear",
-        "sequence_len": 128,
+        **QLORA_KEYS,
         "micro_batch_size": 16,
         "eval_batch_size": 64,
         "max_steps": max_steps,
@@ -209,12 +203,7 @@ def demo_grpo_raw_config(output_dir: str | Path, train_file: str | Path, eval_fi
         "temperature": GRPO_TEMPERATURE,
         "beta": 0.0,
         "loss_type": "dapo",
-        "quantization": {"quant_type": "nf4", "double_quant": True, "blocksize": 64},
-        "lora_r": 8,
-        "lora_alpha": 16,
-        "lora_dropout": 0.0,
-        "lora_target_modules": "all-linear",
-        "sequence_len": 128,
+        **QLORA_KEYS,
         "micro_batch_size": 64,
         "eval_batch_size": 100,
         "max_steps": max_steps,

@@ -412,8 +412,6 @@ class GRPOObjective(Objective):
         """Rollouts of ``prompts`` (G each), their rewards and advantages, as ``steps_per_generation`` micro-batches
         (each ``num_iterations`` times), with π_old's and π_ref's log-probs where needed; records the rollout
         metrics."""
-        from qlora_kernels.generation import generate
-
         s, base = self.settings, _unwrap(model)
         G, spg = s.num_generations, s.steps_per_generation
         # each generation batch of each rank draws from its own seed: ranks sample independently, a resumed run
@@ -426,16 +424,7 @@ class GRPOObjective(Objective):
         per_func = torch.zeros(0, len(self.reward_names))
         if items:
             with autocast(self.device, self.amp):
-                result = generate(base, self.tokenizer, [p.prompt for p in items],
-                                  max_new_tokens=s.max_completion_length, temperature=s.temperature, top_p=s.top_p,
-                                  top_k=s.top_k, seed=seed, batch_size=len(items),
-                                  chat_template=[None if p.templated else False for p in items])
-            comps = result.completions
-            texts = [c.text if isinstance(p.prompt, str) else [{"role": "assistant", "content": c.text}]
-                     for c, p in zip(comps, items)]
-            columns = {k: [p.columns.get(k) for p in items] for k in {k for p in items for k in p.columns}}
-            per_func = score(self.funcs, self.reward_names, [p.prompt for p in items], texts,
-                             [list(c.token_ids) for c in comps], columns)
+                comps, per_func = self.complete_and_score(base, items, seed, len(items))
         t_gen = time.perf_counter() - t0
         unscored = torch.isnan(per_func).all(dim=1)
         rewards = (per_func * self.reward_weights).nansum(dim=1)
@@ -461,6 +450,23 @@ class GRPOObjective(Objective):
             self._add_reference_log_probs(base, batch)
             parts.append({"batch": batch, "sources": [items[i].source for i in idx]})
         return [part for _ in range(s.num_iterations) for part in parts]
+
+    def complete_and_score(self, model: nn.Module, items: list[PromptItem], seed: int, batch_size: int) -> tuple[
+            list[Any], Tensor]:
+        """``(completions, rewards [N, F])`` of one completion of each item, sampled from ``seed`` with the rollouts'
+        settings (:func:`qlora_kernels.generation.generate`) and scored by every reward function (:func:`score`:
+        the prompts as the rows gave them; a conversation's completion as an assistant message, as in TRL)."""
+        from qlora_kernels.generation import generate
+
+        s = self.settings
+        comps = generate(model, self.tokenizer, [p.prompt for p in items], max_new_tokens=s.max_completion_length,
+                         temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed, batch_size=batch_size,
+                         chat_template=[None if p.templated else False for p in items]).completions
+        texts = [c.text if isinstance(p.prompt, str) else [{"role": "assistant", "content": c.text}]
+                 for c, p in zip(comps, items)]
+        columns = {k: [p.columns.get(k) for p in items] for k in {k for p in items for k in p.columns}}
+        return comps, score(self.funcs, self.reward_names, [p.prompt for p in items], texts,
+                            [list(c.token_ids) for c in comps], columns)
 
     @torch.no_grad()
     def _add_reference_log_probs(self, model: nn.Module, batch: dict[str, Tensor]) -> None:
@@ -539,21 +545,11 @@ class GRPOObjective(Objective):
                  amp: torch.dtype | None) -> tuple[float, float, dict[str, float]]:
         """``(−reward sum, prompts, metric sums)`` of one completion per prompt, sampled with the rollouts' settings
         from a fixed seed (every evaluation draws the same way; as TRL evaluates, by sampling), lower is better."""
-        from qlora_kernels.generation import generate
-
         if not items:
             return 0.0, 0, {"reward": 0.0, **{f"rewards/{n}": 0.0 for n in self.reward_names}}
-        base, s = _unwrap(model), self.settings
+        base = _unwrap(model)
         with eval_mode(base), autocast(device, amp):
-            result = generate(base, self.tokenizer, [p.prompt for p in items], max_new_tokens=s.max_completion_length,
-                              temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=self.seed + self.ctx.rank,
-                              batch_size=batch_size, chat_template=[None if p.templated else False for p in items])
-        comps = result.completions
-        texts = [c.text if isinstance(p.prompt, str) else [{"role": "assistant", "content": c.text}]
-                 for c, p in zip(comps, items)]
-        columns = {k: [p.columns.get(k) for p in items] for k in {k for p in items for k in p.columns}}
-        per_func = score(self.funcs, self.reward_names, [p.prompt for p in items], texts,
-                         [list(c.token_ids) for c in comps], columns)
+            _, per_func = self.complete_and_score(base, items, self.seed + self.ctx.rank, batch_size)
         rewards = torch.nan_to_num(per_func, nan=0.0) @ self.reward_weights
         sums = {"reward": float(rewards.sum()),
                 **{f"rewards/{n}": float(torch.nan_to_num(per_func[:, j], nan=0.0).sum())
