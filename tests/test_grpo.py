@@ -305,3 +305,37 @@ def test_trl_grpo_trainer_runs_on_our_model_through_peft(assets, tmp_path):
     assert isinstance(trainer.model.base_model.model.model.layers[0].self_attn.q_proj, NF4LoraLinear)
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(before[n], after[n].detach()) for n in before)
+
+
+def test_conversational_prompts_go_through_the_chat_template_and_rewards_get_messages(tmp_path):
+    """TRL's conversational format: the prompt rendered by the tokenizer's chat template with the generation prompt,
+    the completions handed to the reward functions as assistant messages, the other fields as columns."""
+    from transformers import AutoTokenizer
+
+    from qlora_kernels.demo import synthetic
+    from qlora_kernels.train.data import load_prompts
+
+    messages = [{"role": "user", "content": "bufa sona ."}]
+    write_jsonl([{"prompt": messages, "tag": "x"}, {"prompt": "bufa sona =", "tag": "y"}], tmp_path / "p.jsonl")
+    cfg = load_config(raw={"base_model": str(synthetic.BASE_MODEL_DIR), "output_dir": str(tmp_path / "o"),
+                           "objective": "grpo", "datasets": [{"path": str(tmp_path / "p.jsonl"), "type": "prompt"}],
+                           "reward_funcs": ["qlora_kernels.demo.rewards:exact_translation"], "num_generations": 2,
+                           "micro_batch_size": 2, "max_completion_length": 4, "sequence_len": 64})
+    tok = AutoTokenizer.from_pretrained(synthetic.BASE_MODEL_DIR)
+    items, _, _ = load_prompts(cfg, tok)
+    want = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert items[0].templated and items[0].input_ids == tok(want, add_special_tokens=False)["input_ids"]
+    assert not items[1].templated and items[1].input_ids == tok("bufa sona =")["input_ids"]
+    assert [i.columns for i in items] == [{"tag": "x"}, {"tag": "y"}]
+    seen = {}
+
+    def reward(prompts, completions, completion_ids, tag, **kw):
+        seen.update(prompts=prompts, completions=completions, tag=tag)
+        return [0.0] * len(completions)
+
+    objective = GRPOObjective(GRPOSettings(num_generations=2, max_completion_length=4), ["r:f"], None)
+    objective.funcs, objective.tokenizer = [reward], tok
+    comps, per_func = objective.complete_and_score(qk.load_4bit_model(synthetic.BASE_MODEL_DIR), items, 0, 2)
+    assert per_func.shape == (2, 1) and seen["tag"] == ["x", "y"] and seen["prompts"][0] == messages
+    assert seen["completions"][0] == [{"role": "assistant", "content": comps[0].text}]
+    assert seen["completions"][1] == comps[1].text
