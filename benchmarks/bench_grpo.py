@@ -15,8 +15,9 @@ linear layer, AdamW):
 * ``trl+ours``: TRL's ``GRPOTrainer`` on our model through the PEFT route (``QLoraKernelsConfig`` +
   ``qlora_kernels.hf.LoraConfig``).
 
-Each provider runs in its own process (so that its peak RSS is its own), in turn, ``--rounds`` times (a slow spell
-of the machine hits every provider alike); a step's time is measured from the end of the previous step, the first
+On a GPU (``--device``, default cuda when there is one) every provider runs there and the peak CUDA memory is
+recorded too. Each provider runs in its own process (so that its peak RSS is its own), in turn, ``--rounds`` times
+(a slow spell of the machine hits every provider alike); a step's time is measured from the end of the previous step, the first
 ``--warmup`` steps left out; the medians are reported. ``tok_s`` counts the completion tokens of a step over the
 step's time (rollout and training); ``rollout_tok_s`` (ours) the completion tokens over the generation time alone.
 Writes ``grpo.json`` and ``grpo.png`` to --out and prints the table last. Timing never decides a test.
@@ -73,7 +74,7 @@ def run_ours(args: argparse.Namespace, prompts: Path, out: Path) -> dict[str, An
         "beta": 0.0, "loss_type": "dapo", "lora_r": 8, "lora_alpha": 16, "sequence_len": 128,
         "micro_batch_size": args.prompts * args.generations, "max_steps": steps, "learning_rate": 1e-5,
         "warmup_steps": 0, "lr_scheduler": "constant", "optimizer": "adamw_torch", "seed": 0, "progress_bar": False,
-        "bf16": False})
+        "bf16": False, "device": args.device})
     marks = [time.perf_counter()]
     train(cfg, quiet=True, on_step_end=lambda step, rec: marks.append(time.perf_counter()))
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -98,13 +99,13 @@ def run_trl(args: argparse.Namespace, prompts: Path, out: Path, base: str) -> di
         q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
         model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.float32,
-                                                                  device_map="cpu")
+                                                                  device_map=args.device)
         lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
     else:
         from qlora_kernels.hf import LoraConfig, QLoraKernelsConfig
 
         model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=QLoraKernelsConfig(),
-                                                                  dtype=torch.float32)
+                                                                  dtype=torch.float32).to(args.device)
         lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
     tok = transformers.AutoTokenizer.from_pretrained(path)
     rows = [json.loads(x) for x in prompts.read_text().splitlines()]
@@ -112,7 +113,7 @@ def run_trl(args: argparse.Namespace, prompts: Path, out: Path, base: str) -> di
     config = trl.GRPOConfig(output_dir=str(out), per_device_train_batch_size=args.prompts * args.generations,
                             num_generations=args.generations, max_completion_length=args.new_tokens, temperature=1.0,
                             beta=0.0, loss_type="dapo", learning_rate=1e-5, max_steps=steps, logging_steps=1,
-                            report_to=[], use_cpu=True, bf16=False, save_strategy="no", seed=0,
+                            report_to=[], use_cpu=args.device == "cpu", bf16=False, save_strategy="no", seed=0,
                             gradient_checkpointing=False)
     marks: list[float] = []
 
@@ -145,6 +146,8 @@ def child(args: argparse.Namespace) -> int:
         else:
             res = run_trl(args, prompts, Path(tmp) / "out", "bnb" if args.provider == "trl+bnb" else "ours")
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.device == "cuda":
+        res["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(res))
     return 0
 
@@ -157,6 +160,8 @@ def summarize(provider: str, runs: list[dict[str, Any]], warmup: int) -> dict[st
            "rounds": len(runs)}
     if "rollout_tok_s" in runs[0]:
         row["rollout_tok_s"] = statistics.median([v for r in runs for v in r["rollout_tok_s"][warmup:]])
+    if "peak_cuda_mib" in runs[0]:
+        row["peak_cuda_mib"] = max(r["peak_cuda_mib"] for r in runs)
     return row
 
 
@@ -171,12 +176,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--generations", type=int, default=4, help="completions a prompt (default %(default)s)")
     ap.add_argument("--new-tokens", type=int, default=24, help="most new tokens a completion (default %(default)s)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default %(default)s)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where every provider runs (auto: cuda if available)")
     ap.add_argument("--providers", default=",".join(PROVIDERS),
                     help="comma-separated subset of " + ", ".join(PROVIDERS))
     ap.add_argument("--provider", help=argparse.SUPPRESS)  # internal: run one provider in this process
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.new_tokens, args.rounds, args.warmup = 2, 8, 1, 1
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.provider:
         return child(args)
 
@@ -187,10 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"--providers: unknown {bad}; choose from {', '.join(PROVIDERS)}")
     out = Path(args.out)
-    results = ResultFile(out / "grpo.json", quick=args.quick, env=environment("cpu"),
+    results = ResultFile(out / "grpo.json", quick=args.quick, env=environment(args.device),
                          settings={k: getattr(args, k) for k in ("steps", "warmup", "rounds", "prompts", "generations",
                                                                   "new_tokens", "threads")})
-    bnb, why = load_bnb("cpu")
+    bnb, why = load_bnb(args.device)
     if bnb is None and "trl+bnb" in providers:
         providers.remove("trl+bnb")
         results.set(bnb_skipped=why)
@@ -199,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in providers:
             cmd = [sys.executable, __file__, "--provider", p, "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--prompts", str(args.prompts), "--generations", str(args.generations), "--new-tokens",
-                   str(args.new_tokens), "--threads", str(args.threads)]
+                   str(args.new_tokens), "--threads", str(args.threads), "--device", args.device]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:

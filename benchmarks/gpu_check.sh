@@ -125,6 +125,8 @@ nf4_args=("${quick[@]}")
 step bench_nf4 90 "$PY" benchmarks/bench_nf4.py --out "$WORK" "${nf4_args[@]}"
 step bench_lora 60 "$PY" benchmarks/bench_lora.py --out "$WORK" "${quick[@]}"
 step bench_adamw 75 "$PY" benchmarks/bench_adamw.py --out "$WORK" "${quick[@]}"
+# GRPO steps/s and memory, ours vs TRL's GRPOTrainer (bitsandbytes + PEFT, and on ours): the tiny model, quick
+step bench_grpo 60 "$PY" benchmarks/bench_grpo.py --out "$WORK" --quick
 if [ "$REHEARSAL" = 1 ]; then
   step bench_e2e 90 "$PY" benchmarks/bench_e2e.py --out "$WORK" --quick
   step bench_e2e_ragged 90 "$PY" benchmarks/bench_e2e.py --out "$WORK" --quick --data ragged
