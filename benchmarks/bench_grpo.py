@@ -18,8 +18,9 @@ linear layer, AdamW):
 On a GPU (``--device``, default cuda when there is one) every provider runs there and the peak CUDA memory is
 recorded too. Each provider runs in its own process (so that its peak RSS is its own), in turn, ``--rounds`` times
 (a slow spell of the machine hits every provider alike); a step's time is measured from the end of the previous
-step, the first ``--warmup`` steps left out; the medians are reported. ``tok_s`` counts the completion tokens of a step over the
-step's time (rollout and training); ``rollout_tok_s`` (ours) the completion tokens over the generation time alone.
+step, the first ``--warmup`` steps left out; the medians are reported. ``tok_s`` counts the completion tokens of a
+step over the step's time (rollout and training); ``rollout_tok_s`` (ours) the completion tokens over the generation
+time alone.
 Writes ``grpo.json`` and ``grpo.png`` to --out and prints the table last. Timing never decides a test.
 """
 
