@@ -128,7 +128,8 @@ class CommonKeys:
                              help="fraction (<1) or whole number (>=1) of train rows held out for eval")
     sample_packing: bool = _f(False, help="pack examples into rows of sequence_len tokens (DPO: whole pairs into rows "
                               "of 2 x sequence_len), each attending only to itself; micro_batch_size then counts rows "
-                              "(Axolotl key)")
+                              "(GRPO: each micro-batch's generated sequences packed, micro_batch_size still counts "
+                              "completions) (Axolotl key)")
     micro_batch_size: int = _f(1, range=AT_LEAST_1, help="examples per forward pass (packed rows with sample_packing)")
     eval_batch_size: int | None = _f(None, range=AT_LEAST_1,
                                      help="examples per eval forward pass (default: micro_batch_size)")
@@ -558,9 +559,9 @@ def _check_rules(cfg: TrainConfig, errors: list[str]) -> None:
         errors.append(f"rl, objective: rl: {cfg.rl} contradicts objective: {cfg.objective}; set one of them")
     DPOKeys.check(cfg, errors)
     GRPOKeys.check(cfg, errors)
-    if cfg.objective == "grpo" and (cfg.fsdp or cfg.sample_packing):
-        errors.append("fsdp, sample_packing, objective: GRPO does not run with fsdp: true or sample_packing yet; use "
-                      "DDP under torchrun, or one process")
+    if cfg.objective == "grpo" and cfg.fsdp:
+        errors.append("fsdp, objective: GRPO does not run with fsdp: true yet; use DDP under torchrun, or one "
+                      "process")
     if cfg.bf16 is True and cfg.fp16:
         errors.append("bf16, fp16: set at most one of them to true")
     if cfg.fsdp and cfg.ddp:

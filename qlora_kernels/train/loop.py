@@ -251,10 +251,19 @@ class Recipe:
             self.say(note)
         return model
 
-    def _pack(self) -> list[list[int]]:
+    def _pack(self) -> list[list[int]] | None:
         """sample_packing: check that the model keeps packed items apart (its layout goes to the objective), then
         pack the train items into rows once; reports the packing efficiency."""
         cfg, objective = self.cfg, self.objective
+        if objective.online:  # it packs the micro-batches it generates: only the attention check here
+            try:
+                with autocast(self.device, self.amp):
+                    objective.packed_layout = check_packed_attention(self.model)
+            except RuntimeError as e:
+                raise TrainingError(f"sample_packing: {e}; set sample_packing: false for this model") from None
+            self.say(f"sample_packing: each micro-batch's sequences packed into rows of {cfg.sequence_len} tokens; "
+                     f"attention kept apart ({objective.packed_layout} layout)")
+            return None
         try:
             capacity = objective.pack_capacity(cfg.sequence_len)
             lengths = [objective.pack_length(item) for item in self.train_items]

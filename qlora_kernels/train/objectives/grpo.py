@@ -25,7 +25,8 @@ or that token-normalized sum (``dapo``), as in TRL.
 
 A generation batch is ``micro_batch_size × steps_per_generation`` completions a rank (TRL's numbers:
 ``micro_batch_size`` counts completions), split into ``steps_per_generation`` micro-batches, each used
-``num_iterations`` times. A micro-batch holds whole sequences, prompt then completion, right-padded, so that every
+``num_iterations`` times. A micro-batch holds whole sequences, prompt then completion, right-padded (or with
+``sample_packing`` packed into rows of ``sequence_len`` tokens, position ids restarting per sequence), so that every
 token sits at the position it had while it was generated (TRL left-pads prompts in its training forward, which
 shifts the positions of a shorter prompt's tokens: a difference on purpose).
 
@@ -53,10 +54,11 @@ from qlora_kernels.hf import adapters_disabled
 
 from ..components import autocast, eval_mode
 from ..config import ConfigError, TrainConfig
-from ..data import DataStats, PromptItem, load_prompts
+from ..data import DataStats, Example, PromptItem, load_prompts
 from ..distributed import SINGLE, DistContext, all_reduce_max, all_reduce_sum
 from ..distributed import unwrap_model as _unwrap
 from ..loss import IGNORE_INDEX, decoder_forward, target_rows, token_log_probs
+from ..packing import collate_segments, pack_bins
 from .base import Objective
 from .grpo_config import GRPO_LOSSES, SCALE_REWARDS
 
@@ -84,6 +86,8 @@ class GRPOSettings:
     scale_rewards: str = "group"
     mask_truncated_completions: bool = False
     chunk_size: int | None = None
+    pack: bool = False  # sample_packing: each micro-batch's sequences packed into rows of sequence_len tokens
+    sequence_len: int = 2048
 
     def __post_init__(self) -> None:
         if self.loss_type not in GRPO_LOSSES:
@@ -101,7 +105,7 @@ class GRPOSettings:
                    cfg.use_bias_correction_kl, cfg.epsilon, cfg.epsilon_high, cfg.num_iterations,
                    cfg.steps_per_generation or cfg.gradient_accumulation_steps, cfg.gradient_accumulation_steps,
                    cfg.micro_batch_size, cfg.loss_type, cfg.scale_rewards, cfg.mask_truncated_completions,
-                   cfg.loss_chunk_size)
+                   cfg.loss_chunk_size, cfg.sample_packing, cfg.sequence_len)
 
     @property
     def needs_old_log_probs(self) -> bool:
@@ -242,10 +246,12 @@ def _nanstd(x: Tensor) -> Tensor:
 
 
 def completion_log_probs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                         temperature: float = 1.0, chunk_size: int | None = None) -> Tensor:
+                         temperature: float = 1.0, chunk_size: int | None = None, position_ids: Tensor | None = None,
+                         layout: str | None = None) -> Tensor:
     """Log-probs ``[N]`` (fp32) of the completion tokens (``labels`` not -100), in row-major order, of the logits
-    divided by ``temperature``; chunked, no full-vocabulary logits."""
-    hidden, head, bias = decoder_forward(model, input_ids, attention_mask)
+    divided by ``temperature``; chunked, no full-vocabulary logits. ``position_ids`` / ``layout``: a packed batch
+    (:func:`.loss.decoder_forward`)."""
+    hidden, head, bias = decoder_forward(model, input_ids, attention_mask, position_ids, layout)
     h, y, _ = target_rows(hidden, labels)
     if y.numel() == 0:  # a placeholder: keep the graph connected (every rank of DDP must produce grads)
         return hidden.sum()[None][:0] * 0.0
@@ -255,9 +261,11 @@ def completion_log_probs(model: nn.Module, input_ids: Tensor, attention_mask: Te
     return token_log_probs(h, head, y, bias, chunk_size)
 
 
-def token_rows(labels: Tensor) -> Tensor:
-    """The row of each completion token ``[N]``, in the order of :func:`completion_log_probs`."""
-    return (labels[:, 1:] != IGNORE_INDEX).nonzero()[:, 0]
+def token_rows(labels: Tensor, sequence_ids: Tensor | None = None) -> Tensor:
+    """The completion (row, or of a packed batch its ``sequence_ids`` number) of each completion token ``[N]``, in the
+    order of :func:`completion_log_probs`."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    return mask.nonzero()[:, 0] if sequence_ids is None else sequence_ids[:, 1:][mask]
 
 
 def grpo_token_losses(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, epsilon: float = 0.2,
@@ -301,10 +309,20 @@ def aggregate(losses: Tensor, rows: Tensor, num_rows: int, loss_type: str, max_c
 
 
 def completion_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], advantages: Tensor,
-                     trained: Sequence[bool], pad_id: int) -> dict[str, Tensor]:
-    """One right-padded micro-batch of whole sequences (prompt, then completion): ``input_ids``, ``attention_mask``,
-    ``labels`` (the completion tokens of the ``trained`` ones, -100 elsewhere), ``advantages`` ``[B]``, ``weight``
-    ``[B]`` (1)."""
+                     trained: Sequence[bool], pad_id: int, pack_capacity: int | None = None) -> dict[str, Tensor]:
+    """One micro-batch of whole sequences (prompt, then completion): ``input_ids``, ``attention_mask``, ``labels``
+    (the completion tokens of the ``trained`` ones, -100 elsewhere), ``advantages`` ``[B]``, ``weight`` ``[B]`` (1).
+
+    A row a sequence, right-padded; or with ``pack_capacity`` the sequences packed into rows of at most that many
+    tokens (:func:`.packing.pack_bins`, :func:`.packing.collate_segments`: no padding inside a row, position ids
+    restarting with each sequence), with ``position_ids`` and ``sequence_ids`` (each token's completion, -1 on
+    padding)."""
+    if pack_capacity is not None:
+        items = [Example(list(p) + list(c), [IGNORE_INDEX] * len(p) + (list(c) if t else [IGNORE_INDEX] * len(c)), "")
+                 for p, c, t in zip(prompt_ids, completion_ids, trained)]
+        bins = pack_bins([len(e.input_ids) for e in items], pack_capacity)
+        batch = collate_segments([[items[i] for i in b] for b in bins], pad_id, True, [list(b) for b in bins])
+        return {**batch, "advantages": advantages.float().clone(), "weight": torch.ones(len(items))}
     rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -446,7 +464,8 @@ class GRPOObjective(Objective):
                 parts.append({"batch": placeholder_batch(self.pad_id), "sources": []})
                 continue
             batch = completion_batch([items[i].input_ids for i in idx], [comps[i].token_ids for i in idx],
-                                     advantages[idx], [trained[i] for i in idx], self.pad_id)
+                                     advantages[idx], [trained[i] for i in idx], self.pad_id,
+                                     s.sequence_len if s.pack else None)
             self._add_reference_log_probs(base, batch)
             parts.append({"batch": batch, "sources": [items[i].source for i in idx]})
         return [part for _ in range(s.num_iterations) for part in parts]
@@ -468,16 +487,25 @@ class GRPOObjective(Objective):
         return comps, score(self.funcs, self.reward_names, [p.prompt for p in items], texts,
                             [list(c.token_ids) for c in comps], columns)
 
+    def _log_prob_args(self, batch: dict[str, Tensor], device: torch.device | None = None) -> tuple:
+        """The arguments of :func:`completion_log_probs` after the model, for a plain or a packed batch."""
+        s = self.settings
+        move = (lambda t: t.to(device)) if device is not None else (lambda t: t)
+        args = (*(move(batch[k]) for k in ("input_ids", "attention_mask", "labels")), s.temperature, s.chunk_size)
+        if "position_ids" in batch:
+            args += (move(batch["position_ids"]), self.packed_layout)
+        return args
+
     @torch.no_grad()
     def _add_reference_log_probs(self, model: nn.Module, batch: dict[str, Tensor]) -> None:
         s = self.settings
-        args = tuple(batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
+        args = self._log_prob_args(batch, self.device)
         with autocast(self.device, self.amp):
             if s.needs_old_log_probs:
-                batch["old_log_probs"] = completion_log_probs(model, *args, s.temperature, s.chunk_size).cpu()
+                batch["old_log_probs"] = completion_log_probs(model, *args).cpu()
             if s.beta != 0.0:
                 with adapters_disabled(model):
-                    batch["ref_log_probs"] = completion_log_probs(model, *args, s.temperature, s.chunk_size).cpu()
+                    batch["ref_log_probs"] = completion_log_probs(model, *args).cpu()
 
     def _rollout_metrics(self, per_func: Tensor, rewards: Tensor, comps: list[Any], truncated: list[bool],
                          seconds: float) -> dict[str, float]:
@@ -514,9 +542,9 @@ class GRPOObjective(Objective):
     def loss(self, model: nn.Module, batch: dict[str, Tensor],
              run: Callable[..., Any] | None = None) -> tuple[Tensor, dict[str, float]]:
         s = self.settings
-        args = (batch["input_ids"], batch["attention_mask"], batch["labels"], s.temperature, s.chunk_size)
+        args = self._log_prob_args(batch)
         logp = run(completion_log_probs, *args) if run is not None else completion_log_probs(_unwrap(model), *args)
-        rows = token_rows(batch["labels"]).to(logp.device)
+        rows = token_rows(batch["labels"], batch.get("sequence_ids")).to(logp.device)
         old = batch.get("old_log_probs")
         old = logp.detach() if old is None else old.to(logp)
         ref = batch.get("ref_log_probs")
@@ -524,7 +552,7 @@ class GRPOObjective(Objective):
         losses, kl, clipped = grpo_token_losses(logp, old, adv, s.epsilon, s.epsilon_high, s.beta,
                                                 None if ref is None else ref.to(logp), s.use_bias_correction_kl)
         w = float(batch["weight"].sum() > 0)
-        value = aggregate(losses, rows, batch["input_ids"].shape[0], s.loss_type, s.max_completion_length) * w
+        value = aggregate(losses, rows, batch["advantages"].shape[0], s.loss_type, s.max_completion_length) * w
         n = float(losses.numel()) * w
         return value, {"kl": float(kl.sum()) * w, "clip_ratio": float(clipped.float().sum()) * w,
                        "completion_tokens": n}
