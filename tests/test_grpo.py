@@ -322,7 +322,8 @@ def test_conversational_prompts_go_through_the_chat_template_and_rewards_get_mes
                            "reward_funcs": ["qlora_kernels.demo.rewards:exact_translation"], "num_generations": 2,
                            "micro_batch_size": 2, "max_completion_length": 4, "sequence_len": 64})
     tok = AutoTokenizer.from_pretrained(synthetic.BASE_MODEL_DIR)
-    items, _, _ = load_prompts(cfg, tok)
+    items, _, stats = load_prompts(cfg, tok)
+    assert stats.summary().startswith("2 prompts from 2 rows")
     want = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert items[0].templated and items[0].input_ids == tok(want, add_special_tokens=False)["input_ids"]
     assert not items[1].templated and items[1].input_ids == tok("bufa sona =")["input_ids"]

@@ -90,12 +90,17 @@ class DataStats:
     tokens: int = 0
     target_tokens: int = 0
     bad_row_messages: list[str] = field(default_factory=list)
+    prompts_only: bool = False  # prompt rows (GRPO): no targets, nothing truncated
 
     def summary(self) -> str:
+        too_long = f"dropped as longer than sequence_len {self.dropped_too_long}, " if self.dropped_too_long else ""
+        if self.prompts_only:
+            return (f"{self.examples} prompts from {self.rows} rows ({self.tokens} tokens); prompts with more than "
+                    f"sequence_len - max_completion_length tokens dropped {self.dropped_too_long}, skipped bad rows "
+                    f"{self.skipped_bad_rows}")
         return (f"{self.examples} examples from {self.rows} rows ({self.tokens} tokens, {self.target_tokens} "
                 f"trained); truncated {self.truncated}, dropped without target {self.dropped_no_target}, "
-                + (f"dropped as longer than sequence_len {self.dropped_too_long}, " if self.dropped_too_long else "")
-                + f"skipped bad rows {self.skipped_bad_rows}")
+                + too_long + f"skipped bad rows {self.skipped_bad_rows}")
 
 
 # --------------------------------------------------------------------------- reading files
@@ -479,6 +484,7 @@ def load_prompt_dataset(ds: DatasetConfig, cfg: TrainConfig, tokenizer: Any, sta
     from qlora_kernels.generation import encode_prompt
 
     room = cfg.sequence_len - cfg.max_completion_length
+    stats.prompts_only = True
     out: list[PromptItem] = []
     for source, row in checked_rows(ds, cfg, stats, check_prompt_row):
         p = row["prompt"]
