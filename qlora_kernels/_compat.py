@@ -18,13 +18,13 @@ import re
 import warnings
 from importlib import metadata
 
-TESTED_ON = "2026-12-06"
+TESTED_ON = "2026-12-07"
 
 # package: (floor, newest tested). Keep the floors equal to pyproject.toml's lower bounds.
 TESTED: dict[str, tuple[str, str]] = {
     "torch": ("2.14.1", "2.14.1"),
     "transformers": ("5.23.0", "5.25.0"),
-    "peft": ("0.20.0", "0.21.2"),
+    "peft": ("0.20.0", "0.22.0"),
     "trl": ("1.16.0", "1.16.0"),
     "safetensors": ("0.8.0", "0.8.0"),
 }

@@ -325,13 +325,29 @@ def eos_token_ids(model: nn.Module, tokenizer: Any, templated: bool = False) -> 
     return ids
 
 
-@torch.inference_mode()
+def sharded_ranks(model: nn.Module) -> bool:
+    """Whether ``model`` holds FSDP2 units across more than one process: then each of its forward passes is a
+    collective, and every rank must run as many."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
              batch_size: int = 8, chat_template: bool | None | Sequence[bool | None] = None,
              on_tokens: Callable[[torch.Tensor], None] | None = None, cache: str = "dynamic") -> GenerationResult:
     """Complete ``prompts`` (strings or conversations; see the module's docstring), ``batch_size`` at a time,
     left-padded, under ``torch.inference_mode()``, with the ``cache`` asked for.
+
+    A model sharded with FSDP2 over several processes (:func:`sharded_ranks`) generates with the ranks in step:
+    each forward is a collective, so a rank whose sequences have all ended runs the others' remaining steps too
+    (transformers' ``synced_gpus``), under ``torch.no_grad()`` (FSDP2 keeps a root's gathered parameters after a
+    forward; inference tensors could not be used by the training step after). Call it on every rank with the
+    same number of batches (``ceil(len(prompts) / batch_size)``).
 
     Args:
         max_new_tokens: the most new tokens per prompt; a sequence also ends at an end-of-sequence token (the
@@ -351,6 +367,16 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], *, max
         template, a prompt whose tokens and ``max_new_tokens`` together exceed the model's context; a bad
         sampling setting, naming it.
     """
+    synced = sharded_ranks(model)
+    with torch.no_grad() if synced else torch.inference_mode():
+        return _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, top_k, seed, batch_size,
+                         chat_template, on_tokens, cache, synced)
+
+
+def _generate(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], max_new_tokens: int, temperature: float,
+              top_p: float, top_k: int, seed: int | None, batch_size: int,
+              chat_template: bool | None | Sequence[bool | None], on_tokens: Callable[[torch.Tensor], None] | None,
+              cache: str, synced: bool) -> GenerationResult:
     check_sampling(max_new_tokens, temperature, top_p, top_k, seed, batch_size, cache)
     if isinstance(prompts, (str, dict)) or not isinstance(prompts, Sequence):
         raise ValueError(f"prompts must be a list of prompts; got {type(prompts).__name__}")
@@ -375,6 +401,8 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], *, max
     sampling = temperature > 0
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=sampling, num_beams=1,
                                   pad_token_id=pad, eos_token_id=eos or None, use_cache=True, **cache_kwargs(cache))
+    if synced:
+        kwargs["synced_gpus"] = True
     # Every knob is set, so that none of a checkpoint's generation_config sampling defaults applies.
     kwargs.update(dict(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k)) if sampling else
                   dict(temperature=None, top_p=None, top_k=None))

@@ -148,7 +148,9 @@ def test_the_import_warns_once_about_an_untested_install(tmp_path):
                                                           if p])
     proc = _run(code, {"PYTHONPATH": path})
     assert proc.returncode == 0, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if "UntestedVersionWarning" in line]
+    # Only trl's: the registry may have served a release of another package newer than the table (the next
+    # test covers those), and that warning is right there too.
+    lines = [line for line in proc.stderr.splitlines() if "UntestedVersionWarning" in line and " trl " in line]
     assert len(lines) == 1, proc.stderr
     floor, newest = _compat.TESTED["trl"]
     assert "trl 1.0.0" in lines[0] and f"tested range: trl {floor} to {newest}" in lines[0]

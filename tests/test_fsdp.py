@@ -416,3 +416,105 @@ def test_the_multi_gpu_benchmark_says_it_needs_more_gpus(tmp_path):
     assert bench_e2e.main(["--multi-gpu", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / bench_e2e.MULTI_FILE).read_text())
     assert "needs at least 2 GPUs" in res["skipped"] and res["rows"] == [] and res["complete"]
+
+
+# --------------------------------------------------------------------------- the other objectives under fsdp
+
+
+@pytest.fixture(scope="module")
+def objective_assets(assets, tmp_path_factory) -> dict[str, Path]:
+    """Preference pairs (a reward model) and prompts with a rewarded answer (GRPO), and a copy of the model whose
+    generation config ends a sequence at 1 token in 5: completions end at different steps on the two ranks."""
+    import shutil
+
+    from qlora_kernels.train.data import write_jsonl
+
+    d = tmp_path_factory.mktemp("fsdp_objectives")
+    langs = make_languages()
+    pairs = [{"prompt": f"{r['instruction']} {r['input']} =", "chosen": f" {r['output']}", "rejected": f" {r['input']}"}
+             for r in instruction_rows(langs, 14, seed=5)]
+    write_jsonl(pairs[:9], d / "pref.jsonl")  # the last global micro-batch of 4 leaves rank 1 without a pair
+    write_jsonl(pairs[9:], d / "pref_eval.jsonl")
+    rows = instruction_rows(langs, 12, seed=4)
+    write_jsonl([{"prompt": f"{r['instruction']} {r['input']} =", "answer": r["output"]} for r in rows[:9]],
+                d / "prompts.jsonl")  # 9 prompts, 4 a generation batch: rank 1 gets none in the third
+    write_jsonl([{"prompt": f"{r['instruction']} {r['input']} ="} for r in rows[9:]], d / "prompts_eval.jsonl")
+    (d / "rewards.py").write_text("def length(prompts, completions, **kw):\n"
+                                  "    return [len(c) / 10 for c in completions]\n")
+    model = d / "model"
+    shutil.copytree(assets["model"], model)
+    gen = json.loads((model / "generation_config.json").read_text())
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    (model / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [2, *range(3, vocab, 5)]}))
+    return {"root": d, "model": model, "pref": d / "pref.jsonl", "pref_eval": d / "pref_eval.jsonl",
+            "prompts": d / "prompts.jsonl", "prompts_eval": d / "prompts_eval.jsonl", "rewards": d / "rewards.py"}
+
+
+def test_a_reward_model_under_fsdp_trains_the_adapters_and_head_of_one_process(assets, objective_assets, tmp_path):
+    """The score head (trained whole) is a unit of its own: 2 ranks x micro-batch 2 give one process's
+    micro-batch 4, the adapter holds the head, and the sharded checkpoint resumes."""
+    oa = objective_assets
+    kw = {"objective": "reward", "datasets": [{"path": str(oa["pref"]), "type": "preference"}],
+          "test_datasets": [{"path": str(oa["pref_eval"]), "type": "preference"}]}
+    cfg = tmp_path / "reward.yaml"
+    cfg.write_text(yaml.safe_dump(raw_config(assets, tmp_path / "full", **kw)))
+    full = run_torchrun(["-m", "qlora_kernels.train", str(cfg)])
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    assert "trained whole and sharded as units of their own: score" in full.stdout
+    one = train(load_config(raw=raw_config(assets, tmp_path / "one", micro_batch_size=4, fsdp=False, **kw)),
+                quiet=True)
+    a = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    assert "base_model.model.score.weight" in a and a.keys() == b.keys()
+    got, want = _records(tmp_path / "full"), [r for r in one.history if "loss" in r]
+    assert [r["pairs"] for r in got] == [r["pairs"] for r in want] == [8, 5, 5, 8]  # 9 pairs an epoch
+    # the longest reduction: a global batch's sequences (2 x 4 pairs x 2 of <= 64 tokens)
+    bounds.assert_same_training(got, want, a, b, num_layers=2, reduce_len=1024)
+    (e_got,), (e_want,) = _records(tmp_path / "full", "eval_loss"), [r for r in one.history if "eval_loss" in r]
+    assert e_got["eval_accuracy"] == e_want["eval_accuracy"]
+    resumed = run_torchrun(["-m", "qlora_kernels.train", str(cfg), f"output_dir={tmp_path / 'resumed'}",
+                            f"resume_from_checkpoint={tmp_path / 'full' / 'checkpoint-2'}"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert [(r["loss"], r["grad_norm"]) for r in _records(tmp_path / "resumed")] == [(r["loss"], r["grad_norm"])
+                                                                                     for r in got[2:]]
+    c = load_file(str(tmp_path / "resumed" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_grpo_under_fsdp_generates_in_step_and_trains_as_ddp(assets, objective_assets, tmp_path):
+    """GRPO on the sharded model: the ranks' decode steps stay in step while their completions end at different
+    lengths, a rank without prompts (the third generation batch) or with fewer eval prompts generates
+    placeholders; the rollouts equal DDP's (same seeds, same weights), the steps equal it within rounding, and the
+    sharded checkpoint resumes with the generation state."""
+    oa = objective_assets
+    raw = raw_config(assets, tmp_path / "fsdp", objective="grpo", base_model=str(oa["model"]),
+                     datasets=[{"path": str(oa["prompts"]), "type": "prompt"}],
+                     test_datasets=[{"path": str(oa["prompts_eval"]), "type": "prompt"}],
+                     reward_funcs=[f"{oa['rewards']}:length"], num_generations=4, max_completion_length=6,
+                     temperature=1.0, micro_batch_size=4, max_steps=3, eval_steps=3, eval_batch_size=1,
+                     beta=0.04, loss_type="grpo", optimizer="adamw_torch")
+    cfg = tmp_path / "grpo.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    runs = {}
+    for name, extra in (("fsdp", []), ("ddp", ["fsdp=false"])):
+        proc = run_torchrun(["-m", "qlora_kernels.train", str(cfg), f"output_dir={tmp_path / name}", *extra])
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs[name] = _records(tmp_path / name)
+    got, want = runs["fsdp"], runs["ddp"]
+    rollout = ("reward", "reward_std", "completions/mean_length", "completions/max_length", "normalizer")
+    assert [[r[k] for k in rollout] for r in got] == [[r[k] for k in rollout] for r in want]
+    lengths = [r["completions/mean_length"] for r in want]
+    assert all(0 < x < 6 for x in lengths)  # completions ended early, at different steps
+    a = load_file(str(tmp_path / "fsdp" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "ddp" / "adapter_model.safetensors"))
+    # the loss's terms: importance ratios (~1) times advantages, each of magnitude <= (G - 1) / sqrt(G) = 1.5 in a
+    # group of G = 4 normalized by its std, plus beta x the KL; the longest reduction a global batch's tokens
+    bounds.assert_same_training(got, want, a, b, num_layers=2, reduce_len=512,
+                                loss_scale=lambda r: 1.5 + 0.04 * abs(r["kl"]))
+    (e_got,), (e_want,) = _records(tmp_path / "fsdp", "eval_loss"), _records(tmp_path / "ddp", "eval_loss")
+    assert e_got["eval_reward"] == e_want["eval_reward"]
+    resumed = run_torchrun(["-m", "qlora_kernels.train", str(cfg), f"output_dir={tmp_path / 'resumed'}",
+                            f"resume_from_checkpoint={tmp_path / 'fsdp' / 'checkpoint-2'}"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert [(r["loss"], r["reward"]) for r in _records(tmp_path / "resumed")] == [(r["loss"], r["reward"])
+                                                                                 for r in got[2:]]

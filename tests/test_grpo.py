@@ -138,7 +138,6 @@ def test_config_keys_and_rules(assets, tmp_path):
                     ({"loss_type": "sigmoid"}, "loss_type: 'sigmoid' is not allowed"),
                     ({"num_generations": 1}, "num_generations: must be >= 2"),
                     ({"datasets": [{"path": str(assets["train"]), "type": "completion"}]}, "GRPO reads prompt rows"),
-                    ({"fsdp": True}, "does not run with fsdp"),
                     ({"reward_funcs": [f"{assets['rewards']}:nothing"]}, r"reward_funcs\[0\]: .*no callable")):
         with pytest.raises(ConfigError, match=msg):
             train(config(assets, tmp_path / "x", **kw), quiet=True) if "reward_funcs" in kw and kw["reward_funcs"] \

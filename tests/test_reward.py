@@ -89,7 +89,6 @@ def test_config_keys_and_rules(assets, tmp_path):
                     ({"datasets": [{"path": str(assets["train"]), "type": "completion"}]},
                      "a reward model trains on preference rows"),
                     ({"sample_packing": True}, "set sample_packing: false"),
-                    ({"fsdp": True}, "is not sharded yet"),
                     ({"objective": ..., "reward_model": True}, "set objective: reward")):
         with pytest.raises(ConfigError, match=msg):
             config(assets, tmp_path, **kw)

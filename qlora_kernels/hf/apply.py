@@ -179,7 +179,7 @@ def apply_qlora(
         raise TypeError("model is a PEFT model; apply_qlora takes the plain transformers model")
     if target_parameters is not None:
         check_spec(list(target_parameters), "target_parameters")
-    saved = _modules_to_save(model, modules_to_save)
+    saved = _modules_to_save(model, modules_to_save)  # (checked before anything changes)
     chosen = [c for c in _select(model, target_modules, exclude_modules)
               if not any(c[0] == n or c[0].startswith(n + ".") for n in saved)]
     expert_targets = moe.targeted(model, target_parameters) if target_parameters is not None else {}
@@ -202,12 +202,26 @@ def apply_qlora(
         model.get_submodule(name).add_lora(r, lora_alpha, lora_dropout, use_rslora, lora_dtype, projections)
     if bnb4:
         drop_bnb4_state(model)
-    if saved:
-        for name in saved:
-            model.get_submodule(name).to(lora_dtype)
-        model.qlora_modules_to_save = tuple(dict.fromkeys((*getattr(model, "qlora_modules_to_save", ()), *saved)))
+    train_whole(model, saved, lora_dtype)
     freeze_all_but_lora(model)
     return model
+
+
+def train_whole(model: nn.Module, modules_to_save: Sequence[str] | None, dtype: torch.dtype = torch.float32
+                ) -> list[str]:
+    """Make ``modules_to_save`` (names or last components of dense modules, see :func:`apply_qlora`) trained whole:
+    cast to ``dtype``, trainable, and recorded in ``model.qlora_modules_to_save`` (which :func:`save_adapter`
+    writes and :func:`freeze_all_but_lora` keeps trainable). Returns their full names.
+
+    Raises:
+        ValueError, TypeError: as :func:`apply_qlora` for ``modules_to_save``.
+    """
+    saved = _modules_to_save(model, modules_to_save)
+    for name in saved:
+        model.get_submodule(name).to(dtype).requires_grad_(True)
+    if saved:
+        model.qlora_modules_to_save = tuple(dict.fromkeys((*getattr(model, "qlora_modules_to_save", ()), *saved)))
+    return saved
 
 
 def _modules_to_save(model: nn.Module, names: Sequence[str] | None) -> list[str]:

@@ -342,6 +342,8 @@ def load_4bit_model(
                     ", ".join(new_heads), ", ".join(skipped) or "nothing")
     _check_unexpected(model, plan.unexpected, path, strict)
     blocks = _blocks(model, block_hook)
+    for name in new_heads:  # first, whether or not blocks are handed to a hook: the same draws either way
+        _init_new_head(model, model.get_submodule(name), dtype, device)
     sources = _Sources(ckpt, plan, model, path)
     four_bit = quant is not None or any(bnb_format.is_nf4_quant_state_key(k) for k in plan.direct)
     quantize = None if four_bit else dict(blocksize=blocksize, double_quant=double_quant,
@@ -357,8 +359,7 @@ def load_4bit_model(
         n = _load_linear_layers(model, modules(), sources, path, dtype, device, quantize)
         # 1b. fused MoE experts -> NF4Experts (stored NF4, or quantized here), one module at a time
         _load_experts(model, modules(), sources, path, dtype, device, experts)
-        # 2. every other parameter and persistent buffer, in dtype; tied parameters stay tied; a new task head
-        # initialised
+        # 2. every other parameter and persistent buffer, in dtype; tied parameters stay tied
         _load_other_tensors(model, modules(), sources, path, dtype, device, loaded, new_heads)
         # 3. computed buffers (rotary inv_freq, embed scales): let the model class initialise them
         _init_computed_buffers(model, modules(), device)
@@ -596,11 +597,8 @@ def _load_other_tensors(model: nn.Module, modules: list[tuple[str, nn.Module]], 
                         new_heads: Sequence[str] = ()) -> None:
     """Every parameter and persistent buffer of ``modules`` still on the meta device, outside the NF4 layers: read in
     ``dtype`` (floating point only; the model class's fp32 modules in fp32); tied parameters stay tied (``loaded``:
-    what earlier calls read, by id of the meta stand-in). The modules ``new_heads`` (top-level names) are initialised
-    instead (:func:`_init_new_head`)."""
-    for name in new_heads:
-        if any(n == name for n, _ in modules):
-            _init_new_head(model, model.get_submodule(name), dtype, device)
+    what earlier calls read, by id of the meta stand-in). The modules ``new_heads`` (top-level names) are skipped:
+    they were initialised before anything was read (:func:`_init_new_head`)."""
     modules = [(n, m) for n, m in modules if not any(n == h or n.startswith(h + ".") for h in new_heads)]
     keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
         getattr(model, "_keep_in_fp32_modules_strict", None) or ())

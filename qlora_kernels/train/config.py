@@ -559,9 +559,6 @@ def _check_rules(cfg: TrainConfig, errors: list[str]) -> None:
         errors.append(f"rl, objective: rl: {cfg.rl} contradicts objective: {cfg.objective}; set one of them")
     DPOKeys.check(cfg, errors)
     GRPOKeys.check(cfg, errors)
-    if cfg.objective == "grpo" and cfg.fsdp:
-        errors.append("fsdp, objective: GRPO does not run with fsdp: true yet; use DDP under torchrun, or one "
-                      "process")
     if cfg.bf16 is True and cfg.fp16:
         errors.append("bf16, fp16: set at most one of them to true")
     if cfg.fsdp and cfg.ddp:
@@ -569,9 +566,6 @@ def _check_rules(cfg: TrainConfig, errors: list[str]) -> None:
                       "FSDP2 shards it across the ranks (README: 'DDP or FSDP2')")
     if not cfg.fsdp and cfg.fsdp_config != FSDPConfig():
         errors.append("fsdp_config: applies with fsdp: true only; set fsdp: true, or remove fsdp_config")
-    if cfg.fsdp and cfg.objective == "reward":
-        errors.append("fsdp, objective: a reward model (its score head trained whole) is not sharded yet; train it "
-                      "with DDP (leave fsdp off under torchrun) or in one process")
     if cfg.sample_packing and cfg.objective == "reward":
         errors.append("sample_packing, objective: a reward model scores each sequence at its last token and trains on "
                       "padded pairs; set sample_packing: false")

@@ -6,8 +6,13 @@ itself.
 
 * **Units.** Each transformer block is one FSDP unit (its class: ``fsdp_config.transformer_layer_cls_to_wrap``,
   default the model's ``_no_split_modules``); the decoder (embeddings, final norm) is the root unit, which every
-  forward of the trainer goes through (training, eval, DPO's reference pass). The output projection stays whole
-  on every rank (the chunked loss reads its weight directly; it is frozen, so it needs no reduction).
+  forward of the trainer goes through (training, eval, DPO's reference pass, GRPO's rollouts). The output
+  projection stays whole on every rank (the chunked loss reads its weight directly; it is frozen, so it needs no
+  reduction). A module the objective trains whole (a reward model's ``score`` head, its ``modules_to_save``) is a
+  unit of its own beside the decoder, its gradient reduce-scattered like the adapters'.
+* **Forwards in step.** Each forward of a unit is a collective, so every rank runs as many: a rank with fewer
+  eval items runs placeholder batches (:meth:`.objectives.base.Objective.evaluate_placeholders`); GRPO's
+  rollouts keep the ranks' decode steps in step (:func:`qlora_kernels.generation.generate` on a sharded model).
 * **The NF4 tensors** (packed codes, absmax codes, code table, nested absmax, nested code table) of every
   ``NF4Linear`` / ``NF4Experts`` become frozen parameters (:func:`qlora_kernels.nn.nf4_storage.hold_nf4_as_parameters`),
   so ``fully_shard`` shards them with the rest of the block: each rank keeps 1/N of every tensor (dim 0, padded
@@ -54,6 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from qlora_kernels import apply_qlora
+from qlora_kernels.hf.apply import train_whole
 from qlora_kernels.hf.layers import linear_modules, matches, output_embedding_names
 from qlora_kernels.hf.loading import BlockHook
 from qlora_kernels.nn.fused_mlp import fuse_qlora_mlps
@@ -74,9 +80,10 @@ from .checkpoint import (
     write_rng,
     write_trainer_state,
 )
-from .components import TrainingError, autocast, eval_mode, load_base_model, lora_kwargs
+from .components import TrainingError, load_base_model, lora_kwargs
 from .components import build_model as build_whole_model
 from .config import ConfigError, TrainConfig
+from .objectives import objective_class
 
 SHARDED_DIR = "sharded"  # the torch.distributed.checkpoint files of a checkpoint
 FSDP_REPORT = "fsdp.json"  # in output_dir: how the model was sharded, and the NF4 bytes each rank holds
@@ -222,20 +229,31 @@ class _BlockSharder:
         if self.add_lora and wanted:
             raise ConfigError(f"fsdp: lora_target_modules selects layers outside the transformer blocks "
                               f"({wanted[:3]}), which fsdp does not shard or train; target layers inside the blocks")
-        if self.add_lora:  # as apply_qlora on the whole model: everything but the adapters frozen
+        if self.add_lora:  # as apply_qlora on the whole model: everything but the adapters (and heads) frozen
             for n, p in model.named_parameters():
                 if not n.startswith(inside):
                     p.requires_grad_(False)
-        trainable = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith(inside)]
-        if trainable:
-            raise TrainingError(f"fsdp: parameters outside the transformer blocks train ({trainable[:3]}); fsdp trains "
-                                "adapters inside the blocks only")
+            train_whole(model, objective_class(self.cfg.objective).modules_to_save or None)
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
         names = {id(m): n for n, m in model.named_modules()}
         root = names.get(id(decoder)) if decoder is not None else None
         if root is None or any(not b.startswith(f"{root}.") for b in blocks):
             raise ConfigError(f"fsdp: the transformer blocks of {type(model).__name__} ({blocks[:2]}) must lie inside "
                               "its decoder (get_decoder()), which every forward of the trainer goes through")
+        # modules trained whole (a reward model's score head) are units of their own, outside the decoder
+        heads = list(getattr(model, "qlora_modules_to_save", ()))
+        inside_decoder = [h for h in heads if h.startswith(f"{root}.")]
+        if inside_decoder:
+            raise ConfigError(f"fsdp: modules trained whole inside the decoder ({inside_decoder[:3]}) are not sharded; "
+                              "fsdp trains adapters inside the blocks and heads outside the decoder")
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith(inside)
+                     and not any(n.startswith(f"{h}.") for h in heads)]
+        if trainable:
+            raise TrainingError(f"fsdp: parameters outside the transformer blocks train ({trainable[:3]}); fsdp trains "
+                                "adapters inside the blocks (and the objective's heads, e.g. a reward model's score) "
+                                "only")
+        for h in heads:
+            fully_shard(model.get_submodule(h), mesh=self.mesh)
         hold_nf4_as_parameters(decoder)  # (NF4 layers outside the blocks, if any, are sharded with the root)
         self.report.nf4_model_bytes += sum(resident_nf4_bytes(m) for m in _outside(model, blocks))  # whole, still
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -282,9 +300,12 @@ def build_model(cfg: TrainConfig, device: torch.device, ctx: dp.DistContext,
     peaks = dp.all_reduce_sum([r.load_peak_nf4_bytes if i == ctx.rank else 0 for i in range(ctx.world_size)],
                               ctx, device).tolist()
     mib = 2**20
+    heads = list(getattr(model, "qlora_modules_to_save", ()))
+    has_head = hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
     notes = [f"fsdp: {len(r.blocks)} blocks ({', '.join(r.block_class)}) sharded over {ctx.world_size} ranks as they "
-             f"loaded (FSDP2, reshard_after_forward {cfg.fsdp_config.reshard_after_forward}); the output projection "
-             "stays whole on every rank",
+             f"loaded (FSDP2, reshard_after_forward {cfg.fsdp_config.reshard_after_forward})"
+             + ("; the output projection stays whole on every rank" if has_head else "")
+             + (f"; trained whole and sharded as units of their own: {', '.join(heads)}" if heads else ""),
              f"fsdp: NF4 tensors {r.nf4_model_bytes / mib:.2f} MiB in all; per rank "
              f"{', '.join(f'{b / mib:.2f}' for b in per_rank)} MiB (peak while loading "
              f"{', '.join(f'{b / mib:.2f}' for b in peaks)} MiB: the shards so far + one block of at most "
@@ -334,19 +355,6 @@ def check_setup_forwards(objective: Any, n_train: int, n_eval: int, batch_size: 
                 "pairs) so that the counts match, or set precompute_ref_log_probs: false")
 
 
-@torch.no_grad()
-def run_placeholders(n: int, objective: Any, model: nn.Module, item: Any, pad_id: int, device: torch.device,
-                     amp: torch.dtype | None) -> None:
-    """``n`` no-grad forwards of a placeholder batch (``item``, counted for nothing) in eval mode; results dropped."""
-    if n <= 0:
-        return
-    with eval_mode(model):
-        batch = {k: v.to(device) for k, v in objective.collate([item], pad_id, counted=False).items()}
-        for _ in range(n):
-            with autocast(device, amp):
-                objective.loss(model, batch)
-
-
 # --------------------------------------------------------------------------- the adapter, gathered
 
 
@@ -354,6 +362,7 @@ def run_placeholders(n: int, objective: Any, model: nn.Module, item: Any, pad_id
 def gathered_trainables(model: nn.Module, ctx: dp.DistContext) -> Iterator[bool]:
     """Every rank gathers the whole of each trainable (sharded) parameter; on rank 0 they stand in the model for the
     block (yields True there), so that code reading plain tensors (``save_adapter``, PEFT's save) sees them."""
+    reshard_roots(model)
     entries, seen = [], set()
     for module in model.modules():
         for pname, p in module._parameters.items():
@@ -394,6 +403,15 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return (Path(path) / SHARDED_DIR).is_dir()
 
 
+def reshard_roots(model: nn.Module) -> None:
+    """Put the sharded parameters back into every root unit. FSDP2 keeps a root's parameters unsharded after its
+    forward (they are needed again at once by the backward); after a no-grad forward (an evaluation) they stay so,
+    and a unit that holds trainable parameters (a reward model's score head) would then show the optimizer other
+    tensors than its own."""
+    for unit in dp.root_units(model):
+        unit.reshard()
+
+
 def _names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """The parameter name of each optimizer index (the state dict's order)."""
     names = {id(p): n for n, p in model.named_parameters()}
@@ -406,6 +424,7 @@ def _names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
 def _state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """``(tensors by key, optimizer.json)``: the trainable parameters (``model.<name>``) and every optimizer state
     tensor (``optim.<name>.<key>``), DTensors as they are; the optimizer's structure and plain values as JSON."""
+    reshard_roots(model)
     tensors = {f"model.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
     names = _names(model, optimizer)
     sd = optimizer.state_dict()
@@ -521,6 +540,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         check(trainer_state)
     reader = HuggingFaceStorageReader(str(ckpt / SHARDED_DIR))
     meta = read_part(ckpt, SHARDED_DIR, reader.read_metadata).state_dict_metadata
+    reshard_roots(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = {k.removeprefix("model."): v for k, v in meta.items() if k.startswith("model.")}
     check_trainables(ckpt, f"{SHARDED_DIR}/", params, {n: torch.Size(v.size) for n, v in saved.items()})

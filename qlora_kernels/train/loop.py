@@ -449,8 +449,9 @@ class Recipe:
         loss_sum, count, sums = self.objective.evaluate(self.model, mine, self.eval_batch_size, self.pad_id,
                                                         self.device, self.amp)
         if self.sharded:  # every forward of a sharded model is a collective: each rank runs as many
-            fsdp.run_placeholders(fsdp.eval_placeholders(len(self.eval_items), self.eval_batch_size, self.ctx),
-                                  self.objective, self.model, self.eval_items[0], self.pad_id, self.device, self.amp)
+            self.objective.evaluate_placeholders(
+                fsdp.eval_placeholders(len(self.eval_items), self.eval_batch_size, self.ctx), self.model,
+                self.eval_items[0], self.eval_batch_size, self.pad_id, self.device, self.amp)
         totals = dp.all_reduce_sum([loss_sum, count, *sums.values()], self.ctx, self.device).tolist()
         loss = totals[0] / max(1, totals[1])
         means = self.objective.eval_metrics(dict(zip(sums, totals[2:])), totals[1])

@@ -131,6 +131,21 @@ class Objective(ABC):
         """``(loss sum, count, metric sums)`` over eval items (this rank's share): :func:`evaluate` by default."""
         return evaluate(self, model, items, batch_size, pad_id, device, amp)
 
+    @torch.no_grad()
+    def evaluate_placeholders(self, n: int, model: nn.Module, item: Any, batch_size: int, pad_id: int,
+                              device: torch.device, amp: torch.dtype | None) -> None:
+        """The forwards of ``n`` eval batches that count for nothing, for a rank with fewer eval items than another
+        when the model is sharded (each forward is then a collective that every rank runs as often); ``item``:
+        any eval item, as a template. Default: ``n`` forwards of a placeholder batch of ``item`` in eval mode."""
+        if n <= 0:
+            return
+        model = unwrap_model(model)
+        with eval_mode(model):
+            batch = {k: v.to(device) for k, v in self.collate([item], pad_id, counted=False).items()}
+            for _ in range(n):
+                with autocast(device, amp):
+                    self.loss(model, batch)
+
     def eval_metrics(self, sums: dict[str, float], count: float) -> dict[str, float]:
         """The eval means logged besides the eval loss, from summed eval metrics and counts (all ranks)."""
         return self.metrics(sums)

@@ -368,6 +368,7 @@ class GRPOObjective(Objective):
         self.rollout: dict[str, float] = {}  # the metrics of the generation that fed the last step
         self.tokenizer: Any = None
         self.ctx, self.device, self.amp, self.pad_id = SINGLE, torch.device("cpu"), None, 0
+        self.sharded, self.placeholder_prompt = False, None
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> GRPOObjective:
@@ -411,6 +412,12 @@ class GRPOObjective(Objective):
               pad_id: int, device: torch.device, amp: torch.dtype | None, ctx: DistContext) -> str | None:
         self.ctx, self.device, self.amp, self.pad_id = ctx, device, amp, pad_id
         self.funcs = [reward_function(s, device) for s in self.reward_specs]
+        # a model sharded over the ranks (fsdp): every forward is a collective, so a rank without prompts still
+        # generates (this prompt, results dropped) and runs the reference passes of its placeholder micro-batches
+        from qlora_kernels.generation import sharded_ranks
+
+        self.sharded = sharded_ranks(_unwrap(model))
+        self.placeholder_prompt = (train_items or eval_items or [None])[0]
         return (f"GRPO: {self.settings.num_generations} completions a prompt, up to "
                 f"{self.settings.max_completion_length} tokens; rewards: {', '.join(self.reward_names)}")
 
@@ -443,6 +450,8 @@ class GRPOObjective(Objective):
         if items:
             with autocast(self.device, self.amp):
                 comps, per_func = self.complete_and_score(base, items, seed, len(items))
+        elif self.sharded:
+            self._generate_placeholders(base, 1)
         t_gen = time.perf_counter() - t0
         unscored = torch.isnan(per_func).all(dim=1)
         rewards = (per_func * self.reward_weights).nansum(dim=1)
@@ -453,7 +462,8 @@ class GRPOObjective(Objective):
         trained = [not (t and s.mask_truncated_completions) for t in truncated]
         self.rollout = self._rollout_metrics(per_func, rewards, comps, truncated, t_gen)
         if not items:  # runs placeholders: every rank runs as many forwards
-            return [{"batch": placeholder_batch(self.pad_id), "sources": []} for _ in range(spg * s.num_iterations)]
+            parts = [{"batch": self._placeholder(base), "sources": []} for _ in range(spg)]
+            return [part for _ in range(s.num_iterations) for part in parts]
 
         # split into steps_per_generation micro-batches (shuffled, as TRL shuffles a generation batch)
         order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -461,7 +471,7 @@ class GRPOObjective(Objective):
         for k in range(spg):  # equal parts; at the end of an epoch a rank's batch may be short, a part empty
             idx = order[k * len(items) // spg:(k + 1) * len(items) // spg]
             if not idx:
-                parts.append({"batch": placeholder_batch(self.pad_id), "sources": []})
+                parts.append({"batch": self._placeholder(base), "sources": []})
                 continue
             batch = completion_batch([items[i].input_ids for i in idx], [comps[i].token_ids for i in idx],
                                      advantages[idx], [trained[i] for i in idx], self.pad_id,
@@ -486,6 +496,27 @@ class GRPOObjective(Objective):
         columns = {k: [p.columns.get(k) for p in items] for k in {k for p in items for k in p.columns}}
         return comps, score(self.funcs, self.reward_names, [p.prompt for p in items], texts,
                             [list(c.token_ids) for c in comps], columns)
+
+    def _placeholder(self, model: nn.Module) -> dict[str, Tensor]:
+        """A micro-batch that counts for nothing; on a sharded model with the reference passes the others run."""
+        batch = placeholder_batch(self.pad_id)
+        if self.sharded:
+            self._add_reference_log_probs(model, batch)
+        return batch
+
+    def _generate_placeholders(self, model: nn.Module, n: int) -> None:
+        """``n`` generate calls of one placeholder prompt, results dropped: a sharded model's forwards are
+        collectives, and a rank with fewer prompts than another runs them too (the decode steps in step)."""
+        from qlora_kernels.generation import generate
+
+        if n <= 0 or self.placeholder_prompt is None:
+            return
+        s, p = self.settings, self.placeholder_prompt
+        with autocast(self.device, self.amp):
+            for _ in range(n):
+                generate(model, self.tokenizer, [p.prompt], max_new_tokens=s.max_completion_length,
+                         temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=0, batch_size=1,
+                         chat_template=None if p.templated else False)
 
     def _log_prob_args(self, batch: dict[str, Tensor], device: torch.device | None = None) -> tuple:
         """The arguments of :func:`completion_log_probs` after the model, for a plain or a packed batch."""
@@ -583,6 +614,13 @@ class GRPOObjective(Objective):
                 **{f"rewards/{n}": float(torch.nan_to_num(per_func[:, j], nan=0.0).sum())
                    for j, n in enumerate(self.reward_names)}}
         return -sums["reward"], len(items), sums
+
+    def evaluate_placeholders(self, n: int, model: nn.Module, item: Any, batch_size: int, pad_id: int,
+                              device: torch.device, amp: torch.dtype | None) -> None:
+        """A rank's eval batches short of another's, on a sharded model: generate calls whose results are dropped."""
+        base = _unwrap(model)
+        with eval_mode(base):
+            self._generate_placeholders(base, n)
 
     def eval_metrics(self, sums: dict[str, float], count: float) -> dict[str, float]:
         return {k: v / max(1.0, count) for k, v in sums.items()}
