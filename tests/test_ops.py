@@ -141,8 +141,8 @@ def _decode_layout_live() -> bool:
 @pytest.mark.parametrize("k", [64, 160, 1024, 1088])
 def test_cpp_decode_layout_matmul_against_reference(blocksize, nested, k):
     """The CPU decode layout (tiles of 16 rows) and its bf16 matmul: N = 37 (a partial last tile), M = 1..16 (passes
-    of 8 with a remainder; 64, the largest M it serves), blocks of 4, 8 or 32 lines, K not a multiple of 128 (160), 17 blocks a row (1088:
-    double-quant scales decoded in groups that straddle a nested block)."""
+    of 8 with a remainder; 64, the largest M it serves), blocks of 4, 8 or 32 lines, K not a multiple of 128 (160),
+    17 blocks a row (1088: double-quant scales decoded in groups that straddle a nested block)."""
     if k % blocksize:
         pytest.skip("K is not a multiple of the blocksize")
     n = 37
