@@ -24,7 +24,7 @@ def test_quick_run_writes_every_provider(tmp_path):
     want = {"ours", "trl+ours"} | ({"trl+bnb"} if "bnb_skipped" not in res else set())
     assert {r["provider"] for r in res["rows"]} == want
     for r in res["rows"]:
-        assert r["steps_per_s"] > 0 and r["tok_s"] > 0 and r["peak_rss_mib"] > 0, r
+        assert r["steps_per_s"] > 0 and r["tok_s"] > 0 and r["peak_rss_mib"] > r["added_rss_mib"] > 0, r
     assert [r for r in res["rows"] if r["provider"] == "ours"][0]["rollout_tok_s"] > 0
     assert (tmp_path / "grpo.png").stat().st_size > 0 or "matplotlib missing" in proc.stderr
     assert "steps/s" in proc.stdout and "trl+ours" in proc.stdout

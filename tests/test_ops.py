@@ -120,8 +120,8 @@ def test_cpp_small_m_gemv_against_reference(blocksize, nested, k):
     qw = _weight((n, k), blocksize, nested)
     w = ref.dequantize_nf4(*qw.tensors(), n * k, torch.float32).view(n, k)
     kernel = _extension.kernel("nf4_matmul")
-    for m in (1, 2, 3, 8, 11, 16):
-        for dtype in (torch.float32, torch.bfloat16):
+    for m in (1, 2, 3, 8, 11, 16, 33, 64):  # (it serves fp32 x up to M = 32, fp16 up to 64, bf16 up to 16)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
             x = (torch.randn(m, k) * torch.rand(m, 1)).to(dtype)
             want = ref.nf4_matmul(x, *qw.tensors(), n, k, False)
             got = kernel(x, qw.packed.reshape(-1), *qw.tensors()[1:], n, k, False)

@@ -32,8 +32,11 @@ from ..quant_maps import ALLOWED_BLOCKSIZES, NESTED_BLOCKSIZE
 from ..reference import nf4 as ref
 from ._dispatch import Kernel, choose, declare
 
-#: Largest M that the fused C++ CPU matmul serves.
-CPP_FUSED_MAX_M = 16
+#: Largest M that the fused C++ CPU matmul serves, by x's dtype. Measured on a 2-core Zen 4 (N x K from 128x1024
+#: to 4096x4096, inference), its time over dequantize + BLAS's: fp32 0.4-0.9x at M = 24-32, 0.7-1.4x at M = 48-64;
+#: fp16 (whose CPU BLAS has no fast path there) 0.4-0.6x at M = 16-64; bf16 (the BLAS uses avx512_bf16) wins at
+#: M <= 16 only.
+CPP_FUSED_MAX_M = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 16}
 #: Largest M that the CPU decode-layout matmul serves (measured 1.3x bitsandbytes' inference path and 1.4-1.8x the
 #: dequantize + BLAS path at M = 32-64 on a 2-core Zen 4).
 DECODE_LAYOUT_MAX_M = 64
@@ -303,9 +306,11 @@ def release_workspaces() -> None:
 
 
 def _dequantize_then_matmul(x: Tensor, weight: tuple, n: int, k: int, transposed: bool, **_) -> Tensor:
-    """deq(W) into the workspace (through the op, so the forced backend decodes), then BLAS."""
+    """deq(W) into the workspace, then BLAS. The decode is the kernel ``dequantize_nf4_into``'s table chooses (the
+    forced backend's, if one is forced), run directly: the weight's tensors were checked and made contiguous by
+    the caller, and the op's dispatch and checks cost more than the decode of a small layer (~20 us a call)."""
     w = _workspace(n * k, x.dtype, x.device)
-    dequantize_nf4_into(*weight, n * k, w)
+    choose("dequantize_nf4_into", x.device).run(*weight, n * k, w)
     w = w.view(n, k)
     return x @ (w if transposed else w.t())
 
@@ -345,8 +350,10 @@ MATMUL = declare(
                decode_layout and not transposed and m <= DECODE_LAYOUT_MAX_M),
            run=lambda x, w, n, k, t, owner: _extension.kernel("nf4_matmul_tiled")(
                x, decode_layout(owner, n, k), *w[1:], n, k)),
-    Kernel("nf4_matmul", "cpp", "cpu", "fused", f"M <= {CPP_FUSED_MAX_M}", needs="nf4_matmul",
-           accepts=lambda m, **_: m <= CPP_FUSED_MAX_M,
+    Kernel("nf4_matmul", "cpp", "cpu", "fused", ", ".join(f"M <= {m} ({d} x)" for d, m in (
+               ("fp32", CPP_FUSED_MAX_M[torch.float32]), ("fp16", CPP_FUSED_MAX_M[torch.float16]),
+               ("bf16", CPP_FUSED_MAX_M[torch.bfloat16]))), needs="nf4_matmul",
+           accepts=lambda m, dtype, **_: m <= CPP_FUSED_MAX_M[dtype],
            run=lambda x, w, n, k, t, **_: _extension.kernel("nf4_matmul")(x, *w, n, k, t)),
     Kernel("nf4_matmul", "cpp", "cpu", "dequantize + BLAS", needs="dequantize_nf4_into", run=_dequantize_then_matmul),
     Kernel("nf4_matmul", "cuda", "cuda", "GEMV", f"forward, M <= {GEMV_MAX_M_VAR} (default {_DEFAULT_GEMV_MAX_M}), "
@@ -425,7 +432,7 @@ def _matmul(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, 
                                else (_DEFAULT_GEMV_MAX_M, _DEFAULT_FUSED_MAX_M))
     layout = owner is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu" and decode_layouts_on()
     kernel = choose("nf4_matmul", x.device, m=m, k=k, blocksize=blocksize, transposed=transposed,
-                    gemv_max_m=gemv_max_m, fused_max_m=fused_max_m, decode_layout=layout)
+                    gemv_max_m=gemv_max_m, fused_max_m=fused_max_m, decode_layout=layout, dtype=x.dtype)
     return kernel.run(x, weight, n, k, transposed, owner=owner)
 
 
