@@ -88,7 +88,6 @@ def test_config_keys_and_rules(assets, tmp_path):
                     ({"rl": "dpo"}, "rl: dpo contradicts objective: reward"),
                     ({"datasets": [{"path": str(assets["train"]), "type": "completion"}]},
                      "a reward model trains on preference rows"),
-                    ({"sample_packing": True}, "set sample_packing: false"),
                     ({"objective": ..., "reward_model": True}, "set objective: reward")):
         with pytest.raises(ConfigError, match=msg):
             config(assets, tmp_path, **kw)
@@ -135,6 +134,47 @@ def test_sequence_classifier_loads_in_4bit_with_a_new_dense_head(assets):
         qk.load_4bit_model(assets["bnb"], model_class=AutoModelForSequenceClassification, num_labels=0)
     with pytest.raises(ValueError, match="matches no module"):
         qk.apply_qlora(qk.load_4bit_model(assets["bnb"]), modules_to_save=["head"])
+
+
+def test_packed_pairs_give_the_padded_rewards_loss_and_gradients(assets, tmp_path):
+    """sample_packing: pairs packed into rows (each sequence its own segment, position ids restarting) give the
+    rewards, loss and gradients (adapters and head) of the padded pairs, up to float rounding."""
+    from qlora_kernels.train.packing import check_packed_attention
+
+    tok = tiny_tokenizer()
+    pairs, _, _ = load_pairs(config(assets, tmp_path), tok, too_long="drop")
+    pairs = pairs[:6]
+    model = qk.load_4bit_model(assets["bnb"], dtype=torch.float32, model_class=AutoModelForSequenceClassification,
+                               num_labels=1)
+    qk.apply_qlora(model, r=4, modules_to_save=["score"])
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QLoraLinear):
+                m.lora_B.weight.normal_(0, 0.05)  # live adapters: their gradients depend on the path
+    objective = RewardObjective(center_rewards_coefficient=0.01)
+    objective.setup(model, pairs, [], 8, tok.pad_token_id, torch.device("cpu"), None, None)
+    objective.packed_layout = check_packed_attention(model)
+    results = []
+    for batch in (objective.collate(pairs, tok.pad_token_id), objective.collate_packed([pairs[:4], pairs[4:]],
+                                                                                       tok.pad_token_id)):
+        model.zero_grad()
+        value, sums = objective.loss(model, batch)
+        value.backward()
+        results.append((float(value), sums, {n: p.grad.clone() for n, p in model.named_parameters()
+                                             if p.grad is not None}))
+    (v0, s0, g0), (v1, s1, g1) = results
+    assert "base_model.model.score.weight" not in g0 and "score.weight" in g0 and len(g0) == len(g1)
+    assert abs(v0 - v1) < 1e-5 * max(1.0, abs(v0)), (v0, v1)
+    for k in s0:
+        assert s1[k] == pytest.approx(s0[k], rel=1e-5, abs=1e-6), k
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6)
+
+
+def test_training_with_packed_pairs(assets, tmp_path):
+    res = train(config(assets, tmp_path / "run", max_steps=2, sample_packing=True), quiet=True)
+    steps = [r for r in res.history if "loss" in r]
+    assert len(steps) == 2 and all(0 < r["packing_efficiency"] <= 1 and r["pairs"] > 0 for r in steps)
 
 
 # --------------------------------------------------------------------------- training, saving, reloading, TRL

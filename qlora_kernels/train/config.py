@@ -566,9 +566,6 @@ def _check_rules(cfg: TrainConfig, errors: list[str]) -> None:
                       "FSDP2 shards it across the ranks (README: 'DDP or FSDP2')")
     if not cfg.fsdp and cfg.fsdp_config != FSDPConfig():
         errors.append("fsdp_config: applies with fsdp: true only; set fsdp: true, or remove fsdp_config")
-    if cfg.sample_packing and cfg.objective == "reward":
-        errors.append("sample_packing, objective: a reward model scores each sequence at its last token and trains on "
-                      "padded pairs; set sample_packing: false")
     if cfg.fsdp and cfg.fp16:
         errors.append("fp16, fsdp: fp16 loss scaling over sharded gradients is not supported; use bf16 (no loss "
                       "scaling) with fsdp")

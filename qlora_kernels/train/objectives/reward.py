@@ -18,6 +18,10 @@ and a step optimizes its mean over the pairs of the step. The metrics are the sh
 A pair longer than ``sequence_len`` on either side is dropped (and counted), as TRL's RewardTrainer drops it:
 cut at the end, the sequence would be scored at a token that is not its last.
 
+With ``sample_packing`` whole pairs are packed into rows of ``2 × sequence_len`` tokens, each sequence its own
+segment (:func:`.data.collate_packed_pairs`, as DPO packs them): the decoder runs once over the rows and the head
+reads each sequence's last non-pad token (:func:`packed_rewards`), the token the padded forward reads.
+
 The trained adapter directory holds the LoRA weights and the ``score`` head (PEFT's ``modules_to_save``,
 ``task_type: SEQ_CLS``): ``AutoModelForSequenceClassification.from_pretrained(base, num_labels=1,
 pad_token_id=...)`` + ``peft.PeftModel.from_pretrained(model, dir)`` reload it, and so does
@@ -35,8 +39,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import TrainConfig
-from ..data import DataStats, Example, PreferencePair, collate, collate_pairs, load_pairs, tokenize_segments
+from ..data import (
+    DataStats,
+    Example,
+    PreferencePair,
+    collate,
+    collate_packed_pairs,
+    collate_pairs,
+    load_pairs,
+    tokenize_segments,
+)
 from ..distributed import unwrap_model
+from ..loss import decoder_forward
 from .base import Objective
 
 METRIC_KEYS = ("accuracy", "margin", "rewards/chosen", "rewards/rejected")
@@ -68,6 +82,35 @@ def model_rewards(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -
         raise ValueError(f"a reward model outputs one score per sequence (logits [N, 1]); {type(model).__name__} "
                          f"gave {list(logits.shape)}: load the base with AutoModelForSequenceClassification and "
                          f"num_labels=1")
+    return logits[:, 0].float()
+
+
+def packed_rewards(model: nn.Module, input_ids: Tensor, position_ids: Tensor, sequence_ids: Tensor,
+                   layout: str | None = None) -> Tensor:
+    """The rewards ``[S]`` (fp32) of a packed batch (:func:`.data.collate_packed_pairs`): the decoder over the rows
+    (:func:`.loss.decoder_forward` in ``layout``), then the ``score`` head at each sequence's last token that is not
+    ``config.pad_token_id`` (its first token if it has none), where transformers' pooling reads a padded row.
+    Sequence ``s`` is the tokens with ``sequence_ids == s``."""
+    head = getattr(model, HEAD, None)
+    if not isinstance(head, nn.Module):
+        raise ValueError(f"a reward model has a {HEAD!r} head (AutoModelForSequenceClassification, num_labels=1); "
+                         f"{type(model).__name__} has none")
+    hidden = decoder_forward(model, input_ids, None, position_ids, layout)[0]
+    seq = sequence_ids.reshape(-1)
+    n = int(seq.max()) + 1
+    where = torch.arange(seq.numel(), device=seq.device)
+    pad = getattr(model.config, "pad_token_id", None)
+    inside = seq >= 0
+    real = inside if pad is None else inside & (input_ids.reshape(-1) != pad)
+    first = torch.full((n,), seq.numel(), device=seq.device).scatter_reduce(0, seq[inside], where[inside], "amin",
+                                                                           include_self=True)
+    last = torch.full((n,), -1, device=seq.device).scatter_reduce(0, seq[real], where[real], "amax",
+                                                                  include_self=True)
+    last = torch.where(last >= 0, last, first)
+    logits = head(hidden.reshape(seq.numel(), -1)[last])
+    if logits.dim() != 2 or logits.shape[-1] != 1:
+        raise ValueError(f"a reward model outputs one score per sequence; its {HEAD!r} head gave "
+                         f"{list(logits.shape)}: load the base with num_labels=1")
     return logits[:, 0].float()
 
 
@@ -129,10 +172,24 @@ class RewardObjective(Objective):
     def count(self, batch: dict[str, Tensor]) -> int:
         return int(batch["pair_weight"].sum())
 
+    def pack_length(self, item: PreferencePair) -> int:
+        return len(item.chosen.input_ids) + len(item.rejected.input_ids)
+
+    def pack_capacity(self, sequence_len: int) -> int:
+        return 2 * sequence_len
+
+    def collate_packed(self, rows: list[list[PreferencePair]], pad_id: int, counted: bool = True) -> dict[
+            str, Tensor]:
+        return collate_packed_pairs(rows, pad_id, counted)
+
     def loss(self, model: nn.Module, batch: dict[str, Tensor],
              run: Callable[..., Any] | None = None) -> tuple[Tensor, dict[str, float]]:
-        args = (batch["input_ids"], batch["attention_mask"])
-        rewards = run(model_rewards, *args) if run is not None else model_rewards(unwrap_model(model), *args)
+        if "position_ids" in batch:
+            fn, args = packed_rewards, (batch["input_ids"], batch["position_ids"], batch["sequence_ids"],
+                                        self.packed_layout)
+        else:
+            fn, args = model_rewards, (batch["input_ids"], batch["attention_mask"])
+        rewards = run(fn, *args) if run is not None else fn(unwrap_model(model), *args)
         B = rewards.shape[0] // 2
         rw, rl = rewards[:B], rewards[B:]
         losses = reward_loss(rw, rl, batch.get("margin"), self.center_rewards_coefficient)
