@@ -325,3 +325,19 @@ def drop_transformers_quantization(model: nn.Module) -> None:
         for attr in ("quantization_config", "_is_quantized"):
             with contextlib.suppress(AttributeError):
                 delattr(config, attr)
+    # the quantizer's load-time conversions (bitsandbytes' deserialization of the packed weight with its quant state)
+    # cannot run backwards, and save_pretrained reverts every conversion the model was loaded with: the layers now
+    # keep their state dict in the stored format themselves
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if _reversible(c)]
+
+
+def _reversible(conversion: object) -> bool:
+    """Whether each operation of a transformers weight conversion has a reverse (save_pretrained runs it)."""
+    for op in getattr(conversion, "operations", None) or ():
+        try:
+            op.reverse_op  # noqa: B018 (a property that raises for one-way operations)
+        except NotImplementedError:
+            return False
+    return True

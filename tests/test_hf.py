@@ -194,7 +194,7 @@ def test_load_4bit_model_bnb_checkpoint_is_used_as_stored(bnb_checkpoint, arch, 
     layers = {n: m for n, m in ours.named_modules() if isinstance(m, NF4Linear)}
     assert len(layers) == (14 if arch == "llama" else 8) and type(ours.lm_head) is nn.Linear
     assert all(m.fan_in_fan_out == (arch == "gpt2") for m in layers.values())
-    assert getattr(ours.config, "quantization_config", None) is None
+    assert ours.config.quantization_config.bnb_4bit_quant_type == "nf4"  # what save_pretrained writes
     for name, m in layers.items():
         for key, t in m.state_dict().items():
             assert torch.equal(t, stored[f"{name}.{key}"]), f"{name}.{key}"  # no requantizing

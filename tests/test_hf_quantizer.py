@@ -126,6 +126,44 @@ def test_save_pretrained_writes_a_checkpoint_transformers_reloads(tmp_path):
     _same(again, ours)
 
 
+@pytest.mark.parametrize("route", ["load_4bit_model", "apply_qlora", "bnb+apply_qlora"])
+def test_save_pretrained_of_our_models_writes_the_bitsandbytes_config(route, tmp_path):
+    """A model from load_4bit_model, with apply_qlora on it, or transformers' bitsandbytes model after apply_qlora
+    carries bitsandbytes' description of its NF4 layers in config.quantization_config, so save_pretrained writes the
+    checkpoint the from_pretrained route writes: transformers + bitsandbytes reloads it in 4 bits (the base's
+    logits) and load_4bit_model gives the same bytes."""
+    pytest.importorskip("bitsandbytes")
+    write_tiny(tmp_path / "fp32")
+    if route == "bnb+apply_qlora":
+        write_bnb_checkpoint(tmp_path / "fp32", tmp_path / "bnb")
+        model = qk.apply_qlora(bnb_model(tmp_path / "bnb"), r=4, target_modules=["q_proj", "v_proj"])
+    else:
+        model = qk.load_4bit_model(tmp_path / "fp32", dtype=torch.float32)
+        if route == "apply_qlora":
+            qk.apply_qlora(model, r=4, target_modules=["q_proj", "v_proj"])
+    source = tmp_path / ("bnb" if route == "bnb+apply_qlora" else "fp32")
+    base = qk.load_4bit_model(source, dtype=torch.float32)  # the same bytes, no adapters
+    model.save_pretrained(tmp_path / "saved")
+    qc = json.loads((tmp_path / "saved" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "bitsandbytes" and qc["load_in_4bit"] and qc["bnb_4bit_quant_type"] == "nf4"
+    assert qc["bnb_4bit_use_double_quant"] and qc["llm_int8_skip_modules"] == ["lm_head"]
+    reloaded = bnb_model(tmp_path / "saved")
+    assert type(reloaded.model.layers[0].self_attn.q_proj).__module__.startswith("bitsandbytes")
+    x = ids()
+    with torch.no_grad():
+        bounds.assert_logits_within("bitsandbytes reload vs the base", reloaded(input_ids=x).logits, base, x)
+    if route == "load_4bit_model":
+        again = qk.load_4bit_model(tmp_path / "saved", dtype=torch.float32)
+    else:  # the adapters' tensors are saved too (transformers skips them with a report); ours asks first
+        with pytest.raises(ValueError, match="are LoRA adapters, not part of the base model"):
+            qk.load_4bit_model(tmp_path / "saved", dtype=torch.float32)
+        again = qk.load_4bit_model(tmp_path / "saved", dtype=torch.float32, strict=False)
+    for (name, a), b in zip(again.state_dict().items(), base.state_dict().values()):
+        assert torch.equal(a, b), name
+    merged = qk.merge_and_unload(qk.load_4bit_model(tmp_path / "fp32", dtype=torch.float32))
+    assert getattr(merged.config, "quantization_config", None) is None  # dense again: a plain checkpoint
+
+
 @pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]])
 def test_save_pretrained_after_peft_merge_and_unload(targets, tmp_path):
     """PEFT's merge_and_unload makes the adapted layers dense; save_pretrained then describes what is left: nothing
@@ -180,7 +218,7 @@ def test_trainer_accepts_the_model_with_adapters(tmp_path):
     _train_one_step(peft.get_peft_model(load(), LoraConfig(r=4, target_modules="all-linear")), tmp_path)
     model = qk.apply_qlora(load(), r=4)
     assert not getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is None
-    assert getattr(model.config, "quantization_config", None) is None
+    assert model.config.quantization_config.to_dict()["quant_method"] == "bitsandbytes"  # describes them, for saving
     _train_one_step(model, tmp_path)
     merged = qk.merge_and_unload(load())  # a plain dense model: no quantization state left either
     assert getattr(merged, "hf_quantizer", None) is None and not merged.is_quantized

@@ -29,6 +29,7 @@ from .layers import (
     output_embedding_names,
     replace_module,
 )
+from .loading import record_bnb4_config
 
 # ---------------------------------------------------------------------------------------------
 # apply_qlora
@@ -109,6 +110,7 @@ def drop_bnb4_state(model: nn.Module) -> None:
             replace_module(model, name, NF4Linear.from_bnb(module))
     if not any(bnb_format.is_bnb_module(m) for m in model.modules()):
         bnb_format.drop_transformers_quantization(model)
+        record_bnb4_config(model)  # what save_pretrained then writes: bitsandbytes' description of the NF4 layers
     # else still quantized by bitsandbytes (8-bit or fp4 layers): the state stays true
 
 
@@ -139,9 +141,11 @@ def apply_qlora(
     the untargeted nf4 ``Linear4bit`` layers become :class:`NF4Linear` on the same bytes (no adapters, nothing
     requantized), and once no bitsandbytes layer is left (at once for a ``QLoraKernelsConfig`` model, whose layers are
     this package's) the model's transformers quantization state
-    (``hf_quantizer``, ``is_quantized``, ``quantization_method``, ``is_loaded_in_4bit``,
-    ``config.quantization_config``) is removed, as :func:`load_4bit_model` returns models: transformers' Trainer
-    then trains it (it refuses models it believes are "purely quantized").
+    (``hf_quantizer``, ``is_quantized``, ``quantization_method``, ``is_loaded_in_4bit``) is removed, as
+    :func:`load_4bit_model` returns models: transformers' Trainer then trains it (it refuses models it believes are
+    "purely quantized"). ``config.quantization_config`` then holds bitsandbytes' description of the NF4 layers
+    (:func:`~qlora_kernels.hf.loading.record_bnb4_config`): ``save_pretrained`` writes a checkpoint transformers
+    reloads in 4 bits.
 
     Args:
         model: a ``transformers`` model (any ``nn.Module`` works).
@@ -204,6 +208,8 @@ def apply_qlora(
         drop_bnb4_state(model)
     train_whole(model, saved, lora_dtype)
     freeze_all_but_lora(model)
+    if not any(bnb_format.is_bnb_module(m) for m in model.modules()):
+        record_bnb4_config(model)
     return model
 
 

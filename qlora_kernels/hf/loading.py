@@ -13,9 +13,11 @@ import copy
 import json
 import logging
 import re
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +32,7 @@ from .layers import (
     SEQ_CLS_HEADS,
     check_spec,
     layer_kind,
+    linear_modules,
     matches,
     output_embedding_names,
     replace_module,
@@ -380,9 +383,83 @@ def load_4bit_model(
             model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
     with contextlib.suppress(AttributeError):
         model.config._name_or_path = str(path)
+    record_bnb4_config(model)
     logger.info("load_4bit_model: %d linear layers in NF4 (%s)", done,
                 "stored bitsandbytes 4-bit" if four_bit else "quantized while loading")
     return model
+
+
+def bnb_quantization_config(model: nn.Module) -> Any:
+    """The ``BitsAndBytesConfig`` that describes ``model``'s NF4 layers as their state dict stores them (bitsandbytes'
+    keys): nf4, double quantization if any layer has it, the layers' compute dtype, and every dense linear layer in
+    ``llm_int8_skip_modules``. With it as ``model.config.quantization_config``, ``save_pretrained`` writes a checkpoint
+    that ``from_pretrained`` loads with bitsandbytes (and :func:`~qlora_kernels.load_4bit_model` without it). ValueError
+    when the model has no NF4 layer."""
+    from transformers import BitsAndBytesConfig
+
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no NF4Linear layers to describe")
+    dense = sorted(name for name, _, kind in linear_modules(model) if kind in ("linear", "conv1d", "lora"))
+    dtype = layers[0].compute_dtype or layers[0].nf4_dtype
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_use_double_quant=any(m.nf4_nested_absmax is not None for m in layers),
+        llm_int8_skip_modules=dense or None,
+    )
+
+
+class NF4LayersQuantizationConfig:
+    """``config.quantization_config`` of a model whose 4-bit layers are this package's and that has no transformers
+    quantizer (:func:`load_4bit_model`, :func:`~qlora_kernels.apply_qlora`): serialized (``config.json`` from
+    ``save_pretrained``, ``config.to_dict()``) as bitsandbytes' description of the NF4 layers the model has at that
+    moment (:func:`bnb_quantization_config`), so that transformers + bitsandbytes reload the checkpoint in 4 bits as
+    the ``from_pretrained`` route's; as null once no NF4 layer is left (a dense merge, PEFT's
+    ``merge_and_unload``), which transformers reads as a plain model. Attributes read through it are the current
+    description's (``quant_method``, ``bnb_4bit_quant_type``, ...). A copy or a pickle is a plain dict snapshot."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = weakref.ref(model)
+
+    def _current(self) -> Any:
+        from ..nn.experts import NF4Experts
+
+        model = self._model()
+        if model is None:
+            return None
+        modules = list(model.modules())
+        if not any(isinstance(m, NF4Linear) for m in modules) or any(isinstance(m, NF4Experts) for m in modules):
+            return None  # nothing 4-bit, or experts bitsandbytes cannot read: no bitsandbytes checkpoint
+        return bnb_quantization_config(model)
+
+    def to_dict(self) -> dict[str, Any] | None:
+        current = self._current()
+        return None if current is None else current.to_dict()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        current = self._current()
+        if current is None:
+            raise AttributeError(f"the model has no NF4 layer left to describe ({name!r})")
+        return getattr(current, name)
+
+    def __deepcopy__(self, memo: dict) -> dict[str, Any] | None:
+        return self.to_dict()
+
+    def __reduce__(self) -> tuple:
+        return (dict, (self.to_dict() or {},))
+
+    def __repr__(self) -> str:
+        return f"NF4LayersQuantizationConfig({self.to_dict()})"
+
+
+def record_bnb4_config(model: nn.Module) -> None:
+    """Give a model without transformers' quantizer (that one describes the model itself when it saves) an
+    :class:`NF4LayersQuantizationConfig` as ``config.quantization_config``."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(model, "hf_quantizer", None) is None:
+        config.quantization_config = NF4LayersQuantizationConfig(model)
 
 
 def _build_on_meta(config, dtype: torch.dtype, model_class, trust_remote_code: bool) -> nn.Module:

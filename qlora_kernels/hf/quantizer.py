@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, BitsAndBytesConfig, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
@@ -57,7 +57,7 @@ from .layers import (
     output_embedding_names,
     replace_module,
 )
-from .loading import _Checkpoint, _KeyPlan, _read_nf4_weight
+from .loading import _Checkpoint, _KeyPlan, _read_nf4_weight, bnb_quantization_config
 
 QUANT_METHOD = "qlora_kernels"
 # Set on a module while it loads: "quantize" (a float weight, quantized as it arrives) or "stored" (bitsandbytes 4-bit).
@@ -257,24 +257,6 @@ class QLoraKernelsHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
-
-
-def bnb_quantization_config(model: nn.Module) -> BitsAndBytesConfig:
-    """The ``BitsAndBytesConfig`` that describes ``model``'s NF4 layers as their state dict stores them (bitsandbytes'
-    keys): nf4, double quantization if any layer has it, the layers' compute dtype, and every dense linear layer in
-    ``llm_int8_skip_modules``. With it as ``model.config.quantization_config``, ``save_pretrained`` writes a checkpoint
-    that ``from_pretrained`` loads with bitsandbytes (and :func:`~qlora_kernels.load_4bit_model` without it). ValueError
-    when the model has no NF4 layer."""
-    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no NF4Linear layers to describe")
-    dense = sorted(name for name, _, kind in linear_modules(model) if kind in ("linear", "conv1d", "lora"))
-    dtype = layers[0].compute_dtype or layers[0].nf4_dtype
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_use_double_quant=any(m.nf4_nested_absmax is not None for m in layers),
-        llm_int8_skip_modules=dense or None,
-    )
 
 
 def bnb_free_config(path: str | Path, **kwargs: Any) -> PretrainedConfig:
