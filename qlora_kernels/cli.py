@@ -85,7 +85,7 @@ def _setup(step):
     (bad input: 2; Ctrl-C: 130)."""
     try:
         return step(), None
-    except (FileNotFoundError, ValueError, TypeError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return None, 2
     except KeyboardInterrupt:
@@ -211,6 +211,20 @@ def _add_model_arguments(g: argparse.ArgumentParser) -> None:
                         "(the first call of a batch shape compiles; faster decoding after)")
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    from .export import export_model
+
+    done, code = _setup(lambda: export_model(
+        args.base, args.adapter, args.output, format=args.format, dtype=args.dtype, eval_data=args.eval_data,
+        max_loss_increase=args.max_loss_increase, allow_other_base=args.allow_other_base))
+    if code is not None:
+        return code
+    print(json.dumps(done.to_dict()) if args.json else done.summary())
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run
 
@@ -306,6 +320,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", help="a system message at the start of every conversation")
     c.add_argument("--verbose", "-v", action="store_true", help="print the tok/s of each answer")
     c.set_defaults(func=_cmd_chat, max_new_tokens_default=512)
+
+    e = sub.add_parser("export", help="merge an adapter into its base model and write one checkpoint (merged16, bnb4)",
+                       description="Merge a LoRA adapter into the base it was trained on (loaded in NF4, as in "
+                                   "training) and write a transformers directory: merged16, dense weights in "
+                                   "--dtype; or bnb4, the merge quantized again to NF4 in bitsandbytes' format. "
+                                   "Prints the |logit change| against the unmerged adapter model (and with "
+                                   "--eval-data the eval loss of both). Writes to a temporary directory renamed at "
+                                   "the end; an existing --output is refused.")
+    e.add_argument("base", help="the base model directory the adapter was trained on")
+    e.add_argument("--adapter", required=True, help="the PEFT LoRA adapter directory")
+    e.add_argument("--output", "-o", required=True, help="the directory to write (must not exist)")
+    e.add_argument("--format", choices=("merged16", "bnb4"), default="merged16", help="default merged16")
+    e.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                   help="the written weights' dtype (bnb4: of its dense layers and compute); default bf16")
+    e.add_argument("--eval-data", metavar="FILE.jsonl",
+                   help="rows ('text', 'prompt'+'completion', or alpaca's) to measure the eval loss on")
+    e.add_argument("--max-loss-increase", type=float, metavar="X",
+                   help="with --eval-data: refuse (write nothing) when the export's eval loss is higher by more")
+    e.add_argument("--allow-other-base", action="store_true",
+                   help="export an adapter whose adapter_config.json names another base model (shapes fitting)")
+    e.add_argument("--json", action="store_true", help="print the report as JSON")
+    e.set_defaults(func=_cmd_export)
 
     d = sub.add_parser("demo", help="fine-tune a tiny model on a synthetic task on this CPU (a few minutes)",
                        description="QLoRA fine-tune of a shipped tiny Llama on a synthetic instruction task; "

@@ -508,6 +508,9 @@ def test_demo_dpo_and_grpo_stages_teach_and_keep_the_translations(tmp_path):
     assert (tmp_path / "demo" / "dpo" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "demo" / "sft_merged" / "config.json").is_file()
     assert json.loads((tmp_path / "demo" / "demo_result.json").read_text())["dpo"]["steps"] == DPO_STEPS
+    # exported as merged16 and reloaded by plain transformers: the same house-style exact match (fp32)
+    assert dpo["exported"]["style"] == dpo["style_after"], dpo
+    assert (tmp_path / "demo" / "dpo_merged16" / "model.safetensors").is_file()
     grpo = res["grpo"]  # online RL: exact translations sampled at temperature 2 become more frequent
     assert grpo["steps"] == GRPO_STEPS and grpo["reward_after"] >= grpo["reward_before"] + 0.05, grpo
     assert grpo["greedy_after"] >= grpo["greedy_before"] - 0.05, grpo  # and greedy translations stay right

@@ -365,10 +365,30 @@ def run_dpo_stage(merged_dir: str | Path, tokenizer: Any, output_dir: str | Path
     r0 = style_rows[0]
     say(f'  e.g. {r0["instruction"]} "{r0["input"]}" -> "{answers1[0].strip()[:60]}" (before DPO: '
         f'"{answers0[0].strip()[:60]}")')
+    exported = export_dpo_model(merged_dir, out / "dpo", out / "dpo_merged16", tokenizer, style_rows)
+    say(f"exported the DPO model as merged16 (fp32) to {exported['dir']}; reloaded by plain transformers "
+        f"(AutoModelForCausalLM): house style followed in {exported['style']:.1%} (the adapter model: {style1:.1%})")
     return {"style_before": style0, "style_after": style1, "other_before": other0, "other_after": other1,
             "reward_accuracy_before": acc0, "reward_accuracy_after": acc1, "eval_loss_before": loss0,
             "eval_loss_after": result.eval_loss, "steps": result.global_step,
-            "adapter_dir": str(out / "dpo"), "base_model": str(merged_dir)}
+            "adapter_dir": str(out / "dpo"), "base_model": str(merged_dir), "exported": exported}
+
+
+def export_dpo_model(base_dir: Path, adapter_dir: Path, out_dir: Path, tokenizer: Any,
+                     style_rows: list[dict[str, str]]) -> dict[str, Any]:
+    """The DPO model leaves the package: ``qlora-kernels export`` as merged16 (fp32) into ``out_dir`` (replaced),
+    reloaded with plain transformers, and its house-style exact match measured again."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from ..export import export_model
+
+    shutil.rmtree(out_dir, ignore_errors=True)  # the demo's own output, from an earlier run
+    report = export_model(base_dir, adapter_dir, out_dir, format="merged16", dtype="fp32")
+    plain = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, local_files_only=True).eval()
+    return {"dir": str(out_dir), "style": exact_match(plain, tokenizer, style_rows)[0],
+            "max_abs_logit_change": report.max_abs_logit_change}
 
 
 def run_grpo_stage(merged_dir: str | Path, tokenizer: Any, output_dir: str | Path, max_steps: int = GRPO_STEPS,
