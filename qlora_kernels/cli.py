@@ -218,7 +218,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     done, code = _setup(lambda: export_model(
         args.base, args.adapter, args.output, format=args.format, dtype=args.dtype, eval_data=args.eval_data,
-        max_loss_increase=args.max_loss_increase, allow_other_base=args.allow_other_base))
+        max_loss_increase=args.max_loss_increase, allow_other_base=args.allow_other_base, gguf_type=args.gguf_type))
     if code is not None:
         return code
     print(json.dumps(done.to_dict()) if args.json else done.summary())
@@ -321,17 +321,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--verbose", "-v", action="store_true", help="print the tok/s of each answer")
     c.set_defaults(func=_cmd_chat, max_new_tokens_default=512)
 
-    e = sub.add_parser("export", help="merge an adapter into its base model and write one checkpoint (merged16, bnb4)",
+    e = sub.add_parser("export", help="merge an adapter into its base model and write it (merged16, bnb4, gguf)",
                        description="Merge a LoRA adapter into the base it was trained on (loaded in NF4, as in "
                                    "training) and write a transformers directory: merged16, dense weights in "
-                                   "--dtype; or bnb4, the merge quantized again to NF4 in bitsandbytes' format. "
+                                   "--dtype; bnb4, the merge quantized again to NF4 in bitsandbytes' format; or "
+                                   "gguf, one model.gguf for llama.cpp / Ollama (--gguf-type). "
                                    "Prints the |logit change| against the unmerged adapter model (and with "
                                    "--eval-data the eval loss of both). Writes to a temporary directory renamed at "
                                    "the end; an existing --output is refused.")
     e.add_argument("base", help="the base model directory the adapter was trained on")
     e.add_argument("--adapter", required=True, help="the PEFT LoRA adapter directory")
     e.add_argument("--output", "-o", required=True, help="the directory to write (must not exist)")
-    e.add_argument("--format", choices=("merged16", "bnb4"), default="merged16", help="default merged16")
+    e.add_argument("--format", choices=("merged16", "bnb4", "gguf"), default="merged16", help="default merged16")
+    e.add_argument("--gguf-type", choices=("f16", "bf16", "q8_0"), default="q8_0",
+                   help="gguf: the matrices' type (norms stay f32); default q8_0")
     e.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                    help="the written weights' dtype (bnb4: of its dense layers and compute); default bf16")
     e.add_argument("--eval-data", metavar="FILE.jsonl",

@@ -10,6 +10,9 @@ its bytes), puts the adapter on it (:func:`~qlora_kernels.load_adapter`) and wri
   fp32) with the tokenizer: an ordinary transformers directory (vLLM, TGI, llama.cpp's converter read it). Its
   logits are the adapter model's up to ``dtype``'s rounding. The base's NF4 values, not its original float
   weights, are what is merged into: the adapter was trained to correct that model.
+* ``gguf``: the same merge in fp32 written as one ``model.gguf`` for llama.cpp / Ollama (:mod:`.gguf_export`:
+  Llama, Mistral, Qwen2, Qwen3 with byte-level BPE tokenizers; ``gguf_type`` f16, bf16 or q8_0), the tokenizer and
+  its chat template in the metadata. The cost is measured on the model rebuilt from the file's tensors.
 * ``bnb4``: the same merge in fp32, quantized again to NF4 in bitsandbytes' format (the base's blocksize and
   double quantization) with its ``quantization_config``: transformers + bitsandbytes, and this package, load it in
   4 bits. Quantizing the merged weight is not lossless (PEFT #2321: merging into a 4-bit base without saying so
@@ -42,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-FORMATS = ("merged16", "bnb4")
+FORMATS = ("merged16", "bnb4", "gguf")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -87,14 +90,14 @@ class ExportError(ValueError):
 def export_model(base: str | Path, adapter: str | Path, out_dir: str | Path, *, format: str = "merged16",
                  dtype: str | torch.dtype = "bf16", eval_data: str | Path | None = None,
                  max_loss_increase: float | None = None, allow_other_base: bool = False,
-                 max_eval_rows: int = 256) -> ExportReport:
+                 max_eval_rows: int = 256, gguf_type: str = "q8_0") -> ExportReport:
     """Merge ``adapter`` into ``base`` and write ``out_dir`` in ``format`` (see the module docstring).
 
     Args:
         base: the base model directory the adapter was trained on (float or bitsandbytes 4-bit checkpoint).
         adapter: a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
         out_dir: the directory to create (it must not exist).
-        format: ``"merged16"`` or ``"bnb4"``.
+        format: ``"merged16"``, ``"bnb4"`` or ``"gguf"``.
         dtype: the dtype of the written weights (``merged16``; ``bnb4``: of its dense layers and compute dtype):
             ``"bf16"``, ``"fp16"``, ``"fp32"`` or the torch dtype.
         eval_data: JSONL rows to measure the eval loss of the adapter model and of the export on.
@@ -103,6 +106,7 @@ def export_model(base: str | Path, adapter: str | Path, out_dir: str | Path, *, 
         allow_other_base: export an adapter whose ``adapter_config.json`` names another base model whose shapes fit
             (by default that is refused).
         max_eval_rows: at most this many rows of ``eval_data`` are read.
+        gguf_type: with ``format="gguf"``: ``"f16"``, ``"bf16"`` or ``"q8_0"`` (the 2-D tensors' type).
 
     Raises:
         FileNotFoundError: no base model directory, no adapter directory, no eval_data file.
@@ -118,6 +122,12 @@ def export_model(base: str | Path, adapter: str | Path, out_dir: str | Path, *, 
     if format not in FORMATS:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}; got {format!r}")
     torch_dtype = _dtype(dtype)
+    if format == "gguf":
+        from .gguf_export import GGUF_TYPES, require_gguf
+
+        if gguf_type not in GGUF_TYPES:
+            raise ExportError(f"gguf_type must be one of {', '.join(GGUF_TYPES)}; got {gguf_type!r}")
+        require_gguf()  # the package is there, before anything loads
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"out_dir {str(out)!r} exists; export writes a new directory (remove it, or choose "
@@ -139,6 +149,10 @@ def export_model(base: str | Path, adapter: str | Path, out_dir: str | Path, *, 
             raise ExportError(f"{w.message}; export it anyway with allow_other_base=True (--allow-other-base)")
         if not issubclass(w.category, OtherBaseModelWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if format == "gguf":
+        from .gguf_export import check_model
+
+        check_model(model.config)  # an architecture or rope the writer cannot hold: refused before any work
     nf4 = [m for m in model.modules() if isinstance(m, NF4Linear)]
     blocksize = nf4[0].nf4_blocksize if nf4 else 64
     double_quant = any(m.nf4_nested_absmax is not None for m in nf4)
@@ -156,6 +170,15 @@ def export_model(base: str | Path, adapter: str | Path, out_dir: str | Path, *, 
     try:
         if format == "merged16":
             model.to(torch_dtype).save_pretrained(tmp, safe_serialization=True)
+        elif format == "gguf":
+            from .gguf_export import FILE_NAME, read_back, write_gguf
+
+            scratch = tmp / "tokenizer"
+            tokenizer.save_pretrained(scratch)
+            tmp.mkdir(exist_ok=True)
+            write_gguf(model, tokenizer, scratch / "tokenizer.json", tmp / FILE_NAME, gguf_type, Path(base).name)
+            shutil.rmtree(scratch)
+            model.load_state_dict(read_back(tmp / FILE_NAME, model))  # the model the file holds, to measure
         else:
             dense = tmp / "merged-fp32"
             model.save_pretrained(dense, safe_serialization=True)
@@ -163,13 +186,18 @@ def export_model(base: str | Path, adapter: str | Path, out_dir: str | Path, *, 
             quantized.save_pretrained(tmp, safe_serialization=True)
             shutil.rmtree(dense)
             del quantized
-        tokenizer.save_pretrained(tmp)
-        del model
-        got_model = _reload(tmp, format, torch_dtype)
+        if format == "gguf":
+            got_model = model.eval()
+            torch_dtype = torch.float32
+        else:
+            tokenizer.save_pretrained(tmp)
+            del model
+            got_model = _reload(tmp, format, torch_dtype)
         with torch.no_grad():
             got = [got_model(input_ids=x).logits.float() for x in inputs]
         diffs = torch.cat([(g - w).abs().flatten() for g, w in zip(got, want)])
-        report = ExportReport(out_dir=str(out), format=format, dtype=str(torch_dtype).removeprefix("torch."),
+        kind = gguf_type if format == "gguf" else str(torch_dtype).removeprefix("torch.")
+        report = ExportReport(out_dir=str(out), format=format, dtype=kind,
                               files=sorted(p.name for p in tmp.iterdir()),
                               max_abs_logit_change=float(diffs.max()), mean_abs_logit_change=float(diffs.mean()),
                               logit_scale=float(torch.cat([w.abs().flatten() for w in want]).mean()),

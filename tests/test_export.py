@@ -153,3 +153,102 @@ def test_the_export_command(assets, tmp_path):
     assert (out / "model.safetensors").is_file()
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert again.returncode == 2 and "error: out_dir" in again.stderr and "exists" in again.stderr
+
+
+# --------------------------------------------------------------------------- gguf
+
+
+def test_gguf_query_key_reorder_turns_rotate_half_rope_into_interleaved_pairs():
+    """llama.cpp's Llama rope rotates adjacent pairs (2i, 2i+1); transformers' rotates (i, i + d/2). The rows written
+    for q_proj / k_proj, rotated GGML's way, give transformers' rotated vector, reordered."""
+    from qlora_kernels.gguf_export import reorder_rows, restore_rows
+
+    g = torch.Generator().manual_seed(0)
+    n_head, d, k, pos = 3, 8, 5, 7
+    w, x = torch.randn(n_head * d, k, generator=g, dtype=torch.float64), torch.randn(k, generator=g,
+                                                                                     dtype=torch.float64)
+    theta = pos * 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # [d/2]
+    cos, sin = theta.cos(), theta.sin()
+    y = (w @ x).view(n_head, d)
+    a, b = y[:, :d // 2], y[:, d // 2:]
+    hf = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=1)  # rotate_half
+    z = (reorder_rows(w, n_head) @ x).view(n_head, d // 2, 2)
+    ggml = torch.stack([z[..., 0] * cos - z[..., 1] * sin, z[..., 1] * cos + z[..., 0] * sin], dim=-1)
+    torch.testing.assert_close(restore_rows(ggml.reshape(n_head * d, 1), n_head).view(n_head, d), hf)
+    assert torch.equal(restore_rows(reorder_rows(w, n_head), n_head), w)
+
+
+@pytest.fixture(scope="module")
+def demo_adapter(tmp_path_factory) -> dict[str, Path]:
+    """The demo's tiny Llama (a byte-level BPE tokenizer with a chat template) and an adapter on it."""
+    from qlora_kernels.demo import synthetic
+
+    d = tmp_path_factory.mktemp("gguf")
+    return {"base": synthetic.BASE_MODEL_DIR, "adapter": _adapter(synthetic.BASE_MODEL_DIR, d / "adapter", 0.01),
+            "root": d}
+
+
+@pytest.mark.parametrize("gguf_type", ["f16", "bf16", "q8_0"])
+def test_gguf_reads_back_with_every_tensor_and_the_tokenizer(demo_adapter, tmp_path, gguf_type):
+    gguf = pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    from qlora_kernels.gguf_export import reorder_rows
+
+    out = tmp_path / "gguf"
+    report = export_model(demo_adapter["base"], demo_adapter["adapter"], out, format="gguf", gguf_type=gguf_type)
+    assert report.files == ["export_report.json", "model.gguf"] and report.dtype == gguf_type
+    merged = qk.merge_and_unload(_adapter_model({"base": demo_adapter["base"], "adapter": demo_adapter["adapter"]}),
+                                 dtype=torch.float32)
+    cfg, tok = merged.config, AutoTokenizer.from_pretrained(demo_adapter["base"])
+    reader = gguf.GGUFReader(str(out / "model.gguf"))
+
+    def field(name):
+        f = reader.get_field(name)
+        return f.contents() if hasattr(f, "contents") else f.parts[f.data[0]].tolist()
+
+    assert field("general.architecture") == "llama" and field("llama.block_count") == cfg.num_hidden_layers
+    assert field("llama.attention.head_count") == cfg.num_attention_heads
+    assert field("llama.attention.head_count_kv") == cfg.num_key_value_heads
+    assert field("llama.context_length") == cfg.max_position_embeddings
+    tokens = field("tokenizer.ggml.tokens")
+    assert len(tokens) == len(tok.get_vocab()) and tokens[tok.eos_token_id] == tok.eos_token
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.chat_template") == tok.chat_template
+    assert field("tokenizer.ggml.eos_token_id") == tok.eos_token_id
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    stored = {t.name: t for t in reader.tensors}
+    state = merged.state_dict()
+    assert len(stored) == len(state)  # every tensor (the output projection is not tied here)
+    for key, want in state.items():
+        t = stored[names.get_name(key, try_suffixes=(".weight", ".bias"))]
+        assert [int(n) for n in t.shape][::-1] == list(want.shape), key  # GGUF lists the fastest dimension first
+        if "q_proj" in key:
+            want = reorder_rows(want, cfg.num_attention_heads)
+        elif "k_proj" in key:
+            want = reorder_rows(want, cfg.num_key_value_heads)
+        got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape).astype("float32"))
+        if want.dim() == 1:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32 and torch.equal(got, want), key
+        elif gguf_type == "f16":
+            assert torch.equal(got, want.half().float()), key
+        elif gguf_type == "bf16":
+            assert torch.equal(got, want.bfloat16().float()), key
+        else:  # q8_0: blocks of 32 along a row, scale = max |w| / 127 in fp16, codes rounded to nearest
+            blocks = want.reshape(-1, 32)
+            scale = blocks.abs().amax(dim=1, keepdim=True) / 127
+            bound = (0.5 * scale + 127 * scale * 2.0 ** -11).expand_as(blocks).reshape(want.shape) + 1e-12
+            assert bool(((got - want).abs() <= bound).all()), key
+    assert 0 < report.max_abs_logit_change < 0.1 * report.logit_scale
+
+
+def test_gguf_refuses_what_it_cannot_hold(assets, tmp_path):
+    pytest.importorskip("gguf")
+    with pytest.raises(ValueError, match="a WordLevel tokenizer is not supported"):  # the tests' tiny tokenizer
+        export_model(assets["base"], assets["adapter"], tmp_path / "x", format="gguf")
+    with pytest.raises(ExportError, match="gguf_type must be one of f16, bf16, q8_0"):
+        export_model(assets["base"], assets["adapter"], tmp_path / "x", format="gguf", gguf_type="q4_k")
+    write_tiny(tmp_path / "gpt2", arch="gpt2")
+    _adapter(tmp_path / "gpt2", tmp_path / "gpt2_adapter", 0.01)
+    with pytest.raises(ValueError, match="architecture 'gpt2' is not supported"):
+        export_model(tmp_path / "gpt2", tmp_path / "gpt2_adapter", tmp_path / "x", format="gguf")
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".tmp-export-*"))
