@@ -148,6 +148,12 @@ def write_gguf(model: nn.Module, tokenizer: Any, tokenizer_json: Path, path: Pat
                         ("pad", tokenizer.pad_token_id), ("unk", tokenizer.unk_token_id)):
         if isinstance(value, int) and value >= 0:
             getattr(w, f"add_{what}_token_id")(value)
+    # whether the tokenizer puts BOS / EOS around a text itself (its post-processor, whatever its add_bos_token says):
+    # llama.cpp adds them as these flags say
+    probe = tokenizer("a")["input_ids"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    w.add_add_bos_token(bos is not None and probe[:1] == [bos])
+    w.add_add_eos_token(eos is not None and len(probe) > 1 and probe[-1:] == [eos])
     if getattr(tokenizer, "chat_template", None):
         w.add_chat_template(tokenizer.chat_template)
 

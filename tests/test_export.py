@@ -215,6 +215,8 @@ def test_gguf_reads_back_with_every_tensor_and_the_tokenizer(demo_adapter, tmp_p
     assert len(tokens) == len(tok.get_vocab()) and tokens[tok.eos_token_id] == tok.eos_token
     assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.chat_template") == tok.chat_template
     assert field("tokenizer.ggml.eos_token_id") == tok.eos_token_id
+    assert field("tokenizer.ggml.add_bos_token") is True and field("tokenizer.ggml.add_eos_token") is False  # "a" ->
+    assert tok("a")["input_ids"][0] == tok.bos_token_id  # [BOS, a]: its post-processor adds BOS, not EOS
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     stored = {t.name: t for t in reader.tensors}
     state = merged.state_dict()
