@@ -174,8 +174,7 @@ def export_model(base: str | Path, adapter: str | Path, out_dir: str | Path, *, 
             from .gguf_export import FILE_NAME, read_back, write_gguf
 
             scratch = tmp / "tokenizer"
-            tokenizer.save_pretrained(scratch)
-            tmp.mkdir(exist_ok=True)
+            tokenizer.save_pretrained(scratch)  # (creates tmp too)
             write_gguf(model, tokenizer, scratch / "tokenizer.json", tmp / FILE_NAME, gguf_type, Path(base).name)
             shutil.rmtree(scratch)
             model.load_state_dict(read_back(tmp / FILE_NAME, model))  # the model the file holds, to measure
@@ -188,7 +187,6 @@ def export_model(base: str | Path, adapter: str | Path, out_dir: str | Path, *, 
             del quantized
         if format == "gguf":
             got_model = model.eval()
-            torch_dtype = torch.float32
         else:
             tokenizer.save_pretrained(tmp)
             del model

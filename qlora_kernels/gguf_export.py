@@ -71,6 +71,12 @@ def _head_dim(config: Any) -> int:
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
+def _heads(config: Any) -> tuple[int, int]:
+    """``(query heads, key/value heads)`` of a config."""
+    n_head = int(config.num_attention_heads)
+    return n_head, int(getattr(config, "num_key_value_heads", None) or n_head)
+
+
 def reorder_rows(w: Tensor, n_head: int) -> Tensor:
     """transformers' rotate-half layout of a query or key projection (each head's first half of rows, then its
     second half) to GGML's interleaved pairs; ``n_head``: the projection's heads."""
@@ -117,8 +123,7 @@ def write_gguf(model: nn.Module, tokenizer: Any, tokenizer_json: Path, path: Pat
     config = model.config
     arch, reorder = check_model(config)
     fields = _tokenizer_fields(tokenizer, tokenizer_json)
-    n_head, n_kv = int(config.num_attention_heads), int(getattr(config, "num_key_value_heads", None)
-                                                        or config.num_attention_heads)
+    n_head, n_kv = _heads(config)
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], int(config.num_hidden_layers))
@@ -190,8 +195,7 @@ def read_back(path: Path, model: nn.Module) -> dict[str, Tensor]:
     config = model.config
     arch, reorder = check_model(config)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], int(config.num_hidden_layers))
-    n_head, n_kv = int(config.num_attention_heads), int(getattr(config, "num_key_value_heads", None)
-                                                        or config.num_attention_heads)
+    n_head, n_kv = _heads(config)
     reader = gguf.GGUFReader(str(path))
     stored = {t.name: t for t in reader.tensors}
     out = {}
