@@ -18,7 +18,7 @@ from .hf_tiny import bnb_model, ids, lora_grads, randomize_lora_b, write_bnb_che
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-from qlora_kernels.hf import LoraConfig, NF4LoraLinear, register_peft_layers  # noqa: E402
+from qlora_kernels.hf import LoraConfig, NF4LoraLinear, as_peft_model, register_peft_layers  # noqa: E402
 from qlora_kernels.nn import NF4Linear  # noqa: E402
 
 from . import bounds  # noqa: E402
@@ -194,5 +194,105 @@ def test_unsupported_settings_are_errors(tmp_path):
         peft.get_peft_model(_ours(tmp_path), _lora(lora_bias=True))
     ours = qk.apply_qlora(copy.deepcopy(_ours(tmp_path)), r=4, target_modules=["q_proj"])
     with pytest.raises(TypeError, match=r"base_layer must be a qlora_kernels NF4Linear; got QLoraLinear \(it has this "
-                                        r"package's own adapters"):
+                                        r"package's own adapters: qlora_kernels.hf.as_peft_model"):
         peft.get_peft_model(ours, _lora(target_modules=["q_proj"]))
+
+
+# -- as_peft_model: a model apply_qlora adapted, as a PeftModel ------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_as_peft_model_carries_the_adapters_as_they_are(arch, tmp_path):
+    """The same logits bit for bit (train mode with dropout under one seed too, and the gradients), the same parameter
+    objects (an optimizer built before goes on), PEFT's save_pretrained writes what save_adapter writes, and the
+    adapters reload onto a fresh load through PEFT with the same logits."""
+    from safetensors.torch import load_file
+
+    write_tiny(tmp_path / "fp32", arch)
+    model = qk.apply_qlora(_ours(tmp_path / "fp32"), r=4, lora_alpha=8, lora_dropout=0.1,
+                           exclude_modules=["k_proj"] if arch == "llama" else None)
+    randomize_lora_b(model)
+    x = ids()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD(params.values(), lr=0.1)
+
+    def run(m):
+        torch.manual_seed(3)
+        m.train()
+        loss = m(input_ids=x, labels=x).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in params.items()}
+        for p in params.values():
+            p.grad = None
+        with torch.no_grad():
+            logits = m.eval()(input_ids=x).logits
+        return loss.detach(), grads, logits
+
+    loss, grads, logits = run(model)
+    qk.save_adapter(model, tmp_path / "ours")
+    model.train()
+    wrapped = as_peft_model(model)
+    assert isinstance(wrapped, peft.PeftModelForCausalLM) and wrapped.training
+    layer = wrapped.get_base_model().transformer.h[0].attn.c_attn if arch == "gpt2" else \
+        wrapped.get_base_model().model.layers[0].self_attn.q_proj
+    assert isinstance(layer, NF4LoraLinear)
+    live = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert set(map(id, live.values())) == set(map(id, params.values()))  # the same tensors, nothing else trainable
+    loss2, grads2, logits2 = run(wrapped)
+    torch.testing.assert_close(loss2, loss, atol=0, rtol=0)
+    torch.testing.assert_close(logits2, logits, atol=0, rtol=0)
+    assert all(torch.equal(grads[n], grads2[n]) for n in grads)
+    wrapped.train()(input_ids=x, labels=x).loss.backward()
+    opt.step()  # the optimizer built on the apply_qlora model moves the PeftModel's adapters
+    assert not torch.equal(wrapped.eval()(input_ids=x).logits, logits)
+    wrapped.save_pretrained(tmp_path / "peft")
+    ours, theirs = load_file(str(tmp_path / "ours" / "adapter_model.safetensors")), load_file(
+        str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert set(ours) == set(theirs)
+    with torch.no_grad():
+        again = peft.PeftModel.from_pretrained(_ours(tmp_path / "fp32"), tmp_path / "peft",
+                                               config=LoraConfig.from_pretrained(tmp_path / "peft")).eval()
+        torch.testing.assert_close(again(input_ids=x).logits, wrapped(input_ids=x).logits, atol=0, rtol=0)
+
+
+def test_as_peft_model_keeps_dense_layers_and_modules_to_save(tmp_path):
+    """A layer the 4-bit loader kept dense (DenseLoraLinear) becomes PEFT's lora.Linear on the same dense layer, a
+    module trained whole becomes PEFT's modules_to_save, a reward model a SEQ_CLS PeftModel: same scores."""
+    from transformers import AutoModelForSequenceClassification
+
+    write_tiny(tmp_path / "fp32")
+    model = qk.load_4bit_model(tmp_path / "fp32", dtype=torch.float32, skip_modules=["o_proj"],
+                               model_class=AutoModelForSequenceClassification, num_labels=1)
+    qk.apply_qlora(model, r=4, modules_to_save=["score"])
+    randomize_lora_b(model)
+    with torch.no_grad():
+        model.score.weight.add_(0.1)
+        want = model.eval()(input_ids=ids()).logits
+    wrapped = as_peft_model(model)
+    assert isinstance(wrapped, peft.PeftModelForSequenceClassification)
+    o = wrapped.get_base_model().model.layers[0].self_attn.o_proj
+    assert type(o) is peft.tuners.lora.Linear and type(o.base_layer) is nn.Linear
+    assert isinstance(wrapped.get_base_model().score, peft.utils.other.ModulesToSaveWrapper)
+    assert not hasattr(wrapped.get_base_model(), "qlora_modules_to_save")
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(input_ids=ids()).logits, want, atol=0, rtol=0)
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert any("score.modules_to_save" in n for n in trainable) and any("o_proj.lora_A" in n for n in trainable)
+
+
+def test_as_peft_model_errors(tmp_path):
+    write_tiny(tmp_path / "fp32")
+    with pytest.raises(ValueError, match=r"has no QLoraLinear / DenseLoraLinear layers: call apply_qlora first"):
+        as_peft_model(_ours(tmp_path / "fp32"))
+    wrapped = as_peft_model(qk.apply_qlora(_ours(tmp_path / "fp32"), r=4))
+    with pytest.raises(TypeError, match=r"model is already a PEFT model \(PeftModelForCausalLM\)"):
+        as_peft_model(wrapped)
+    model = qk.apply_qlora(_ours(tmp_path / "fp32"), r=4)
+    model.model.layers[0].self_attn.q_proj.merge()
+    with pytest.raises(ValueError, match=r"needs live adapters; \['model.layers.0.self_attn.q_proj'\] have merged"):
+        as_peft_model(model)
+    model = qk.apply_qlora(_ours(tmp_path / "fp32"), r=4, lora_dropout=0.1)
+    model.model.layers[1].mlp.up_proj.lora_dropout = 0.2
+    with pytest.raises(ValueError, match=r"one lora_dropout for all layers .* the model has \[0.1, 0.2\]"):
+        as_peft_model(model)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, qk.QLoraLinear)  # nothing changed before the error

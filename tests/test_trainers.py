@@ -1,5 +1,6 @@
 """transformers' Trainer and TRL's SFTTrainer / DPOTrainer, unchanged, on a model loaded with QLoraKernelsConfig and
-given PEFT adapters with qlora_kernels.hf.LoraConfig: they train, checkpoint PEFT adapters, resume, save_model.
+given PEFT adapters with qlora_kernels.hf.LoraConfig (or loaded by load_4bit_model, adapted by apply_qlora and made a
+PeftModel by as_peft_model): they train, checkpoint PEFT adapters, resume, save_model.
 
 Oracles: an uninterrupted run (for the resumed one), and the saved adapter reloaded three ways onto a fresh load of the
 same 4-bit checkpoint: PEFT on ours (bitwise-equal logits), qlora_kernels.load_adapter (bitwise), PEFT on transformers'
@@ -25,7 +26,7 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from qlora_kernels.hf import LoraConfig, NF4LoraLinear, QLoraKernelsConfig, bnb_free_config  # noqa: E402
+from qlora_kernels.hf import LoraConfig, NF4LoraLinear, QLoraKernelsConfig, as_peft_model, bnb_free_config  # noqa: E402
 
 from . import bounds  # noqa: E402
 
@@ -107,11 +108,18 @@ def _check_resume(make_trainer, out, first_run):
     return trainer
 
 
-def test_hf_trainer(dirs, tmp_path):
+def _applied(path):
+    """The other way in: our loader and apply_qlora, then as_peft_model for the Trainer."""
+    return as_peft_model(qk.apply_qlora(qk.load_4bit_model(path, dtype=torch.float32), r=4, lora_alpha=8))
+
+
+@pytest.mark.parametrize("route", ["get_peft_model", "apply_qlora"])
+def test_hf_trainer(dirs, tmp_path, route):
     rows = [{"input_ids": ids(1, 10, seed=i)[0].tolist(), "labels": ids(1, 10, seed=i)[0].tolist()} for i in range(8)]
 
     def make(out):
-        model = peft.get_peft_model(_load(dirs / "fp32"), _lora())
+        model = peft.get_peft_model(_load(dirs / "fp32"), _lora()) if route == "get_peft_model" else _applied(
+            dirs / "nf4")
         return transformers.Trainer(model=model, args=transformers.TrainingArguments(**_common(out)),
                                     train_dataset=rows)
 
@@ -146,7 +154,8 @@ def test_sft_trainer(dirs, tmp_path):
     assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
 
 
-def test_dpo_trainer_reference_is_the_model_with_adapters_disabled(dirs, tmp_path):
+@pytest.mark.parametrize("route", ["peft_config", "apply_qlora"])
+def test_dpo_trainer_reference_is_the_model_with_adapters_disabled(dirs, tmp_path, route):
     """No second model: DPOTrainer's reference is the policy with its adapters disabled, and the first step's rewards
     (beta * the policy / reference log-ratio, LoRA B = 0) are exactly 0 (TRL rebuilt a full-precision reference from
     config._name_or_path for a model it did not know to be a PEFT model: 0.012)."""
@@ -157,6 +166,9 @@ def test_dpo_trainer_reference_is_the_model_with_adapters_disabled(dirs, tmp_pat
 
     def make(out):
         args = DPOConfig(beta=0.1, max_length=32, **_common(out, bf16=True))
+        if route == "apply_qlora":
+            return DPOTrainer(model=_applied(dirs / "nf4"), args=args, train_dataset=rows,
+                              processing_class=tiny_tokenizer())
         return DPOTrainer(model=_load(dirs / "fp32"), args=args, train_dataset=rows, processing_class=tiny_tokenizer(),
                           peft_config=_lora())
 

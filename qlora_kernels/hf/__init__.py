@@ -13,7 +13,8 @@
 * :class:`QLoraKernelsConfig` (:mod:`.quantizer`): ``from_pretrained(path, quantization_config=QLoraKernelsConfig())``,
   transformers' own loader into NF4 (registered with transformers when first imported from here).
 * :class:`LoraConfig`, :func:`register_peft_layers`, :class:`NF4LoraLinear` (:mod:`.peft_backend`): PEFT's LoRA on the
-  NF4 layers runs the fused kernels (``peft.get_peft_model(model, LoraConfig(...))``).
+  NF4 layers runs the fused kernels (``peft.get_peft_model(model, LoraConfig(...))``); :func:`as_peft_model` makes a
+  model :func:`apply_qlora` adapted into that ``PeftModel`` (for transformers' Trainer and TRL).
 
 The modules, each depending only on those above it:
 
@@ -39,7 +40,7 @@ _LAZY = {
     "QLoraKernelsConfig": "quantizer", "QLoraKernelsHfQuantizer": "quantizer", "bnb_free_config": "quantizer",
     "bnb_quantization_config": "quantizer",
     "LoraConfig": "peft_backend", "NF4LoraLinear": "peft_backend", "PEFT_LAYER_TYPES": "peft_backend",
-    "register_peft_layers": "peft_backend",
+    "register_peft_layers": "peft_backend", "as_peft_model": "peft_backend",
 }
 
 __all__ = [

@@ -32,7 +32,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 _PREFIX = "base_model.model."
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_adapter", "save_adapter"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "adapter_config", "load_adapter", "save_adapter"]
 
 
 def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -48,39 +48,20 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     return leaves if selected == set(names) else sorted(names)
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
-    """Write the adapters of every adapted layer of ``model`` (:class:`QLoraLinear`,
-    :class:`~qlora_kernels.hf.DenseLoraLinear`) in PEFT's format.
+def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
+    """PEFT's ``adapter_config.json`` fields for the adapters of ``model`` (what :func:`save_adapter` writes):
+    ``peft_type`` LORA; ``r``, ``lora_alpha`` and ``lora_dropout`` as the most common values with per-layer
+    ``rank_pattern`` / ``alpha_pattern`` for the others; ``target_modules`` (and ``target_parameters`` for experts);
+    ``modules_to_save``; ``fan_in_fan_out`` for GPT-2's Conv1D; ``task_type`` from the model's head.
 
-    ``out_dir`` gets ``adapter_model.safetensors`` (the adapters in their dtype) and ``adapter_config.json``
-    (``peft_type`` LORA; ``r``, ``lora_alpha`` as the most common values with per-layer ``rank_pattern`` /
-    ``alpha_pattern`` for the others; ``target_modules``; ``fan_in_fan_out`` for GPT-2's Conv1D). PEFT applied
-    to the unquantized base model with that directory computes what this model computes with its dequantized
-    base. Biases are not saved (PEFT ``bias="none"``). Returns the directory.
+    Raises:
+        ValueError: no adapted layer, mixed ``use_rslora``, or experts LoRA with another r / alpha than the rest.
     """
-    from safetensors.torch import save_file
-
     layers = _lora_layers(model)
     experts = {n: m for n, m in model.named_modules() if isinstance(m, NF4Experts) and m.r > 0}
     if not layers and not experts:
         raise ValueError(f"model ({type(model).__name__}) has no QLoraLinear / DenseLoraLinear layers: call "
                          f"apply_qlora first")
-    names = list(layers)
-    tensors: dict[str, Tensor] = {}
-    for name, m in layers.items():
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().to("cpu").contiguous()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().to("cpu").contiguous()
-    saved = list(getattr(model, "qlora_modules_to_save", ()))
-    for name in saved:
-        for pname, p in model.get_submodule(name).named_parameters():
-            tensors[f"{_PREFIX}{name}.{pname}"] = p.detach().to("cpu").contiguous()
-    target_parameters = []
-    for name, m in experts.items():
-        for proj, prefix in moe.peft_keys(name, tuple(m.lora_A)).items():
-            a, b = moe.to_peft(m.lora_A[proj].detach(), m.lora_B[proj].detach())
-            tensors[f"{_PREFIX}{prefix}.lora_A.weight"] = a.to("cpu").contiguous()
-            tensors[f"{_PREFIX}{prefix}.lora_B.weight"] = b.to("cpu").contiguous()
-            target_parameters.append(f"{name}.{proj}")
     every = [*layers.values(), *experts.values()]
     rslora = {m.use_rslora for m in every}
     if len(rslora) > 1:
@@ -92,13 +73,16 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     if odd:
         raise ValueError(f"save_adapter writes experts LoRA with the adapter's r={r} and lora_alpha={alpha} (PEFT's "
                          f"target_parameters take no per-module pattern here); {odd[:3]} have other values")
+    target_parameters = [f"{name}.{proj}" for name, m in experts.items()
+                         for proj in moe.peft_keys(name, tuple(m.lora_A))]
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or getattr(
             getattr(model, "config", None), "_name_or_path", None) or None
     has_lm_head = callable(getattr(model, "get_output_embeddings", None)) and model.get_output_embeddings() is not None
     task = "CAUSAL_LM" if has_lm_head else "SEQ_CLS" if type(model).__name__.endswith(
         "ForSequenceClassification") else None
-    config = {
+    saved = list(getattr(model, "qlora_modules_to_save", ()))
+    return {
         "peft_type": "LORA",
         "task_type": task,
         "base_model_name_or_path": base_model_name_or_path,
@@ -107,7 +91,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": dropout,
-        "target_modules": _target_modules(model, names) if names else [],
+        "target_modules": _target_modules(model, list(layers)) if layers else [],
         "target_parameters": sorted(target_parameters) or None,
         "exclude_modules": None,
         "rank_pattern": {n: m.r for n, m in layers.items() if m.r != r},
@@ -121,6 +105,32 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         "layers_pattern": None,
         "use_dora": False,
     }
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    """Write the adapters of every adapted layer of ``model`` (:class:`QLoraLinear`,
+    :class:`~qlora_kernels.hf.DenseLoraLinear`) in PEFT's format.
+
+    ``out_dir`` gets ``adapter_model.safetensors`` (the adapters in their dtype) and ``adapter_config.json``
+    (:func:`adapter_config`). PEFT applied to the unquantized base model with that directory computes what this
+    model computes with its dequantized base. Biases are not saved (PEFT ``bias="none"``). Returns the directory.
+    """
+    from safetensors.torch import save_file
+
+    config = adapter_config(model, base_model_name_or_path)
+    tensors: dict[str, Tensor] = {}
+    for name, m in _lora_layers(model).items():
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().to("cpu").contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().to("cpu").contiguous()
+    for name in config["modules_to_save"] or ():
+        for pname, p in model.get_submodule(name).named_parameters():
+            tensors[f"{_PREFIX}{name}.{pname}"] = p.detach().to("cpu").contiguous()
+    for name, m in model.named_modules():
+        if isinstance(m, NF4Experts) and m.r > 0:
+            for proj, prefix in moe.peft_keys(name, tuple(m.lora_A)).items():
+                a, b = moe.to_peft(m.lora_A[proj].detach(), m.lora_B[proj].detach())
+                tensors[f"{_PREFIX}{prefix}.lora_A.weight"] = a.to("cpu").contiguous()
+                tensors[f"{_PREFIX}{prefix}.lora_B.weight"] = b.to("cpu").contiguous()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})

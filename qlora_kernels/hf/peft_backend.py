@@ -11,6 +11,10 @@ and takes third-party layer types through the custom-module registration of a ``
   ``nn.Linear``). :meth:`LoraConfig.from_pretrained` reads an ``adapter_config.json`` into one, for
   ``peft.PeftModel.from_pretrained(model, path, config=LoraConfig.from_pretrained(path))``.
 * :func:`register_peft_layers` makes the same registration on a ``peft.LoraConfig`` someone else built.
+* :func:`as_peft_model` turns a model adapted by :func:`~qlora_kernels.apply_qlora` (or
+  :func:`~qlora_kernels.load_adapter`) into that ``PeftModel``, adapters and NF4 bytes carried over as they are: what
+  transformers' ``Trainer`` and TRL need to checkpoint adapters, resume from them and use the adapters-disabled
+  model as DPO's reference.
 
 Everything else is PEFT's: adapter names, ``set_adapter``, ``disable_adapter()``, ``add_adapter`` / ``load_adapter``,
 ``save_pretrained`` (``adapter_model.safetensors`` + ``adapter_config.json``), ``merge_and_unload``, ``unload``,
@@ -25,6 +29,7 @@ Everything else is PEFT's: adapter names, ``set_adapter``, ``disable_adapter()``
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Any
 
@@ -36,9 +41,11 @@ from torch import Tensor, nn
 
 from ..functional import _lora_linear
 from ..nn import NF4Linear, QLoraLinear
-from .layers import dense_layer, is_conv1d
+from ..nn.experts import NF4Experts
+from .adapters import adapter_config
+from .layers import LORA_TYPES, DenseLoraLinear, dense_layer, is_conv1d, replace_module
 
-__all__ = ["PEFT_LAYER_TYPES", "LoraConfig", "NF4LoraLinear", "register_peft_layers"]
+__all__ = ["PEFT_LAYER_TYPES", "LoraConfig", "NF4LoraLinear", "as_peft_model", "register_peft_layers"]
 
 
 class NF4LoraLinear(nn.Module, LoraLayer):
@@ -66,7 +73,8 @@ class NF4LoraLinear(nn.Module, LoraLayer):
         base = self.get_base_layer()
         if not isinstance(base, NF4Linear) or isinstance(base, QLoraLinear):
             got = type(base).__name__
-            hint = " (it has this package's own adapters: merge_and_unload it first)" if isinstance(
+            hint = (" (it has this package's own adapters: qlora_kernels.hf.as_peft_model(model) makes the model a "
+                    "PeftModel of them, or merge_and_unload it first)") if isinstance(
                 base, QLoraLinear) else ""
             raise TypeError(f"base_layer must be a qlora_kernels NF4Linear; got {got}{hint}")
         if parameter_name is not None:
@@ -192,3 +200,77 @@ class LoraConfig(peft.LoraConfig):
                              f"got peft_type {getattr(loaded, 'peft_type', None)!r}")
         fields = {f.name: getattr(loaded, f.name) for f in dataclasses.fields(loaded) if f.init}
         return cls(**fields)
+
+
+def as_peft_model(model: nn.Module, adapter_name: str = "default") -> peft.PeftModel:
+    """The model adapted by :func:`~qlora_kernels.apply_qlora` (or :func:`~qlora_kernels.load_adapter`) as a
+    ``peft.PeftModel`` of :class:`LoraConfig`, for transformers' ``Trainer`` and TRL, which checkpoint, resume and
+    build DPO's reference model the PEFT way only for a ``PeftModel``.
+
+    In place: each :class:`~qlora_kernels.nn.QLoraLinear` becomes :class:`NF4LoraLinear` on the same NF4 tensors, each
+    :class:`~qlora_kernels.hf.DenseLoraLinear` PEFT's ``lora.Linear`` on the same dense layer, and the adapters are
+    the layers' own ``lora_A`` / ``lora_B`` parameters (the same tensor objects, dtype and ``requires_grad``: an
+    optimizer built on them goes on working), under ``adapter_name``. The config is what :func:`save_adapter` writes
+    (:func:`~qlora_kernels.hf.adapters.adapter_config`), so the model computes what it computed, PEFT's
+    ``save_pretrained`` writes the tensors :func:`save_adapter` writes, and ``modules_to_save`` become PEFT's (trained
+    from their current values). The model's train / eval mode is kept.
+
+    Raises:
+        TypeError: ``model`` is already a PEFT model.
+        ValueError: no adapted layer; a merged or disabled adapter; layers with different dropouts (PEFT has one
+            ``lora_dropout``); LoRA on mixture-of-experts projections (PEFT's ``target_parameters`` needs the dense
+            experts: keep those in this package's own loop and :func:`save_adapter`).
+    """
+    if isinstance(model, peft.PeftModel) or hasattr(model, "peft_config"):
+        raise TypeError(f"model is already a PEFT model ({type(model).__name__}); as_peft_model takes the model "
+                        f"apply_qlora adapted")
+    experts = [n for n, m in model.named_modules() if isinstance(m, NF4Experts) and m.r > 0]
+    if experts:
+        raise ValueError(f"as_peft_model cannot carry LoRA on mixture-of-experts projections ({experts[:2]}): PEFT's "
+                         f"target_parameters works on dense experts only; train these with this package's loop and "
+                         f"save them with save_adapter")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LORA_TYPES)}
+    cfg = adapter_config(model)  # (raises when there is no adapted layer)
+    for what in ("merged", "disable_adapters"):
+        bad = [n for n, m in layers.items() if getattr(m, what)]
+        if bad:
+            raise ValueError(f"as_peft_model needs live adapters; {bad[:3]} have {what}=True (unmerge / enable them "
+                             f"first)")
+    dropouts = {m.lora_dropout for m in layers.values()}
+    if len(dropouts) > 1:
+        raise ValueError(f"as_peft_model needs one lora_dropout for all layers (PEFT's LoraConfig has one); the model "
+                         f"has {sorted(dropouts)}")
+    fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    config = LoraConfig(**{k: v for k, v in cfg.items() if k in fields and k != "inference_mode"})
+    training = model.training
+    carried = {}
+    for name, m in layers.items():
+        carried[name] = (m.lora_A.weight, m.lora_B.weight, m.scaling)
+        replace_module(model, name, _base_of(m))
+    saved = getattr(model, "qlora_modules_to_save", None)
+    if saved is not None:
+        del model.qlora_modules_to_save  # PEFT's modules_to_save from here on
+    wrapped = peft.get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=False)
+    inner = wrapped.get_base_model()
+    for name, (a, b, scaling) in carried.items():
+        layer = inner.get_submodule(name)
+        if not isinstance(layer, LoraLayer) or adapter_name not in layer.lora_A:
+            raise RuntimeError(f"PEFT put no LoRA layer on {name} ({type(layer).__name__}); please report this")
+        if not math.isclose(float(layer.scaling[adapter_name]), float(scaling), rel_tol=1e-12):
+            raise RuntimeError(f"{name}: PEFT's scaling {layer.scaling[adapter_name]} differs from the layer's "
+                               f"{scaling}; please report this")
+        layer.lora_A[adapter_name].weight = a
+        layer.lora_B[adapter_name].weight = b
+    wrapped.train(training)
+    return wrapped
+
+
+def _base_of(layer: nn.Module) -> nn.Module:
+    """The layer under an adapted layer: an :class:`NF4Linear` on a :class:`QLoraLinear`'s NF4 tensors and bias (not
+    copied), or a :class:`DenseLoraLinear`'s dense layer."""
+    if isinstance(layer, DenseLoraLinear):
+        return layer.base_layer
+    base = NF4Linear(layer.qweight, None, layer.fan_in_fan_out)
+    base.bias = layer.bias
+    base.compute_dtype = layer.compute_dtype
+    return base
