@@ -120,3 +120,95 @@ def test_adapters_disabled_turns_the_experts_lora_off_too():
                     p.zero_()
     assert not torch.allclose(on, off)
     bounds.assert_logits_within("adapters off vs B = 0", off, model, ids)
+
+
+# -- the experts through transformers' from_pretrained (QLoraKernelsConfig), and 4-bit checkpoints' dense experts ----
+
+
+def _model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def test_from_pretrained_quantizes_the_experts_as_load_4bit_model_does(tmp_path):
+    """QLoraKernelsConfig puts NF4Experts in place of the fused experts (router dense) with load_4bit_model's bytes, the
+    model shrinks by the experts' 4-bit share, apply_qlora's target_parameters LoRA trains on them, and a checkpoint
+    that stores them in NF4 (save_original_format=False) loads back as stored."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kernels.hf import QLoraKernelsConfig, bnb_free_config
+
+    from .hf_tiny import ids, write_tiny
+
+    write_tiny(tmp_path / "fp32", "mixtral")
+
+    def load(path, **cfg):
+        extra = {"config": bnb_free_config(path)} if (path / "config.json").read_text().count("bitsandbytes") else {}
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=QLoraKernelsConfig(**cfg),
+                                                    dtype=torch.float32, **extra).eval()
+
+    ours = qk.load_4bit_model(tmp_path / "fp32", dtype=torch.float32)
+    theirs = load(tmp_path / "fp32")
+    dense_experts = load(tmp_path / "fp32", quantize_experts=False)
+    layer = theirs.model.layers[0].mlp
+    assert isinstance(layer.experts, NF4Experts) and type(layer.gate).__module__.startswith("transformers")
+    assert not isinstance(dense_experts.model.layers[0].mlp.experts, NF4Experts)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=x).logits, ours(input_ids=x).logits, atol=0, rtol=0)
+    # the experts hold 4 * 3 * 64 * 128 fp32 weights a layer: 384 KiB dense, 4.5 bits a weight in NF4 (~53 KiB)
+    experts = 2 * 4 * 3 * 64 * 128
+    saved = _model_bytes(dense_experts) - _model_bytes(theirs)
+    assert _model_bytes(ours) == _model_bytes(theirs)
+    assert experts * (4 - 0.5 - 0.1) < saved < experts * (4 - 0.5), saved
+    qk.apply_qlora(theirs, r=4, target_parameters=TARGETS)
+    theirs.train()(input_ids=x, labels=x).loss.backward()
+    assert all(p.grad is not None for m in theirs.modules() if isinstance(m, NF4Experts) for p in m.lora_A.values())
+
+    ours.save_pretrained(tmp_path / "nf4", save_original_format=False)
+    again = load(tmp_path / "nf4")
+    assert isinstance(again.model.layers[0].mlp.experts, NF4Experts)
+    c = again.state_dict()
+    assert set(a) == set(c) and all(torch.equal(a[k], c[k]) for k in a)
+    kept = load(tmp_path / "nf4", quantize_experts=False)  # stored in NF4: kept as stored, NF4 still
+    assert isinstance(kept.model.layers[0].mlp.experts, NF4Experts)
+
+
+def test_a_4bit_checkpoints_dense_experts_are_quantized_with_a_warning_or_kept_as_stored(tmp_path):
+    """bitsandbytes leaves the experts dense; loading its checkpoint quantizes them (both loaders) with a
+    QuantizedExpertsWarning, and quantize_experts=False keeps them dense: then the logits are bitsandbytes' (within the
+    derived bound), which the quantized ones are not."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kernels.hf import QLoraKernelsConfig, bnb_free_config
+    from qlora_kernels.hf.loading import QuantizedExpertsWarning
+
+    from .hf_tiny import bnb_model, ids, write_bnb_checkpoint, write_tiny
+
+    pytest.importorskip("bitsandbytes")
+    write_tiny(tmp_path / "fp32", "mixtral")
+    path = write_bnb_checkpoint(tmp_path / "fp32", tmp_path / "bnb")
+
+    def hf(**cfg):
+        return AutoModelForCausalLM.from_pretrained(path, config=bnb_free_config(path), dtype=torch.float32,
+                                                    quantization_config=QLoraKernelsConfig(**cfg)).eval()
+
+    x = ids()
+    ref = bnb_model(path)
+    for load in (lambda **kw: qk.load_4bit_model(path, dtype=torch.float32, **kw), hf):
+        pattern = r"experts of 2 mixture-of-experts layer\(s\) dense \(e.g. model.layers.0.mlp.experts; .*quantize_experts"
+        with pytest.warns(QuantizedExpertsWarning, match=pattern + r"=False\) keeps"):
+            quantized = load()
+        assert isinstance(quantized.model.layers[0].mlp.experts, NF4Experts)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", QuantizedExpertsWarning)
+            kept = load(quantize_experts=False)
+        assert not isinstance(kept.model.layers[0].mlp.experts, NF4Experts)
+        with torch.no_grad():
+            want = kept(input_ids=x).logits
+            got, bound, why = bounds.logits_bound(ref, x)
+            bounds.assert_within("bitsandbytes vs ours, experts kept dense", got, want, bound, why=why)
+            assert ((quantized(input_ids=x).logits - got).abs() > bound).any()  # quantized: other numbers

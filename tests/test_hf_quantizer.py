@@ -41,18 +41,19 @@ def _same(a: nn.Module, b: nn.Module) -> None:
                                          ("mixtral", torch.float32)])
 def test_float_checkpoint_equals_load_4bit_model(arch, dtype, tmp_path):
     """Quantized layer by layer while transformers loads it: the same NF4 bytes, other tensors, module types and
-    logits as load_4bit_model (GPT-2's Conv1D weights transposed first, as there; Mixtral's fused 3-D experts and its
-    router left dense, as there with quantize_experts=False: the quantizer keeps experts dense, so that
-    save_pretrained stays a checkpoint transformers + bitsandbytes reloads)."""
+    logits as load_4bit_model (GPT-2's Conv1D weights transposed first, as there; Mixtral's fused 3-D experts in NF4
+    and its router dense, as there; save_pretrained writes the experts dense, as bitsandbytes' checkpoints hold them,
+    which transformers + bitsandbytes reloads with our logits)."""
     write_tiny(tmp_path, arch)
     ours = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=QLoraKernelsConfig(), dtype=dtype)
-    want = qk.load_4bit_model(tmp_path, dtype=dtype, quantize_experts=False)
+    want = qk.load_4bit_model(tmp_path, dtype=dtype)
     _same(ours, want)
     layers = [m for m in ours.modules() if isinstance(m, NF4Linear)]
     assert len(layers) == (14 if arch == "llama" else 8) and {m.compute_dtype for m in layers} == {dtype}
     if arch == "mixtral":
-        experts = ours.model.layers[0].mlp.experts
-        assert experts.gate_up_proj.dim() == 3 and experts.gate_up_proj.dtype == dtype
+        from qlora_kernels.nn.experts import NF4Experts
+
+        assert isinstance(ours.model.layers[0].mlp.experts, NF4Experts)
     assert all(m.fan_in_fan_out == (arch == "gpt2") for m in layers) and type(ours.lm_head) is nn.Linear
     assert ours.is_quantized and ours.hf_quantizer.is_trainable and ours.hf_quantizer.is_serializable()
     qc = ours.config.quantization_config
@@ -61,6 +62,15 @@ def test_float_checkpoint_equals_load_4bit_model(arch, dtype, tmp_path):
     x = ids()
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=x).logits, want(input_ids=x).logits, atol=0, rtol=0)
+    if arch == "mixtral" and dtype == torch.float32:
+        pytest.importorskip("bitsandbytes")
+        ours.save_pretrained(tmp_path / "saved")
+        ref = bnb_model(tmp_path / "saved")
+        assert not isinstance(ref.model.layers[0].mlp.experts, NF4Experts)
+        with torch.no_grad():
+            got, bound, why = bounds.logits_bound(ref, x)
+            bounds.assert_within("transformers + bitsandbytes on our save", got, ours.eval()(input_ids=x).logits,
+                                 bound, why=why)
 
 
 def test_bnb_checkpoint_is_used_as_stored(tmp_path):

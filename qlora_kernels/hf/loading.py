@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import re
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,20 @@ from .layers import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+class QuantizedExpertsWarning(UserWarning):
+    """A 4-bit checkpoint's mixture-of-experts tensors were stored dense (bitsandbytes leaves them so) and were
+    quantized to NF4 while loading: the model then computes something else than bitsandbytes does on the same file."""
+
+
+def warn_quantized_experts(names: Sequence[str], keep: str) -> None:
+    """Say that the dense experts ``names`` of a 4-bit checkpoint were quantized here, and how to ``keep`` them."""
+    warnings.warn(
+        f"the 4-bit checkpoint stores the experts of {len(names)} mixture-of-experts layer(s) dense (e.g. {names[0]}; "
+        f"bitsandbytes leaves them so) and they were quantized to NF4 while loading, so the outputs differ from "
+        f"bitsandbytes' on this checkpoint (by the NF4 rounding of those tensors); {keep} keeps them as stored",
+        QuantizedExpertsWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -290,7 +305,9 @@ def load_4bit_model(
             and in bitsandbytes checkpoints alike), or taken as stored when the checkpoint holds them in NF4
             (as a model with NF4Experts saves them: ``save_pretrained(dir, save_original_format=False)``, since
             transformers 5's legacy layout splits fused experts into per-expert tensors); the routers stay dense.
-            False keeps them dense.
+            Experts a 4-bit checkpoint stores dense (bitsandbytes leaves them so) are quantized with a
+            :class:`QuantizedExpertsWarning` (the outputs then differ from bitsandbytes' on the same file).
+            False keeps them as stored (dense, unless the checkpoint holds them in NF4).
         block_hook: load block by block and hand each finished block to the hook (see :class:`BlockHook`): the
             process then holds at most one block beyond what the hook keeps of the earlier ones (a float
             checkpoint's fused experts are built per block too). The tensors are the same as without it.
@@ -353,6 +370,7 @@ def load_4bit_model(
                                           keep_dense=output_embedding_names(model), skip=list(skip_modules or []))
     experts = dict(blocksize=blocksize, double_quant=double_quant) if quantize_experts else None
     loaded: dict[int, Tensor] = {}  # tensors read so far by id of their meta stand-in (tied twins)
+    quantized_experts: list[str] = []
 
     def load(modules: Callable[[], list[tuple[str, nn.Module]]], prefix: str | None) -> int:
         # (modules(): the part's modules by full name, as they are now: each step replaces some)
@@ -361,7 +379,7 @@ def load_4bit_model(
         # 1. linear layers -> NF4Linear (stored NF4, or quantized here), one at a time
         n = _load_linear_layers(model, modules(), sources, path, dtype, device, quantize)
         # 1b. fused MoE experts -> NF4Experts (stored NF4, or quantized here), one module at a time
-        _load_experts(model, modules(), sources, path, dtype, device, experts)
+        quantized_experts.extend(_load_experts(model, modules(), sources, path, dtype, device, experts))
         # 2. every other parameter and persistent buffer, in dtype; tied parameters stay tied
         _load_other_tensors(model, modules(), sources, path, dtype, device, loaded, new_heads)
         # 3. computed buffers (rotary inv_freq, embed scales): let the model class initialise them
@@ -377,6 +395,8 @@ def load_4bit_model(
     inside = tuple(f"{b}." for b in blocks)
     done += load(lambda: [(n, m) for n, m in model.named_modules() if n not in blocks and not n.startswith(inside)],
                  None)
+    if four_bit and quantized_experts:
+        warn_quantized_experts(quantized_experts, "load_4bit_model(..., quantize_experts=False)")
     model.eval()
     if (path / "generation_config.json").is_file():
         with contextlib.suppress(Exception):
@@ -611,11 +631,11 @@ def _load_linear_layers(model: nn.Module, modules: list[tuple[str, nn.Module]], 
 
 
 def _load_experts(model: nn.Module, modules: list[tuple[str, nn.Module]], sources: _Sources, path: Path,
-                  dtype: torch.dtype, device: torch.device, quantize: dict | None) -> int:
+                  dtype: torch.dtype, device: torch.device, quantize: dict | None) -> list[str]:
     """Of ``modules``, put an :class:`NF4Experts` in place of every fused-experts module whose two tensors are stored
     in NF4, and, when ``quantize`` (``blocksize``, ``double_quant``) is given, of every other one, its tensors read,
-    cast to ``dtype`` and quantized one module at a time. Returns how many."""
-    count = 0
+    cast to ``dtype`` and quantized one module at a time. Returns the names of those quantized here."""
+    quantized = []
     for name, module in modules:
         if not moe.is_fused_experts(module):
             continue
@@ -638,11 +658,11 @@ def _load_experts(model: nn.Module, modules: list[tuple[str, nn.Module]], source
                 except ValueError as exc:
                     raise ValueError(f"checkpoint tensor {ckpt_key!r} ({name}.{proj}): {exc}") from None
                 del w
+            quantized.append(name)
         else:
             continue
         replace_module(model, name, moe.nf4_experts(module, weights))
-        count += 1
-    return count
+    return quantized
 
 
 def _new_task_heads(model: nn.Module, plan: _KeyPlan) -> list[str]:
