@@ -118,6 +118,14 @@ xdist=()
 step tests 120 "$PY" -m pytest -q -m gpu --maxfail=25 -p no:cacheprovider "${xdist[@]}" tests
 tests_rc=$?
 
+# FSDP2 on the hardware: the trainer's sharded path over a process group of one (nccl on the GPU, gloo in the
+# rehearsal; fsdp_config.shard_one_process), 4 steps of the demo's SFT with a sharded checkpoint; the log says
+# "fully sharded (FSDP2) over 1 processes (nccl)"; its output (fsdp.json, metrics) lands in the tarball.
+if [ "$REHEARSAL" = 1 ]; then smoke_device=cpu; else smoke_device=cuda; fi
+step fsdp_smoke 60 "$PY" -m qlora_kernels.train examples/sft_tiny.yaml max_steps=4 eval_steps=4 save_steps=4 \
+  micro_batch_size=8 output_dir="$WORK/fsdp_smoke" fsdp=true fsdp_config.shard_one_process=true \
+  device="$smoke_device" progress_bar=false
+
 if [ "$REHEARSAL" = 1 ]; then quick=(--quick); else quick=(); fi
 # The rehearsal times two of the target shapes (at M <= 128), so that the summary computes its ratios there too.
 nf4_args=("${quick[@]}")

@@ -315,6 +315,29 @@ def test_two_fsdp_ranks_train_the_adapters_of_one_process(runs):
     assert "fully sharded (FSDP2) over 2 processes" in runs["full_stdout"]
 
 
+def test_a_group_of_one_runs_the_sharded_path_and_trains_as_one_process(assets, runs, tmp_path):
+    """fsdp_config.shard_one_process: one process (no torchrun) joins a gloo group of one and shards over it (the
+    path the GPU check runs on one GPU over nccl): the adapters and losses of the unsharded process, within bounds."""
+    cfg = tmp_path / "one.yaml"
+    cfg.write_text(yaml.safe_dump(raw_config(assets, tmp_path / "out", micro_batch_size=4,
+                                             fsdp_config={"shard_one_process": True})))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-m", "qlora_kernels.train", str(cfg)], env=env, capture_output=True,
+                          text=True, timeout=240, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "fully sharded (FSDP2) over 1 processes (gloo)" in proc.stdout
+    rep = json.loads((tmp_path / "out" / fsdp.FSDP_REPORT).read_text())
+    assert rep["nf4_resident_bytes_per_rank"] == [rep["nf4_model_bytes"]]
+    a = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    b = load_file(str(runs["one"] / "adapter_model.safetensors"))
+    got, want = _records(tmp_path / "out"), _records(runs["one"])
+    assert a.keys() == b.keys() and [r["step"] for r in got] == [1, 2, 3, 4]
+    bounds.assert_same_training(got, want, a, b, num_layers=2, reduce_len=512)
+    assert (tmp_path / "out" / "checkpoint-4").is_dir()
+
+
 def test_each_rank_holds_half_the_nf4_bytes_also_while_loading(runs):
     rep = json.loads((runs["full"] / fsdp.FSDP_REPORT).read_text())
     total, per_rank = rep["nf4_model_bytes"], rep["nf4_resident_bytes_per_rank"]

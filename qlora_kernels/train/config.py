@@ -97,6 +97,9 @@ class FSDPConfig:
     cpu_ram_efficient_loading: bool = _f(True, choices=(True,), help="always: each rank reads the checkpoint block "
                                          "by block and keeps only its shard")
     offload_params: bool = _f(False, choices=(False,), help="CPU offload of the parameters: not supported")
+    shard_one_process: bool = _f(False, help="with one process (no torchrun, or torchrun with one), join a process "
+                                 "group of one (nccl on a GPU, gloo on the CPU) and shard over it: the FSDP2 path as "
+                                 "N ranks run it, for a one-GPU check of it (default: one process trains unsharded)")
 
 
 @dataclass

@@ -54,8 +54,9 @@ class DistContext:
 
     @property
     def enabled(self) -> bool:
-        """True under torchrun with more than one process."""
-        return self.world_size > 1
+        """True when this process is in a process group: under torchrun with more than one process, or in a group of
+        one asked for (``fsdp_config.shard_one_process``), whose collectives then run for real over one rank."""
+        return self.backend is not None
 
     @property
     def is_main(self) -> bool:
@@ -73,27 +74,40 @@ def env_world() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))))
 
 
-def init_distributed(device_type: str, timeout_s: float = 1800.0) -> DistContext:
+def init_distributed(device_type: str, timeout_s: float = 1800.0, one_process_group: bool = False) -> DistContext:
     """Join the process group torchrun set up, if there is one; returns the :class:`DistContext`.
 
     Backend: nccl for ``device_type == "cuda"``, gloo otherwise. On CUDA the process uses GPU
-    ``LOCAL_RANK``. A process group already initialised (e.g. by a test) is reused as it is.
+    ``LOCAL_RANK``. A process group already initialised (e.g. by a test) is reused as it is. With one process,
+    ``one_process_group`` joins a group of one (on torchrun's rendezvous address, else a free local port), so the
+    code paths of N ranks run over one; without it one process is not distributed (:data:`SINGLE`).
     """
     import torch.distributed as dist
 
     rank, world, local = env_world()
     if dist.is_available() and dist.is_initialized():
         return DistContext(dist.get_rank(), dist.get_world_size(), local, dist.get_backend())
-    if world <= 1:
+    if world <= 1 and not one_process_group:
         return SINGLE
     if not dist.is_available():
-        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+        raise RuntimeError(f"WORLD_SIZE {world}{' (a group of one asked for)' if world <= 1 else ''} but this torch "
+                           f"build has no torch.distributed")
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         if local >= torch.cuda.device_count():
             raise RuntimeError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA devices are visible")
         torch.cuda.set_device(local)
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if world <= 1 and "MASTER_ADDR" not in os.environ:  # no torchrun: a rendezvous of our own
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                                timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout)
     return DistContext(dist.get_rank(), dist.get_world_size(), local, backend)
 
 

@@ -122,7 +122,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     device = resolve_device(cfg)
-    ctx = dp.init_distributed(device.type)
+    ctx = dp.init_distributed(device.type, one_process_group=cfg.fsdp and cfg.fsdp_config.shard_one_process)
     try:
         recipe = Recipe(cfg, objective_class(cfg.objective).from_config(cfg), ctx, dp.rank_device(device, ctx),
                         quiet or not ctx.is_main)
@@ -149,7 +149,7 @@ class Recipe:
         self.stopped_early = False
         self.in_update = False  # between the first parameter change of a step and its end
         self.latch = _SigintLatch()  # Ctrl-C handling; installed by fit
-        self.sharded = cfg.fsdp and ctx.enabled  # FSDP2 over the ranks (fsdp: true with one process is a no-op)
+        self.sharded = cfg.fsdp and ctx.enabled  # FSDP2 over the ranks (one process: a no-op, unless shard_one_process)
 
     def say(self, msg: str) -> None:
         if not self.quiet:
