@@ -202,6 +202,7 @@ def apply_qlora(
         replace_module(model, name, layer)
     if quantize_experts:
         moe.quantize_experts(model, blocksize=blocksize, double_quant=double_quant)
+    moe.save_experts_fused(model)
     for name, projections in expert_targets.items():
         model.get_submodule(name).add_lora(r, lora_alpha, lora_dropout, use_rslora, lora_dtype, projections)
     if bnb4:

@@ -64,6 +64,28 @@ def quantize_experts(model: nn.Module, blocksize: int = 64, double_quant: bool =
     return count
 
 
+def save_experts_fused(model: nn.Module) -> None:
+    """Make ``save_pretrained`` write a model's :class:`NF4Experts` as they are held (fused, NF4, bitsandbytes' keys
+    of each 3-D tensor) instead of failing: transformers reverts its load-time conversions on save, and its
+    per-expert split of the fused tensors cannot run on packed NF4 codes. So the model's ``_weight_conversions``
+    (the list ``save_pretrained`` reverts; transformers' mapping for the model class when it has none) lose the
+    converters that build the experts tensors; renamings stay. :func:`~qlora_kernels.load_4bit_model` and
+    ``QLoraKernelsConfig`` read the result as stored. Nothing happens to a model without NF4 experts."""
+    if not any(isinstance(m, NF4Experts) for m in model.modules()) or not hasattr(model, "config"):
+        return
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import PrefixChange
+        except ImportError:
+            return
+        conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
+                       if not isinstance(c, PrefixChange)]  # (as transformers does for a model it did not load)
+    model._weight_conversions = [c for c in conversions if not any(
+        p in str(t) for t in (getattr(c, "target_patterns", None) or ()) for p in PROJECTIONS)]
+
+
 def targeted(model: nn.Module, target_parameters: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """The experts projections ``target_parameters`` names (PEFT's rule: the full parameter name, or an entry
     it ends with after a dot), by module name."""

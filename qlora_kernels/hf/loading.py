@@ -303,8 +303,8 @@ def load_4bit_model(
             ``experts.gate_up_proj`` / ``experts.down_proj``) become :class:`~qlora_kernels.nn.experts.NF4Experts`,
             quantized module by module as they are read (``blocksize``, ``double_quant``; they are dense in float
             and in bitsandbytes checkpoints alike), or taken as stored when the checkpoint holds them in NF4
-            (as a model with NF4Experts saves them: ``save_pretrained(dir, save_original_format=False)``, since
-            transformers 5's legacy layout splits fused experts into per-expert tensors); the routers stay dense.
+            (as ``save_pretrained`` writes a model with NF4Experts that this function or ``apply_qlora`` made: fused,
+            see :func:`~qlora_kernels.hf.experts.save_experts_fused`); the routers stay dense.
             Experts a 4-bit checkpoint stores dense (bitsandbytes leaves them so) are quantized with a
             :class:`QuantizedExpertsWarning` (the outputs then differ from bitsandbytes' on the same file).
             False keeps them as stored (dense, unless the checkpoint holds them in NF4).
@@ -404,6 +404,7 @@ def load_4bit_model(
     with contextlib.suppress(AttributeError):
         model.config._name_or_path = str(path)
     record_bnb4_config(model)
+    moe.save_experts_fused(model)
     logger.info("load_4bit_model: %d linear layers in NF4 (%s)", done,
                 "stored bitsandbytes 4-bit" if four_bit else "quantized while loading")
     return model
