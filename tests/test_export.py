@@ -243,6 +243,53 @@ def test_gguf_reads_back_with_every_tensor_and_the_tokenizer(demo_adapter, tmp_p
     assert 0 < report.max_abs_logit_change < 0.1 * report.logit_scale
 
 
+def test_llama_cpp_runs_the_gguf_as_our_model_does(demo_adapter, tmp_path):
+    """Optional (llama-cpp-python installed): llama.cpp reads the f16 GGUF, tokenizes a prompt into our tokenizer's ids,
+    computes our merged model's logits within the bound of f16 weights and activations (ggml rounds both to f16 and
+    accumulates in fp32), and generates our greedy tokens wherever our top-2 logits are not within that bound."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "gguf"
+    export_model(demo_adapter["base"], demo_adapter["adapter"], out, format="gguf", gguf_type="f16")
+    merged = qk.merge_and_unload(_adapter_model({"base": demo_adapter["base"], "adapter": demo_adapter["adapter"]}),
+                                 dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(demo_adapter["base"])
+    prompt = "Translate into Lerish: ka mo ti ="
+    ids = tok(prompt)["input_ids"]
+    llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    try:
+        assert llm.tokenize(prompt.encode(), add_bos=True, special=False) == ids
+        new = []
+        for t in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+            new.append(int(t))
+            if len(new) == 12:
+                break
+        seq = ids + new
+        llm.reset()
+        llm.eval(seq)
+        theirs = torch.from_numpy(np.array(llm.scores[: len(seq)], dtype=np.float32))
+    finally:
+        llm.close()
+    cfg = merged.config
+    n = bounds.model_reduce_len(merged, torch.tensor([seq]))
+    rho = bounds.llama_depth(cfg.num_hidden_layers) * (2 * bounds.unit_roundoff(torch.float16) + 2 * bounds.gamma(n))
+    with torch.no_grad():
+        h = merged(input_ids=torch.tensor([seq]), output_hidden_states=True)
+    ours = h.logits[0]
+    bound = rho * bounds.abs_matmul(h.hidden_states[-1][0].float(), merged.lm_head.weight.detach().float())
+    bounds.assert_within("llama.cpp vs ours, logits", theirs, ours, bound,
+                         why=f"{bounds.llama_depth(cfg.num_hidden_layers)} chained reductions x (2 u_fp16 + 2 "
+                             f"gamma_{n}(fp32)), x |h| @ |W_out|^T")
+    top2 = ours.topk(2, dim=-1)
+    for i in range(len(ids) - 1, len(seq) - 1):  # position i predicts token i + 1
+        gap = float(top2.values[i, 0] - top2.values[i, 1])
+        if gap <= 2 * float(bound[i].max()):
+            break  # a near-tie: either token is a right answer from here on
+        assert seq[i + 1] == int(top2.indices[i, 0]), (i, seq[len(ids):])
+
+
 def test_gguf_refuses_what_it_cannot_hold(assets, tmp_path):
     pytest.importorskip("gguf")
     with pytest.raises(ValueError, match="a WordLevel tokenizer is not supported"):  # the tests' tiny tokenizer
