@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import bnb_format, ops  # ops: registers torch.ops.qlora_kernels
 from .dtypes import FLOAT_DTYPES, dtype_name
-from .quant_maps import ALLOWED_BLOCKSIZES, dynamic_map, nf4_code
+from .quant_maps import ALLOWED_BLOCKSIZES, NESTED_BLOCKSIZE, dynamic_map, nf4_code
 from .reference.nf4 import quantize_absmax
 
 _QK = torch.ops.qlora_kernels
@@ -132,6 +132,22 @@ class NF4Weight:
             return cls(**fields)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"4-bit weight {prefix!r}: {exc}") from None
+
+
+def nf4_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
+    """The bytes :func:`quantize_nf4` allocates for a tensor of ``numel`` elements (``NF4Weight.nbytes``), without
+    quantizing anything: packed codes (two a byte), one absmax a block (a uint8 code with double quantization, else
+    fp32), the 16-entry NF4 table, and with double quantization one fp32 nested absmax a 256 blocks and the
+    256-entry dynamic map."""
+    if numel < 1:
+        raise ValueError(f"numel must be >= 1; got {numel}")
+    if blocksize not in ALLOWED_BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {ALLOWED_BLOCKSIZES}; got {blocksize!r}")
+    blocks = -(-numel // blocksize)
+    out = -(-numel // 2) + 16 * 4
+    if double_quant:
+        return out + blocks + -(-blocks // NESTED_BLOCKSIZE) * 4 + 256 * 4
+    return out + blocks * 4
 
 
 def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:

@@ -20,6 +20,7 @@ from torch import nn
 
 import qlora_kernels as qk
 from qlora_kernels.demo.synthetic import instruction_rows, make_languages, save_random_model
+from qlora_kernels.hf.layers import linear_modules
 from qlora_kernels.hf.loading import BlockHook
 from qlora_kernels.nn.nf4_storage import resident_nf4_bytes
 from qlora_kernels.train import ConfigError, TrainingError, fsdp, load_config, train
@@ -347,6 +348,55 @@ def test_each_rank_holds_half_the_nf4_bytes_also_while_loading(runs):
         assert abs(held - total / 2) <= 0.01 * total  # FSDP2 pads each tensor's shards to equal size
         # while loading: the shards of the blocks before + one whole block (here: 1/4 + 1/2), never the whole model
         assert peak <= total / 2 + rep["largest_block_nf4_bytes"] + 0.01 * total and peak <= 0.76 * total
+
+
+def test_the_memory_plan_counts_what_the_ranks_hold(assets, runs):
+    """memory_plan, from the shapes only, gives the NF4 bytes the run measured block by block (exactly) and each rank's
+    share (within FSDP2's padding of each tensor to equal shards)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    rep = json.loads((runs["full"] / fsdp.FSDP_REPORT).read_text())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(assets["model"]))
+    plan = fsdp.memory_plan(model, 2, r=4)
+    assert plan.nf4_bytes == rep["nf4_model_bytes"]
+    n_tensors = 5 * sum(1 for _, m, k in linear_modules(model) if k == "linear") - 5  # (but the output projection)
+    for held in rep["nf4_resident_bytes_per_rank"]:
+        assert plan.nf4_bytes / 2 <= held <= plan.nf4_bytes / 2 + n_tensors * 4  # padding: < one element a tensor
+    assert plan.largest_block_bytes > 0 and plan.head_bytes == model.lm_head.weight.numel() * 2
+
+
+def test_the_readme_memory_table_is_the_memory_plan():
+    """The README's per-rank table and its 70B-on-2x24-GiB / 8B-on-1x16-GiB sentences, from memory_plan of the models'
+    shapes (built on the meta device: no weights)."""
+    import re
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    text = (REPO / "README.md").read_text()
+    gib = 2 ** 30
+    shapes = {"Llama-3-8B": (4096, 14336, 32, 32), "Llama-3-70B": (8192, 28672, 80, 64),
+              "Llama-3.1-405B": (16384, 53248, 126, 128)}
+    plans = {}
+    for name, (h, inter, layers, heads) in shapes.items():
+        cfg = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        plans[name] = [fsdp.memory_plan(model, n) for n in (2, 4, 8)]
+        row = re.search(rf"^\| {re.escape(name)} \(([\d.]+) GiB\) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$",
+                        text, re.M)
+        assert row, name
+        p2 = plans[name][0]
+        want = [p2.nf4_bytes, p2.ddp_bytes, *(p.fsdp_bytes for p in plans[name])]
+        got = [float(v) for v in row.groups()]
+        for g, w in zip(got, want):
+            assert abs(g - w / gib) <= 0.05 + 0.0005 * g, (name, got, [round(v / gib, 2) for v in want])
+    p70, p8 = plans["Llama-3-70B"][0], plans["Llama-3-8B"][0]
+    assert f"holds {p70.fsdp_bytes / gib:.1f} GiB a rank" in text
+    assert f"{24 - p70.fsdp_bytes / gib:.1f} GiB are left" in text
+    assert f"free {p70.head_bytes / 2 / gib:.1f} GiB of it" in text
+    assert f"holds {p8.ddp_bytes / gib:.1f} GiB" in text and f"leaving {16 - p8.ddp_bytes / gib:.1f} GiB" in text
 
 
 def test_a_killed_run_resumes_from_its_sharded_checkpoint_to_the_uninterrupted_result(runs):

@@ -239,3 +239,18 @@ def test_from_bnb_state_dict_blob_layouts_and_bad_entries():
     for key, value, exc, error in bad:
         with pytest.raises(exc, match=error):
             qk.NF4Weight.from_bnb_state_dict(dict(sd, **{key: value}), "w")
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_nbytes_is_what_quantize_allocates(double_quant):
+    from qlora_kernels.nf4 import nf4_nbytes
+
+    for shape in [(1, 1), (3, 7), (17, 300), (64, 64), (129 * 256, 64), (4096, 1024)]:
+        for blocksize in (32, 64, 256, 4096):
+            w = torch.randn(shape)
+            assert nf4_nbytes(w.numel(), blocksize, double_quant) == qk.quantize_nf4(
+                w, blocksize=blocksize, double_quant=double_quant).nbytes, (shape, blocksize)
+    with pytest.raises(ValueError, match=r"numel must be >= 1; got 0"):
+        nf4_nbytes(0)
+    with pytest.raises(ValueError, match=r"blocksize must be one of .*; got 48"):
+        nf4_nbytes(64, 48)

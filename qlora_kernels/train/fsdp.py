@@ -38,7 +38,9 @@ itself.
   run exactly; another one continues it as long as ``micro_batch_size x world_size`` (the global micro-batch, which
   fixes the data order) is unchanged, else the resume is refused naming both.
 * **One process** (world size 1): FSDP is a no-op; the run trains as without it, and still writes (and reads) the
-  sharded checkpoint format, so a run can move between world sizes.
+  sharded checkpoint format, so a run can move between world sizes. With ``fsdp_config.shard_one_process`` the
+  process joins a group of one instead and shards over it (the path N ranks run, e.g. to check it on one GPU).
+* **Memory** (:func:`memory_plan`): the weights and adapter state each rank holds, from a model's shapes.
 """
 
 from __future__ import annotations
@@ -325,6 +327,82 @@ def build_model(cfg: TrainConfig, device: torch.device, ctx: dp.DistContext,
 
 
 # --------------------------------------------------------------------------- forwards every rank runs alike
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Weights and adapter state of a QLoRA model per rank, in bytes, counted from its shapes (:func:`memory_plan`);
+    activations, the allocator's slack and the CUDA context come on top."""
+
+    world_size: int
+    nf4_bytes: int  # the 4-bit linear layers and experts, whole (NF4 with its constants)
+    dense_bytes: int  # every other tensor but the output projection (embeddings, norms, routers, biases)
+    head_bytes: int  # the output projection, whole on every rank
+    lora_bytes: int  # the adapters with their gradients and optimizer states
+    largest_block_bytes: int  # one block's tensors, gathered whole for its forward and its backward
+
+    @property
+    def ddp_bytes(self) -> int:
+        """Every rank holds everything."""
+        return self.nf4_bytes + self.dense_bytes + self.head_bytes + self.lora_bytes
+
+    @property
+    def fsdp_bytes(self) -> int:
+        """1/N of all but the output projection, which stays whole, plus two gathered blocks (the one computing and
+        the one FSDP2 prefetches)."""
+        shared = self.nf4_bytes + self.dense_bytes + self.lora_bytes
+        return -(-shared // self.world_size) + self.head_bytes + 2 * self.largest_block_bytes
+
+
+def memory_plan(model: nn.Module, world_size: int, r: int = 16, blocksize: int = 64, double_quant: bool = True,
+                dense_bytes_per_element: int = 2, state_bytes_per_parameter: int = 16) -> MemoryPlan:
+    """What :func:`build_model` puts on each of ``world_size`` ranks for ``model`` (its shapes only: a model on the
+    meta device will do), with LoRA of rank ``r`` on every linear layer but the output projection (``all-linear``).
+
+    The rules are the trainer's: linear layers and fused experts in NF4 (:func:`qlora_kernels.nf4.nf4_nbytes` of
+    ``blocksize`` / ``double_quant``), the output projection and every other tensor dense at
+    ``dense_bytes_per_element`` (bf16: 2), the adapters at ``state_bytes_per_parameter`` (fp32 weight, gradient and
+    AdamW's two states: 16), the blocks of :func:`find_blocks` as the FSDP units. FSDP2's padding of each tensor to
+    equal shards (under a kilobyte a tensor) is left out.
+    """
+    from qlora_kernels.hf import experts as moe
+    from qlora_kernels.nf4 import nf4_nbytes
+
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1; got {world_size!r}")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_params = {id(p) for p in head.parameters()} if head is not None else set()
+    outputs = set(output_embedding_names(model))
+    quantized: dict[int, int] = {}  # id of a weight in NF4 -> its NF4 bytes
+    lora = 0
+    for name, module, kind in linear_modules(model):
+        if kind not in ("linear", "conv1d") or name in outputs:
+            continue
+        w = module.weight
+        quantized[id(w)] = nf4_nbytes(w.numel(), blocksize, double_quant)
+        lora += r * sum(w.shape) * state_bytes_per_parameter
+    for _, module in moe.experts_modules(model):
+        for proj in moe.PROJECTIONS:
+            w = getattr(module, proj)
+            quantized[id(w)] = nf4_nbytes(w.numel(), blocksize, double_quant)
+
+    def size(module: nn.Module) -> tuple[int, int]:  # (NF4 bytes, dense bytes) of its tensors but the head's
+        nf4 = dense = 0
+        seen: set[int] = set()
+        for t in [*module.parameters(), *module.buffers()]:
+            if id(t) in seen or id(t) in head_params:
+                continue
+            seen.add(id(t))
+            if id(t) in quantized:
+                nf4 += quantized[id(t)]
+            elif t.is_floating_point():
+                dense += t.numel() * dense_bytes_per_element
+        return nf4, dense
+
+    nf4, dense = size(model)
+    head_bytes = sum(p.numel() for p in head.parameters()) * dense_bytes_per_element if head is not None else 0
+    largest = max((sum(size(model.get_submodule(b))) for b in find_blocks(model)), default=0)
+    return MemoryPlan(world_size, nf4, dense, head_bytes, lora, largest)
 
 
 def eval_placeholders(n_items: int, batch_size: int, ctx: dp.DistContext) -> int:
