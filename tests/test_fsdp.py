@@ -395,7 +395,7 @@ def test_the_readme_memory_table_is_the_memory_plan():
     p70, p8 = plans["Llama-3-70B"][0], plans["Llama-3-8B"][0]
     assert f"holds {p70.fsdp_bytes / gib:.1f} GiB a rank" in text
     assert f"{24 - p70.fsdp_bytes / gib:.1f} GiB are left" in text
-    assert f"free {p70.head_bytes / 2 / gib:.1f} GiB of it" in text
+    assert f"save {p70.head_bytes / 2 / gib:.1f} GiB a rank" in text
     assert f"holds {p8.ddp_bytes / gib:.1f} GiB" in text and f"leaving {16 - p8.ddp_bytes / gib:.1f} GiB" in text
 
 
