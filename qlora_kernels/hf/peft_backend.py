@@ -247,9 +247,8 @@ def as_peft_model(model: nn.Module, adapter_name: str = "default") -> peft.PeftM
     for name, m in layers.items():
         carried[name] = (m.lora_A.weight, m.lora_B.weight, m.scaling)
         replace_module(model, name, _base_of(m))
-    saved = getattr(model, "qlora_modules_to_save", None)
-    if saved is not None:
-        del model.qlora_modules_to_save  # PEFT's modules_to_save from here on
+    if hasattr(model, "qlora_modules_to_save"):
+        del model.qlora_modules_to_save  # PEFT's modules_to_save from here on (config["modules_to_save"])
     wrapped = peft.get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=False)
     inner = wrapped.get_base_model()
     for name, (a, b, scaling) in carried.items():

@@ -160,6 +160,7 @@ class QLoraKernelsHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: QLoraKernelsConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self.dtype: torch.dtype | None = None
+        self._warn_experts = False  # set before loading: the checkpoint is 4-bit, so experts it stores dense are news
         self._ckpt: _Checkpoint | None = None
         self._plan: _KeyPlan | None = None
 
@@ -269,15 +270,10 @@ class QLoraKernelsHfQuantizer(HfQuantizer):
                 bias = None if module.bias is None else module.bias.detach()
                 layer = NF4Linear(qw, bias, fan_in_fan_out=conv)
                 layer.compute_dtype = self.dtype
-                hook = getattr(module, "_hf_hook", None)
-                if hook is not None:  # accelerate's device hook of a dispatched model stays with the layer
-                    from accelerate.hooks import add_hook_to_module
-
-                    add_hook_to_module(layer, hook)
-                replace_module(model, name, layer)
+                replace_module(model, name, _keep_device_hook(module, layer))
         finally:
             self._ckpt = self._plan = None  # closes the checkpoint files
-        if quantized and getattr(self, "_warn_experts", False):
+        if quantized and self._warn_experts:
             warn_quantized_experts(quantized, "QLoraKernelsConfig(quantize_experts=False)")
         model.config.quantization_config = bnb_quantization_config(model)
         return model
@@ -322,13 +318,7 @@ class QLoraKernelsHfQuantizer(HfQuantizer):
                 raise ValueError(f"{name}.{proj}: the checkpoint's weight has shape {list(qw.shape)}; the model "
                                  f"expects {list(shapes[proj])}")
             weights.append(qw)
-        out = moe.nf4_experts(module, weights)
-        hook = getattr(module, "_hf_hook", None)
-        if hook is not None:
-            from accelerate.hooks import add_hook_to_module
-
-            add_hook_to_module(out, hook)
-        return out
+        return _keep_device_hook(module, moe.nf4_experts(module, weights))
 
     def _stored_weight(self, name: str, module: nn.Module) -> NF4Weight:
         # the packed codes transformers read into the meta weight, the quant state from the checkpoint
@@ -348,6 +338,16 @@ class QLoraKernelsHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
+
+
+def _keep_device_hook(old: nn.Module, new: nn.Module) -> nn.Module:
+    """``new`` with accelerate's device hook of the module it replaces (a dispatched model's), if it had one."""
+    hook = getattr(old, "_hf_hook", None)
+    if hook is not None:
+        from accelerate.hooks import add_hook_to_module
+
+        add_hook_to_module(new, hook)
+    return new
 
 
 def bnb_free_config(path: str | Path, **kwargs: Any) -> PretrainedConfig:

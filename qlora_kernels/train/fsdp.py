@@ -329,6 +329,37 @@ def build_model(cfg: TrainConfig, device: torch.device, ctx: dp.DistContext,
 # --------------------------------------------------------------------------- forwards every rank runs alike
 
 
+def eval_placeholders(n_items: int, batch_size: int, ctx: dp.DistContext) -> int:
+    """How many extra (empty) eval batches this rank runs so that every rank runs as many forwards as the rank with
+    the most eval items (each forward of a sharded model is a collective)."""
+    lo, hi = dp.shard_bounds(n_items, ctx.rank, ctx.world_size)
+    most = dp.shard_bounds(n_items, 0, ctx.world_size)  # rank 0's share is the largest
+    return math.ceil((most[1] - most[0]) / batch_size) - math.ceil((hi - lo) / batch_size)
+
+
+def check_setup_forwards(objective: Any, n_train: int, n_eval: int, batch_size: int, ctx: dp.DistContext) -> None:
+    """DPO's ``precompute_ref_log_probs`` runs each rank's share of the pairs in batches of ``batch_size``; under FSDP
+    every forward is a collective, so every rank must run as many.
+
+    Raises:
+        ConfigError: the shares give unequal batch counts (naming them and what to set).
+    """
+    if not getattr(objective, "precompute_ref_log_probs", False):
+        return
+    for what, n in (("train", n_train), ("eval", n_eval)):
+        shares = [hi - lo for lo, hi in (dp.shard_bounds(n, r, ctx.world_size) for r in range(ctx.world_size))]
+        batches = [math.ceil(k / batch_size) for k in shares]
+        if len(set(batches)) > 1:
+            raise ConfigError(
+                f"precompute_ref_log_probs with fsdp: the {n} {what} pairs split over {ctx.world_size} ranks as "
+                f"{shares} make {batches} batches of eval_batch_size {batch_size}, and every forward of a sharded "
+                "model is a collective that each rank must run as often: choose eval_batch_size (or the number of "
+                "pairs) so that the counts match, or set precompute_ref_log_probs: false")
+
+
+# --------------------------------------------------------------------------- memory per rank
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """Weights and adapter state of a QLoRA model per rank, in bytes, counted from its shapes (:func:`memory_plan`);
@@ -403,34 +434,6 @@ def memory_plan(model: nn.Module, world_size: int, r: int = 16, blocksize: int =
     head_bytes = sum(p.numel() for p in head.parameters()) * dense_bytes_per_element if head is not None else 0
     largest = max((sum(size(model.get_submodule(b))) for b in find_blocks(model)), default=0)
     return MemoryPlan(world_size, nf4, dense, head_bytes, lora, largest)
-
-
-def eval_placeholders(n_items: int, batch_size: int, ctx: dp.DistContext) -> int:
-    """How many extra (empty) eval batches this rank runs so that every rank runs as many forwards as the rank with
-    the most eval items (each forward of a sharded model is a collective)."""
-    lo, hi = dp.shard_bounds(n_items, ctx.rank, ctx.world_size)
-    most = dp.shard_bounds(n_items, 0, ctx.world_size)  # rank 0's share is the largest
-    return math.ceil((most[1] - most[0]) / batch_size) - math.ceil((hi - lo) / batch_size)
-
-
-def check_setup_forwards(objective: Any, n_train: int, n_eval: int, batch_size: int, ctx: dp.DistContext) -> None:
-    """DPO's ``precompute_ref_log_probs`` runs each rank's share of the pairs in batches of ``batch_size``; under FSDP
-    every forward is a collective, so every rank must run as many.
-
-    Raises:
-        ConfigError: the shares give unequal batch counts (naming them and what to set).
-    """
-    if not getattr(objective, "precompute_ref_log_probs", False):
-        return
-    for what, n in (("train", n_train), ("eval", n_eval)):
-        shares = [hi - lo for lo, hi in (dp.shard_bounds(n, r, ctx.world_size) for r in range(ctx.world_size))]
-        batches = [math.ceil(k / batch_size) for k in shares]
-        if len(set(batches)) > 1:
-            raise ConfigError(
-                f"precompute_ref_log_probs with fsdp: the {n} {what} pairs split over {ctx.world_size} ranks as "
-                f"{shares} make {batches} batches of eval_batch_size {batch_size}, and every forward of a sharded "
-                "model is a collective that each rank must run as often: choose eval_batch_size (or the number of "
-                "pairs) so that the counts match, or set precompute_ref_log_probs: false")
 
 
 # --------------------------------------------------------------------------- the adapter, gathered
