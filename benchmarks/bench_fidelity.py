@@ -7,19 +7,31 @@
 then the eval loss (mean next-token cross-entropy over the held-out answers' tokens) and the exact match of greedy
 answers on the held-out prompts, and the gaps in percent against ``lora16``.
 
-    python benchmarks/bench_fidelity.py --out bench_out               # the demo's task, 200 steps, seeds 0,1,2
-    python benchmarks/bench_fidelity.py --quick --out bench_out       # 40 steps, seeds 0,1 (the tests)
+    python benchmarks/bench_fidelity.py --out bench_out                       # the demo's task, 200 steps, seeds 0-2
+    python benchmarks/bench_fidelity.py --task knowledge --eval-rows 1000 --out bench_out  # the knowledge task
+    python benchmarks/bench_fidelity.py --quick --out bench_out               # 40 steps, seeds 0,1 (the tests)
 
-The task is the demo's: its tiny Llama (``qlora_kernels/demo/data/tiny_llama``, pretrained on two invented
-languages, 0.9 M parameters, fp32 on the CPU) learns to follow "Translate into ..." instructions (alpaca rows of
-``qlora_kernels/demo/data/sft_translate_*.jsonl``). Every provider runs the same loop here: the rows in one
-seeded order, micro-batches of ``--batch``, AdamW (lr ``--lr``, cosine after 10 warm-up steps, weight decay 0,
-clipping at 1.0), LoRA r 16 / alpha 32 on every linear layer but the output projection, dropout 0, and the loss
-transformers' causal-LM loss over the answer tokens (the prompt is not a target). The LoRA initialisation is each
-library's own from the run's seed, so seeds also measure the spread a run-to-run comparison must allow for.
+Two tasks (``--task``):
 
-Writes ``fidelity.json`` and ``fidelity.png`` to --out and prints the table last. Timing never decides a test; the
-quick run's gaps are checked in tests/test_bench_fidelity.py against the spread over its seeds.
+* ``demo``: the demo's tiny Llama (``qlora_kernels/demo/data/tiny_llama``, pretrained on two invented languages,
+  0.9 M parameters, fp32 on the CPU) learns to follow "Translate into ..." instructions (alpaca rows of
+  ``qlora_kernels/demo/data/sft_translate_*.jsonl``). Word-for-word translation is a rule: a LoRA could learn much
+  of it on its own, so the base's weights matter less.
+* ``knowledge``: questions whose answers only the base knows (``benchmarks/_knowledge.py``): a Llama pretrained
+  here on the facts of ``--people`` invented people (width 256, 4 blocks; 2000 people by default, ~8 minutes on two
+  cores, cached under ``--out/bases``) is fine-tuned on questions about half of them and evaluated on the others,
+  whose facts it read only in pretraining. What NF4 loses of the base shows here. The JSON also records what the
+  base knows before the fine-tune, dense and in NF4 (``base_recall``).
+
+Every provider runs the same loop: the rows in one seeded order, micro-batches of ``--batch``, AdamW (lr ``--lr``,
+cosine after 10 warm-up steps, weight decay 0, clipping at 1.0), LoRA r 16 / alpha 32 on every linear layer but
+the output projection, dropout 0, and the loss transformers' causal-LM loss over the answer tokens (the prompt is
+not a target). The LoRA initialisation is each library's own from the run's seed, so seeds also measure the spread
+a run-to-run comparison must allow for.
+
+Writes ``fidelity.json`` / ``fidelity.png`` (``fidelity_knowledge.*`` for the knowledge task) to --out and prints
+the table last. Timing never decides a test; the quick runs' gaps are checked in tests/test_bench_fidelity.py
+against the spread over their seeds.
 """
 
 from __future__ import annotations
@@ -45,10 +57,14 @@ R, ALPHA = 16, 32
 
 def examples(path: Path, tokenizer: Any, limit: int | None = None) -> tuple[list[Any], list[dict[str, str]]]:
     """``(tokenized examples, rows)`` of an alpaca JSONL file: the prompt (not a target) and the answer with EOS."""
+    return tokenized([json.loads(x) for x in path.read_text().splitlines() if x.strip()][:limit], tokenizer)
+
+
+def tokenized(rows: list[dict[str, str]], tokenizer: Any) -> tuple[list[Any], list[dict[str, str]]]:
+    """``(tokenized examples, rows)`` of alpaca rows."""
     from qlora_kernels.train.data import Example, tokenize_segments
     from qlora_kernels.train.templates import alpaca_prompt
 
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()][:limit]
     out = []
     for r in rows:
         ids, labels = tokenize_segments([(alpaca_prompt(r["instruction"], r.get("input") or ""), False),
@@ -79,6 +95,37 @@ def build(provider: str, base: Path, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     return peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0,
                                                       target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def knowledge_task(out: Path, people: int, quick: bool, eval_rows: int) -> tuple[Path, Any, list[Any], list[Any],
+                                                                               list[dict[str, str]]]:
+    """``(base, tokenizer, train examples, eval examples, eval rows)`` of the knowledge task (its base built into
+    ``out / "bases"`` on first use): the fine-tune asks about half the people, the eval about the others."""
+    import _knowledge
+    from transformers import AutoTokenizer
+
+    shape = dict(hidden=128, layers=2, epochs=40) if quick else dict(hidden=256, layers=4, epochs=60)
+    base = _knowledge.build_base(out / "bases", people, **shape)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    world = _knowledge.make_world(people)
+    train, _ = tokenized(world.rows(world.train_people), tokenizer)
+    evals, rows = tokenized(world.rows(world.eval_people)[:eval_rows], tokenizer)
+    return base, tokenizer, train, evals, rows
+
+
+def base_recall(base: Path, tokenizer: Any, people: int) -> dict[str, dict[str, float]]:
+    """What the pretrained base knows of the held-out people before any fine-tune, dense (fp32) and in NF4 (our
+    quantization): the share of "NAME lives in" / "NAME works as a" whose next token is the fact, and the mean
+    negative log-likelihood of the fact."""
+    import _knowledge
+    import transformers
+
+    import qlora_kernels as qk
+
+    world = _knowledge.make_world(people)
+    models = {"dense": transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+              "nf4": qk.load_4bit_model(base, dtype=torch.float32)}
+    return {name: _knowledge.recall(m, tokenizer, world, world.eval_people) for name, m in models.items()}
 
 
 def _loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -146,7 +193,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench_out", help="folder for fidelity.json and fidelity.png")
-    ap.add_argument("--quick", action="store_true", help="40 steps, seeds 0,1, 60 eval rows (the tests)")
+    ap.add_argument("--quick", action="store_true", help="40 steps, seeds 0,1, 60 eval rows; knowledge: 300 people "
+                    "and a smaller base (the tests)")
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps (default %(default)s, the demo's)")
     ap.add_argument("--seeds", default="0,1,2", help="seeds, comma separated (default %(default)s)")
     ap.add_argument("--batch", type=int, default=16, help="rows a step (default %(default)s)")
@@ -154,14 +202,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-rows", type=int, default=200, help="held-out rows (default %(default)s)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default %(default)s)")
     ap.add_argument("--providers", default=",".join(PROVIDERS), help="comma separated, of " + ", ".join(PROVIDERS))
+    ap.add_argument("--task", choices=("demo", "knowledge"), default="demo",
+                    help="demo: the demo's translation task; knowledge: questions whose answers only the pretrained "
+                    "base knows (benchmarks/_knowledge.py; its base is pretrained into --out on first use)")
+    ap.add_argument("--people", type=int, default=None, help="knowledge task: people in its world (default 2000; "
+                    "300 with --quick)")
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.seeds, args.eval_rows = 40, "0,1", 60
+    if args.people is None:
+        args.people = 300 if args.quick else 2000
+    if args.people < 2:
+        ap.error(f"--people: expected at least 2 (half are asked about in the fine-tune), got {args.people}")
     torch.set_num_threads(args.threads)
     from _common import ResultFile, environment, load_bnb, pyplot
     from transformers import AutoTokenizer
-
-    from qlora_kernels.demo import synthetic
 
     providers = [p for p in args.providers.split(",") if p]
     bad = [p for p in providers if p not in PROVIDERS]
@@ -169,16 +224,24 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--providers: unknown {bad}; choose from {', '.join(PROVIDERS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
     out = Path(args.out)
-    results = ResultFile(out / "fidelity.json", quick=args.quick, env=environment("cpu"),
-                         settings={k: getattr(args, k) for k in ("steps", "seeds", "batch", "lr", "eval_rows")})
+    stem = "fidelity" if args.task == "demo" else "fidelity_knowledge"
+    settings = ("steps", "seeds", "batch", "lr", "eval_rows") + (("people",) if args.task == "knowledge" else ())
+    results = ResultFile(out / f"{stem}.json", quick=args.quick, env=environment("cpu"), task=args.task,
+                         settings={k: getattr(args, k) for k in settings})
     bnb, why = load_bnb("cpu")
     if bnb is None and "bnb" in providers:
         providers.remove("bnb")
         results.set(bnb_skipped=why)
-    base = synthetic.BASE_MODEL_DIR
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    train, _ = examples(synthetic.TRAIN_FILE, tokenizer)
-    evals, eval_rows = examples(synthetic.EVAL_FILE, tokenizer, args.eval_rows)
+    if args.task == "demo":
+        from qlora_kernels.demo import synthetic
+
+        base = synthetic.BASE_MODEL_DIR
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        train, _ = examples(synthetic.TRAIN_FILE, tokenizer)
+        evals, eval_rows = examples(synthetic.EVAL_FILE, tokenizer, args.eval_rows)
+    else:
+        base, tokenizer, train, evals, eval_rows = knowledge_task(out, args.people, args.quick, args.eval_rows)
+        results.set(base=base.name, base_recall=base_recall(base, tokenizer, args.people))
     runs = []
     for seed in seeds:
         for p in providers:
@@ -197,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         ax[1].bar(names, [r["exact_match"] for r in rows], yerr=[r["exact_match_spread"] / 2 for r in rows])
         ax[1].set_title("exact match")
         fig.tight_layout()
-        fig.savefig(out / "fidelity.png", dpi=120)
-    print(f"fidelity on the demo's task: {args.steps} steps of {args.batch} rows, seeds {seeds}, {len(eval_rows)} "
+        fig.savefig(out / f"{stem}.png", dpi=120)
+    print(f"fidelity on the {args.task} task: {args.steps} steps of {args.batch} rows, seeds {seeds}, {len(eval_rows)} "
           "held-out rows; gaps against lora16 (16-bit LoRA on the dense base)")
     print(f"{'provider':8s} {'eval loss':>10s} {'spread':>8s} {'gap %':>7s} {'exact':>7s} {'spread':>7s} "
           f"{'gap pts':>8s}")

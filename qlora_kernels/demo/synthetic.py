@@ -153,14 +153,22 @@ def held_out_sentences(eval_rows: list[dict]) -> set[str]:
 
 def build_tokenizer(langs: Languages, vocab_size: int = 640):
     """A byte-level BPE tokenizer trained on the two languages and the prompt templates' words."""
+    words = [w for d in (langs.lumo, langs.zil) for ws in d.values() for w in ws]
+    return bpe_tokenizer(words, vocab_size)
+
+
+def bpe_tokenizer(words: list[str], vocab_size: int, add_prefix_space: bool = False):
+    """A byte-level BPE tokenizer of ``words`` (each repeated so that it merges into few tokens), the alpaca prompt
+    templates' words and the instructions, with the special tokens and the ChatML template (BOS prepended).
+    ``add_prefix_space``: a text's first word is tokenized as after a space (so a word at the start of a line and
+    the same word mid-sentence are one token)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    words = [w for d in (langs.lumo, langs.zil) for ws in d.values() for w in ws]
     templates = [ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, *INSTRUCTIONS.values(), "user assistant system", "= ."]
     corpus = [" ".join(words), "\n".join(words)] * 20 + templates * 20
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
@@ -208,18 +216,27 @@ def pretrain_base_model(out_dir: str | Path, steps: int = 3000, batch_size: int 
     Full-parameter next-token training in fp32 on raw lines ``BOS line EOS``; saves an HF
     directory (safetensors, fp16 weights) with the tokenizer. Deterministic for a given seed.
     """
-    from transformers import LlamaForCausalLM
-
-    out = Path(out_dir)
     torch.manual_seed(seed)
     langs = make_languages()
     tokenizer = build_tokenizer(langs)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(out)
     _, eval_rows = sft_splits()
     lines = pretraining_lines(langs, steps * batch_size, seed + 1, exclude=held_out_sentences(eval_rows))
-    model = LlamaForCausalLM(base_config(len(tokenizer)))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    return pretrain(out_dir, tokenizer, base_config(len(tokenizer)), lines, batch_size, lr, seed, log_every)
+
+
+def pretrain(out_dir: str | Path, tokenizer, config, lines: list[str], batch_size: int, lr: float, seed: int = 0,
+             log_every: int = 100, weight_decay: float = 0.01, save_dtype: torch.dtype = torch.float16) -> Path:
+    """Pretrain a Llama of ``config`` from scratch on ``lines`` (``BOS line EOS``, ``batch_size`` a step, one pass
+    in order; AdamW at ``lr``, 5% warm-up then cosine) and save it with ``tokenizer`` to ``out_dir``."""
+    from transformers import LlamaForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(seed)
+    steps = len(lines) // batch_size
+    model = LlamaForCausalLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
@@ -239,7 +256,7 @@ def pretrain_base_model(out_dir: str | Path, steps: int = 3000, batch_size: int 
         opt.zero_grad(set_to_none=True)
         if log_every and (step % log_every == 0 or step == steps - 1):
             print(f"pretrain step {step:5d} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
-    model.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    model.to(save_dtype).save_pretrained(out, safe_serialization=True)
     return out
 
 
