@@ -350,6 +350,81 @@ def test_each_rank_holds_half_the_nf4_bytes_also_while_loading(runs):
         assert peak <= total / 2 + rep["largest_block_nf4_bytes"] + 0.01 * total and peak <= 0.76 * total
 
 
+_READ_IN_PART = """
+import json, os, sys
+import torch
+from safetensors.torch import save_file
+from qlora_kernels.train import load_config
+from qlora_kernels.train import distributed as dp, fsdp
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+tiny, big, out, part = sys.argv[1:5]
+fsdp_on = os.environ.get("WORLD_SIZE") is not None
+ctx = dp.init_distributed("cpu")
+def cfg(model, o):
+    data = os.path.join(os.path.dirname(out), "x.jsonl")
+    return load_config(raw={"base_model": model, "output_dir": o, "datasets": [{"path": data, "type": "alpaca"}],
+                            "lora_r": 4, "lora_alpha": 8, "fsdp": fsdp_on,
+                            "fsdp_config": {"read_in_part": part == "1"}})
+fsdp.build_model(cfg(tiny, out + "/tiny"), torch.device("cpu"), ctx)  # imports and first-use allocations
+base = status("VmRSS:")
+try:
+    with open("/proc/self/clear_refs", "w") as f:  # the peak (VmHWM) from here on
+        f.write("5")
+    rss = True
+except OSError:
+    rss = False
+model, report, _ = fsdp.build_model(cfg(big, out + "/big"), torch.device("cpu"), ctx)
+peak = status("VmHWM:") - base if rss else None
+local = {n: (p.to_local() if hasattr(p, "to_local") else p).detach().contiguous()
+         for n, p in model.named_parameters()}
+local.update({f"{n}.nf4_offset": torch.tensor(m.nf4_offset) for n, m in model.named_modules()
+              if hasattr(m, "nf4_offset")})
+save_file(local, f"{out}/shards{ctx.rank}.safetensors")
+with open(f"{out}/rank{ctx.rank}.json", "w") as f:
+    json.dump({"peak_growth": peak, "layers": report.layers_read_in_part if report else 0,
+               "read": report.weight_bytes_read if report else None,
+               "whole": report.weight_bytes_whole if report else None}, f)
+dp.teardown(ctx)
+"""
+
+
+def test_each_rank_reads_half_the_weights_and_holds_the_same_shards(assets, tmp_path):
+    """Reading 1/N (``fsdp_config.read_in_part``, the default) against every rank reading each weight whole, and
+    against one process: the same NF4 shards bit for bit, half the weight bytes read, about half the peak RSS."""
+    big = save_random_model(tmp_path / "big", hidden_size=1024, num_layers=2)  # 56 MB of fp32 weights
+    (tmp_path / "x.jsonl").write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}) + "\n")
+    (tmp_path / "run.py").write_text(_READ_IN_PART)
+    res = {}
+    for name, part, nproc in (("part", "1", 2), ("whole", "0", 2), ("one", "1", 1)):
+        out = tmp_path / name
+        out.mkdir()
+        args = [str(tmp_path / "run.py"), str(assets["model"]), str(big), str(out), part]
+        proc = (run_torchrun(args) if nproc == 2 else
+                subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=240, cwd=str(tmp_path),
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        res[name] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+    for r in range(2):  # the same bytes on each rank, and the same double-quantization offsets
+        a = load_file(tmp_path / "part" / f"shards{r}.safetensors")
+        b = load_file(tmp_path / "whole" / f"shards{r}.safetensors")
+        assert a.keys() == b.keys() and any(k.endswith("nf4_packed") for k in a)
+        assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    for rank in res["part"]:
+        assert rank["layers"] == 14 and rank["read"] == rank["whole"] // 2  # 7 linear layers a block, 2 blocks
+    assert all(rank["layers"] == 0 for rank in res["whole"])
+    one = res["one"][0]["peak_growth"]
+    if one is None:
+        pytest.skip("/proc/self/clear_refs is not writable here: the peak RSS is not measured")
+    for part, whole in zip(res["part"], res["whole"]):
+        # measured: 17 MiB a rank reading 1/N, 31-35 MiB reading whole, 31 MiB one process (of 56 MB of weights)
+        assert part["peak_growth"] <= 0.75 * one and part["peak_growth"] <= 0.75 * whole["peak_growth"], res
+
+
 def test_the_memory_plan_counts_what_the_ranks_hold(assets, runs):
     """memory_plan, from the shapes only, gives the NF4 bytes the run measured block by block (exactly) and each rank's
     share (within FSDP2's padding of each tensor to equal shards)."""

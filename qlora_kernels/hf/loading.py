@@ -68,6 +68,9 @@ class BlockHook:
 
     find: Callable[[nn.Module], Sequence[str]]
     done: Callable[[str, nn.Module], None]
+    #: optional: quantizes the float weights of the blocks' linear layers reading only part of each
+    #: (:class:`qlora_kernels.train.nf4_shards.ShardedQuantizer`, whose ``done`` then fills the shards)
+    quantizer: Any = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +96,8 @@ class _Checkpoint:
             hint = f" (found {others}: only safetensors checkpoints are loaded)" if others else ""
             raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json{hint}")
         self._handles = {f: _open_safetensors(path / f) for f in files}
+        self._path = path
+        self._headers: dict[str, tuple[dict[str, Any], int]] = {}
         if weight_map is None:
             weight_map = {k: files[0] for k in self._handles[files[0]].keys()}
         else:
@@ -109,11 +114,55 @@ class _Checkpoint:
         return list(self.where)
 
     def get(self, key: str) -> Tensor:
-        return self._handles[self.where[key]].get_tensor(key)
+        """The tensor ``key``, read with plain file reads (see :meth:`rows`); a dtype torch cannot read from bytes
+        through safetensors' mapping."""
+        shape = self.info(key)[1]
+        if shape is None:
+            return self._handles[self.where[key]].get_tensor(key)
+        if not shape:  # a 0-dim tensor
+            return self.rows(key, None, None)
+        return self.rows(key, 0, shape[0])
 
     def slice(self, key: str):
         """safetensors' lazy slice of ``key``: its ``get_shape()`` / ``get_dtype()`` without reading the tensor."""
         return self._handles[self.where[key]].get_slice(key)
+
+    def info(self, key: str) -> tuple[torch.dtype | None, list[int] | None, int]:
+        """``(dtype, shape, file offset of the data)`` of ``key`` from its file's header (read once a file); dtype
+        and shape None when torch cannot read the dtype from bytes."""
+        from .quantizer import SAFETENSORS_DTYPES
+
+        file = self.where[key]
+        if file not in self._headers:
+            with open(self._path / file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                self._headers[file] = (json.loads(f.read(n)), 8 + n)
+        header, data = self._headers[file]
+        info = header[key]
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        return dtype, (list(info["shape"]) if dtype is not None else None), data + info["data_offsets"][0]
+
+    def rows(self, key: str, start: int | None, stop: int | None) -> Tensor:
+        """Rows ``[start, stop)`` (dim 0) of the tensor ``key`` (None, None: a 0-dim tensor), read from the file
+        with plain reads: only those bytes are read and none stays mapped (a mapped page once read counts in the
+        process's RSS as long as the file is open)."""
+        dtype, shape, offset = self.info(key)
+        if dtype is None:
+            raise TypeError(f"{key!r}: its dtype cannot be read in rows")
+        if shape and not 0 <= start <= stop <= shape[0]:
+            raise ValueError(f"rows [{start}, {stop}) of {key!r} (shape {shape}) are out of range")
+        row_bytes = dtype.itemsize
+        for d in shape[1:]:
+            row_bytes *= d
+        out_shape = [stop - start, *shape[1:]] if shape else []
+        buf = bytearray((stop - start) * row_bytes if shape else row_bytes)
+        if buf:
+            with open(self._path / self.where[key], "rb") as f:
+                f.seek(offset + (start * row_bytes if shape else 0))
+                if f.readinto(buf) != len(buf):
+                    raise ValueError(f"{self._path / self.where[key]}: the data of {key!r} is cut short")
+            return torch.frombuffer(buf, dtype=dtype).reshape(out_shape)
+        return torch.empty(out_shape, dtype=dtype)
 
 
 def _read_index(index: Path) -> dict[str, str]:
@@ -377,7 +426,8 @@ def load_4bit_model(
         # 0. the tensors transformers builds from several (fused experts, split qkv, ...) of this part
         sources.convert(prefix)
         # 1. linear layers -> NF4Linear (stored NF4, or quantized here), one at a time
-        n = _load_linear_layers(model, modules(), sources, path, dtype, device, quantize)
+        n = _load_linear_layers(model, modules(), sources, path, dtype, device, quantize,
+                                sharded=block_hook.quantizer if block_hook is not None and prefix else None)
         # 1b. fused MoE experts -> NF4Experts (stored NF4, or quantized here), one module at a time
         quantized_experts.extend(_load_experts(model, modules(), sources, path, dtype, device, experts))
         # 2. every other parameter and persistent buffer, in dtype; tied parameters stay tied
@@ -583,11 +633,12 @@ def _read_nf4_weight(ckpt: _Checkpoint, direct: dict[str, str], wkey: str, conte
 
 
 def _load_linear_layers(model: nn.Module, modules: list[tuple[str, nn.Module]], sources: _Sources, path: Path,
-                        dtype: torch.dtype, device: torch.device, quantize: dict | None) -> int:
+                        dtype: torch.dtype, device: torch.device, quantize: dict | None, sharded: Any = None) -> int:
     """Of ``modules`` (full names in ``model``), put an :class:`NF4Linear` in place of every dense linear layer stored
     in 4 bits, and, when ``quantize`` (a float checkpoint: ``blocksize``, ``double_quant``, ``keep_dense`` names,
     ``skip`` specs) is given, of every other stored one but those kept dense, quantized here; mark the rest kept
-    dense. Returns how many."""
+    dense. ``sharded`` (a :class:`BlockHook`'s ``quantizer``): a weight stored as it is (a ``Linear``'s, not built
+    by a conversion) is quantized through it from the rows it asks for. Returns how many."""
     done = 0
     for name, module in modules:
         kind = layer_kind(module)
@@ -605,15 +656,10 @@ def _load_linear_layers(model: nn.Module, modules: list[tuple[str, nn.Module]], 
             qw = qw.to(device)
         elif quantize is not None and name not in quantize["keep_dense"] and not (
                 quantize["skip"] and matches(name, quantize["skip"])) and wkey in sources:
-            ckpt_wkey, w = sources.take(wkey)
-            _checked_value(ckpt_wkey, w, module.weight)
-            w = w.to(device=device, dtype=dtype)
-            try:
-                qw = quantize_nf4(w.t() if conv else w, blocksize=quantize["blocksize"],
-                                  double_quant=quantize["double_quant"])
-            except ValueError as exc:
-                raise ValueError(f"checkpoint tensor {ckpt_wkey!r} (the weight of {name}): {exc}") from None
-            del w
+            if sharded is not None and not conv and wkey in sources.plan.direct:
+                qw = _quantize_rows(sharded, name, sources, wkey, module.weight, dtype, device, quantize)
+            else:
+                qw = _quantize_whole(sources, name, wkey, module.weight, dtype, device, quantize, conv)
         else:
             setattr(module, KEEP_DENSE, True)  # stays dense: loaded with the other tensors
             continue
@@ -629,6 +675,43 @@ def _load_linear_layers(model: nn.Module, modules: list[tuple[str, nn.Module]], 
         replace_module(model, name, layer)
         done += 1
     return done
+
+
+def _quantize_whole(sources: _Sources, name: str, wkey: str, target: Tensor, dtype: torch.dtype,
+                    device: torch.device, quantize: dict, conv: bool) -> NF4Weight:
+    """The stored float weight ``wkey`` of layer ``name``, read whole, quantized to NF4."""
+    ckpt_wkey, w = sources.take(wkey)
+    _checked_value(ckpt_wkey, w, target)
+    w = w.to(device=device, dtype=dtype)
+    try:
+        return quantize_nf4(w.t() if conv else w, blocksize=quantize["blocksize"],
+                            double_quant=quantize["double_quant"])
+    except ValueError as exc:
+        raise ValueError(f"checkpoint tensor {ckpt_wkey!r} (the weight of {name}): {exc}") from None
+
+
+def _quantize_rows(sharded: Any, name: str, sources: _Sources, wkey: str, target: Tensor, dtype: torch.dtype,
+                   device: torch.device, quantize: dict) -> NF4Weight:
+    """The stored float weight ``wkey`` of layer ``name`` quantized through ``sharded``, which reads the rows it
+    needs (plain reads of whole rows; nothing else of the tensor is read)."""
+    ckpt_wkey = sources.plan.direct[wkey]
+    stored, shape, _ = sources.ckpt.info(ckpt_wkey)
+    if stored is None:  # a dtype torch cannot read from bytes (float8, ...): read whole, as without a quantizer
+        return _quantize_whole(sources, name, wkey, target, dtype, device, quantize, conv=False)
+    shape = torch.Size(shape)
+    _checked_value(ckpt_wkey, torch.empty(shape, dtype=stored, device="meta"), target)
+    row = shape[-1]
+
+    def read(first: int, stop: int) -> Tensor:
+        r0 = first // row
+        rows = sources.ckpt.rows(ckpt_wkey, r0, -(-stop // row))
+        return rows.reshape(-1)[first - r0 * row:stop - r0 * row].to(device=device, dtype=dtype)
+
+    try:
+        return sharded.quantize(name, read, shape, dtype, device, quantize["blocksize"], quantize["double_quant"],
+                                itemsize=stored.itemsize)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint tensor {ckpt_wkey!r} (the weight of {name}): {exc}") from None
 
 
 def _load_experts(model: nn.Module, modules: list[tuple[str, nn.Module]], sources: _Sources, path: Path,

@@ -73,7 +73,7 @@ _PLAN = "_qlora_kernels_nf4"
 _EXPERT_SHAPES = "_qlora_kernels_expert_shapes"
 # The stored 4-bit weight's companions in a bitsandbytes checkpoint (read by the quantizer, not by transformers).
 _COMPANIONS = rf"\.weight\.({'|'.join(re.escape(s) for s in bnb_format.STATE_SUFFIXES)})$"
-_SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "BF16": torch.bfloat16, "F16": torch.float16,
+SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "BF16": torch.bfloat16, "F16": torch.float16,
                        "F32": torch.float32, "F64": torch.float64, "I32": torch.int32, "I64": torch.int64}
 
 __all__ = ["QLoraKernelsConfig", "QLoraKernelsHfQuantizer", "bnb_free_config", "bnb_quantization_config"]
@@ -201,7 +201,7 @@ class QLoraKernelsHfQuantizer(HfQuantizer):
             if name in stored:
                 key = self._plan.direct[f"{name}.weight"]
                 handle = self._ckpt.slice(key)
-                want = _SAFETENSORS_DTYPES.get(handle.get_dtype(), torch.uint8)
+                want = SAFETENSORS_DTYPES.get(handle.get_dtype(), torch.uint8)
                 # the meta weight takes the stored codes' shape and dtype, so transformers reads them uncast
                 module.weight = nn.Parameter(torch.empty(handle.get_shape(), dtype=want, device="meta"),
                                              requires_grad=False)
@@ -232,7 +232,7 @@ class QLoraKernelsHfQuantizer(HfQuantizer):
             if all(k in direct and bnb_format.has_quant_state(direct, k) for k in keys):
                 for key, proj in zip(keys, moe.PROJECTIONS):
                     handle = self._ckpt.slice(direct[key])
-                    want = _SAFETENSORS_DTYPES.get(handle.get_dtype(), torch.uint8)
+                    want = SAFETENSORS_DTYPES.get(handle.get_dtype(), torch.uint8)
                     setattr(module, proj, nn.Parameter(torch.empty(handle.get_shape(), dtype=want, device="meta"),
                                                        requires_grad=False))
                 setattr(module, _PLAN, "experts-stored")

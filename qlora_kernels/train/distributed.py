@@ -157,6 +157,24 @@ def _all_reduce(values: Tensor | Sequence[float], ctx: DistContext, device: torc
     return work.to(home)
 
 
+def all_gather_cat(t: Tensor, sizes: Sequence[int], ctx: DistContext) -> Tensor:
+    """The 1-D tensors of all ranks concatenated in rank order (rank ``r``'s has ``sizes[r]`` elements; every
+    rank passes the same ``sizes``), on ``t``'s device. Identity when not distributed."""
+    if len(sizes) != ctx.world_size or t.dim() != 1 or t.numel() != sizes[ctx.rank]:
+        raise ValueError(f"all_gather_cat: expected a 1-D tensor of sizes[{ctx.rank}] = "
+                         f"{sizes[ctx.rank] if ctx.rank < len(sizes) else '?'} elements and {ctx.world_size} sizes; "
+                         f"got shape {list(t.shape)} and {len(sizes)} sizes")
+    if not ctx.enabled:
+        return t.clone()
+    import torch.distributed as dist
+
+    buf = t.new_zeros(max(max(sizes), 1))  # all_gather needs equal sizes: pad, then trim
+    buf[:t.numel()] = t
+    parts = [torch.empty_like(buf) for _ in sizes]
+    dist.all_gather(parts, buf)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
 def any_rank(flag: bool, ctx: DistContext, device: torch.device | None = None) -> bool:
     """True on every rank if ``flag`` is true on any rank (e.g. a Ctrl-C seen by one process)."""
     if not ctx.enabled:

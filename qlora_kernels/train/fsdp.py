@@ -26,7 +26,10 @@ itself.
   complete it gets its adapters (the same seeded draws, in the same order, as ``apply_qlora`` on the whole
   model), its fused MLPs (``fused_mlp``), its NF4 tensors as parameters, and ``fully_shard``; so each rank holds
   its shards of the blocks before plus one whole block, never the whole 4-bit model. bitsandbytes-4bit and float
-  checkpoints alike (a float one is quantized layer by layer inside the block).
+  checkpoints alike (a float one is quantized layer by layer inside the block). From a float checkpoint each rank
+  reads and quantizes only the rows behind its shards of the blocks' linear weights (``fsdp_config.read_in_part``,
+  :mod:`.nf4_shards`: the same NF4 bytes as quantizing them whole, about 1/N of the reading); then the block it
+  holds while loading is its shards of it too.
 * **The optimizer** runs on the shards: torch's AdamW on DTensors, :class:`qlora_kernels.PagedAdamW` on their
   local shards (fp32 or 8-bit states of 1/N of each adapter). Gradient clipping uses the norm over all shards
   (:func:`.distributed.clip_grad_norm_`).
@@ -85,6 +88,7 @@ from .checkpoint import (
 from .components import TrainingError, load_base_model, lora_kwargs
 from .components import build_model as build_whole_model
 from .config import ConfigError, TrainConfig
+from .nf4_shards import ShardedQuantizer
 from .objectives import objective_class
 
 SHARDED_DIR = "sharded"  # the torch.distributed.checkpoint files of a checkpoint
@@ -175,16 +179,20 @@ class ShardReport:
     nf4_model_bytes: int = 0  # the model's NF4 tensors, whole (measured block by block before sharding)
     nf4_resident_bytes: int = 0  # this rank's, once loaded
     load_peak_nf4_bytes: int = 0  # this rank's largest NF4 bytes while loading: the shards so far + one block
+    # (+ its part of one block where the block's weights were read 1/N)
     largest_block_nf4_bytes: int = 0
     fused_mlps: int = 0
+    layers_read_in_part: int = 0  # float weights this rank read and quantized 1/N (nf4_shards)
+    weight_bytes_read: int = 0  # checkpoint bytes of those weights this rank read
+    weight_bytes_whole: int = 0  # what reading them whole would have read
 
 
 class _BlockSharder:
     """The :class:`~qlora_kernels.hf.loading.BlockHook` of the trainer: adapters, fused MLPs, NF4 as parameters,
     ``fully_shard``, block by block; then the rest of the model (:meth:`finish`)."""
 
-    def __init__(self, cfg: TrainConfig, mesh: Any, add_lora: bool) -> None:
-        self.cfg, self.mesh, self.add_lora = cfg, mesh, add_lora
+    def __init__(self, cfg: TrainConfig, mesh: Any, add_lora: bool, quantizer: ShardedQuantizer | None = None) -> None:
+        self.cfg, self.mesh, self.add_lora, self.quantizer = cfg, mesh, add_lora, quantizer
         self.report = ShardReport()
         self.sharded_bytes = 0  # this rank's NF4 bytes of the blocks done
 
@@ -211,11 +219,17 @@ class _BlockSharder:
         hold_nf4_as_parameters(block)
         check_unit_dtypes(name, block)
         whole = resident_nf4_bytes(block)
+        # of which placeholders: layers quantized 1/N, whose whole tensors are address space, never filled
+        placeholders = self.quantizer.placeholder_bytes(name, block) if self.quantizer is not None else 0
         self.report.nf4_model_bytes += whole
         self.report.largest_block_nf4_bytes = max(self.report.largest_block_nf4_bytes, whole)
-        self.report.load_peak_nf4_bytes = max(self.report.load_peak_nf4_bytes, self.sharded_bytes + whole)
         fully_shard(block, mesh=self.mesh, reshard_after_forward=cfg.fsdp_config.reshard_after_forward)
-        self.sharded_bytes += resident_nf4_bytes(block)
+        if self.quantizer is not None:
+            self.report.layers_read_in_part += self.quantizer.install(name, block)
+        shard = resident_nf4_bytes(block)
+        self.report.load_peak_nf4_bytes = max(self.report.load_peak_nf4_bytes,
+                                              self.sharded_bytes + max(shard, whole - placeholders))
+        self.sharded_bytes += shard
 
     def finish(self, model: nn.Module) -> None:
         """After the last block: no adapters outside the blocks, everything else frozen, the decoder the root
@@ -289,18 +303,26 @@ def build_model(cfg: TrainConfig, device: torch.device, ctx: dp.DistContext,
     if ctx.backend == "gloo" and device.type == "cuda":
         raise TrainingError("fsdp on CUDA devices needs the nccl backend")
     mesh = init_device_mesh(device.type, (ctx.world_size,))
-    sharder = _BlockSharder(cfg, mesh, add_lora=model is None)
+    quantizer = None
+    if model is None and cfg.fsdp_config.read_in_part:
+        quantizer = ShardedQuantizer(ctx.rank, ctx.world_size, lambda t, sizes: dp.all_gather_cat(t, sizes, ctx))
+    sharder = _BlockSharder(cfg, mesh, add_lora=model is None, quantizer=quantizer)
     if model is None:
-        model = load_base_model(cfg, device, block_hook=BlockHook(sharder.find, sharder.done))
+        model = load_base_model(cfg, device, block_hook=BlockHook(sharder.find, sharder.done, quantizer=quantizer))
     else:
         for name in sharder.find(model):
             sharder.done(name, model.get_submodule(name))
     sharder.finish(model)
     r = sharder.report
+    if quantizer is not None:
+        quantizer.check_done()
+        r.weight_bytes_read, r.weight_bytes_whole = quantizer.bytes_read, quantizer.bytes_whole
     per_rank = dp.all_reduce_sum([r.nf4_resident_bytes if i == ctx.rank else 0 for i in range(ctx.world_size)],
                                  ctx, device).tolist()
     peaks = dp.all_reduce_sum([r.load_peak_nf4_bytes if i == ctx.rank else 0 for i in range(ctx.world_size)],
                               ctx, device).tolist()
+    read = dp.all_reduce_sum([r.weight_bytes_read if i == ctx.rank else 0 for i in range(ctx.world_size)],
+                             ctx, device).tolist()
     mib = 2**20
     heads = list(getattr(model, "qlora_modules_to_save", ()))
     has_head = hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
@@ -310,8 +332,13 @@ def build_model(cfg: TrainConfig, device: torch.device, ctx: dp.DistContext,
              + (f"; trained whole and sharded as units of their own: {', '.join(heads)}" if heads else ""),
              f"fsdp: NF4 tensors {r.nf4_model_bytes / mib:.2f} MiB in all; per rank "
              f"{', '.join(f'{b / mib:.2f}' for b in per_rank)} MiB (peak while loading "
-             f"{', '.join(f'{b / mib:.2f}' for b in peaks)} MiB: the shards so far + one block of at most "
-             f"{r.largest_block_nf4_bytes / mib:.2f} MiB)"]
+             f"{', '.join(f'{b / mib:.2f}' for b in peaks)} MiB: the shards so far + "
+             + ("this rank's part of one block" if r.layers_read_in_part else "one block")
+             + f" of at most {r.largest_block_nf4_bytes / mib:.2f} MiB)"]
+    if r.layers_read_in_part:
+        notes.append(f"fsdp: {r.layers_read_in_part} float weights read and quantized 1/N: per rank "
+                     f"{', '.join(f'{b / mib:.2f}' for b in read)} MiB read of their {r.weight_bytes_whole / mib:.2f} "
+                     "MiB (each rank the rows behind its shards)")
     if cfg.fused_mlp:
         notes.append(f"fused_mlp: {r.fused_mlps} MLPs run as one fused QLoRA Function")
     if ctx.is_main:
@@ -322,7 +349,9 @@ def build_model(cfg: TrainConfig, device: torch.device, ctx: dp.DistContext,
             "reshard_after_forward": cfg.fsdp_config.reshard_after_forward, "nf4_model_bytes": r.nf4_model_bytes,
             "largest_block_nf4_bytes": r.largest_block_nf4_bytes, "nf4_resident_bytes_per_rank": [int(b) for b in
                                                                                                    per_rank],
-            "load_peak_nf4_bytes_per_rank": [int(b) for b in peaks]}, indent=1) + "\n")
+            "load_peak_nf4_bytes_per_rank": [int(b) for b in peaks], "layers_read_in_part": r.layers_read_in_part,
+            "weight_bytes_whole": r.weight_bytes_whole, "weight_bytes_read_per_rank": [int(b) for b in read]},
+            indent=1) + "\n")
     return model, r, notes
 
 
