@@ -52,7 +52,8 @@ def _ranks(w: torch.Tensor, blocksize: int, double_quant: bool, world: int):
             reads[r].append((first, stop))
             return flat[first:stop]
 
-        ph = q.quantize("layer", read, w.shape, w.dtype, w.device, blocksize, double_quant, itemsize=w.element_size())
+        ph = q.quantize("layer", "nf4_", read, w.shape, w.dtype, w.device, blocksize, double_quant,
+                        itemsize=w.element_size())
         out.append((q, ph))
     return out, reads
 
@@ -110,7 +111,8 @@ def test_a_non_finite_weight_fails_every_rank_after_the_gather():
     for r in range(2):
         q = ShardedQuantizer(r, 2, gather)
         with pytest.raises(ValueError) as exc:
-            q.quantize("model.layers.0.mlp.up_proj", lambda a, b: flat[a:b], w.shape, w.dtype, w.device, 64, True, 4)
+            q.quantize("model.layers.0.mlp.up_proj", "nf4_", lambda a, b: flat[a:b], w.shape, w.dtype, w.device, 64,
+                       True, 4)
         errors.append(str(exc.value))
     assert "finite" in errors[1] and "rank 1" in errors[0] and "up_proj" in errors[0]
     assert sent[0][0] == 0 and sent[1][0] == 1  # each rank's flag went into the gather

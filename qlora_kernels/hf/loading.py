@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import re
 import warnings
 import weakref
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import bnb_format
-from ..dtypes import FLOAT_DTYPES
+from ..dtypes import FLOAT_DTYPES, SAFETENSORS_DTYPES
 from ..nf4 import NF4Weight, quantize_nf4
 from ..nn import NF4Linear
 from . import experts as moe
@@ -114,14 +115,12 @@ class _Checkpoint:
         return list(self.where)
 
     def get(self, key: str) -> Tensor:
-        """The tensor ``key``, read with plain file reads (see :meth:`rows`); a dtype torch cannot read from bytes
-        through safetensors' mapping."""
-        shape = self.info(key)[1]
-        if shape is None:
+        """The tensor ``key``, read with plain file reads (see :meth:`elements`); a dtype torch cannot read from
+        bytes through safetensors' mapping."""
+        dtype, shape, _ = self.info(key)
+        if dtype is None:
             return self._handles[self.where[key]].get_tensor(key)
-        if not shape:  # a 0-dim tensor
-            return self.rows(key, None, None)
-        return self.rows(key, 0, shape[0])
+        return self.elements(key).reshape(shape)
 
     def slice(self, key: str):
         """safetensors' lazy slice of ``key``: its ``get_shape()`` / ``get_dtype()`` without reading the tensor."""
@@ -130,8 +129,6 @@ class _Checkpoint:
     def info(self, key: str) -> tuple[torch.dtype | None, list[int] | None, int]:
         """``(dtype, shape, file offset of the data)`` of ``key`` from its file's header (read once a file); dtype
         and shape None when torch cannot read the dtype from bytes."""
-        from .quantizer import SAFETENSORS_DTYPES
-
         file = self.where[key]
         if file not in self._headers:
             with open(self._path / file, "rb") as f:
@@ -142,27 +139,25 @@ class _Checkpoint:
         dtype = SAFETENSORS_DTYPES.get(info["dtype"])
         return dtype, (list(info["shape"]) if dtype is not None else None), data + info["data_offsets"][0]
 
-    def rows(self, key: str, start: int | None, stop: int | None) -> Tensor:
-        """Rows ``[start, stop)`` (dim 0) of the tensor ``key`` (None, None: a 0-dim tensor), read from the file
-        with plain reads: only those bytes are read and none stays mapped (a mapped page once read counts in the
-        process's RSS as long as the file is open)."""
+    def elements(self, key: str, first: int = 0, stop: int | None = None) -> Tensor:
+        """The flat elements ``[first, stop)`` (default: all) of the tensor ``key`` (row-major, as stored), 1-D, read
+        from the file with plain reads: only those bytes are read, and none stays mapped (a mapped page once read
+        counts in the process's RSS for as long as the file is open)."""
         dtype, shape, offset = self.info(key)
         if dtype is None:
-            raise TypeError(f"{key!r}: its dtype cannot be read in rows")
-        if shape and not 0 <= start <= stop <= shape[0]:
-            raise ValueError(f"rows [{start}, {stop}) of {key!r} (shape {shape}) are out of range")
-        row_bytes = dtype.itemsize
-        for d in shape[1:]:
-            row_bytes *= d
-        out_shape = [stop - start, *shape[1:]] if shape else []
-        buf = bytearray((stop - start) * row_bytes if shape else row_bytes)
-        if buf:
-            with open(self._path / self.where[key], "rb") as f:
-                f.seek(offset + (start * row_bytes if shape else 0))
-                if f.readinto(buf) != len(buf):
-                    raise ValueError(f"{self._path / self.where[key]}: the data of {key!r} is cut short")
-            return torch.frombuffer(buf, dtype=dtype).reshape(out_shape)
-        return torch.empty(out_shape, dtype=dtype)
+            raise TypeError(f"{key!r}: torch cannot read its dtype from bytes")
+        numel = math.prod(shape)
+        stop = numel if stop is None else stop
+        if not 0 <= first <= stop <= numel:
+            raise ValueError(f"elements [{first}, {stop}) of {key!r} (shape {shape}) are out of range")
+        buf = bytearray((stop - first) * dtype.itemsize)
+        if not buf:
+            return torch.empty(0, dtype=dtype)
+        with open(self._path / self.where[key], "rb") as f:
+            f.seek(offset + first * dtype.itemsize)
+            if f.readinto(buf) != len(buf):
+                raise ValueError(f"{self._path / self.where[key]}: the data of {key!r} is cut short")
+        return torch.frombuffer(buf, dtype=dtype)
 
 
 def _read_index(index: Path) -> dict[str, str]:
@@ -429,7 +424,9 @@ def load_4bit_model(
         n = _load_linear_layers(model, modules(), sources, path, dtype, device, quantize,
                                 sharded=block_hook.quantizer if block_hook is not None and prefix else None)
         # 1b. fused MoE experts -> NF4Experts (stored NF4, or quantized here), one module at a time
-        quantized_experts.extend(_load_experts(model, modules(), sources, path, dtype, device, experts))
+        quantized_experts.extend(_load_experts(model, modules(), sources, path, dtype, device, experts,
+                                               sharded=block_hook.quantizer if block_hook is not None and prefix
+                                               else None))
         # 2. every other parameter and persistent buffer, in dtype; tied parameters stay tied
         _load_other_tensors(model, modules(), sources, path, dtype, device, loaded, new_heads)
         # 3. computed buffers (rotary inv_freq, embed scales): let the model class initialise them
@@ -609,11 +606,23 @@ class _Sources:
             return self.plan.direct[key], self.ckpt.get(self.plan.direct[key])
         return None
 
-    def nf4_weight(self, wkey: str) -> NF4Weight | None:
-        """The stored 4-bit weight ``wkey`` (a bitsandbytes quant state beside it), or None when stored otherwise."""
-        if not bnb_format.has_quant_state(self.plan.direct, wkey):
+    def nf4_weight(self, wkey: str, sharded: Any = None, name: str = "", prefix: str = "nf4_",
+                   device: torch.device | None = None) -> NF4Weight | None:
+        """The stored 4-bit weight ``wkey`` (a bitsandbytes quant state beside it), or None when stored otherwise.
+        ``sharded`` (a :class:`BlockHook`'s ``quantizer``): its packed codes (uint8) are read only in the part
+        this rank's shard holds, for module ``name`` under the attributes ``prefix + "packed"`` ..., on
+        ``device``; the small tensors are read whole."""
+        direct = self.plan.direct
+        if not bnb_format.has_quant_state(direct, wkey):
             return None
-        return _read_nf4_weight(self.ckpt, self.plan.direct, wkey, f"checkpoint {str(self.path)!r},")
+        context = f"checkpoint {str(self.path)!r},"
+        stored, shape, _ = self.ckpt.info(direct[wkey]) if sharded is not None else (None, None, 0)
+        if stored is not torch.uint8:
+            return _read_nf4_weight(self.ckpt, direct, wkey, context)
+        placeholder = torch.empty(shape, dtype=torch.uint8, device=device)  # address space: never filled
+        qw = _read_nf4_weight(self.ckpt, direct, wkey, context, packed=placeholder)
+        key = direct[wkey]
+        return sharded.read_stored(name, prefix, qw, lambda a, b: self.ckpt.elements(key, a, b).to(device))
 
 
 def _read_nf4_weight(ckpt: _Checkpoint, direct: dict[str, str], wkey: str, context: str,
@@ -638,7 +647,7 @@ def _load_linear_layers(model: nn.Module, modules: list[tuple[str, nn.Module]], 
     in 4 bits, and, when ``quantize`` (a float checkpoint: ``blocksize``, ``double_quant``, ``keep_dense`` names,
     ``skip`` specs) is given, of every other stored one but those kept dense, quantized here; mark the rest kept
     dense. ``sharded`` (a :class:`BlockHook`'s ``quantizer``): a weight stored as it is (a ``Linear``'s, not built
-    by a conversion) is quantized through it from the rows it asks for. Returns how many."""
+    by a conversion) is quantized through it from the elements it asks for. Returns how many."""
     done = 0
     for name, module in modules:
         kind = layer_kind(module)
@@ -647,7 +656,7 @@ def _load_linear_layers(model: nn.Module, modules: list[tuple[str, nn.Module]], 
         conv = kind == "conv1d"
         out_f, in_f = (module.weight.shape[1], module.weight.shape[0]) if conv else tuple(module.weight.shape)
         wkey = f"{name}.weight"
-        qw = sources.nf4_weight(wkey)
+        qw = sources.nf4_weight(wkey, None if conv else sharded, name, device=device)
         if qw is not None:
             if tuple(qw.shape) != (out_f, in_f):
                 ckpt_wkey = sources.plan.direct.get(wkey, wkey)
@@ -657,7 +666,7 @@ def _load_linear_layers(model: nn.Module, modules: list[tuple[str, nn.Module]], 
         elif quantize is not None and name not in quantize["keep_dense"] and not (
                 quantize["skip"] and matches(name, quantize["skip"])) and wkey in sources:
             if sharded is not None and not conv and wkey in sources.plan.direct:
-                qw = _quantize_rows(sharded, name, sources, wkey, module.weight, dtype, device, quantize)
+                qw = _quantize_in_part(sharded, name, sources, wkey, module.weight, dtype, device, quantize)
             else:
                 qw = _quantize_whole(sources, name, wkey, module.weight, dtype, device, quantize, conv)
         else:
@@ -690,41 +699,41 @@ def _quantize_whole(sources: _Sources, name: str, wkey: str, target: Tensor, dty
         raise ValueError(f"checkpoint tensor {ckpt_wkey!r} (the weight of {name}): {exc}") from None
 
 
-def _quantize_rows(sharded: Any, name: str, sources: _Sources, wkey: str, target: Tensor, dtype: torch.dtype,
-                   device: torch.device, quantize: dict) -> NF4Weight:
-    """The stored float weight ``wkey`` of layer ``name`` quantized through ``sharded``, which reads the rows it
-    needs (plain reads of whole rows; nothing else of the tensor is read)."""
+def _quantize_in_part(sharded: Any, name: str, sources: _Sources, wkey: str, target: Tensor, dtype: torch.dtype,
+                      device: torch.device, quantize: dict, module: str | None = None,
+                      prefix: str = "nf4_") -> NF4Weight:
+    """The stored float weight ``wkey`` of ``name`` quantized through ``sharded``, which reads the elements it
+    needs (plain reads of those elements; nothing else of the tensor is read); held by ``module`` (default
+    ``name``) under the attributes ``prefix + "packed"`` ..."""
     ckpt_wkey = sources.plan.direct[wkey]
     stored, shape, _ = sources.ckpt.info(ckpt_wkey)
     if stored is None:  # a dtype torch cannot read from bytes (float8, ...): read whole, as without a quantizer
         return _quantize_whole(sources, name, wkey, target, dtype, device, quantize, conv=False)
     shape = torch.Size(shape)
     _checked_value(ckpt_wkey, torch.empty(shape, dtype=stored, device="meta"), target)
-    row = shape[-1]
 
     def read(first: int, stop: int) -> Tensor:
-        r0 = first // row
-        rows = sources.ckpt.rows(ckpt_wkey, r0, -(-stop // row))
-        return rows.reshape(-1)[first - r0 * row:stop - r0 * row].to(device=device, dtype=dtype)
+        return sources.ckpt.elements(ckpt_wkey, first, stop).to(device=device, dtype=dtype)
 
     try:
-        return sharded.quantize(name, read, shape, dtype, device, quantize["blocksize"], quantize["double_quant"],
-                                itemsize=stored.itemsize)
+        return sharded.quantize(module or name, prefix, read, shape, dtype, device, quantize["blocksize"],
+                                quantize["double_quant"], itemsize=stored.itemsize)
     except ValueError as exc:
         raise ValueError(f"checkpoint tensor {ckpt_wkey!r} (the weight of {name}): {exc}") from None
 
 
 def _load_experts(model: nn.Module, modules: list[tuple[str, nn.Module]], sources: _Sources, path: Path,
-                  dtype: torch.dtype, device: torch.device, quantize: dict | None) -> list[str]:
+                  dtype: torch.dtype, device: torch.device, quantize: dict | None, sharded: Any = None) -> list[str]:
     """Of ``modules``, put an :class:`NF4Experts` in place of every fused-experts module whose two tensors are stored
     in NF4, and, when ``quantize`` (``blocksize``, ``double_quant``) is given, of every other one, its tensors read,
-    cast to ``dtype`` and quantized one module at a time. Returns the names of those quantized here."""
+    cast to ``dtype`` and quantized one module at a time. ``sharded``: as for :func:`_load_linear_layers` (tensors
+    stored fused, as the model holds them). Returns the names of those quantized here."""
     quantized = []
     for name, module in modules:
         if not moe.is_fused_experts(module):
             continue
         keys = [f"{name}.{p}" for p in moe.PROJECTIONS]
-        stored = [sources.nf4_weight(k) for k in keys]
+        stored = [sources.nf4_weight(k, sharded, name, f"{p}_", device) for k, p in zip(keys, moe.PROJECTIONS)]
         if all(qw is not None for qw in stored):
             for qw, key, proj in zip(stored, keys, moe.PROJECTIONS):
                 if tuple(qw.shape) != tuple(getattr(module, proj).shape):
@@ -734,6 +743,10 @@ def _load_experts(model: nn.Module, modules: list[tuple[str, nn.Module]], source
         elif quantize is not None and all(k in sources for k in keys):
             weights = []
             for key, proj in zip(keys, moe.PROJECTIONS):
+                if sharded is not None and key in sources.plan.direct:
+                    weights.append(_quantize_in_part(sharded, f"{name}.{proj}", sources, key, getattr(module, proj),
+                                                     dtype, device, quantize, module=name, prefix=f"{proj}_"))
+                    continue
                 ckpt_key, w = sources.take(key)
                 _checked_value(ckpt_key, w, getattr(module, proj))
                 try:

@@ -48,6 +48,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import bnb_format
+from ..dtypes import SAFETENSORS_DTYPES
 from ..nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 from ..nn import NF4Linear
 from ..nn.experts import NF4Experts
@@ -73,8 +74,6 @@ _PLAN = "_qlora_kernels_nf4"
 _EXPERT_SHAPES = "_qlora_kernels_expert_shapes"
 # The stored 4-bit weight's companions in a bitsandbytes checkpoint (read by the quantizer, not by transformers).
 _COMPANIONS = rf"\.weight\.({'|'.join(re.escape(s) for s in bnb_format.STATE_SUFFIXES)})$"
-SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "BF16": torch.bfloat16, "F16": torch.float16,
-                       "F32": torch.float32, "F64": torch.float64, "I32": torch.int32, "I64": torch.int64}
 
 __all__ = ["QLoraKernelsConfig", "QLoraKernelsHfQuantizer", "bnb_free_config", "bnb_quantization_config"]
 

@@ -101,7 +101,7 @@ class FSDPConfig:
                                  "group of one (nccl on a GPU, gloo on the CPU) and shard over it: the FSDP2 path as "
                                  "N ranks run it, for a one-GPU check of it (default: one process trains unsharded)")
     read_in_part: bool = _f(True, help="each rank reads and quantizes only the rows of a float checkpoint's "
-                            "block weights behind its own shards (plain reads of whole rows; about 1/N of them), "
+                            "block weights behind its own shards (plain reads of those bytes; about 1/N of them), "
                             "all-gathering the small absmax so the NF4 bytes equal whole-tensor quantization; false "
                             "reads every weight whole on every rank. A 4-bit checkpoint is read whole either way")
 

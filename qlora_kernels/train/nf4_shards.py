@@ -1,4 +1,4 @@
-"""Reading 1/N: each FSDP2 rank reads and quantizes only the rows of a float checkpoint behind its own shards.
+"""Reading 1/N: each FSDP2 rank reads (and quantizes) only the part of each block weight behind its own shards.
 
 ``fully_shard`` splits every NF4 tensor of a layer on dim 0 as ``torch.chunk`` does (rank ``r`` of ``N`` keeps
 rows ``[r c, (r + 1) c)``, ``c = ceil(rows / N)``, padded to equal shards). For the packed codes (two elements a
@@ -10,16 +10,21 @@ So, per weight (:meth:`ShardedQuantizer.quantize`):
 
 1. each rank reads the elements from the start of the block holding its first element to the end of the block
    holding its last (its codes' elements, rounded out to whole blocks: about 1/N of the weight plus at most two
-   blocks), reading whole rows from the file with plain reads (nothing else of the file is read or mapped);
+   blocks), with plain reads of those bytes of the file (nothing else of it is read or mapped);
 2. quantizes them to NF4 (:func:`~qlora_kernels.quantize_nf4`, exactly as the whole tensor is: a block's codes
    depend only on its own elements);
 3. all-gathers the fp32 absmax (each block from the one rank that owns its first element) and double-quantizes
    the whole absmax vector on every rank, as :func:`~qlora_kernels.quantize_nf4` does;
 
-so every rank holds the same bytes it would hold after quantizing the whole weight and sharding it. The layer is
-built with placeholder tensors of the full shapes (``torch.empty``: address space, not memory, on the CPU), FSDP2
-copies each rank's chunk of them into the shard it allocates, and :meth:`ShardedQuantizer.install` then writes
-the computed values into the shards.
+so every rank holds the same bytes it would hold after quantizing the whole weight and sharding it. A weight
+stored in 4 bits (a bitsandbytes checkpoint, :meth:`ShardedQuantizer.read_stored`) needs no gather: each rank reads
+its part of the packed codes and the small tensors whole.
+
+The module is built with a placeholder of the full shape for the packed codes (``torch.empty``: address space,
+not memory, on the CPU; on a GPU one layer's worth, allocated and freed), FSDP2 copies each rank's chunk of it
+into the shard it allocates, and :meth:`ShardedQuantizer.install` then writes the values into the shards.
+Linear layers (``NF4Linear``, attributes ``nf4_*``) and fused experts (``NF4Experts``, ``gate_up_proj_*`` /
+``down_proj_*``) alike.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from torch import Tensor, nn
 
 from ..nf4 import NF4Weight, quantize_nf4
 from ..quant_maps import dynamic_map, nf4_code
-from ..reference.nf4 import NESTED_BLOCKSIZE, quantize_absmax
+from ..reference.nf4 import quantize_absmax
 
 
 def chunk_rows(rows: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -61,27 +66,35 @@ def elements_to_read(numel: int, blocksize: int, world_size: int, rank: int) -> 
     return (e0 // blocksize) * blocksize, min(numel, -(-e1 // blocksize) * blocksize), b0, b1
 
 
+_PARTS = ("packed", "absmax", "code", "nested_absmax", "nested_code")  # an NF4Weight's tensors, in holder order
+
+
 @dataclass
 class ShardedQuantizer:
-    """Quantizes the weights of a float checkpoint rank by rank (see the module docstring), for the trainer's
-    FSDP2 loader. ``gather(t, sizes)``: the concatenation over the ranks, in rank order, of each rank's 1-D fp32
-    ``t`` (rank ``r``'s of length ``sizes[r]``). ``bytes_read``: the checkpoint bytes this rank read for the
-    weights it quantized."""
+    """Reads the block weights rank by rank (see the module docstring), for the trainer's FSDP2 loader: float
+    weights quantized from 1/N of their elements (:meth:`quantize`), stored 4-bit ones from 1/N of their packed
+    codes (:meth:`read_stored`). ``gather(t, sizes)``: the concatenation over the ranks, in rank order, of each
+    rank's 1-D fp32 ``t`` (rank ``r``'s of length ``sizes[r]``). ``bytes_read``: the checkpoint bytes this rank
+    read for those weights; ``bytes_whole``: what reading them whole would have read.
+
+    A weight's values wait in ``pending[module name][attribute]`` until :meth:`install`; the attributes are
+    ``prefix + part`` (``nf4_packed`` ... for a linear layer, ``gate_up_proj_packed`` ... for experts)."""
 
     rank: int
     world_size: int
     gather: Callable[[Tensor, list[int]], Tensor]
     bytes_read: int = 0
-    bytes_whole: int = 0  # what reading each of those weights whole would have read
+    bytes_whole: int = 0
     pending: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
-    def quantize(self, name: str, read: Callable[[int, int], Tensor], shape: torch.Size, dtype: torch.dtype,
-                 device: torch.device, blocksize: int, double_quant: bool, itemsize: int) -> NF4Weight:
-        """The placeholder :class:`NF4Weight` of layer ``name`` (weight ``shape``, quantized from ``dtype``):
-        full-shape tensors whose values :meth:`install` writes into this rank's shards once the layer's block is
-        sharded. ``read(first, stop)``: the weight's flat elements ``[first, stop)`` in ``dtype`` on ``device``,
-        read from rows of ``itemsize`` bytes an element. All ranks call this for the same weights in the same
-        order (it all-gathers)."""
+    def quantize(self, name: str, prefix: str, read: Callable[[int, int], Tensor], shape: torch.Size,
+                 dtype: torch.dtype, device: torch.device, blocksize: int, double_quant: bool,
+                 itemsize: int) -> NF4Weight:
+        """The placeholder :class:`NF4Weight` of a float weight of module ``name`` (``shape``, quantized from
+        ``dtype``): full-shape tensors whose values :meth:`install` writes into this rank's shards once the block
+        is sharded. ``read(first, stop)``: the weight's flat elements ``[first, stop)`` in ``dtype`` on
+        ``device``, read from a file of ``itemsize`` bytes an element. All ranks call this for the same weights in
+        the same order (it all-gathers)."""
         numel = math.prod(shape)
         first, stop, b0, b1 = elements_to_read(numel, blocksize, self.world_size, self.rank)
         nb = -(-numel // blocksize)
@@ -93,7 +106,7 @@ class ShardedQuantizer:
                 mine = part.absmax[b0 - first // blocksize:b1 - first // blocksize]
             except ValueError as exc:  # e.g. a NaN in this rank's part: every rank must still join the gather
                 error, mine = exc, torch.zeros(b1 - b0, dtype=torch.float32, device=device)
-            self.bytes_read += self._row_bytes(first, stop, shape, itemsize)
+            self.bytes_read += (stop - first) * itemsize
         self.bytes_whole += numel * itemsize
         # each rank sends a flag (1: its part failed) before its blocks, so all ranks fail together, none waits
         ranges = [elements_to_read(numel, blocksize, self.world_size, r) for r in range(self.world_size)]
@@ -110,44 +123,52 @@ class ShardedQuantizer:
         absmax = torch.cat([sent[at + 1:at + n] for at, n in zip(starts, sizes)])
         if absmax.numel() != nb:
             raise RuntimeError(f"{name}: the ranks' absmax blocks add up to {absmax.numel()}, expected {nb}")
-        values: dict[str, Tensor] = {"nf4_code": nf4_code(device)}
+        code, offset, nested, nested_code = nf4_code(device), 0.0, None, None
         if double_quant:
-            codes, nested, offset = quantize_absmax(absmax)
-            values.update(nf4_absmax=codes, nf4_nested_absmax=nested, nf4_nested_code=dynamic_map(device))
-        else:
-            values["nf4_absmax"], offset = absmax, 0.0
+            absmax, nested, offset = quantize_absmax(absmax)
+            nested_code = dynamic_map(device)
         p0, p1 = chunk_rows((numel + 1) // 2, self.world_size, self.rank)
         packed = torch.empty(0, 1, dtype=torch.uint8, device=device)
         if part is not None and p1 > p0:
             skip = p0 - first // 2  # first is a block start, so even: its byte is the first of part's
             packed = part.packed[skip:skip + p1 - p0]
-        local = {"nf4_packed": packed}
-        for key, t in values.items():  # this rank's chunk of the small tensors every rank computed whole
-            lo, hi = chunk_rows(t.shape[0], self.world_size, self.rank)
-            local[key] = t[lo:hi]
-        self.pending[name] = local
-        holder = dict(
-            packed=torch.empty((numel + 1) // 2, 1, dtype=torch.uint8, device=device),
-            absmax=torch.empty(nb, dtype=torch.uint8 if double_quant else torch.float32, device=device),
-            code=values["nf4_code"],
-        )
-        if double_quant:
-            holder.update(nested_absmax=torch.empty(-(-nb // NESTED_BLOCKSIZE), dtype=torch.float32, device=device),
-                          nested_code=values["nf4_nested_code"])
-        return NF4Weight(shape=shape, dtype=dtype, blocksize=blocksize, offset=offset, **holder)
+        whole = NF4Weight(packed=torch.empty((numel + 1) // 2, 1, dtype=torch.uint8, device=device), absmax=absmax,
+                          shape=shape, dtype=dtype, blocksize=blocksize, code=code, nested_absmax=nested,
+                          nested_code=nested_code, offset=offset)
+        self._keep(name, prefix, whole, packed)
+        return whole
 
-    @staticmethod
-    def _row_bytes(first: int, stop: int, shape: torch.Size, itemsize: int) -> int:
-        row = shape[-1] if len(shape) > 1 else math.prod(shape)
-        return (-(-stop // row) - first // row) * row * itemsize
+    def read_stored(self, name: str, prefix: str, qw: NF4Weight, read_packed: Callable[[int, int], Tensor]
+                    ) -> NF4Weight:
+        """A stored 4-bit weight of module ``name``: ``qw`` holds its small tensors (absmax, tables, offset) and a
+        full-shape placeholder for the packed codes, of which ``read_packed(first, stop)`` reads the bytes
+        ``[first, stop)``; this rank reads only its shard's. Returns ``qw``."""
+        rows = qw.packed.shape[0]
+        p0, p1 = chunk_rows(rows, self.world_size, self.rank)
+        width = qw.packed[0].numel() if rows else 1
+        packed = read_packed(p0 * width, p1 * width).reshape(p1 - p0, *qw.packed.shape[1:])
+        self.bytes_read += (p1 - p0) * width
+        self.bytes_whole += qw.packed.numel()
+        self._keep(name, prefix, qw, packed)
+        return qw
+
+    def _keep(self, name: str, prefix: str, qw: NF4Weight, packed: Tensor) -> None:
+        """Hold this rank's values of ``qw``: its packed codes ``packed``, and its chunk of each small tensor."""
+        local = self.pending.setdefault(name, {})
+        local[prefix + "packed"] = packed
+        for part in _PARTS[1:]:
+            t = getattr(qw, part)
+            if t is not None:  # this rank's chunk of the small tensors every rank holds whole
+                lo, hi = chunk_rows(t.shape[0], self.world_size, self.rank)
+                local[prefix + part] = t[lo:hi]
 
     def placeholder_bytes(self, block_name: str, block: nn.Module) -> int:
-        """The bytes of the full-shape placeholders of ``block``'s layers quantized here (not yet installed)."""
+        """The bytes of the full-shape placeholders (packed codes) of ``block``'s weights read here, not yet
+        installed: address space, never filled."""
         total = 0
         for rel, module in block.named_modules():
-            if (f"{block_name}.{rel}" if rel else block_name) in self.pending:
-                tensors = [getattr(module, k) for k in ("nf4_packed", "nf4_absmax", "nf4_nested_absmax")]
-                total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+            local = self.pending.get(f"{block_name}.{rel}" if rel else block_name, {})
+            total += sum(getattr(module, k).numel() for k in local if k.endswith("_packed"))
         return total
 
     def install(self, block_name: str, block: nn.Module) -> int:
