@@ -52,16 +52,11 @@ class World:
 
 
 def make_world(n_people: int, seed: int = 4321) -> World:
+    """The world of ``n_people`` (names of 3 syllables, towns and trades of 2), its first half the fine-tune's."""
+    from qlora_kernels.demo.synthetic import word_maker
+
     rng = random.Random(seed)
-    used: set[str] = set()
-
-    def word(n_syll: int) -> str:
-        while True:
-            w = "".join(rng.choice(_SYLLABLES) for _ in range(n_syll))
-            if w not in used:
-                used.add(w)
-                return w
-
+    word = word_maker(rng, _SYLLABLES)
     towns = [word(2) for _ in range(N_TOWNS)]
     trades = [word(2) for _ in range(N_TRADES)]
     people = [word(3) for _ in range(n_people)]

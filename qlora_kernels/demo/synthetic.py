@@ -19,6 +19,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,10 +61,8 @@ class Languages:
         return {z: lu for lu, z in self.to_zil.items()}
 
 
-def make_languages(seed: int = 1234) -> Languages:
-    """Invent the two vocabularies (Lumo words have 2 syllables, Zil words 1 or 3) and their bijection."""
-    rng = random.Random(seed)
-    syllables = [o + v for o in _ONSETS for v in _VOWELS]
+def word_maker(rng: random.Random, syllables: list[str]) -> Callable[[int], str]:
+    """``word(n)``: a new invented word of ``n`` syllables drawn by ``rng`` (never one it made before)."""
     used: set[str] = set()
 
     def word(n_syll: int) -> str:
@@ -73,6 +72,13 @@ def make_languages(seed: int = 1234) -> Languages:
                 used.add(w)
                 return w
 
+    return word
+
+
+def make_languages(seed: int = 1234) -> Languages:
+    """Invent the two vocabularies (Lumo words have 2 syllables, Zil words 1 or 3) and their bijection."""
+    rng = random.Random(seed)
+    word = word_maker(rng, [o + v for o in _ONSETS for v in _VOWELS])
     lumo = {c: [word(2) for _ in range(n)] for c, n in _CLASSES.items()}
     zil = {c: [word(rng.choice((1, 3))) for _ in range(n)] for c, n in _CLASSES.items()}
     to_zil = {lw: zw for c in _CLASSES for lw, zw in zip(lumo[c], zil[c])}

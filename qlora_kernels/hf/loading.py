@@ -69,8 +69,8 @@ class BlockHook:
 
     find: Callable[[nn.Module], Sequence[str]]
     done: Callable[[str, nn.Module], None]
-    #: optional: quantizes the float weights of the blocks' linear layers reading only part of each
-    #: (:class:`qlora_kernels.train.nf4_shards.ShardedQuantizer`, whose ``done`` then fills the shards)
+    #: optional: reads the blocks' weights (linear layers, fused experts) only in part, quantizing float ones
+    #: (:class:`qlora_kernels.train.nf4_shards.ShardedQuantizer`; ``done`` then writes them into the shards)
     quantizer: Any = None
 
 
@@ -733,7 +733,9 @@ def _load_experts(model: nn.Module, modules: list[tuple[str, nn.Module]], source
         if not moe.is_fused_experts(module):
             continue
         keys = [f"{name}.{p}" for p in moe.PROJECTIONS]
-        stored = [sources.nf4_weight(k, sharded, name, f"{p}_", device) for k, p in zip(keys, moe.PROJECTIONS)]
+        both = all(bnb_format.has_quant_state(sources.plan.direct, k) for k in keys)  # else none is read in part
+        stored = [sources.nf4_weight(k, sharded if both else None, name, f"{p}_", device)
+                  for k, p in zip(keys, moe.PROJECTIONS)]
         if all(qw is not None for qw in stored):
             for qw, key, proj in zip(stored, keys, moe.PROJECTIONS):
                 if tuple(qw.shape) != tuple(getattr(module, proj).shape):
