@@ -428,7 +428,8 @@ def load_4bit_model(
                                                sharded=block_hook.quantizer if block_hook is not None and prefix
                                                else None))
         # 2. every other parameter and persistent buffer, in dtype; tied parameters stay tied
-        _load_other_tensors(model, modules(), sources, path, dtype, device, loaded, new_heads)
+        _load_other_tensors(model, modules(), sources, path, dtype, device, loaded, new_heads,
+                            sharded=block_hook.quantizer if block_hook is not None and not prefix else None)
         # 3. computed buffers (rotary inv_freq, embed scales): let the model class initialise them
         _init_computed_buffers(model, modules(), device)
         return n
@@ -790,11 +791,13 @@ def _init_new_head(model: nn.Module, module: nn.Module, dtype: torch.dtype, devi
 
 def _load_other_tensors(model: nn.Module, modules: list[tuple[str, nn.Module]], sources: _Sources, path: Path,
                         dtype: torch.dtype, device: torch.device, loaded: dict[int, Tensor],
-                        new_heads: Sequence[str] = ()) -> None:
+                        new_heads: Sequence[str] = (), sharded: Any = None) -> None:
     """Every parameter and persistent buffer of ``modules`` still on the meta device, outside the NF4 layers: read in
     ``dtype`` (floating point only; the model class's fp32 modules in fp32); tied parameters stay tied (``loaded``:
     what earlier calls read, by id of the meta stand-in). The modules ``new_heads`` (top-level names) are skipped:
-    they were initialised before anything was read (:func:`_init_new_head`)."""
+    they were initialised before anything was read (:func:`_init_new_head`). ``sharded`` (a :class:`BlockHook`'s
+    ``quantizer``): the parameters it names in ``dense_rows`` (the input embedding) are read only in the rows this
+    rank's shard holds."""
     modules = [(n, m) for n, m in modules if not any(n == h or n.startswith(h + ".") for h in new_heads)]
     keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
         getattr(model, "_keep_in_fp32_modules_strict", None) or ())
@@ -809,6 +812,18 @@ def _load_other_tensors(model: nn.Module, modules: list[tuple[str, nn.Module]], 
     for _, full, _, t, is_param in entries:
         if id(t) in loaded:
             continue  # already read via a tied twin
+        if sharded is not None and is_param and full in sharded.dense_rows and full in sources.plan.direct \
+                and t.is_floating_point():
+            key = sources.plan.direct[full]
+            stored, shape, _ = sources.ckpt.info(key)
+            if stored is not None and stored.is_floating_point and shape:
+                _checked_value(key, torch.empty(shape, dtype=stored, device="meta"), t)
+                fp32 = any(re.search(rf"(^|\.){re.escape(k)}(\.|$)", full) for k in keep_fp32)
+                mname, _, attr = full.rpartition(".")
+                loaded[id(t)] = nn.Parameter(sharded.read_rows(
+                    mname, attr, torch.Size(shape), torch.float32 if fp32 else dtype, device, stored.itemsize,
+                    lambda a, b, key=key: sources.ckpt.elements(key, a, b)), requires_grad=t.requires_grad)
+                continue
         found = sources.take(full)
         if found is None:
             continue  # absent (a tied weight is filled in below from its twin)

@@ -182,7 +182,7 @@ class ShardReport:
     # (+ its part of one block where the block's weights were read 1/N)
     largest_block_nf4_bytes: int = 0
     fused_mlps: int = 0
-    layers_read_in_part: int = 0  # float weights this rank read and quantized 1/N (nf4_shards)
+    layers_read_in_part: int = 0  # modules whose weights this rank read 1/N (nf4_shards)
     weight_bytes_read: int = 0  # checkpoint bytes of those weights this rank read
     weight_bytes_whole: int = 0  # what reading them whole would have read
 
@@ -198,6 +198,12 @@ class _BlockSharder:
 
     def find(self, model: nn.Module) -> list[str]:
         blocks = find_blocks(model, self.cfg.fsdp_config.transformer_layer_cls_to_wrap)
+        if self.quantizer is not None:  # the input embedding, sharded with the root unit unless tied to the head
+            emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            names = {id(m): n for n, m in model.named_modules()}
+            if emb is not None and id(emb) in names and (head is None or head.weight is not emb.weight):
+                self.quantizer.dense_rows.add(f"{names[id(emb)]}.weight")
         self.report.blocks = blocks
         self.report.block_class = sorted({type(model.get_submodule(b)).__name__ for b in blocks})
         return blocks
@@ -275,6 +281,8 @@ class _BlockSharder:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         ignored = set(head.parameters()) if head is not None else set()  # read whole by the loss (tied: both)
         fully_shard(decoder, mesh=self.mesh, ignored_params=ignored or None)
+        if self.quantizer is not None:  # the input embedding read by rows
+            self.report.layers_read_in_part += self.quantizer.install(root, decoder)
         self.report.nf4_resident_bytes = resident_nf4_bytes(model)
         self.report.load_peak_nf4_bytes = max(self.report.load_peak_nf4_bytes, self.report.nf4_resident_bytes)
 
@@ -336,9 +344,9 @@ def build_model(cfg: TrainConfig, device: torch.device, ctx: dp.DistContext,
              + ("this rank's part of one block" if r.layers_read_in_part else "one block")
              + f" of at most {r.largest_block_nf4_bytes / mib:.2f} MiB)"]
     if r.layers_read_in_part:
-        notes.append(f"fsdp: {r.layers_read_in_part} float weights read and quantized 1/N: per rank "
-                     f"{', '.join(f'{b / mib:.2f}' for b in read)} MiB read of their {r.weight_bytes_whole / mib:.2f} "
-                     "MiB (each rank the rows behind its shards)")
+        notes.append(f"fsdp: {r.layers_read_in_part} modules' weights read 1/N (float ones quantized from their "
+                     f"parts): per rank {', '.join(f'{b / mib:.2f}' for b in read)} MiB read of their "
+                     f"{r.weight_bytes_whole / mib:.2f} MiB (each rank the bytes behind its shards)")
     if cfg.fused_mlp:
         notes.append(f"fused_mlp: {r.fused_mlps} MLPs run as one fused QLoRA Function")
     if ctx.is_main:

@@ -24,7 +24,8 @@ The module is built with a placeholder of the full shape for the packed codes (`
 not memory, on the CPU; on a GPU one layer's worth, allocated and freed), FSDP2 copies each rank's chunk of it
 into the shard it allocates, and :meth:`ShardedQuantizer.install` then writes the values into the shards.
 Linear layers (``NF4Linear``, attributes ``nf4_*``) and fused experts (``NF4Experts``, ``gate_up_proj_*`` /
-``down_proj_*``) alike.
+``down_proj_*``) alike; and the input embedding, a dense parameter of the root unit, by rows
+(:meth:`ShardedQuantizer.read_rows`).
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ class ShardedQuantizer:
     bytes_read: int = 0
     bytes_whole: int = 0
     pending: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    #: the dense parameters (full names) read by rows (:meth:`read_rows`): the input embedding
+    dense_rows: set[str] = field(default_factory=set)
 
     def quantize(self, name: str, prefix: str, read: Callable[[int, int], Tensor], shape: torch.Size,
                  dtype: torch.dtype, device: torch.device, blocksize: int, double_quant: bool,
@@ -151,6 +154,19 @@ class ShardedQuantizer:
         self.bytes_whole += qw.packed.numel()
         self._keep(name, prefix, qw, packed)
         return qw
+
+    def read_rows(self, name: str, attr: str, shape: torch.Size, dtype: torch.dtype, device: torch.device,
+                  itemsize: int, read: Callable[[int, int], Tensor]) -> Tensor:
+        """The full-shape placeholder of the dense parameter ``attr`` of module ``name`` (``shape``, in ``dtype``
+        on ``device``), of which ``read(first, stop)`` reads flat elements of ``itemsize`` bytes: this rank reads
+        only the rows its shard holds (dim 0), kept for :meth:`install`."""
+        r0, r1 = chunk_rows(shape[0], self.world_size, self.rank)
+        row = math.prod(shape[1:])
+        self.pending.setdefault(name, {})[attr] = read(r0 * row, r1 * row).reshape(r1 - r0, *shape[1:]).to(
+            device=device, dtype=dtype)
+        self.bytes_read += (r1 - r0) * row * itemsize
+        self.bytes_whole += math.prod(shape) * itemsize
+        return torch.empty(shape, dtype=dtype, device=device)
 
     def _keep(self, name: str, prefix: str, qw: NF4Weight, packed: Tensor) -> None:
         """Hold this rank's values of ``qw``: its packed codes ``packed``, and its chunk of each small tensor."""
