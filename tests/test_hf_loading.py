@@ -336,3 +336,35 @@ def test_index_json_round_trip_still_loads(tmp_path):
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     qk.load_4bit_model(tmp_path, dtype=torch.float32)
+
+
+def test_the_checkpoint_reader_reads_every_dtype_and_any_element_range_with_plain_reads(tmp_path):
+    """``_Checkpoint.get`` / ``elements`` read the file's bytes themselves (no mapping): every dtype and shape as
+    safetensors stores them, any flat range, and clear errors for a range out of bounds or a file cut short."""
+    from qlora_kernels.hf.loading import _Checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"bf16": torch.randn(5, 3, generator=g).bfloat16(), "f16": torch.randn(7, generator=g).half(),
+               "f32": torch.randn(2, 3, 4, generator=g), "u8": torch.arange(9, dtype=torch.uint8).reshape(9, 1),
+               "i64": torch.tensor([-3, 2**40]), "scalar": torch.tensor(3.5), "empty": torch.empty(0, 4),
+               "bool": torch.tensor([True, False])}
+    save_file(tensors, tmp_path / "model.safetensors")
+    ckpt = _Checkpoint(tmp_path)
+    for key, want in tensors.items():
+        got = ckpt.get(key)
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), key
+        flat = want.reshape(-1)
+        if key != "bool":  # a dtype outside SAFETENSORS_DTYPES: get() goes through safetensors itself
+            for a, b in ((0, flat.numel()), (min(1, flat.numel()), flat.numel() // 2 + 1 if flat.numel() else 0)):
+                assert torch.equal(ckpt.elements(key, a, b), flat[a:b]), (key, a, b)
+    with pytest.raises(ValueError, match=r"elements \[4, 99\) of 'bf16'"):
+        ckpt.elements("bf16", 4, 99)
+    with pytest.raises(TypeError, match="'bool'"):
+        ckpt.elements("bool")
+    # a file cut short after it was opened (safetensors refuses one at opening): the read says so
+    readable = [k for k in tensors if ckpt.info(k)[0] is not None and tensors[k].numel()]
+    last = max(readable, key=lambda k: ckpt.info(k)[2])
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:ckpt.info(last)[2] + 1])
+    with pytest.raises(ValueError, match=f"the data of '{last}' is cut short"):
+        ckpt.elements(last)
