@@ -93,6 +93,7 @@ def build_base(cache: Path, n_people: int, hidden: int, layers: int, epochs: int
                lr: float = 2e-3, seed: int = 0) -> Path:
     """The pretrained base under ``cache`` (built if missing): a Llama of width ``hidden`` and ``layers`` blocks
     that has read the world's facts ``epochs`` times. Saved in fp32 (its 16-bit rounding is not what is measured)."""
+    import torch
     from transformers import LlamaConfig
 
     from qlora_kernels.demo import synthetic
@@ -112,7 +113,7 @@ def build_base(cache: Path, n_people: int, hidden: int, layers: int, epochs: int
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     tmp = out.with_name(out.name + ".partial")
     synthetic.pretrain(tmp, tokenizer, config, pretraining_lines(world, epochs, seed + 1), batch_size, lr, seed,
-                       log_every=200, weight_decay=0.0, save_dtype=__import__("torch").float32)
+                       log_every=200, weight_decay=0.0, save_dtype=torch.float32)
     (tmp / "world.json").write_text(json.dumps(settings))
     tmp.rename(out)
     return out

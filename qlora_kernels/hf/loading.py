@@ -416,20 +416,21 @@ def load_4bit_model(
     loaded: dict[int, Tensor] = {}  # tensors read so far by id of their meta stand-in (tied twins)
     quantized_experts: list[str] = []
 
+    in_part = block_hook.quantizer if block_hook is not None else None  # reads the weights 1/N (FSDP2)
+
     def load(modules: Callable[[], list[tuple[str, nn.Module]]], prefix: str | None) -> int:
         # (modules(): the part's modules by full name, as they are now: each step replaces some)
         # 0. the tensors transformers builds from several (fused experts, split qkv, ...) of this part
         sources.convert(prefix)
         # 1. linear layers -> NF4Linear (stored NF4, or quantized here), one at a time
-        n = _load_linear_layers(model, modules(), sources, path, dtype, device, quantize,
-                                sharded=block_hook.quantizer if block_hook is not None and prefix else None)
+        block_part = in_part if prefix else None  # inside a block: its weights; outside: the input embedding
+        n = _load_linear_layers(model, modules(), sources, path, dtype, device, quantize, sharded=block_part)
         # 1b. fused MoE experts -> NF4Experts (stored NF4, or quantized here), one module at a time
         quantized_experts.extend(_load_experts(model, modules(), sources, path, dtype, device, experts,
-                                               sharded=block_hook.quantizer if block_hook is not None and prefix
-                                               else None))
+                                               sharded=block_part))
         # 2. every other parameter and persistent buffer, in dtype; tied parameters stay tied
         _load_other_tensors(model, modules(), sources, path, dtype, device, loaded, new_heads,
-                            sharded=block_hook.quantizer if block_hook is not None and not prefix else None)
+                            sharded=None if prefix else in_part)
         # 3. computed buffers (rotary inv_freq, embed scales): let the model class initialise them
         _init_computed_buffers(model, modules(), device)
         return n
