@@ -100,10 +100,11 @@ class FSDPConfig:
     shard_one_process: bool = _f(False, help="with one process (no torchrun, or torchrun with one), join a process "
                                  "group of one (nccl on a GPU, gloo on the CPU) and shard over it: the FSDP2 path as "
                                  "N ranks run it, for a one-GPU check of it (default: one process trains unsharded)")
-    read_in_part: bool = _f(True, help="each rank reads and quantizes only the rows of a float checkpoint's "
-                            "block weights behind its own shards (plain reads of those bytes; about 1/N of them), "
-                            "all-gathering the small absmax so the NF4 bytes equal whole-tensor quantization; false "
-                            "reads every weight whole on every rank. A 4-bit checkpoint is read whole either way")
+    read_in_part: bool = _f(True, help="each rank reads only the part of each weight behind its own shards "
+                            "(plain reads of those bytes; about 1/N of them): a float checkpoint's block weights, "
+                            "quantized from their parts (the small absmax all-gathered, so the NF4 bytes equal "
+                            "whole-tensor quantization), a 4-bit checkpoint's packed codes, and the rows of the input "
+                            "embedding and the output projection; false reads every weight whole on every rank")
 
 
 @dataclass

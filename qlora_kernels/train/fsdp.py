@@ -5,11 +5,15 @@ Built on torch's own FSDP2 (``torch.distributed.fsdp.fully_shard`` over a 1-D ``
 itself.
 
 * **Units.** Each transformer block is one FSDP unit (its class: ``fsdp_config.transformer_layer_cls_to_wrap``,
-  default the model's ``_no_split_modules``); the decoder (embeddings, final norm) is the root unit, which every
-  forward of the trainer goes through (training, eval, DPO's reference pass, GRPO's rollouts). The output
-  projection stays whole on every rank (the chunked loss reads its weight directly; it is frozen, so it needs no
-  reduction). A module the objective trains whole (a reward model's ``score`` head, its ``modules_to_save``) is a
-  unit of its own beside the decoder, its gradient reduce-scattered like the adapters'.
+  default the model's ``_no_split_modules``); the decoder (final norm, rotary buffers) is the root unit, which
+  every forward of the trainer goes through (training, eval, DPO's reference pass, GRPO's rollouts). The input
+  embedding and the output projection are units of their own, sharded by rows (:func:`vocabulary_units`), with
+  ``reshard_after_forward`` so that each is gathered only for its own forward (FSDP2 keeps a root's parameters
+  gathered from its forward to the end of its backward). The loss never gathers the output projection: it runs
+  vocabulary-parallel on each rank's rows (:mod:`.loss`). Tied to the input embedding (one weight) or not an
+  ``nn.Linear``, the output projection stays whole on every rank. A module the objective trains whole (a reward
+  model's ``score`` head, its ``modules_to_save``) is a unit of its own beside the decoder, its gradient
+  reduce-scattered like the adapters'.
 * **Forwards in step.** Each forward of a unit is a collective, so every rank runs as many: a rank with fewer
   eval items runs placeholder batches (:meth:`.objectives.base.Objective.evaluate_placeholders`); GRPO's
   rollouts keep the ranks' decode steps in step (:func:`qlora_kernels.generation.generate` on a sharded model).
@@ -29,7 +33,8 @@ itself.
   checkpoints alike (a float one is quantized layer by layer inside the block). From a float checkpoint each rank
   reads and quantizes only the rows behind its shards of the blocks' linear weights (``fsdp_config.read_in_part``,
   :mod:`.nf4_shards`: the same NF4 bytes as quantizing them whole, about 1/N of the reading); then the block it
-  holds while loading is its shards of it too.
+  holds while loading is its shards of it too. So it does for a 4-bit checkpoint's packed codes and for the rows
+  of the input embedding and the output projection.
 * **The optimizer** runs on the shards: torch's AdamW on DTensors, :class:`qlora_kernels.PagedAdamW` on their
   local shards (fp32 or 8-bit states of 1/N of each adapter). Gradient clipping uses the norm over all shards
   (:func:`.distributed.clip_grad_norm_`).
@@ -88,6 +93,7 @@ from .checkpoint import (
 from .components import TrainingError, load_base_model, lora_kwargs
 from .components import build_model as build_whole_model
 from .config import ConfigError, TrainConfig
+from .loss import is_plain_linear
 from .nf4_shards import ShardedQuantizer
 from .objectives import objective_class
 
@@ -182,6 +188,7 @@ class ShardReport:
     # (+ its part of one block where the block's weights were read 1/N)
     largest_block_nf4_bytes: int = 0
     fused_mlps: int = 0
+    vocabulary_units: list[str] = field(default_factory=list)  # the embedding / output projection, sharded by rows
     layers_read_in_part: int = 0  # modules whose weights this rank read 1/N (nf4_shards)
     weight_bytes_read: int = 0  # checkpoint bytes of those weights this rank read
     weight_bytes_whole: int = 0  # what reading them whole would have read
@@ -198,12 +205,9 @@ class _BlockSharder:
 
     def find(self, model: nn.Module) -> list[str]:
         blocks = find_blocks(model, self.cfg.fsdp_config.transformer_layer_cls_to_wrap)
-        if self.quantizer is not None:  # the input embedding, sharded with the root unit unless tied to the head
-            emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-            names = {id(m): n for n, m in model.named_modules()}
-            if emb is not None and id(emb) in names and (head is None or head.weight is not emb.weight):
-                self.quantizer.dense_rows.add(f"{names[id(emb)]}.weight")
+        if self.quantizer is not None:  # the input embedding and output projection: units of their own, read by rows
+            for name, module in vocabulary_units(model):
+                self.quantizer.dense_rows.update(f"{name}.{p}" for p, _ in module.named_parameters(recurse=False))
         self.report.blocks = blocks
         self.report.block_class = sorted({type(model.get_submodule(b)).__name__ for b in blocks})
         return blocks
@@ -278,13 +282,55 @@ class _BlockSharder:
             fully_shard(model.get_submodule(h), mesh=self.mesh)
         hold_nf4_as_parameters(decoder)  # (NF4 layers outside the blocks, if any, are sharded with the root)
         self.report.nf4_model_bytes += sum(resident_nf4_bytes(m) for m in _outside(model, blocks))  # whole, still
+        # the input embedding and the output projection: units of their own, gathered only for their own forward
+        # (the root keeps its parameters gathered from its forward to the end of the backward); the loss never
+        # gathers the output projection (vocabulary-parallel, .loss)
+        units = vocabulary_units(model)
+        for _, unit in units:
+            fully_shard(unit, mesh=self.mesh, reshard_after_forward=True)
+        self.report.vocabulary_units = [n for n, _ in units]
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        ignored = set(head.parameters()) if head is not None else set()  # read whole by the loss (tied: both)
-        fully_shard(decoder, mesh=self.mesh, ignored_params=ignored or None)
-        if self.quantizer is not None:  # the input embedding read by rows
+        whole = set(head.parameters()) if head is not None and all(head is not u for _, u in units) else set()
+        fully_shard(decoder, mesh=self.mesh, ignored_params=whole or None)  # (a head left whole: tied, quantized)
+        if self.quantizer is not None:  # the input embedding and output projection read by rows
+            for name, unit in units:
+                if not name.startswith(f"{root}."):
+                    self.report.layers_read_in_part += self.quantizer.install(name, unit)
             self.report.layers_read_in_part += self.quantizer.install(root, decoder)
         self.report.nf4_resident_bytes = resident_nf4_bytes(model)
         self.report.load_peak_nf4_bytes = max(self.report.load_peak_nf4_bytes, self.report.nf4_resident_bytes)
+
+
+def vocabulary_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the input embedding (inside the decoder) and the output projection (a plain ``nn.Linear``)
+    that FSDP2 shards by rows as units of their own; none when the two are tied (one weight, kept whole on every rank
+    by the root unit), the output projection alone when it is another module (a quantized one stays whole)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is not None and head is not None and getattr(head, "weight", None) is emb.weight:
+        return []
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    names = {id(m): n for n, m in model.named_modules()}
+    root = names.get(id(decoder)) if decoder is not None else None
+    units = []
+    if emb is not None and root is not None and names.get(id(emb), "").startswith(f"{root}."):
+        units.append((names[id(emb)], emb))
+    if head is not None and id(head) in names and is_plain_linear(head) and \
+            names[id(head)] not in getattr(model, "qlora_modules_to_save", ()):
+        units.append((names[id(head)], head))
+    return units
+
+
+def _vocabulary_note(model: nn.Module, units: list[str]) -> str:
+    """The run note's words on the input embedding and the output projection (:func:`vocabulary_units`)."""
+    note = f"; sharded by rows as units of their own: {', '.join(units)}" if units else ""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or any(model.get_submodule(n) is head for n in units):
+        return note + (" (the loss runs vocabulary-parallel)" if head is not None else "")
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    why = "tied to the input embedding" if emb is not None and getattr(head, "weight", None) is emb.weight else \
+        f"a {type(head).__name__}, not an nn.Linear"
+    return note + f"; the output projection stays whole on every rank ({why})"
 
 
 def _outside(model: nn.Module, blocks: list[str]) -> list[nn.Module]:
@@ -333,10 +379,9 @@ def build_model(cfg: TrainConfig, device: torch.device, ctx: dp.DistContext,
                              ctx, device).tolist()
     mib = 2**20
     heads = list(getattr(model, "qlora_modules_to_save", ()))
-    has_head = hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
     notes = [f"fsdp: {len(r.blocks)} blocks ({', '.join(r.block_class)}) sharded over {ctx.world_size} ranks as they "
              f"loaded (FSDP2, reshard_after_forward {cfg.fsdp_config.reshard_after_forward})"
-             + ("; the output projection stays whole on every rank" if has_head else "")
+             + _vocabulary_note(model, r.vocabulary_units)
              + (f"; trained whole and sharded as units of their own: {', '.join(heads)}" if heads else ""),
              f"fsdp: NF4 tensors {r.nf4_model_bytes / mib:.2f} MiB in all; per rank "
              f"{', '.join(f'{b / mib:.2f}' for b in per_rank)} MiB (peak while loading "
@@ -357,7 +402,8 @@ def build_model(cfg: TrainConfig, device: torch.device, ctx: dp.DistContext,
             "reshard_after_forward": cfg.fsdp_config.reshard_after_forward, "nf4_model_bytes": r.nf4_model_bytes,
             "largest_block_nf4_bytes": r.largest_block_nf4_bytes, "nf4_resident_bytes_per_rank": [int(b) for b in
                                                                                                    per_rank],
-            "load_peak_nf4_bytes_per_rank": [int(b) for b in peaks], "layers_read_in_part": r.layers_read_in_part,
+            "load_peak_nf4_bytes_per_rank": [int(b) for b in peaks], "vocabulary_units": r.vocabulary_units,
+            "layers_read_in_part": r.layers_read_in_part,
             "weight_bytes_whole": r.weight_bytes_whole, "weight_bytes_read_per_rank": [int(b) for b in read]},
             indent=1) + "\n")
     return model, r, notes
@@ -405,9 +451,11 @@ class MemoryPlan:
     world_size: int
     nf4_bytes: int  # the 4-bit linear layers and experts, whole (NF4 with its constants)
     dense_bytes: int  # every other tensor but the output projection (embeddings, norms, routers, biases)
-    head_bytes: int  # the output projection, whole on every rank
+    head_bytes: int  # the output projection
     lora_bytes: int  # the adapters with their gradients and optimizer states
     largest_block_bytes: int  # one block's tensors, gathered whole for its forward and its backward
+    head_sharded: bool = True  # the output projection sharded by rows (a unit of its own), else whole on every rank
+    embedding_bytes: int = 0  # the input embedding when it is a unit of its own: gathered whole for its forward only
 
     @property
     def ddp_bytes(self) -> int:
@@ -415,11 +463,23 @@ class MemoryPlan:
         return self.nf4_bytes + self.dense_bytes + self.head_bytes + self.lora_bytes
 
     @property
+    def shard_bytes(self) -> int:
+        """What a rank holds between units' forwards: 1/N of everything, but an output projection left whole."""
+        shared = self.nf4_bytes + self.dense_bytes + self.lora_bytes + (self.head_bytes if self.head_sharded else 0)
+        return -(-shared // self.world_size) + (0 if self.head_sharded else self.head_bytes)
+
+    @property
     def fsdp_bytes(self) -> int:
-        """1/N of all but the output projection, which stays whole, plus two gathered blocks (the one computing and
-        the one FSDP2 prefetches)."""
-        shared = self.nf4_bytes + self.dense_bytes + self.lora_bytes
-        return -(-shared // self.world_size) + self.head_bytes + 2 * self.largest_block_bytes
+        """At the activations' peak (the end of the forward, the backward): the shards plus two gathered blocks (the
+        one computing and the one FSDP2 prefetches)."""
+        return self.shard_bytes + 2 * self.largest_block_bytes
+
+    @property
+    def forward_start_bytes(self) -> int:
+        """At the start of each forward, before any activation: the shards plus the input embedding gathered whole
+        (the rest of it beyond this rank's shard) and the first block, prefetched."""
+        rest = self.embedding_bytes - -(-self.embedding_bytes // self.world_size)
+        return self.shard_bytes + rest + self.largest_block_bytes
 
 
 def memory_plan(model: nn.Module, world_size: int, r: int = 16, blocksize: int = 64, double_quant: bool = True,
@@ -430,8 +490,9 @@ def memory_plan(model: nn.Module, world_size: int, r: int = 16, blocksize: int =
     The rules are the trainer's: linear layers and fused experts in NF4 (:func:`qlora_kernels.nf4.nf4_nbytes` of
     ``blocksize`` / ``double_quant``), the output projection and every other tensor dense at
     ``dense_bytes_per_element`` (bf16: 2), the adapters at ``state_bytes_per_parameter`` (fp32 weight, gradient and
-    AdamW's two states: 16), the blocks of :func:`find_blocks` as the FSDP units. FSDP2's padding of each tensor to
-    equal shards (under a kilobyte a tensor) is left out.
+    AdamW's two states: 16), the blocks of :func:`find_blocks` as the FSDP units, and the input embedding and output
+    projection as units of their own unless tied (:func:`vocabulary_units`). FSDP2's padding of each tensor to equal
+    shards (under a kilobyte a tensor) is left out.
     """
     from qlora_kernels.hf import experts as moe
     from qlora_kernels.nf4 import nf4_nbytes
@@ -470,7 +531,11 @@ def memory_plan(model: nn.Module, world_size: int, r: int = 16, blocksize: int =
     nf4, dense = size(model)
     head_bytes = sum(p.numel() for p in head.parameters()) * dense_bytes_per_element if head is not None else 0
     largest = max((sum(size(model.get_submodule(b))) for b in find_blocks(model)), default=0)
-    return MemoryPlan(world_size, nf4, dense, head_bytes, lora, largest)
+    units = [m for _, m in vocabulary_units(model)]
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    emb_bytes = sum(size(emb)) if emb is not None and any(emb is m for m in units) else 0
+    return MemoryPlan(world_size, nf4, dense, head_bytes, lora, largest,
+                      head_sharded=head is not None and any(head is m for m in units), embedding_bytes=emb_bytes)
 
 
 # --------------------------------------------------------------------------- the adapter, gathered

@@ -14,6 +14,15 @@ Memory: only target positions are gathered (prompt and padding cost nothing), an
 logits are live, so nothing vocabulary-sized is kept for backward: the saved gradient has the shape of
 the hidden states (plus, for the summed loss only, the weight's and bias' gradients when they train).
 
+Sharded output projection (FSDP2, :mod:`.fsdp`): a weight that is a ``DTensor`` sharded on dim 0 (its own FSDP2
+unit) is never gathered. Each rank projects onto its rows of the vocabulary (:class:`_VocabShards`): every chunk's
+hidden rows and targets are all-gathered from the ranks (their counts differ), each rank computes the logits of its
+vocabulary rows, the ranks' log-sum-exps and target logits are combined (a gather of two floats a row), and each
+rank keeps its own rows' log-probs; the gradient of the hidden rows is each rank's partial product with its rows,
+reduce-scattered back to the rank the rows came from. Every rank makes the same number of these collectives (the
+chunks of the rank with the most rows), also with no target rows of its own. Communication per chunk: the hidden
+rows of all ranks twice (gather, then reduce-scatter); nothing vocabulary-sized ever moves.
+
 Numerics: the GEMMs with W run in the compute dtype (the autocast dtype inside an autocast region, as
 ``F.linear`` would; else the promoted dtype of h and W), with fp32 accumulation and fp32 logits; the
 log-sum-exp, the softmax and the log-probs are fp32. So a bf16 run does bf16 tensor-core GEMMs (and
@@ -28,6 +37,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+try:  # torch's DTensor (FSDP2's sharded parameters)
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # a torch without distributed support: no weight is sharded
+    DTensor = Shard = None
 
 IGNORE_INDEX = -100
 # Logit elements (fp32) per chunk when chunk_size is not given: 16 Mi elements = 64 MiB, plus as
@@ -66,18 +80,119 @@ class _HeadGemm:
         return a.to(self.compute).to(self.acc) @ b.to(self.acc)
 
 
+def is_row_sharded(weight: Tensor) -> bool:
+    """Whether ``weight`` is a ``DTensor`` sharded on dim 0 over a 1-D mesh (an FSDP2 unit's parameter)."""
+    return (DTensor is not None and isinstance(weight, DTensor) and weight.device_mesh.ndim == 1
+            and tuple(weight.placements) == (Shard(0),))
+
+
+class _VocabShards:
+    """The collectives of the vocabulary-parallel loss (module docstring): each rank holds the rows ``[v0, v1)`` of
+    the output projection and ``rows[r]`` hidden rows of its own batch; chunk ``k`` takes rows ``[k c, (k + 1) c)``
+    of every rank, concatenated in rank order. Without a process group (``group=None``): one rank holding the
+    whole vocabulary, and every method is the identity."""
+
+    def __init__(self, n_rows: int, vocab: int, local_vocab: int, device: torch.device, group=None) -> None:
+        self.group = group
+        if group is None:
+            self.world, self.rank, self.rows, self.v0 = 1, 0, [n_rows], 0
+        else:
+            import torch.distributed as dist
+
+            self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+            sizes = torch.empty(self.world * 2, dtype=torch.int64, device=device)
+            dist.all_gather_into_tensor(sizes, torch.tensor([n_rows, local_vocab], device=device), group=group)
+            self.rows, vocabs = sizes[0::2].tolist(), sizes[1::2].tolist()
+            if sum(vocabs) != vocab:
+                raise RuntimeError(f"the ranks' rows of the output projection add up to {sum(vocabs)}, not its "
+                                   f"{vocab}")
+            self.v0 = sum(vocabs[:self.rank])
+        self.v1 = self.v0 + local_vocab
+
+    def chunks(self, chunk: int) -> list[tuple[int, list[int]]]:
+        """``(first row, rows of each rank)`` of every chunk: as many on every rank (the most any rank needs)."""
+        n = max(-(-r // chunk) for r in self.rows)
+        return [(s, [max(0, min(chunk, r - s)) for r in self.rows]) for s in range(0, n * chunk, chunk)]
+
+    def gather(self, t: Tensor, counts: list[int]) -> Tensor:
+        """Every rank's rows of this chunk (``t``: this rank's ``counts[rank]``), concatenated in rank order."""
+        if self.group is None:
+            return t
+        import torch.distributed as dist
+
+        m = max(counts)
+        buf = t.new_zeros(m, *t.shape[1:])
+        buf[:t.shape[0]] = t
+        out = t.new_empty(self.world * m, *t.shape[1:])
+        dist.all_gather_into_tensor(out, buf, group=self.group)
+        return torch.cat([out[r * m:r * m + c] for r, c in enumerate(counts)])
+
+    def combine(self, lse: Tensor, picked: Tensor) -> tuple[Tensor, Tensor]:
+        """The log-sum-exp over the whole vocabulary and the target logit, of the ranks' over their rows (a rank
+        without the target's row contributes 0 to it)."""
+        if self.group is None:
+            return lse, picked
+        import torch.distributed as dist
+
+        mine = torch.stack([lse, picked])
+        out = mine.new_empty(self.world * 2, mine.shape[1])
+        dist.all_gather_into_tensor(out, mine, group=self.group)
+        out = out.view(self.world, 2, -1)
+        return torch.logsumexp(out[:, 0], dim=0), out[:, 1].sum(0)
+
+    def mine(self, t: Tensor, counts: list[int]) -> Tensor:
+        """This rank's rows of a chunk's per-row values (every rank holds all of them)."""
+        at = sum(counts[:self.rank])
+        return t[at:at + counts[self.rank]]
+
+    def reduce_mine(self, t: Tensor, counts: list[int]) -> Tensor:
+        """The sum over the ranks of a chunk's per-row partials ``t`` (all ranks' rows), this rank's rows of it."""
+        if self.group is None:
+            return t
+        import torch.distributed as dist
+
+        m = max(counts)
+        buf = t.new_zeros(self.world, m, *t.shape[1:])
+        at = 0
+        for r, c in enumerate(counts):
+            buf[r, :c] = t[at:at + c]
+            at += c
+        out = t.new_empty(m, *t.shape[1:])
+        dist.reduce_scatter_tensor(out, buf.reshape(self.world * m, *t.shape[1:]), group=self.group)
+        return out[:counts[self.rank]]
+
+
+def _head_parts(h: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None, _VocabShards | None]:
+    """``(weight, bias, shards)``: a row-sharded (FSDP2) output projection as this rank's rows and the collectives
+    that combine the ranks' (:class:`_VocabShards`); any other as it is, with ``shards`` None."""
+    if not is_row_sharded(weight):
+        return weight, bias, None
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("a sharded output projection (a DTensor weight) must be frozen: the vocabulary-parallel "
+                         "loss computes no gradient for it")
+    local = weight.to_local()
+    if bias is not None:
+        if not is_row_sharded(bias):
+            raise ValueError(f"the output projection's weight is sharded by rows but its bias is "
+                             f"{type(bias).__name__} {list(bias.shape)}; expected a DTensor sharded the same way")
+        bias = bias.to_local()
+    return local, bias, _VocabShards(h.shape[0], weight.shape[0], local.shape[0], h.device,
+                                     weight.device_mesh.get_group())
+
+
 class ChunkedHeadFunction(torch.autograd.Function):
     """Log-probabilities ``log softmax(h_i @ W^T + b)[y_i]`` for the rows of h [N, H], W [V, H], chunked over N.
 
     ``reduce="sum"``: returns their sum (a scalar); gradients for h, W and b (each computed in forward
     for an upstream gradient of 1, scaled in backward). ``reduce="none"``: returns fp32 ``[N]``;
     gradient for h only (row i scaled by the upstream gradient of token i in backward; a W that
-    trains needs the upstream gradients first, see :func:`token_log_probs`).
+    trains needs the upstream gradients first, see :func:`token_log_probs`). ``shards``: W and b are this
+    rank's rows of a vocabulary split over ranks (:class:`_VocabShards`; frozen), else None.
     """
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, chunk_size: int,
-                compute: torch.dtype, reduce: str, need_grad: bool) -> Tensor:
+                compute: torch.dtype, reduce: str, need_grad: bool, shards: _VocabShards | None = None) -> Tensor:
         with torch.autocast(device_type=h.device.type, enabled=False):
             gemm = _HeadGemm(weight, compute)
             b = bias.detach().to(gemm.acc) if bias is not None else None
@@ -88,21 +203,36 @@ class ChunkedHeadFunction(torch.autograd.Function):
             grad_h = torch.empty_like(h) if want_h else None
             grad_w = torch.zeros(weight.shape, dtype=gemm.acc, device=h.device) if want_w else None
             grad_b = torch.zeros(bias.shape, dtype=gemm.acc, device=h.device) if want_b else None
-            rows = torch.arange(min(chunk_size, h.shape[0]), device=h.device)
-            for s in range(0, h.shape[0], chunk_size):
-                hc, yc = h[s:s + chunk_size], target[s:s + chunk_size]
+            parts = shards or _VocabShards(h.shape[0], weight.shape[0], weight.shape[0], h.device)
+            for s, counts in parts.chunks(chunk_size):
+                hc = parts.gather(h[s:s + chunk_size], counts)
+                yc = parts.gather(target[s:s + chunk_size], counts) - parts.v0  # the target's row among W's
                 logits = gemm.mm(hc, gemm.w.t())
                 if b is not None:
                     logits += b
-                lse = torch.logsumexp(logits, dim=-1)
-                out[s:s + chunk_size] = logits.gather(1, yc[:, None]).squeeze(1) - lse
+                # a target outside this rank's rows (a sharded vocabulary): picked at row 0, counted 0
+                inside = (yc >= 0) & (yc < weight.shape[0]) if shards is not None else None
+                col = yc.clamp(0, max(weight.shape[0] - 1, 0))[:, None] if shards is not None else yc[:, None]
+                if weight.shape[0]:
+                    lse = torch.logsumexp(logits, dim=-1)
+                    picked = logits.gather(1, col).squeeze(1)
+                else:  # a rank holding none of the vocabulary
+                    lse = logits.new_full((hc.shape[0],), float("-inf"))
+                    picked = logits.new_zeros(hc.shape[0])
+                if inside is not None:
+                    picked = picked * inside
+                lse, picked = parts.combine(lse, picked)
+                out[s:s + counts[parts.rank]] = parts.mine(picked - lse, counts)
                 if not (want_h or want_w or want_b):
                     continue
                 # d log p(y) / d logits = onehot(y) - softmax, in place over the chunk's logits
                 dlogits = logits.sub_(lse[:, None]).exp_().neg_()
-                dlogits[rows[:yc.shape[0]], yc] += 1.0
+                if inside is None:
+                    dlogits.scatter_add_(1, col, dlogits.new_ones(col.shape))
+                elif weight.shape[0]:
+                    dlogits.scatter_add_(1, col, inside[:, None].to(dlogits.dtype))
                 if want_h:
-                    grad_h[s:s + chunk_size] = gemm.mm(dlogits, gemm.w).to(h.dtype)
+                    grad_h[s:s + counts[parts.rank]] = parts.reduce_mine(gemm.mm(dlogits, gemm.w), counts).to(h.dtype)
                 if want_w:
                     grad_w += gemm.mm(dlogits.t(), hc)
                 if want_b:
@@ -121,7 +251,7 @@ class ChunkedHeadFunction(torch.autograd.Function):
             gh = grad_h * grad_out[:, None].to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(wdt) if grad_w is not None else None
         gb = (grad_b * grad_out).to(bdt) if grad_b is not None else None
-        return gh, gw, gb, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None
 
 
 def _check_head_args(h: Tensor, weight: Tensor, target: Tensor) -> None:
@@ -136,13 +266,15 @@ def chunked_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: Tenso
     """Sum of cross-entropies of ``h @ weight^T + bias`` against ``target`` (fp32 scalar), chunked.
 
     h: [N, H] (any float dtype), weight: [V, H], target: int64 [N] with values in [0, V). Gradients
-    for h, weight and bias (those that require grad).
+    for h, weight and bias (those that require grad). A weight sharded by rows over ranks (a ``DTensor``, frozen)
+    runs vocabulary-parallel (module docstring): a collective every rank calls, each with its own rows.
     """
     _check_head_args(h, weight, target)
     chunk = chunk_size or auto_chunk_size(weight.shape[0])
     need = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad))
-    logp = ChunkedHeadFunction.apply(h, weight, bias, target, chunk, head_compute_dtype(h, weight), "sum", need)
+    w, b, shards = _head_parts(h, weight, bias)
+    logp = ChunkedHeadFunction.apply(h, w, b, target, chunk, head_compute_dtype(h, w), "sum", need, shards)
     return -logp.float()
 
 
@@ -174,15 +306,18 @@ def token_log_probs(h: Tensor, head: Tensor | nn.Module, target: Tensor, bias: T
     ``head`` is the output projection's weight ``[V, H]`` (the fast path, when it and the bias are
     frozen) or a module mapping ``[n, H] -> [n, V]``; a module, or a weight that requires grad, runs
     chunk by chunk under activation checkpointing, so a chunk's logits are recomputed in backward
-    instead of kept.
+    instead of kept. A frozen weight sharded by rows over ranks (a ``DTensor``) runs vocabulary-parallel
+    (module docstring): a collective every rank calls, each with its own rows, also none.
     """
     if h.dim() != 2 or target.shape != h.shape[:1]:
         raise ValueError(f"h must be [N, H] and target [N]; got {list(h.shape)} and {list(target.shape)}")
-    if isinstance(head, Tensor) and not head.requires_grad and not (bias is not None and bias.requires_grad):
+    if isinstance(head, Tensor) and (is_row_sharded(head) or not head.requires_grad
+                                     and not (bias is not None and bias.requires_grad)):
         _check_head_args(h, head, target)
         chunk = chunk_size or auto_chunk_size(head.shape[0])
         need = torch.is_grad_enabled() and h.requires_grad
-        return ChunkedHeadFunction.apply(h, head, bias, target, chunk, head_compute_dtype(h, head), "none", need)
+        w, b, shards = _head_parts(h, head, bias)
+        return ChunkedHeadFunction.apply(h, w, b, target, chunk, head_compute_dtype(h, w), "none", need, shards)
     if isinstance(head, Tensor):
         weight, b = head, bias
         head = lambda x: F.linear(x, weight, b)  # noqa: E731
@@ -216,7 +351,7 @@ def causal_lm_loss(hidden: Tensor, head: Tensor | nn.Module, labels: Tensor, chu
     """
     h, y, _ = target_rows(hidden, labels)
     n = y.numel()  # the target tokens: y holds one entry per True of the mask
-    if n == 0:
+    if n == 0 and not (isinstance(head, Tensor) and is_row_sharded(head)):  # (a sharded head: a collective)
         return hidden.sum() * 0.0, 0
     if isinstance(head, Tensor):
         return chunked_cross_entropy(h, head, y, bias=bias, chunk_size=chunk_size), n
@@ -299,7 +434,8 @@ def decoder_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor 
                     position_ids: Tensor | None = None, layout: str | None = None) -> tuple[
         Tensor, Tensor | nn.Module, Tensor | None]:
     """``(hidden states, head, bias)`` of a Hugging Face causal LM: its decoder's output and its output projection
-    (the weight and bias of a plain ``nn.Linear``, else the module itself, with bias None).
+    (the weight and bias of a plain ``nn.Linear``, also an FSDP2 unit's sharded ones, else the module itself, with
+    bias None).
 
     Works for ``*ForCausalLM`` models (also wrapped in PEFT) whose logits are ``lm_head(hidden)``; models that
     rescale or soft-cap logits are refused rather than trained on a wrong loss.
@@ -333,9 +469,21 @@ def decoder_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor 
                 mask = packed_attention_mask(position_ids, dtype, getattr(cfg, "_attn_implementation", "") == "sdpa")
             hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)[0]
     head = model.get_output_embeddings()
-    if type(head) is nn.Linear:
+    if is_plain_linear(head):
         return hidden, head.weight, head.bias
     return hidden, head, None
+
+
+def is_plain_linear(module: nn.Module | None) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` itself (not a subclass such as a quantized layer), also once FSDP2's
+    ``fully_shard`` has made it its unit (the class ``FSDPLinear``, of ``FSDPModule`` and ``nn.Linear``)."""
+    if type(module) is nn.Linear:
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(module, FSDPModule) and type(module).__bases__ == (FSDPModule, nn.Linear)
 
 
 def model_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,

@@ -57,7 +57,7 @@ from ..config import ConfigError, TrainConfig
 from ..data import DataStats, Example, PromptItem, load_prompts
 from ..distributed import SINGLE, DistContext, all_reduce_max, all_reduce_sum
 from ..distributed import unwrap_model as _unwrap
-from ..loss import IGNORE_INDEX, decoder_forward, target_rows, token_log_probs
+from ..loss import IGNORE_INDEX, decoder_forward, is_row_sharded, target_rows, token_log_probs
 from ..packing import collate_segments, pack_bins
 from .base import Objective
 from .grpo_config import GRPO_LOSSES, SCALE_REWARDS
@@ -253,8 +253,8 @@ def completion_log_probs(model: nn.Module, input_ids: Tensor, attention_mask: Te
     (:func:`.loss.decoder_forward`)."""
     hidden, head, bias = decoder_forward(model, input_ids, attention_mask, position_ids, layout)
     h, y, _ = target_rows(hidden, labels)
-    if y.numel() == 0:  # a placeholder: keep the graph connected (every rank of DDP must produce grads)
-        return hidden.sum()[None][:0] * 0.0
+    if y.numel() == 0 and not (isinstance(head, Tensor) and is_row_sharded(head)):  # (sharded: a collective)
+        return hidden.sum()[None][:0] * 0.0  # a placeholder: keep the graph connected (DDP: every rank's grads)
     if temperature != 1.0:
         h = h / temperature
         bias = bias / temperature if bias is not None else None
