@@ -432,14 +432,16 @@ def _fused_experts_checkpoint(path: Path) -> Path:
 def test_each_rank_reads_half_the_weights_and_holds_the_same_shards(assets, tmp_path):
     """Reading 1/N (``fsdp_config.read_in_part``, the default) against every rank reading each weight whole, and
     against one process: the same NF4 shards bit for bit, half the weight bytes read, about half the peak RSS; for
-    a float Llama, a bitsandbytes 4-bit checkpoint (its packed codes read in part) and a Mixtral with fused experts
-    stored (the experts quantized from their parts)."""
+    a float Llama, a bitsandbytes 4-bit checkpoint (its packed codes read in part), a Mixtral with fused experts
+    stored (the experts quantized from their parts) and one with its experts stored one by one (Mixtral's own
+    layout, which transformers stacks into fused experts: each rank reads its part of the stacked tensors)."""
     pytest.importorskip("bitsandbytes")
     from .hf_tiny import write_bnb_checkpoint, write_tiny
 
     big = save_random_model(tmp_path / "big", hidden_size=2048, num_layers=1)  # 160 MB of fp32 weights
     bnb = write_bnb_checkpoint(write_tiny(tmp_path / "fp", "llama") and tmp_path / "fp", tmp_path / "bnb")
     moe = _fused_experts_checkpoint(tmp_path / "moe")
+    per_expert = write_tiny(tmp_path / "per_expert", "mixtral") and tmp_path / "per_expert"
     (tmp_path / "x.jsonl").write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}) + "\n")
     (tmp_path / "run.py").write_text(_READ_IN_PART)
     res = {}
@@ -447,13 +449,13 @@ def test_each_rank_reads_half_the_weights_and_holds_the_same_shards(assets, tmp_
         out = tmp_path / name
         out.mkdir()
         args = [str(tmp_path / "run.py"), str(assets["model"]), str(out), part, str(big)]
-        args += [str(bnb), str(moe)] if nproc == 2 else []
+        args += [str(bnb), str(moe), str(per_expert)] if nproc == 2 else []
         proc = (run_torchrun(args) if nproc == 2 else
                 subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=240, cwd=str(tmp_path),
                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}))
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         res[name] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
-    for i in range(3):  # the same bytes on each rank, and the same double-quantization offsets
+    for i in range(4):  # the same bytes on each rank, and the same double-quantization offsets
         for r in range(2):
             a = load_file(tmp_path / "part" / f"shards{i}-{r}.safetensors")
             b = load_file(tmp_path / "whole" / f"shards{i}-{r}.safetensors")
@@ -467,9 +469,9 @@ def test_each_rank_reads_half_the_weights_and_holds_the_same_shards(assets, tmp_
         got, want = res["part"][r][0]["loss"], res["one"][0][0]["loss"]
         bounds.assert_within("loss", got, want, bounds.network(2, 2048) * abs(want) + bounds.reduction(want, 22),
                              why="the head's GEMM (2048 terms) and log-sum-exp, and the sum over 22 tokens")
-    # float Llama: 7 linear layers, 1 block; bnb: 2 blocks; Mixtral: 4 attention projections + experts, 2 blocks;
-    # and each model's input embedding and output projection (read by rows)
-    for i, layers in enumerate((9, 16, 12)):
+    # float Llama: 7 linear layers, 1 block; bnb: 2 blocks; Mixtral: 4 attention projections + experts, 2 blocks
+    # (both layouts); and each model's input embedding and output projection (read by rows)
+    for i, layers in enumerate((9, 16, 12, 12)):
         reads, whole = [rank[i]["read"] for rank in res["part"]], res["part"][0][i]["whole"]
         assert [rank[i]["layers"] for rank in res["part"]] == [layers, layers], i
         # each byte read once, by the rank holding it (the NF4 blocks two shards share are read by both)

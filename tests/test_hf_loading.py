@@ -368,3 +368,60 @@ def test_the_checkpoint_reader_reads_every_dtype_and_any_element_range_with_plai
     (tmp_path / "model.safetensors").write_bytes(data[:ckpt.info(last)[2] + 1])
     with pytest.raises(ValueError, match=f"the data of '{last}' is cut short"):
         ckpt.elements(last)
+
+
+def test_per_expert_weights_are_read_in_part_as_transformers_stacks_them(tmp_path):
+    """A Mixtral checkpoint with its experts stored one by one (``experts.N.w1/w2/w3``): the stacked layout of each
+    fused tensor names the checkpoint tensors whose elements laid end to end are transformers' conversion of them (w1
+    and w3 of each expert in turn for ``gate_up_proj``), any range of them reads as that slice of it, and conversions
+    that do more than stack whole tensors have no such layout, so they are built whole."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from qlora_kernels.hf.loading import _Checkpoint, _KeyPlan, _Sources, _stacked_layout
+
+    from .hf_tiny import write_tiny
+
+    write_tiny(tmp_path, "mixtral")
+    fused = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).state_dict()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path))
+    ckpt = _Checkpoint(tmp_path)
+    sources = _Sources(ckpt, _KeyPlan(ckpt, model), model, tmp_path)
+    sources.convert("model.layers.0.", defer_stacked=True)
+    for proj in ("gate_up_proj", "down_proj"):
+        key = f"model.layers.0.mlp.experts.{proj}"
+        want = fused[key]
+        keys, dtype = sources.stacked(key, want.shape)
+        assert dtype == torch.float32 and len(keys) == 4 * (2 if proj == "gate_up_proj" else 1)
+        if proj == "gate_up_proj":
+            assert [k.rsplit(".", 3)[-3:-1] for k in keys[:4]] == [["0", "w1"], ["0", "w3"], ["1", "w1"], ["1", "w3"]]
+        flat = want.reshape(-1)
+        n = flat.numel()
+        for a, b in ((0, n), (3, n // 3), (n // 2 - 5, n // 2 + 7), (n - 1, n), (7, 7)):
+            assert torch.equal(sources.read_stacked(keys, a, b), flat[a:b]), (proj, a, b)
+        assert sources.stacked(key, torch.Size([want.shape[0], want.shape[1] + 1, want.shape[2]])) is None
+    sources.drop("model.layers.0.mlp.experts.down_proj")
+    assert "model.layers.0.mlp.experts.down_proj" not in sources
+    # deferred and then taken whole: transformers' own conversion, run then
+    assert torch.equal(sources.take("model.layers.0.mlp.experts.gate_up_proj")[1], fused[
+        "model.layers.0.mlp.experts.gate_up_proj"])
+    # other conversions: no layout
+    keys = {"a": ["x.0", "x.1"], "b": ["y.0", "y.1"]}
+
+    def op(name, dim):
+        return type(name, (), {"dim": dim, "num_shards_attribute": None})()
+
+    def converter(ops, patterns=("a", "b"), quant=None):
+        return SimpleNamespace(operations=[op(n, d) for n, d in ops], source_patterns=list(patterns),
+                               quantization_operation=quant)
+
+    assert _stacked_layout(converter([("MergeModulelist", 0), ("Concatenate", 1)]), keys) == ["x.0", "y.0", "x.1",
+                                                                                             "y.1"]
+    assert _stacked_layout(converter([("MergeModulelist", 0)], patterns=("a",)), keys) == ["x.0", "x.1"]
+    merge = [("MergeModulelist", 0)]
+    for ops, patterns, quant in (([("MergeModulelist", 0), ("Concatenate", 0)], ("a", "b"), None),
+                                 ([("MergeModulelist", 1)], ("a",), None), ([("Chunk", 0)], ("a",), None),
+                                 (merge, ("a", "b"), None), (merge, ("a",), object()), (merge, ("c",), None)):
+        assert _stacked_layout(converter(ops, patterns, quant), keys) is None, (ops, patterns)

@@ -200,6 +200,8 @@ class _KeyPlan:
         direct: model key -> checkpoint key, for tensors read as stored; a 4-bit weight's companions keep their
             suffix (``'<layer>.weight.absmax'``).
         converters: model key -> the converter (a copy of transformers') that builds it, its sources collected.
+        converter_keys: model key -> source pattern -> the checkpoint keys collected for it, in the order the
+            converter takes them.
         unexpected: checkpoint keys the model does not take.
         expected: the model's state-dict keys (as dict keys, in order), as the plan was made.
     """
@@ -207,6 +209,7 @@ class _KeyPlan:
     def __init__(self, ckpt: _Checkpoint, model: nn.Module) -> None:
         self.direct: dict[str, str] = {}
         self.converters: dict = {}
+        self.converter_keys: dict[str, dict[str, list[str]]] = {}
         self.unexpected: list[str] = []
         self.expected = expected = {k: True for k in model.state_dict(keep_vars=True)}
         prefix = getattr(model, "base_model_prefix", "") or ""
@@ -243,6 +246,7 @@ class _KeyPlan:
             else:
                 converter = self.converters.setdefault(renamed, copy.deepcopy(by_pattern[pattern]))
                 converter.add_tensor(renamed, key, pattern, lambda key=key: ckpt.get(key))
+                self.converter_keys.setdefault(renamed, {}).setdefault(pattern, []).append(key)
 
     @staticmethod
     def _prefix_only(prefix: str, expected: dict):
@@ -420,10 +424,11 @@ def load_4bit_model(
 
     def load(modules: Callable[[], list[tuple[str, nn.Module]]], prefix: str | None) -> int:
         # (modules(): the part's modules by full name, as they are now: each step replaces some)
-        # 0. the tensors transformers builds from several (fused experts, split qkv, ...) of this part
-        sources.convert(prefix)
-        # 1. linear layers -> NF4Linear (stored NF4, or quantized here), one at a time
         block_part = in_part if prefix else None  # inside a block: its weights; outside: the input embedding
+        # 0. the tensors transformers builds from several (fused experts, split qkv, ...) of this part; read in part,
+        # those that only stack whole tensors (per-expert weights) wait for step 1b (or are built when taken)
+        sources.convert(prefix, defer_stacked=block_part is not None)
+        # 1. linear layers -> NF4Linear (stored NF4, or quantized here), one at a time
         n = _load_linear_layers(model, modules(), sources, path, dtype, device, quantize, sharded=block_part)
         # 1b. fused MoE experts -> NF4Experts (stored NF4, or quantized here), one module at a time
         quantized_experts.extend(_load_experts(model, modules(), sources, path, dtype, device, experts,
@@ -564,6 +569,27 @@ def _blocks(model: nn.Module, hook: BlockHook | None) -> list[str]:
     return names
 
 
+def _stacked_layout(converter: Any, keys: dict[str, list[str]]) -> list[str] | None:
+    """The checkpoint keys, in order, whose elements laid end to end are the tensor transformers' ``converter``
+    builds, when it only stacks whole tensors: ``MergeModulelist(dim=0)`` of one source pattern (Mixtral's per-expert
+    ``w2`` into ``down_proj`` ``[E, H, I]``), or ``MergeModulelist(dim=0)`` then ``Concatenate(dim=1)`` of several
+    (per-expert ``w1`` and ``w3`` into ``gate_up_proj`` ``[E, 2I, H]``: expert by expert, its tensor of each pattern
+    in the converter's order); None for any other conversion (``keys``: the checkpoint keys of each source pattern,
+    in the order the converter stacks them)."""
+    ops = [(type(op).__name__, getattr(op, "dim", None)) for op in getattr(converter, "operations", None) or ()]
+    patterns = list(getattr(converter, "source_patterns", None) or ())
+    if getattr(converter, "quantization_operation", None) is not None or not patterns or any(
+            not keys.get(pat) for pat in patterns):
+        return None
+    lists = [keys[pat] for pat in patterns]
+    if ops == [("MergeModulelist", 0)] and len(lists) == 1:
+        return list(lists[0])
+    if ops == [("MergeModulelist", 0), ("Concatenate", 1)] and len({len(k) for k in lists}) == 1 and getattr(
+            converter.operations[1], "num_shards_attribute", None) is None:
+        return [k for expert in zip(*lists) for k in expert]
+    return None
+
+
 class _Sources:
     """One reader for every model tensor: built by a conversion (handed out once) or read from the checkpoint.
 
@@ -575,11 +601,49 @@ class _Sources:
         self.built: dict[str, Tensor] = {}
         self.pending = dict(plan.converters)  # model key -> converter not run yet
 
-    def convert(self, prefix: str | None = None) -> None:
+    def convert(self, prefix: str | None = None, defer_stacked: bool = False) -> None:
         """Run the conversions not run yet of the model keys under ``prefix`` (a block's ``"<name>."``; None: all;
-        a conversion's outputs lie in the block of its first key)."""
+        a conversion's outputs lie in the block of its first key). ``defer_stacked``: leave those that only stack
+        whole tensors (:func:`_stacked_layout`) for :meth:`stacked` to read in part, or :meth:`take` to build."""
         for first in [k for k in self.pending if prefix is None or k.startswith(prefix)]:
-            self._convert(first)
+            if not (defer_stacked and _stacked_layout(self.pending[first], self.plan.converter_keys.get(first, {}))):
+                self._convert(first)
+
+    def stacked(self, key: str, shape: torch.Size) -> tuple[list[str], torch.dtype] | None:
+        """``(checkpoint keys, dtype)`` of model key ``key`` of ``shape`` (3-D) when a conversion not run yet only
+        stacks whole float tensors into it (:func:`_stacked_layout`), stored in one dtype, whose elements laid end to
+        end in that order are its own; else None."""
+        converter = self.pending.get(key)
+        layout = _stacked_layout(converter, self.plan.converter_keys.get(key, {})) if converter is not None else None
+        if not layout or len(shape) != 3 or len(layout) % shape[0]:
+            return None
+        infos = [self.ckpt.info(k) for k in layout]
+        dtypes = {dtype for dtype, _, _ in infos}
+        dtype = next(iter(dtypes))
+        if len(dtypes) != 1 or dtype is None or not dtype.is_floating_point:
+            return None
+        group = len(layout) // shape[0]  # per expert: its tensor of each source pattern
+        for e in range(shape[0]):
+            shapes = [info[1] for info in infos[e * group:(e + 1) * group]]
+            if any(len(sh) != 2 or sh[1] != shape[2] for sh in shapes) or sum(sh[0] for sh in shapes) != shape[1]:
+                return None
+        return layout, dtype
+
+    def read_stacked(self, keys: list[str], first: int, stop: int) -> Tensor:
+        """Flat elements ``[first, stop)`` of the tensors ``keys`` laid end to end (:meth:`stacked`), read with plain
+        reads of those elements only."""
+        parts, at = [], 0
+        for key in keys:
+            n = math.prod(self.ckpt.info(key)[1])
+            a, b = max(first, at), min(stop, at + n)
+            if a < b:
+                parts.append(self.ckpt.elements(key, a - at, b - at))
+            at += n
+        return torch.cat(parts) if parts else self.ckpt.elements(keys[0], 0, 0)
+
+    def drop(self, key: str) -> None:
+        """Forget the conversion of ``key``: its tensor was read another way (:meth:`stacked`)."""
+        self.pending.pop(key)
 
     def _convert(self, first: str) -> None:
         converter = self.pending.pop(first)
@@ -598,10 +662,13 @@ class _Sources:
             self.built[key] = value
 
     def __contains__(self, key: str) -> bool:
-        return key in self.plan.direct or key in self.built
+        return key in self.plan.direct or key in self.built or key in self.pending
 
     def take(self, key: str) -> tuple[str, Tensor] | None:
-        """(the checkpoint key to name in messages, the tensor) for a model key, or None when not stored."""
+        """(the checkpoint key to name in messages, the tensor) for a model key, or None when not stored; a
+        conversion deferred (:meth:`convert`) runs now."""
+        if key in self.pending:
+            self._convert(key)
         if key in self.built:
             return key, self.built.pop(key)
         if key in self.plan.direct:
@@ -706,16 +773,25 @@ def _quantize_in_part(sharded: Any, name: str, sources: _Sources, wkey: str, tar
                       prefix: str = "nf4_") -> NF4Weight:
     """The stored float weight ``wkey`` of ``name`` quantized through ``sharded``, which reads the elements it
     needs (plain reads of those elements; nothing else of the tensor is read); held by ``module`` (default
-    ``name``) under the attributes ``prefix + "packed"`` ..."""
-    ckpt_wkey = sources.plan.direct[wkey]
-    stored, shape, _ = sources.ckpt.info(ckpt_wkey)
-    if stored is None:  # a dtype torch cannot read from bytes (float8, ...): read whole, as without a quantizer
-        return _quantize_whole(sources, name, wkey, target, dtype, device, quantize, conv=False)
-    shape = torch.Size(shape)
-    _checked_value(ckpt_wkey, torch.empty(shape, dtype=stored, device="meta"), target)
+    ``name``) under the attributes ``prefix + "packed"`` ... ``wkey`` is stored as it is, or stacked from whole
+    tensors by a conversion (:meth:`_Sources.stacked`: per-expert weights of fused experts)."""
+    if wkey not in sources.plan.direct:
+        keys, stored = sources.stacked(wkey, target.shape)
+        sources.drop(wkey)
+        ckpt_wkey, shape = f"{keys[0]} ... ({len(keys)} tensors stacked)", target.shape
 
-    def read(first: int, stop: int) -> Tensor:
-        return sources.ckpt.elements(ckpt_wkey, first, stop).to(device=device, dtype=dtype)
+        def read(first: int, stop: int) -> Tensor:
+            return sources.read_stacked(keys, first, stop).to(device=device, dtype=dtype)
+    else:
+        ckpt_wkey = sources.plan.direct[wkey]
+        stored, shape, _ = sources.ckpt.info(ckpt_wkey)
+        if stored is None:  # a dtype torch cannot read from bytes (float8, ...): read whole, as without a quantizer
+            return _quantize_whole(sources, name, wkey, target, dtype, device, quantize, conv=False)
+        shape = torch.Size(shape)
+        _checked_value(ckpt_wkey, torch.empty(shape, dtype=stored, device="meta"), target)
+
+        def read(first: int, stop: int) -> Tensor:
+            return sources.ckpt.elements(ckpt_wkey, first, stop).to(device=device, dtype=dtype)
 
     try:
         return sharded.quantize(module or name, prefix, read, shape, dtype, device, quantize["blocksize"],
@@ -729,7 +805,8 @@ def _load_experts(model: nn.Module, modules: list[tuple[str, nn.Module]], source
     """Of ``modules``, put an :class:`NF4Experts` in place of every fused-experts module whose two tensors are stored
     in NF4, and, when ``quantize`` (``blocksize``, ``double_quant``) is given, of every other one, its tensors read,
     cast to ``dtype`` and quantized one module at a time. ``sharded``: as for :func:`_load_linear_layers` (tensors
-    stored fused, as the model holds them). Returns the names of those quantized here."""
+    stored fused, as the model holds them, or one by one and stacked by the conversion: :meth:`_Sources.stacked`).
+    Returns the names of those quantized here."""
     quantized = []
     for name, module in modules:
         if not moe.is_fused_experts(module):
@@ -747,7 +824,8 @@ def _load_experts(model: nn.Module, modules: list[tuple[str, nn.Module]], source
         elif quantize is not None and all(k in sources for k in keys):
             weights = []
             for key, proj in zip(keys, moe.PROJECTIONS):
-                if sharded is not None and key in sources.plan.direct:
+                if sharded is not None and (key in sources.plan.direct
+                                            or sources.stacked(key, getattr(module, proj).shape) is not None):
                     weights.append(_quantize_in_part(sharded, f"{name}.{proj}", sources, key, getattr(module, proj),
                                                      dtype, device, quantize, module=name, prefix=f"{proj}_"))
                     continue

@@ -24,8 +24,8 @@ The module is built with a placeholder of the full shape for the packed codes (`
 not memory, on the CPU; on a GPU one layer's worth, allocated and freed), FSDP2 copies each rank's chunk of it
 into the shard it allocates, and :meth:`ShardedQuantizer.install` then writes the values into the shards.
 Linear layers (``NF4Linear``, attributes ``nf4_*``) and fused experts (``NF4Experts``, ``gate_up_proj_*`` /
-``down_proj_*``) alike; and the input embedding, a dense parameter of the root unit, by rows
-(:meth:`ShardedQuantizer.read_rows`).
+``down_proj_*``; stored fused, or one by one and stacked by the loader's reader) alike; and the input embedding and
+the output projection, dense parameters of units of their own, by rows (:meth:`ShardedQuantizer.read_rows`).
 """
 
 from __future__ import annotations
