@@ -150,7 +150,7 @@ def test_cpp_decode_layout_matmul_against_reference(blocksize, nested, k):
     w = ref.dequantize_nf4(*qw.tensors(), n * k, torch.float32).view(n, k)
     tiled = _extension.kernel("nf4_tile")(qw.packed.reshape(-1), n, k)
     assert tiled.numel() == 3 * 16 * k // 2
-    for m in (1, 2, 3, 8, 11, 16, 64):
+    for m in (1, 2, 3, 4, 5, 6, 7, 8, 11, 16, 64):  # every pass width (1-8 x rows), and passes of 8 + a rest
         x = (torch.randn(m, k) * torch.rand(m, 1)).bfloat16()
         want = ref.nf4_matmul(x, *qw.tensors(), n, k, False)
         got = _extension.kernel("nf4_matmul_tiled")(x, tiled, *qw.tensors()[1:], n, k)
