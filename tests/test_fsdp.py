@@ -433,8 +433,9 @@ def test_each_rank_reads_half_the_weights_and_holds_the_same_shards(assets, tmp_
     """Reading 1/N (``fsdp_config.read_in_part``, the default) against every rank reading each weight whole, and
     against one process: the same NF4 shards bit for bit, half the weight bytes read, about half the peak RSS; for
     a float Llama, a bitsandbytes 4-bit checkpoint (its packed codes read in part), a Mixtral with fused experts
-    stored (the experts quantized from their parts) and one with its experts stored one by one (Mixtral's own
-    layout, which transformers stacks into fused experts: each rank reads its part of the stacked tensors)."""
+    stored (the experts quantized from their parts), one with its experts stored one by one (Mixtral's own
+    layout, which transformers stacks into fused experts: each rank reads its part of the stacked tensors), and a
+    GPT-2, whose Conv1D weights are stored transposed (each rank reads columns of them)."""
     pytest.importorskip("bitsandbytes")
     from .hf_tiny import write_bnb_checkpoint, write_tiny
 
@@ -442,6 +443,7 @@ def test_each_rank_reads_half_the_weights_and_holds_the_same_shards(assets, tmp_
     bnb = write_bnb_checkpoint(write_tiny(tmp_path / "fp", "llama") and tmp_path / "fp", tmp_path / "bnb")
     moe = _fused_experts_checkpoint(tmp_path / "moe")
     per_expert = write_tiny(tmp_path / "per_expert", "mixtral") and tmp_path / "per_expert"
+    gpt2 = write_tiny(tmp_path / "gpt2", "gpt2") and tmp_path / "gpt2"
     (tmp_path / "x.jsonl").write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}) + "\n")
     (tmp_path / "run.py").write_text(_READ_IN_PART)
     res = {}
@@ -449,13 +451,13 @@ def test_each_rank_reads_half_the_weights_and_holds_the_same_shards(assets, tmp_
         out = tmp_path / name
         out.mkdir()
         args = [str(tmp_path / "run.py"), str(assets["model"]), str(out), part, str(big)]
-        args += [str(bnb), str(moe), str(per_expert)] if nproc == 2 else []
+        args += [str(bnb), str(moe), str(per_expert), str(gpt2)] if nproc == 2 else []
         proc = (run_torchrun(args) if nproc == 2 else
                 subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=240, cwd=str(tmp_path),
                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}))
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         res[name] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
-    for i in range(4):  # the same bytes on each rank, and the same double-quantization offsets
+    for i in range(5):  # the same bytes on each rank, and the same double-quantization offsets
         for r in range(2):
             a = load_file(tmp_path / "part" / f"shards{i}-{r}.safetensors")
             b = load_file(tmp_path / "whole" / f"shards{i}-{r}.safetensors")
@@ -470,8 +472,9 @@ def test_each_rank_reads_half_the_weights_and_holds_the_same_shards(assets, tmp_
         bounds.assert_within("loss", got, want, bounds.network(2, 2048) * abs(want) + bounds.reduction(want, 22),
                              why="the head's GEMM (2048 terms) and log-sum-exp, and the sum over 22 tokens")
     # float Llama: 7 linear layers, 1 block; bnb: 2 blocks; Mixtral: 4 attention projections + experts, 2 blocks
-    # (both layouts); and each model's input embedding and output projection (read by rows)
-    for i, layers in enumerate((9, 16, 12, 12)):
+    # (both layouts); and each model's input embedding and output projection (read by rows); GPT-2: 4 Conv1D layers,
+    # 2 blocks (its embedding is tied to its output projection: both whole)
+    for i, layers in enumerate((9, 16, 12, 12, 8)):
         reads, whole = [rank[i]["read"] for rank in res["part"]], res["part"][0][i]["whole"]
         assert [rank[i]["layers"] for rank in res["part"]] == [layers, layers], i
         # each byte read once, by the rank holding it (the NF4 blocks two shards share are read by both)

@@ -359,6 +359,12 @@ def test_the_checkpoint_reader_reads_every_dtype_and_any_element_range_with_plai
                 assert torch.equal(ckpt.elements(key, a, b), flat[a:b]), (key, a, b)
     with pytest.raises(ValueError, match=r"elements \[4, 99\) of 'bf16'"):
         ckpt.elements("bf16", 4, 99)
+    for a, b in ((0, 3), (1, 2), (2, 2)):  # columns of a 2-D tensor (a Conv1D weight's rows of its transpose)
+        assert torch.equal(ckpt.columns("bf16", a, b), tensors["bf16"][:, a:b]), (a, b)
+    with pytest.raises(ValueError, match=r"columns \[1, 4\) of 'bf16'"):
+        ckpt.columns("bf16", 1, 4)
+    with pytest.raises(TypeError, match="'f32'"):
+        ckpt.columns("f32", 0, 1)
     with pytest.raises(TypeError, match="'bool'"):
         ckpt.elements("bool")
     # a file cut short after it was opened (safetensors refuses one at opening): the read says so

@@ -159,6 +159,27 @@ class _Checkpoint:
                 raise ValueError(f"{self._path / self.where[key]}: the data of {key!r} is cut short")
         return torch.frombuffer(buf, dtype=dtype)
 
+    def columns(self, key: str, first: int, stop: int) -> Tensor:
+        """Columns ``[first, stop)`` of the 2-D tensor ``key``, ``[rows, stop - first]``, read with plain reads of
+        those elements of each row only (one open of the file)."""
+        dtype, shape, offset = self.info(key)
+        if dtype is None or len(shape) != 2:
+            raise TypeError(f"{key!r}: columns of a 2-D tensor of a dtype torch reads from bytes; got {shape}")
+        rows, cols = shape
+        if not 0 <= first <= stop <= cols:
+            raise ValueError(f"columns [{first}, {stop}) of {key!r} (shape {shape}) are out of range")
+        width = (stop - first) * dtype.itemsize
+        buf = bytearray(rows * width)
+        if not buf:
+            return torch.empty(rows, stop - first, dtype=dtype)
+        view = memoryview(buf)
+        with open(self._path / self.where[key], "rb") as f:
+            for r in range(rows):
+                f.seek(offset + (r * cols + first) * dtype.itemsize)
+                if f.readinto(view[r * width:(r + 1) * width]) != width:
+                    raise ValueError(f"{self._path / self.where[key]}: the data of {key!r} is cut short")
+        return torch.frombuffer(buf, dtype=dtype).reshape(rows, stop - first)
+
 
 def _read_index(index: Path) -> dict[str, str]:
     """``weight_map`` of a ``model.safetensors.index.json``; ValueError naming the file when it is not one."""
@@ -715,8 +736,9 @@ def _load_linear_layers(model: nn.Module, modules: list[tuple[str, nn.Module]], 
     """Of ``modules`` (full names in ``model``), put an :class:`NF4Linear` in place of every dense linear layer stored
     in 4 bits, and, when ``quantize`` (a float checkpoint: ``blocksize``, ``double_quant``, ``keep_dense`` names,
     ``skip`` specs) is given, of every other stored one but those kept dense, quantized here; mark the rest kept
-    dense. ``sharded`` (a :class:`BlockHook`'s ``quantizer``): a weight stored as it is (a ``Linear``'s, not built
-    by a conversion) is quantized through it from the elements it asks for. Returns how many."""
+    dense. ``sharded`` (a :class:`BlockHook`'s ``quantizer``): a float weight stored as it is (a ``Linear``'s or a
+    ``Conv1D``'s, not built by a conversion) is quantized through it from the elements it asks for. Returns how
+    many."""
     done = 0
     for name, module in modules:
         kind = layer_kind(module)
@@ -734,8 +756,9 @@ def _load_linear_layers(model: nn.Module, modules: list[tuple[str, nn.Module]], 
             qw = qw.to(device)
         elif quantize is not None and name not in quantize["keep_dense"] and not (
                 quantize["skip"] and matches(name, quantize["skip"])) and wkey in sources:
-            if sharded is not None and not conv and wkey in sources.plan.direct:
-                qw = _quantize_in_part(sharded, name, sources, wkey, module.weight, dtype, device, quantize)
+            if sharded is not None and wkey in sources.plan.direct:
+                qw = _quantize_in_part(sharded, name, sources, wkey, module.weight, dtype, device, quantize,
+                                       conv=conv)
             else:
                 qw = _quantize_whole(sources, name, wkey, module.weight, dtype, device, quantize, conv)
         else:
@@ -770,11 +793,13 @@ def _quantize_whole(sources: _Sources, name: str, wkey: str, target: Tensor, dty
 
 def _quantize_in_part(sharded: Any, name: str, sources: _Sources, wkey: str, target: Tensor, dtype: torch.dtype,
                       device: torch.device, quantize: dict, module: str | None = None,
-                      prefix: str = "nf4_") -> NF4Weight:
+                      prefix: str = "nf4_", conv: bool = False) -> NF4Weight:
     """The stored float weight ``wkey`` of ``name`` quantized through ``sharded``, which reads the elements it
     needs (plain reads of those elements; nothing else of the tensor is read); held by ``module`` (default
     ``name``) under the attributes ``prefix + "packed"`` ... ``wkey`` is stored as it is, or stacked from whole
-    tensors by a conversion (:meth:`_Sources.stacked`: per-expert weights of fused experts)."""
+    tensors by a conversion (:meth:`_Sources.stacked`: per-expert weights of fused experts). ``conv``: a Conv1D
+    weight, stored ``[in, out]`` and quantized transposed (as :func:`_quantize_whole` does): the rows of the
+    transpose a rank needs are columns of the stored tensor, read row by row (:meth:`_Checkpoint.columns`)."""
     if wkey not in sources.plan.direct:
         keys, stored = sources.stacked(wkey, target.shape)
         sources.drop(wkey)
@@ -789,9 +814,16 @@ def _quantize_in_part(sharded: Any, name: str, sources: _Sources, wkey: str, tar
             return _quantize_whole(sources, name, wkey, target, dtype, device, quantize, conv=False)
         shape = torch.Size(shape)
         _checked_value(ckpt_wkey, torch.empty(shape, dtype=stored, device="meta"), target)
+        if conv:  # quantized as the transpose [out, in]: its flat elements from columns of the stored [in, out]
+            inner, shape = shape[0], torch.Size([shape[1], shape[0]])
 
-        def read(first: int, stop: int) -> Tensor:
-            return sources.ckpt.elements(ckpt_wkey, first, stop).to(device=device, dtype=dtype)
+            def read(first: int, stop: int) -> Tensor:
+                r0, r1 = first // inner, -(-stop // inner)
+                rows = sources.ckpt.columns(ckpt_wkey, r0, r1).t().reshape(-1)
+                return rows[first - r0 * inner:stop - r0 * inner].to(device=device, dtype=dtype)
+        else:
+            def read(first: int, stop: int) -> Tensor:
+                return sources.ckpt.elements(ckpt_wkey, first, stop).to(device=device, dtype=dtype)
 
     try:
         return sharded.quantize(module or name, prefix, read, shape, dtype, device, quantize["blocksize"],
