@@ -18,10 +18,10 @@ TORCH_LIBRARY_FRAGMENT(qlora_kernels_C, m) {
   m.def(
       "nf4_matmul(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor? nested_absmax, "
       "Tensor? nested_code, float nested_offset, int blocksize, int n, int k, bool transposed) -> Tensor");
-  // CPU with avx512_bf16 only: W's codes in the decode layout (tiles of 16 rows, see nf4_cpu.cpp), and
-  // y = x @ deq(W)^T for bf16 x from that layout and the stored block scales.
-  m.def("nf4_tile(Tensor packed, int n, int k) -> Tensor");
+  // CPU with avx512_bf16 only: W in the decode layout (tiles of 16 rows, codes and decoded block scales; see
+  // nf4_cpu.cpp), and y = x @ deq(W)^T for bf16 x from that layout and the code table.
   m.def(
-      "nf4_matmul_tiled(Tensor x, Tensor tiled, Tensor absmax, Tensor code, Tensor? nested_absmax, "
-      "Tensor? nested_code, float nested_offset, int blocksize, int n, int k) -> Tensor");
+      "nf4_tile(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, float nested_offset, "
+      "int blocksize, int n, int k) -> Tensor");
+  m.def("nf4_matmul_tiled(Tensor x, Tensor tiled, Tensor code, int blocksize, int n, int k) -> Tensor");
 }

@@ -148,21 +148,40 @@ def test_cpp_decode_layout_matmul_against_reference(blocksize, nested, k):
     n = 37
     qw = _weight((n, k), blocksize, nested)
     w = ref.dequantize_nf4(*qw.tensors(), n * k, torch.float32).view(n, k)
-    tiled = _extension.kernel("nf4_tile")(qw.packed.reshape(-1), n, k)
-    assert tiled.numel() == 3 * 16 * k // 2
+    packed, absmax, code, nested_absmax, nested_code, offset, _ = qw.tensors()
+    tiled = _extension.kernel("nf4_tile")(packed.reshape(-1), absmax, nested_absmax, nested_code, offset, blocksize,
+                                          n, k)
+    assert tiled.numel() == 3 * 64 * (k // 8 + k // blocksize)  # 3 tiles: their code lines and a scale line a block
     for m in (1, 2, 3, 4, 5, 6, 7, 8, 11, 16, 64):  # every pass width (1-8 x rows), and passes of 8 + a rest
         x = (torch.randn(m, k) * torch.rand(m, 1)).bfloat16()
         want = ref.nf4_matmul(x, *qw.tensors(), n, k, False)
-        got = _extension.kernel("nf4_matmul_tiled")(x, tiled, *qw.tensors()[1:], n, k)
+        got = _extension.kernel("nf4_matmul_tiled")(x, tiled, code, blocksize, n, k)
         assert got.dtype == torch.bfloat16 and got.shape == (m, n)
         bounds.assert_within(f"decode layout m={m}", got, want, *bounds.kernel_matmul(x, w, want.float()))
 
 
 @pytest.mark.skipif(not _decode_layout_live(), reason="CPU decode layout: needs the C++ backend and avx512_bf16")
+def test_a_row_that_is_not_whole_blocks_keeps_to_the_stored_layout():
+    """K = 96 at blocksize 64 (a block spans two rows): the decode layout cannot hold its scales per row, so an eager
+    inference call takes another kernel and gives the formula's result, with no layout made."""
+    from qlora_kernels.ops import nf4 as ops_nf4
+
+    ops_nf4.release_decode_layouts()
+    qw = _weight((40, 96), 64)
+    x = torch.randn(3, 96).bfloat16()
+    with torch.inference_mode():
+        y = qk.nf4_linear(x, qw)
+    assert not ops_nf4.has_decode_layout(qw.packed)
+    w = ref.dequantize_nf4(*qw.tensors(), 40 * 96, torch.float32).view(40, 96)
+    want = ref.nf4_matmul(x, *qw.tensors(), 40, 96, False)
+    bounds.assert_within("K = 96, blocksize 64", y, want, *bounds.kernel_matmul(x, w, want.float()))
+
+
+@pytest.mark.skipif(not _decode_layout_live(), reason="CPU decode layout: needs the C++ backend and avx512_bf16")
 def test_decode_layout_is_made_once_per_weight_and_follows_it(monkeypatch):
-    """Eager inference calls make a weight's decode layout once and reuse it; an in-place write to the codes makes
-    it anew (the new codes are used); the layout goes with its weight; the op itself (compiled graphs, autograd)
-    and QLORA_KERNELS_CPU_DECODE_LAYOUT=0 keep to the stored layout."""
+    """Eager inference calls make a weight's decode layout once and reuse it; an in-place write to the codes or to
+    the block scales makes it anew (the new values are used); the layout goes with its weight; the op itself
+    (compiled graphs, autograd) and QLORA_KERNELS_CPU_DECODE_LAYOUT=0 keep to the stored layout."""
     import gc
 
     from qlora_kernels.ops import nf4 as ops_nf4
@@ -172,16 +191,23 @@ def test_decode_layout_is_made_once_per_weight_and_follows_it(monkeypatch):
     x = torch.randn(2, 256).bfloat16()
     with torch.inference_mode():
         y = qk.nf4_linear(x, qw)
-        first = ops_nf4.decode_layout(qw.packed, 40, 256)
+        first = ops_nf4.decode_layout(qw.packed, qw.tensors(), 40, 256)
         qk.nf4_linear(x, qw)
-        assert len(ops_nf4._LAYOUTS) == 1 and ops_nf4.decode_layout(qw.packed, 40, 256) is first
+        assert len(ops_nf4._LAYOUTS) == 1 and ops_nf4.decode_layout(qw.packed, qw.tensors(), 40, 256) is first
         torch.testing.assert_close(y, ref.nf4_matmul(x, *qw.tensors(), 40, 256, False), rtol=0.02, atol=0.05)
     with torch.no_grad():
         qw.packed.copy_(other.packed)  # same tensor, new codes
     with torch.inference_mode():
         y2 = qk.nf4_linear(x, qw)
-        assert ops_nf4.decode_layout(qw.packed, 40, 256) is not first
+        second = ops_nf4.decode_layout(qw.packed, qw.tensors(), 40, 256)
+        assert second is not first
         torch.testing.assert_close(y2, ref.nf4_matmul(x, *qw.tensors(), 40, 256, False), rtol=0.02, atol=0.05)
+    with torch.no_grad():
+        qw.absmax.copy_(other.absmax)  # same tensors, new block scales: the layout holds them too
+    with torch.inference_mode():
+        y3 = qk.nf4_linear(x, qw)
+        assert ops_nf4.decode_layout(qw.packed, qw.tensors(), 40, 256) is not second
+        torch.testing.assert_close(y3, ref.nf4_matmul(x, *qw.tensors(), 40, 256, False), rtol=0.02, atol=0.05)
         # the op (what a compiled graph calls) takes the layout eager calls made, under inference mode only
         calls = []
         real = ops_nf4._extension.kernel

@@ -1029,68 +1029,96 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const a
 
 // ---------------------------------------------------------------------------------------------
 // The decode layout: W's codes repacked once (beside the stored bytes, which stay bitsandbytes') into tiles of 16
-// rows. Line l (64 bytes) of tile T holds elements k = 8l..8l+7 of rows 16T..16T+15: dword c is row 16T + c, its
-// low word the codes of the even elements, its high word those of the odd ones, nibble t of each word the pair
-// (8l + 2t, 8l + 2t + 1). Shifting the words right by 4t and one vpermw (the 16 bf16 codes stored twice: bit 4,
-// the next nibble's, selects the same value) give the pair t of the 16 rows as bf16 pairs, and one vdpbf16ps
-// with x's pair t broadcast (x as it lies in memory: no layout of its own) adds those products into the 16 rows'
-// sums: no horizontal sums, and each line's decode serves every x row of the pass. Per line and x row: 4 dot
-// products; shared: 1 load, 3 shifts, 4 permutes (the row walk above pays 4 x loads and a scale permute per line
-// per x row, and its M >= 2 form a 4 x 4 lane transpose per 4 lines).
-at::Tensor nf4_tile_cpu(const at::Tensor& packed, int64_t n, int64_t k) {
+// rows, each block's 16 fp32 scales after its codes. A tile is its blocks in turn; a block is blocksize / 8 lines
+// of codes and one line of scales (64 bytes each), so a tile streams front to back with nothing else to read or
+// compute. Code line l of a row (elements 8l..8l+7) holds, in dword c, row 16T + c: its low word the codes of the
+// even elements, its high word those of the odd ones, nibble t of each word the pair (8l + 2t, 8l + 2t + 1).
+// Shifting the words right by 4t and one vpermw (the 16 bf16 codes stored twice: bit 4, the next nibble's, selects
+// the same value) give the pair t of the 16 rows as bf16 pairs, and one vdpbf16ps with x's pair t broadcast (x as it
+// lies in memory: no layout of its own) adds those products into the 16 rows' sums: no horizontal sums, and each
+// line's decode serves every x row of the pass. The scale line holds the 16 rows' fp32 block scales, the double
+// quantization decoded as every other kernel decodes it (rows past N: code 0, scale 0). Per line and x row: 4 dot
+// products; shared: 1 load, 3 shifts, 4 permutes. The scales in the stream cost 64 bytes a block (1/8 more bytes
+// than the codes at blocksize 64); decoding them per call cost more: on a 2-core Zen 4, 4096 x 4096 from DRAM, M = 1
+// took 223-239 us with the scales decoded per tile and 165 us without that work.
+at::Tensor nf4_tile_cpu(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                        const std::optional<at::Tensor>& nested_code, double nested_offset, int64_t blocksize,
+                        int64_t n, int64_t k) {
   TORCH_CHECK(packed.dtype() == at::kByte && packed.is_contiguous() && packed.numel() == n * k / 2,
               "nf4_tile (cpp): packed must be contiguous uint8 of n * k / 2 = ", n * k / 2, " bytes; got ",
               packed.numel());
-  TORCH_CHECK(n > 0 && k > 0 && k % 8 == 0, "nf4_tile (cpp): k must be a positive multiple of 8; got ", k);
-  const int64_t tiles = (n + 15) / 16, lines = k / 8;
-  at::Tensor out = at::empty({tiles * lines * 64}, packed.options());
+  TORCH_CHECK(n > 0 && k > 0 && blocksize > 0 && blocksize % 8 == 0 && k % blocksize == 0,
+              "nf4_tile (cpp): k must be a positive multiple of the blocksize, itself of 8; got k = ", k,
+              ", blocksize ", blocksize);
+  TORCH_CHECK(absmax.numel() == n * k / blocksize &&
+                  absmax.dtype() == (nested_absmax.has_value() ? at::kByte : at::kFloat),
+              "nf4_tile (cpp): absmax must hold n * k / blocksize = ", n * k / blocksize, " scales (uint8 codes with "
+              "the nested constants, else fp32); got ", absmax.numel(), " of ", absmax.dtype());
+  TORCH_CHECK(nested_absmax.has_value() == nested_code.has_value(),
+              "nf4_tile (cpp): nested_absmax and nested_code come together");
+  const int64_t tiles = (n + 15) / 16, lines = k / 8, nb = k / blocksize, lpb = blocksize / 8;
+  const int64_t tile_lines = lines + nb;
+  at::Tensor out = at::empty({tiles * tile_lines * 64}, packed.options());
+  std::vector<at::Tensor> keep;
+  const ScaleSource src = scale_source(absmax, nested_absmax, nested_code, nested_offset, keep);
   const uint8_t* p = packed.data_ptr<uint8_t>();
-  uint32_t* o = reinterpret_cast<uint32_t*>(out.data_ptr<uint8_t>());
+  uint8_t* o = out.data_ptr<uint8_t>();
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t T = t0; T < t1; ++T)
-      for (int64_t l = 0; l < lines; ++l)
-        for (int64_t c = 0; c < 16; ++c) {
-          const int64_t row = 16 * T + c;
-          uint32_t s = 0, d = 0;  // rows past N: code 0, which their zero scales multiply
-          if (row < n) std::memcpy(&s, p + row * (k / 2) + 4 * l, 4);
-          for (int t = 0; t < 4; ++t) {  // byte t of s: element 8l + 2t in its high nibble, 8l + 2t + 1 in its low
-            d |= ((s >> (8 * t + 4)) & 0xFu) << (4 * t);
-            d |= ((s >> (8 * t)) & 0xFu) << (16 + 4 * t);
+    std::vector<float> sc(nb);
+    for (int64_t T = t0; T < t1; ++T) {
+      uint8_t* tile = o + T * tile_lines * 64;
+      for (int64_t c = 0; c < 16; ++c) {
+        const int64_t row = 16 * T + c;
+        if (row < n) src.row(row * nb, nb, 0, sc.data());
+        else std::fill(sc.begin(), sc.end(), 0.0f);
+        for (int64_t b = 0; b < nb; ++b) {
+          uint8_t* blk = tile + b * (lpb + 1) * 64;
+          std::memcpy(blk + lpb * 64 + 4 * c, &sc[b], 4);
+          for (int64_t i = 0; i < lpb; ++i) {
+            const int64_t l = b * lpb + i;
+            uint32_t w = 0, d = 0;  // rows past N: code 0, which their zero scales multiply
+            if (row < n) std::memcpy(&w, p + row * (k / 2) + 4 * l, 4);
+            for (int t = 0; t < 4; ++t) {  // byte t: element 8l + 2t in its high nibble, 8l + 2t + 1 in its low
+              d |= ((w >> (8 * t + 4)) & 0xFu) << (4 * t);
+              d |= ((w >> (8 * t)) & 0xFu) << (16 + 4 * t);
+            }
+            std::memcpy(blk + i * 64 + 4 * c, &d, 4);
           }
-          o[(T * lines + l) * 16 + c] = d;
         }
+      }
+    }
   });
   return out;
 }
 
-// The tile walk also prefetches into L2 this far ahead (past the end of a thread's tiles it touches the next
-// thread's, or nothing: a prefetch never faults). With the L1 prefetch alone, the walk's time from DRAM was the
-// compute's plus much of the memory's from M = 2 on; with it, M = 2-8 ran 10-18% faster on a 2-core Zen 4
-// (4096 x 4096, weights rotated beyond L3: M = 2 414 -> 371 us, M = 4 548 -> 473, M = 8 761 -> 644; M = 1 the
+// The tile walk prefetches into L1 kPrefetchAhead and into L2 this far ahead (past the end of a thread's tiles it
+// touches the next thread's, or nothing: a prefetch never faults). With the L1 prefetch alone, the walk's time from
+// DRAM was the compute's plus much of the memory's from M = 2 on; with it, M = 2-8 ran 10-18% faster on a 2-core
+// Zen 4 (4096 x 4096, weights rotated beyond L3: M = 2 414 -> 371 us, M = 4 548 -> 473, M = 8 761 -> 644; M = 1 the
 // same; 4 KiB, 8 KiB and 16 KiB ahead alike).
 constexpr int64_t kTilePrefetchL2 = 4096;
 
 #if QK_HAVE_X86
-// The 16 rows of one tile times MB x rows (x: bf16 pairs, rows ldx dwords apart): out[j * 16 + c] = y[j, 16T + c].
-// sc: the tile's fp32 block scales, block-major ([nb][16]); lpb: lines per block (blocksize / 8). A accumulator
-// chains per x row (a dot product takes ~6 cycles), folded into the row's total at each block's end.
+// The 16 rows of one tile (the decode layout above: nb blocks of lpb code lines and a scale line) times MB x rows
+// (x: bf16 pairs, rows ldx dwords apart): out[j * 16 + c] = y[j, 16T + c].
 template <int MB>
-QK_AVX512BF16 void gemv_tile_bf16(const uint8_t* tile, const float* sc, int64_t nb, int64_t lpb, const uint32_t* x,
-                                  int64_t ldx, __m512i table, float* out) {
+QK_AVX512BF16 void gemv_tile_bf16(const uint8_t* tile, int64_t nb, int64_t lpb, const uint32_t* x, int64_t ldx,
+                                  __m512i table, float* out) {
   // A accumulators per x row: each takes one of the line's 4 dot products (A = 4) or two (A = 2), so a line costs
   // about one dot product's latency (~6 cycles) per 4 / A, not per 4 (8 chains for any MB measured M = 8 at 24
   // cycles a line, latency-bound; MB <= 4 with 4 each and MB >= 5 with 2 fit the 32 registers)
   constexpr int A = MB <= 4 ? 4 : 2;
   __m512 tot[MB];
   for (int j = 0; j < MB; ++j) tot[j] = _mm512_setzero_ps();
+  const uint8_t* line = tile;
   for (int64_t b = 0; b < nb; ++b) {
     __m512 acc[MB][A];
     for (int j = 0; j < MB; ++j)
       for (int a = 0; a < A; ++a) acc[j][a] = _mm512_setzero_ps();
-    for (int64_t l = b * lpb; l < (b + 1) * lpb; ++l) {
-      _mm_prefetch(reinterpret_cast<const char*>(tile + l * 64 + kPrefetchAhead), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(tile + l * 64 + kTilePrefetchL2), _MM_HINT_T1);
-      const __m512i d = _mm512_loadu_si512(tile + l * 64);
+    for (int64_t l = b * lpb; l < (b + 1) * lpb; ++l, line += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(line + kPrefetchAhead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(line + kTilePrefetchL2), _MM_HINT_T1);
+      const __m512i d = _mm512_loadu_si512(line);
       __m512bh q[4];
       q[0] = (__m512bh)_mm512_permutexvar_epi16(d, table);
       for (int t = 1; t < 4; ++t) q[t] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 4 * t), table);
@@ -1099,7 +1127,8 @@ QK_AVX512BF16 void gemv_tile_bf16(const uint8_t* tile, const float* sc, int64_t 
           acc[j][t % A] = _mm512_dpbf16_ps(acc[j][t % A], q[t],
                                            (__m512bh)_mm512_set1_epi32(static_cast<int>(x[j * ldx + 4 * l + t])));
     }
-    const __m512 sv = _mm512_loadu_ps(sc + b * 16);
+    const __m512 sv = _mm512_loadu_ps(reinterpret_cast<const float*>(line));  // the block's scale line
+    line += 64;
     for (int j = 0; j < MB; ++j) {
       __m512 sum = acc[j][0];
       for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[j][a]);
@@ -1109,28 +1138,21 @@ QK_AVX512BF16 void gemv_tile_bf16(const uint8_t* tile, const float* sc, int64_t 
   for (int j = 0; j < MB; ++j) _mm512_storeu_ps(out + 16 * j, tot[j]);
 }
 
-// Tiles [T0, T1) of y (fp32 [M, N]) for nf4_matmul_tiled_cpu: the tiles' scales, then passes of up to 8 x rows.
-QK_AVX512BF16 void gemv_tiles_bf16(const uint8_t* tp, const ScaleSource& src, const uint16_t* twice, int64_t n,
-                                   int64_t k, int64_t blocksize, const uint32_t* xw, int64_t m, int64_t T0, int64_t T1,
-                                   float* y) {
-  const int64_t lines = k / 8, nb = k / blocksize, lpb = blocksize / 8;
+// Tiles [T0, T1) of y (fp32 [M, N]) for nf4_matmul_tiled_cpu, in passes of up to 8 x rows.
+QK_AVX512BF16 void gemv_tiles_bf16(const uint8_t* tp, const uint16_t* twice, int64_t n, int64_t k, int64_t blocksize,
+                                   const uint32_t* xw, int64_t m, int64_t T0, int64_t T1, float* y) {
+  const int64_t nb = k / blocksize, lpb = blocksize / 8, tile_bytes = (k / 8 + nb) * 64;
   const __m512i table = _mm512_loadu_si512(twice);
-  std::vector<float> tmp(nb + 16), sc(nb * 16);
   alignas(64) float out[8 * 16];
   for (int64_t T = T0; T < T1; ++T) {
     const int64_t rows = std::min<int64_t>(16, n - 16 * T);
-    for (int64_t c = 0; c < 16; ++c) {  // the 16 rows' scales, block-major (rows past N: zero)
-      if (c < rows) scale_row_avx512(src, (16 * T + c) * nb, nb, 0, tmp.data());
-      else std::fill(tmp.begin(), tmp.end(), 0.0f);
-      for (int64_t b = 0; b < nb; ++b) sc[b * 16 + c] = tmp[b];
-    }
-    const uint8_t* tile = tp + T * lines * 64;
+    const uint8_t* tile = tp + T * tile_bytes;
     for (int64_t j0 = 0; j0 < m; j0 += 8) {  // passes of up to 8 x rows (the tile in L1 / L2 after the first)
       const int64_t mb = std::min<int64_t>(8, m - j0);
       const uint32_t* xj = xw + j0 * (k / 2);
       switch (mb) {
 #define QK_TILE_CASE(MB) \
-  case MB: gemv_tile_bf16<MB>(tile, sc.data(), nb, lpb, xj, k / 2, table, out); break;
+  case MB: gemv_tile_bf16<MB>(tile, nb, lpb, xj, k / 2, table, out); break;
         QK_TILE_CASE(1) QK_TILE_CASE(2) QK_TILE_CASE(3) QK_TILE_CASE(4)
         QK_TILE_CASE(5) QK_TILE_CASE(6) QK_TILE_CASE(7) QK_TILE_CASE(8)
 #undef QK_TILE_CASE
@@ -1143,23 +1165,24 @@ QK_AVX512BF16 void gemv_tiles_bf16(const uint8_t* tp, const ScaleSource& src, co
 }
 #endif
 
-// y = x @ deq(W)^T for bf16 x [M, K] from W's decode layout (nf4_tile_cpu) and its stored block scales; y in bf16.
-at::Tensor nf4_matmul_tiled_cpu(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& absmax,
-                                const at::Tensor& code, const std::optional<at::Tensor>& nested_absmax,
-                                const std::optional<at::Tensor>& nested_code, double nested_offset, int64_t blocksize,
-                                int64_t n, int64_t k) {
-  const int64_t tiles = (n + 15) / 16, lines = k / 8;
+// y = x @ deq(W)^T for bf16 x [M, K] from W's decode layout (nf4_tile_cpu: codes and block scales) and the 16-entry
+// code table; y in bf16.
+at::Tensor nf4_matmul_tiled_cpu(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& code,
+                                int64_t blocksize, int64_t n, int64_t k) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.scalar_type() == at::kBFloat16,
               "nf4_matmul_tiled (cpp): x must be bf16 [M, ", k, "]");
-  TORCH_CHECK(k % 8 == 0 && blocksize % 8 == 0 && k % blocksize == 0 && tiled.dtype() == at::kByte &&
-                  tiled.numel() == tiles * lines * 64,
-              "nf4_matmul_tiled (cpp): tiled must be nf4_tile's layout of a [", n, ", ", k, "] weight (",
-              tiles * lines * 64, " bytes); got ", tiled.numel(), " (blocksize ", blocksize, ")");
+  TORCH_CHECK(n > 0 && k > 0 && blocksize > 0 && blocksize % 8 == 0 && k % blocksize == 0,
+              "nf4_matmul_tiled (cpp): k must be a positive multiple of the blocksize, itself of 8; got k = ", k,
+              ", blocksize ", blocksize);
+  const int64_t tiles = (n + 15) / 16, tile_bytes = (k / 8 + k / blocksize) * 64;
+  TORCH_CHECK(tiled.dtype() == at::kByte && tiled.numel() == tiles * tile_bytes,
+              "nf4_matmul_tiled (cpp): tiled must be nf4_tile's layout of a [", n, ", ", k, "] weight at blocksize ",
+              blocksize, " (", tiles * tile_bytes, " bytes); got ", tiled.numel());
+  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16,
+              "nf4_matmul_tiled (cpp): code must be the 16 fp32 NF4 values");
 #if QK_HAVE_X86
   TORCH_CHECK(cpu_has_avx512_bf16(), "nf4_matmul_tiled (cpp): needs avx512_bf16");
   const at::Tensor xb = x.contiguous(), t_t = tiled.contiguous(), c_t = code.contiguous();
-  std::vector<at::Tensor> keep;
-  const ScaleSource src = scale_source(absmax, nested_absmax, nested_code, nested_offset, keep);
   const int64_t m = x.size(0);
   alignas(64) uint16_t twice[32];
   const float* code_p = c_t.data_ptr<float>();
@@ -1168,11 +1191,10 @@ at::Tensor nf4_matmul_tiled_cpu(const at::Tensor& x, const at::Tensor& tiled, co
   const uint8_t* tp = t_t.data_ptr<uint8_t>();
   std::vector<float> y(m * n);
   at::parallel_for(0, tiles, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), [&](int64_t T0, int64_t T1) {
-    gemv_tiles_bf16(tp, src, twice, n, k, blocksize, xw, m, T0, T1, y.data());
+    gemv_tiles_bf16(tp, twice, n, k, blocksize, xw, m, T0, T1, y.data());
   });
   return bf16_matrix(y, m, n, x.options());
 #else
-  (void)absmax; (void)code; (void)nested_absmax; (void)nested_code; (void)nested_offset;
   TORCH_CHECK(false, "nf4_matmul_tiled (cpp): needs x86-64 with avx512_bf16");
 #endif
 }

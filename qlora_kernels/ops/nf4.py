@@ -344,12 +344,12 @@ def _fused_small_m(m, k, blocksize, fused_max_m, **_) -> bool:
 #: small M, else dequantize (C++) + BLAS (oneDNN with AVX-512/AMX beats a hand-written decode-and-dot).
 MATMUL = declare(
     "nf4_matmul",
-    Kernel("nf4_matmul", "cpp", "cpu", "decode layout", f"bf16 x, M <= {DECODE_LAYOUT_MAX_M}, avx512_bf16, eager "
-           "inference", needs="nf4_matmul_tiled",
-           accepts=lambda m, transposed, decode_layout, **_: (
-               decode_layout and not transposed and m <= DECODE_LAYOUT_MAX_M),
+    Kernel("nf4_matmul", "cpp", "cpu", "decode layout", f"bf16 x, M <= {DECODE_LAYOUT_MAX_M}, K % blocksize == 0, "
+           "avx512_bf16, eager inference", needs="nf4_matmul_tiled",
+           accepts=lambda m, k, blocksize, transposed, decode_layout, **_: (
+               decode_layout and not transposed and m <= DECODE_LAYOUT_MAX_M and fused_shape_ok(k, blocksize)),
            run=lambda x, w, n, k, t, owner: _extension.kernel("nf4_matmul_tiled")(
-               x, decode_layout(owner, n, k), *w[1:], n, k)),
+               x, decode_layout(owner, w, n, k), w[2], w[6], n, k)),
     Kernel("nf4_matmul", "cpp", "cpu", "fused", ", ".join(f"M <= {m} ({d} x)" for d, m in (
                ("fp32", CPP_FUSED_MAX_M[torch.float32]), ("fp16", CPP_FUSED_MAX_M[torch.float16]),
                ("bf16", CPP_FUSED_MAX_M[torch.bfloat16]))), needs="nf4_matmul",
@@ -442,7 +442,8 @@ def _matmul(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, 
 
 #: Set to 0 to keep the CPU matmul on the stored layout (no second copy of the codes).
 DECODE_LAYOUT_VAR = "QLORA_KERNELS_CPU_DECODE_LAYOUT"
-# owner id -> (weak reference to the owner, its data pointer and version when the layout was made, the layout)
+# owner id -> (weak reference to the owner, the data pointers and versions of it and its block scales when the
+# layout was made, the layout)
 _LAYOUTS: dict[int, tuple] = {}
 
 
@@ -464,23 +465,29 @@ def _version(t: Tensor) -> int:
         return -1
 
 
-def decode_layout(packed: Tensor, n: int, k: int) -> Tensor:
-    """The CPU decode layout of the codes ``packed`` (of an [n, k] weight): W's codes repacked into tiles of 16 rows
-    (the C++ ``nf4_tile``; the layout is described in csrc/cpu/nf4_cpu.cpp), from which the bf16 matmul at M <=
-    ``DECODE_LAYOUT_MAX_M`` shares each line's decode with up to 8 x rows and needs no horizontal sums (measured
-    1.1-1.3x bitsandbytes' inference path at M = 8-64 on a 2-core Zen 4, where the stored layout gave 0.8-0.9x; see
-    benchmarks/RESULTS.md). Made at the first call for ``packed`` and kept while ``packed`` lives and is unchanged
-    (a new data pointer or an in-place write makes it anew): a second copy of the codes, half a byte per weight,
-    beside the stored bytes, which stay bitsandbytes' (saving, training and every other kernel read those).
+def decode_layout(packed: Tensor, weight: tuple, n: int, k: int) -> Tensor:
+    """The CPU decode layout of an [n, k] weight whose codes the caller keeps as ``packed`` (``weight``: the op's
+    tensors, ``(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize)``): W's codes repacked
+    into tiles of 16 rows with each block's 16 fp32 scales after its codes (the C++ ``nf4_tile``; the layout is
+    described in csrc/cpu/nf4_cpu.cpp), from which the bf16 matmul at M <= ``DECODE_LAYOUT_MAX_M`` streams one tile
+    after another, shares each line's decode with up to 8 x rows and needs no horizontal sums (measured against
+    bitsandbytes' inference path on a 2-core Zen 4 in benchmarks/RESULTS.md). Made at the first call for ``packed``
+    and kept while ``packed`` lives and it and the block scales are unchanged (a new data pointer or an in-place
+    write makes it anew): a second copy of the codes, half a byte per weight plus 4 bytes a block, beside the stored
+    bytes, which stay bitsandbytes' (saving, training and every other kernel read those).
     :func:`release_decode_layouts` frees them; ``QLORA_KERNELS_CPU_DECODE_LAYOUT=0`` keeps them from being made."""
+    absmax, nested_absmax, nested_code, offset, blocksize = weight[1], weight[3], weight[4], weight[5], weight[6]
+    stamp = tuple((t.data_ptr(), _version(t)) if t is not None else None
+                  for t in (packed, absmax, nested_absmax, nested_code)) + (float(offset), blocksize)
     key = id(packed)
     entry = _LAYOUTS.get(key)
-    if entry is not None and entry[0]() is packed and entry[1] == (packed.data_ptr(), _version(packed)):
+    if entry is not None and entry[0]() is packed and entry[1] == stamp:
         return entry[2]
-    tiled = _extension.kernel("nf4_tile")(packed.reshape(-1).contiguous(), n, k)
+    tiled = _extension.kernel("nf4_tile")(packed.reshape(-1).contiguous(), absmax.contiguous(), nested_absmax,
+                                          nested_code, float(offset), blocksize, n, k)
     if entry is None:
         weakref.finalize(packed, _LAYOUTS.pop, key, None)
-    _LAYOUTS[key] = (weakref.ref(packed), (packed.data_ptr(), _version(packed)), tiled)
+    _LAYOUTS[key] = (weakref.ref(packed), stamp, tiled)
     return tiled
 
 
