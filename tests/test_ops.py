@@ -141,8 +141,8 @@ def _decode_layout_live() -> bool:
 @pytest.mark.parametrize("k", [64, 160, 1024, 1088])
 def test_cpp_decode_layout_matmul_against_reference(blocksize, nested, k):
     """The CPU decode layout (tiles of 16 rows) and its bf16 matmul: N = 37 (a partial last tile), M = 1..16 (passes
-    of 8 with a remainder; 64, the largest M it serves), blocks of 4, 8 or 32 lines, K not a multiple of 128 (160),
-    17 blocks a row (1088: double-quant scales decoded in groups that straddle a nested block)."""
+    of 8 with a remainder) up to 512 (the largest M it serves), blocks of 4, 8 or 32 lines, K not a multiple of 128
+    (160), 17 blocks a row (1088: double-quant scales decoded in groups that straddle a nested block)."""
     if k % blocksize:
         pytest.skip("K is not a multiple of the blocksize")
     n = 37
@@ -152,7 +152,7 @@ def test_cpp_decode_layout_matmul_against_reference(blocksize, nested, k):
     tiled = _extension.kernel("nf4_tile")(packed.reshape(-1), absmax, nested_absmax, nested_code, offset, blocksize,
                                           n, k)
     assert tiled.numel() == 3 * 64 * (k // 8 + k // blocksize)  # 3 tiles: their code lines and a scale line a block
-    for m in (1, 2, 3, 4, 5, 6, 7, 8, 11, 16, 64):  # every pass width (1-8 x rows), and passes of 8 + a rest
+    for m in (1, 2, 3, 4, 5, 6, 7, 8, 11, 16, 64, 129, 512):  # every pass width (1-8 x rows), passes of 8 + a rest
         x = (torch.randn(m, k) * torch.rand(m, 1)).bfloat16()
         want = ref.nf4_matmul(x, *qw.tensors(), n, k, False)
         got = _extension.kernel("nf4_matmul_tiled")(x, tiled, code, blocksize, n, k)

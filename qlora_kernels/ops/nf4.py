@@ -37,9 +37,11 @@ from ._dispatch import Kernel, choose, declare
 #: fp16 (whose CPU BLAS has no fast path there) 0.4-0.6x at M = 16-64; bf16 (the BLAS uses avx512_bf16) wins at
 #: M <= 16 only.
 CPP_FUSED_MAX_M = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 16}
-#: Largest M that the CPU decode-layout matmul serves (measured 1.3x bitsandbytes' inference path and 1.4-1.8x the
-#: dequantize + BLAS path at M = 32-64 on a 2-core Zen 4).
-DECODE_LAYOUT_MAX_M = 64
+#: Largest M that the CPU decode-layout matmul serves. On a 2-core Zen 4 (4096 x 4096 and 4096 x 14336, weights from
+#: DRAM) it took 0.72-0.87x the dense bf16 matmul's time at M = 64, 0.81-0.86x at 128, 0.95-1.00x at 256 and
+#: 0.97-1.04x at 512, where dequantize + BLAS took 1.22-1.45x, 1.14-1.17x, 1.08-1.12x and 1.06-1.09x: it is the
+#: faster of the two up to 512 (the two converge there).
+DECODE_LAYOUT_MAX_M = 512
 #: Largest M the CUDA GEMV kernel is compiled for.
 GEMV_LIMIT_M = 4
 #: Environment variables that move the GPU dispatch thresholds of ``nf4_matmul`` (set them from
