@@ -793,15 +793,17 @@ def _quantize_whole(sources: _Sources, name: str, wkey: str, target: Tensor, dty
 
 def _quantize_in_part(sharded: Any, name: str, sources: _Sources, wkey: str, target: Tensor, dtype: torch.dtype,
                       device: torch.device, quantize: dict, module: str | None = None,
-                      prefix: str = "nf4_", conv: bool = False) -> NF4Weight:
+                      prefix: str = "nf4_", conv: bool = False,
+                      stacked: tuple[list[str], torch.dtype] | None = None) -> NF4Weight:
     """The stored float weight ``wkey`` of ``name`` quantized through ``sharded``, which reads the elements it
     needs (plain reads of those elements; nothing else of the tensor is read); held by ``module`` (default
     ``name``) under the attributes ``prefix + "packed"`` ... ``wkey`` is stored as it is, or stacked from whole
-    tensors by a conversion (:meth:`_Sources.stacked`: per-expert weights of fused experts). ``conv``: a Conv1D
+    tensors by a conversion (``stacked``: what :meth:`_Sources.stacked` gave for it; per-expert weights of fused
+    experts). ``conv``: a Conv1D
     weight, stored ``[in, out]`` and quantized transposed (as :func:`_quantize_whole` does): the rows of the
     transpose a rank needs are columns of the stored tensor, read row by row (:meth:`_Checkpoint.columns`)."""
-    if wkey not in sources.plan.direct:
-        keys, stored = sources.stacked(wkey, target.shape)
+    if stacked is not None:
+        keys, stored = stacked
         sources.drop(wkey)
         ckpt_wkey, shape = f"{keys[0]} ... ({len(keys)} tensors stacked)", target.shape
 
@@ -856,10 +858,12 @@ def _load_experts(model: nn.Module, modules: list[tuple[str, nn.Module]], source
         elif quantize is not None and all(k in sources for k in keys):
             weights = []
             for key, proj in zip(keys, moe.PROJECTIONS):
-                if sharded is not None and (key in sources.plan.direct
-                                            or sources.stacked(key, getattr(module, proj).shape) is not None):
+                layout = None if sharded is None or key in sources.plan.direct else sources.stacked(
+                    key, getattr(module, proj).shape)
+                if sharded is not None and (key in sources.plan.direct or layout is not None):
                     weights.append(_quantize_in_part(sharded, f"{name}.{proj}", sources, key, getattr(module, proj),
-                                                     dtype, device, quantize, module=name, prefix=f"{proj}_"))
+                                                     dtype, device, quantize, module=name, prefix=f"{proj}_",
+                                                     stacked=layout))
                     continue
                 ckpt_key, w = sources.take(key)
                 _checked_value(ckpt_key, w, getattr(module, proj))

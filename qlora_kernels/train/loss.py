@@ -211,26 +211,22 @@ class ChunkedHeadFunction(torch.autograd.Function):
                 if b is not None:
                     logits += b
                 # a target outside this rank's rows (a sharded vocabulary): picked at row 0, counted 0
-                inside = (yc >= 0) & (yc < weight.shape[0]) if shards is not None else None
-                col = yc.clamp(0, max(weight.shape[0] - 1, 0))[:, None] if shards is not None else yc[:, None]
+                inside = ((yc >= 0) & (yc < weight.shape[0])).to(logits.dtype)
+                col = yc.clamp(0, max(weight.shape[0] - 1, 0))[:, None]
                 if weight.shape[0]:
                     lse = torch.logsumexp(logits, dim=-1)
-                    picked = logits.gather(1, col).squeeze(1)
+                    picked = logits.gather(1, col).squeeze(1) * inside
                 else:  # a rank holding none of the vocabulary
                     lse = logits.new_full((hc.shape[0],), float("-inf"))
                     picked = logits.new_zeros(hc.shape[0])
-                if inside is not None:
-                    picked = picked * inside
                 lse, picked = parts.combine(lse, picked)
                 out[s:s + counts[parts.rank]] = parts.mine(picked - lse, counts)
                 if not (want_h or want_w or want_b):
                     continue
                 # d log p(y) / d logits = onehot(y) - softmax, in place over the chunk's logits
                 dlogits = logits.sub_(lse[:, None]).exp_().neg_()
-                if inside is None:
-                    dlogits.scatter_add_(1, col, dlogits.new_ones(col.shape))
-                elif weight.shape[0]:
-                    dlogits.scatter_add_(1, col, inside[:, None].to(dlogits.dtype))
+                if weight.shape[0]:
+                    dlogits.scatter_add_(1, col, inside[:, None])
                 if want_h:
                     grad_h[s:s + counts[parts.rank]] = parts.reduce_mine(gemm.mm(dlogits, gemm.w), counts).to(h.dtype)
                 if want_w:
